@@ -1,0 +1,352 @@
+"""DAFT's BatchNorm conversion: re-centre BN statistics on the target data, keep the function.
+
+One eval-mode pass measures what every BN layer sees on the target data while the network still
+computes exactly the pretrained function; then, for every layer at once,
+
+    running_mean <- mu_new,  running_var <- var_new,
+    bias   <- bias + (mu_new - mu_old) * weight / sqrt(var_old + eps),
+    weight <- weight * sqrt(var_new + eps) / sqrt(var_old + eps),
+
+so eval-mode outputs are unchanged while train-mode BN starts from statistics that match the data.
+"""
+from __future__ import annotations
+
+import difflib
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .stats import VAR_MODES, ChannelAccumulator, ChannelMoments, all_reduce_accumulators
+
+ModuleSpec = Union[None, str, Iterable[Union[str, nn.Module]], Callable[[str, nn.Module], bool]]
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+class ConversionError(RuntimeError):
+    """BN conversion could not be done; the model was left exactly as it was."""
+
+
+# --------------------------------------------------------------------------------------- report
+@dataclass
+class LayerReport:
+    """How far one layer's statistics moved: a per-layer view of the domain gap."""
+
+    name: str
+    num_channels: int
+    num_samples: int  # inputs (dim 0) seen, summed over batches and ranks
+    num_values: int  # values per channel: samples x spatial positions
+    num_batches: int
+    mean_shift: float  # mean over channels of |mu_new - mu_old| / sqrt(var_old + eps)
+    max_mean_shift: float
+    std_ratio: float  # mean over channels of sqrt(var_new + eps) / sqrt(var_old + eps)
+
+
+@dataclass
+class ConversionReport:
+    var_mode: str
+    num_batches: int  # batches this rank ran through the model
+    world_size: int
+    layers: List[LayerReport] = field(default_factory=list)
+    skipped: Dict[str, str] = field(default_factory=dict)  # layer name -> why it was left as is
+
+    @property
+    def converted(self) -> List[str]:
+        return [layer.name for layer in self.layers]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def summary(self, max_rows: int = 12) -> str:
+        """A short table, largest shifts first: the layers where the target domain differs most."""
+        lines = [f'BN conversion ({self.var_mode} variance): {len(self.layers)} layers converted '
+                 f'from {self.num_batches} batches x {self.world_size} rank(s)'
+                 + (f', {len(self.skipped)} skipped' if self.skipped else '')]
+        if self.layers:
+            shifts = [layer.mean_shift for layer in self.layers]
+            lines.append(f'mean shift in old std units: mean {sum(shifts) / len(shifts):.3f}, '
+                         f'max {max(layer.max_mean_shift for layer in self.layers):.3f}')
+            lines.append(f'{"layer":<48} {"samples":>8} {"shift":>7} {"max":>7} {"std ratio":>9}')
+            ranked = sorted(self.layers, key=lambda layer: -layer.mean_shift)
+            for layer in ranked[:max_rows]:
+                lines.append(f'{layer.name:<48} {layer.num_samples:>8d} {layer.mean_shift:>7.3f} '
+                             f'{layer.max_mean_shift:>7.3f} {layer.std_ratio:>9.3f}')
+            if len(ranked) > max_rows:
+                lines.append(f'... {len(ranked) - max_rows} more layers')
+        for name, why in self.skipped.items():
+            lines.append(f'skipped {name}: {why}')
+        return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------------------ layer selection
+def find_batchnorms(model: nn.Module, modules: ModuleSpec = None) -> Dict[str, _BatchNorm]:
+    """The BN layers to convert, by name, found by type (mmcv/mmengine variants subclass
+    ``_BatchNorm`` too). ``modules`` narrows the search: module names (a BN layer, or a parent whose
+    BN layers are all taken), module objects, or a predicate ``(name, module) -> bool``."""
+    named = dict(model.named_modules())
+    all_bn = {name: m for name, m in named.items() if isinstance(m, _BatchNorm)}
+    if modules is None:
+        return all_bn
+    if callable(modules) and not isinstance(modules, nn.Module):
+        return {name: m for name, m in all_bn.items() if modules(name, m)}
+    if isinstance(modules, (str, nn.Module)):
+        modules = [modules]
+    ids = {id(m): name for name, m in named.items()}
+    chosen: Dict[str, _BatchNorm] = {}
+    for spec in modules:
+        if isinstance(spec, nn.Module):
+            if id(spec) not in ids:
+                raise ValueError(f'modules: {type(spec).__name__} object is not a submodule of the '
+                                 'model; pass modules of this model or their names')
+            spec = ids[id(spec)]
+        if spec not in named:
+            close = difflib.get_close_matches(spec, list(named), n=3)
+            hint = f'; did you mean {close}?' if close else ''
+            raise ValueError(f'modules: the model has no submodule {spec!r}{hint}')
+        prefix = f'{spec}.' if spec else ''
+        found = {name: m for name, m in all_bn.items() if name == spec or name.startswith(prefix)}
+        if not found:
+            raise ValueError(f'modules: {spec!r} contains no BatchNorm layer')
+        chosen.update(found)
+    return chosen
+
+
+def _incompatibility(bn: _BatchNorm) -> Optional[str]:
+    if not bn.affine or bn.weight is None or bn.bias is None:
+        return 'no affine weight/bias (affine=False), so the function cannot be kept'
+    if bn.running_mean is None or bn.running_var is None:
+        return 'no running statistics (track_running_stats=False) to replace'
+    return None
+
+
+# ---------------------------------------------------------------------------------- the pass
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """``model(batch)`` for a tensor; ``model(batch[0])`` for the (inputs, targets, ...) tuples
+    that DataLoaders yield. Anything else needs an explicit ``forward``."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return model(batch[0])
+    raise TypeError(f'convert_bn cannot feed a batch of type {type(batch).__name__} to the model; '
+                    'pass forward=lambda model, batch: ... that runs one step')
+
+
+@contextmanager
+def _collect_inputs(layers: Mapping[str, _BatchNorm],
+                    accumulators: Mapping[str, ChannelAccumulator]) -> Iterator[None]:
+    """Forward pre-hooks that feed each BN's input to its accumulator; always removed."""
+    handles = []
+
+    def make_hook(acc: ChannelAccumulator) -> Callable:
+        def hook(module: nn.Module, args: Tuple[Any, ...]) -> None:
+            acc.update(args[0].detach())
+        return hook
+
+    try:
+        for name, bn in layers.items():
+            handles.append(bn.register_forward_pre_hook(make_hook(accumulators[name])))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the pass, then every module's own train/eval flag back (not just the root's:
+    hooks such as ``norm_eval`` leave submodules in eval mode on purpose)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _distributed_world(group: Optional[dist.ProcessGroup]) -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(group)
+    return 1
+
+
+def _agree(error: Optional[BaseException], num_batches: int, world_size: int,
+           group: Optional[dist.ProcessGroup], device: torch.device) -> int:
+    """Ranks agree on failure and on the total number of batches before any statistics move.
+
+    A rank that failed must not leave the others waiting in the all-reduce: all ranks learn of
+    any failure and raise together. Returns the number of batches over all ranks.
+    """
+    failed_elsewhere = False
+    if world_size > 1:
+        status = torch.tensor([1.0 if error is not None else 0.0, float(num_batches)],
+                              dtype=torch.float64, device=device)
+        dist.all_reduce(status, group=group)
+        failed_elsewhere = error is None and status[0].item() > 0
+        num_batches = int(status[1].item())
+    if error is not None:
+        raise ConversionError(f'BN conversion failed during the statistics pass: {error}. '
+                              'The model is unchanged.') from error
+    if failed_elsewhere:
+        raise ConversionError('BN conversion failed on another rank (see its error); the model '
+                              'is unchanged on every rank')
+    if num_batches == 0:
+        raise ConversionError('batches is empty: BN conversion needs at least one batch of '
+                              'target-domain inputs. The model is unchanged.')
+    return num_batches
+
+
+def convert_bn(model: nn.Module,
+               batches: Iterable[Any],
+               *,
+               forward: Optional[ForwardFn] = None,
+               max_batches: Optional[int] = None,
+               var_mode: str = 'batch',
+               modules: ModuleSpec = None,
+               skip_incompatible: bool = False,
+               progress: Optional[Callable[[int], None]] = None,
+               process_group: Optional[dist.ProcessGroup] = None) -> ConversionReport:
+    """Converts the model's BN layers to the statistics of ``batches``, in place, keeping the
+    eval-mode function. Returns a report of what moved and by how much.
+
+    Args:
+        model: any ``nn.Module``; its BN layers are found by type.
+        batches: any iterable of inputs (tensors, DataLoader tuples, mmengine data batches).
+        forward: ``forward(model, batch)`` runs one step; default ``model(batch)``
+            (``model(batch[0])`` for tuples).
+        max_batches: stop after this many batches.
+        var_mode: ``'batch'`` (default): count-weighted mean of per-batch unbiased variances,
+            what train-mode BN sees while fine-tuning; ``'population'``: pooled unbiased variance.
+            For SyncBatchNorm a batch is the global batch across ranks. Batches with one value per
+            channel count towards the mean and the population variance only.
+        modules: which BN layers (names, parents, modules, or a predicate); default all.
+        skip_incompatible: leave (and report) BN layers without affine parameters or running
+            statistics instead of raising.
+        progress: called with the number of batches done after each batch.
+        process_group: the group whose ranks pool their statistics; default the world.
+
+    Under ``torch.distributed`` every rank must call this; statistics are pooled with one
+    all-reduce at the end and every rank ends with identical BN parameters.
+    """
+    if var_mode not in VAR_MODES:
+        raise ValueError(f'var_mode must be one of {VAR_MODES}, got {var_mode!r}')
+    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f'max_batches must be a positive int or None, got {max_batches!r}')
+    forward = forward or default_forward
+
+    layers = find_batchnorms(model, modules)
+    if not layers:
+        raise ConversionError(f'{type(model).__name__} has no BatchNorm layer to convert'
+                              + ('' if modules is None else ' among the selected modules'))
+    skipped: Dict[str, str] = {}
+    bad = {name: why for name, bn in layers.items() if (why := _incompatibility(bn))}
+    if bad and not skip_incompatible:
+        listed = '; '.join(f'{name}: {why}' for name, why in bad.items())
+        raise ConversionError(f'{len(bad)} BN layer(s) cannot be converted while keeping the '
+                              f'function ({listed}). Pass skip_incompatible=True to leave them '
+                              'as they are, or exclude them with modules=...')
+    skipped.update(bad)
+    layers = {name: bn for name, bn in layers.items() if name not in bad}
+    if not layers:
+        raise ConversionError('no convertible BN layer is left after skipping: ' + str(skipped))
+
+    world_size = _distributed_world(process_group)
+    device = next(iter(layers.values())).running_mean.device
+    accumulators = {
+        name: ChannelAccumulator(
+            bn.running_mean,
+            per_batch=world_size > 1 and var_mode == 'batch' and isinstance(bn, nn.SyncBatchNorm))
+        for name, bn in layers.items()
+    }
+
+    num_batches = 0
+    error: Optional[BaseException] = None
+    try:
+        with torch.no_grad(), _eval_mode(model), _collect_inputs(layers, accumulators):
+            for batch in batches:
+                forward(model, batch)
+                num_batches += 1
+                if progress is not None:
+                    progress(num_batches)
+                if max_batches is not None and num_batches >= max_batches:
+                    break
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
+        error = exc
+    _agree(error, num_batches, world_size, process_group, device)
+    if world_size > 1:
+        all_reduce_accumulators(list(accumulators.values()), group=process_group)
+
+    unseen = [name for name, acc in accumulators.items() if acc.count == 0]
+    if len(unseen) == len(accumulators):
+        raise ConversionError('the forward pass never reached a BN layer; check `forward` (does it '
+                              'run the part of the model that holds them?). The model is unchanged.')
+    for name in unseen:
+        skipped[name] = 'not reached by the forward pass; statistics left as they were'
+    moments: Dict[str, ChannelMoments] = {}
+    for name, acc in accumulators.items():
+        if acc.count:
+            try:
+                moments[name] = acc.result(var_mode)
+            except ValueError as exc:
+                raise ConversionError(f'{name}: {exc}. The model is unchanged.') from exc
+
+    updates, report = _plan_updates(layers, moments)
+    report.var_mode, report.num_batches, report.world_size = var_mode, num_batches, world_size
+    report.skipped = skipped
+    _apply(layers, updates)
+    return report
+
+
+# ---------------------------------------------------------------------------- atomic rewrite
+_Update = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # mean, var, weight, bias
+
+
+def _plan_updates(layers: Mapping[str, _BatchNorm],
+                  moments: Mapping[str, ChannelMoments]) -> Tuple[Dict[str, _Update],
+                                                                  ConversionReport]:
+    """Every new value, computed and checked before anything is written."""
+    updates: Dict[str, _Update] = {}
+    report = ConversionReport(var_mode='', num_batches=0, world_size=1)
+    non_finite = []
+    for name, mom in moments.items():
+        bn = layers[name]
+        mu_old = bn.running_mean.detach().to(torch.float64)
+        std_old = (bn.running_var.detach().to(torch.float64) + bn.eps).sqrt()
+        std_new = (mom.var + bn.eps).sqrt()
+        w = bn.weight.detach().to(torch.float64)
+        b = bn.bias.detach().to(torch.float64)
+        new_bias = b + (mom.mean - mu_old) * w / std_old
+        new_weight = w * std_new / std_old
+        new = (mom.mean, mom.var, new_weight, new_bias)
+        if not all(bool(torch.isfinite(t).all()) for t in new):
+            non_finite.append(name)
+            continue
+        updates[name] = new
+        shift = (mom.mean - mu_old).abs() / std_old
+        report.layers.append(LayerReport(
+            name=name, num_channels=bn.num_features, num_samples=mom.num_samples,
+            num_values=mom.num_values, num_batches=mom.num_batches,
+            mean_shift=float(shift.mean()), max_mean_shift=float(shift.max()),
+            std_ratio=float((std_new / std_old).mean())))
+    if non_finite:
+        shown = ', '.join(non_finite[:5]) + (' ...' if len(non_finite) > 5 else '')
+        raise ConversionError(
+            f'non-finite statistics or parameters in {len(non_finite)} BN layer(s) ({shown}): '
+            'the inputs contain NaN/Inf, or activations overflow. Check the data pipeline '
+            '(normalisation, corrupt images). The model is unchanged.')
+    return updates, report
+
+
+def _apply(layers: Mapping[str, _BatchNorm], updates: Mapping[str, _Update]) -> None:
+    with torch.no_grad():
+        for name, (mean, var, weight, bias) in updates.items():
+            bn = layers[name]
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.weight.copy_(weight)
+            bn.bias.copy_(bias)
+
