@@ -117,9 +117,10 @@ def test_statistics_exact_against_stored_activations(dtype, tol):
 
 def test_batch_split_invariance():
     net = small_net(torch.float64)
-    data = torch.randn(16, 3, 9, 9, dtype=torch.float64) * 3 - 1
+    data = torch.randn(150, 3, 9, 9, dtype=torch.float64) * 3 - 1
     results = []
-    for sizes in ([4, 4, 4, 4], [1, 7, 3, 5], [16]):
+    # [1] * 150 runs past ChannelAccumulator.FOLD_EVERY, so pending batches are folded twice
+    for sizes in ([50, 50, 50], [1, 70, 30, 49], [150], [1] * 150):
         model = copy.deepcopy(net)
         convert_bn(model, list(data.split(sizes)), var_mode='population')
         results.append({k: v for k, v in model.state_dict().items() if 'running' in k})

@@ -280,7 +280,7 @@ def convert_bn(model: nn.Module,
     if world_size > 1:
         all_reduce_accumulators(list(accumulators.values()), group=process_group)
 
-    unseen = [name for name, acc in accumulators.items() if acc.count == 0]
+    unseen = [name for name, acc in accumulators.items() if acc.batches == 0]
     if len(unseen) == len(accumulators):
         raise ConversionError('the forward pass never reached a BN layer; check `forward` (does it '
                               'run the part of the model that holds them?). The model is unchanged.')
@@ -288,7 +288,7 @@ def convert_bn(model: nn.Module,
         skipped[name] = 'not reached by the forward pass; statistics left as they were'
     moments: Dict[str, ChannelMoments] = {}
     for name, acc in accumulators.items():
-        if acc.count:
+        if acc.batches:
             try:
                 moments[name] = acc.result(var_mode)
             except ValueError as exc:

@@ -8,7 +8,7 @@ to the data mean, which keeps ``sum((x - shift)**2) - n * mean_shift**2`` free o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,11 @@ class ChannelAccumulator:
     recovered after an all-reduce (SyncBatchNorm normalises over the batch of all ranks together).
     """
 
+    #: Batches held before they are folded into the float64 sums: per-batch work stays at one
+    #: reduction kernel (what matters on a GPU, where each small op is a launch), and the pending
+    #: (C,)-vectors stay small whatever the length of the pass.
+    FOLD_EVERY = 64
+
     def __init__(self, shift: torch.Tensor, per_batch: bool = False) -> None:
         self.shift = shift.detach().to(torch.float64)
         zeros = torch.zeros_like(self.shift)
@@ -56,39 +61,51 @@ class ChannelAccumulator:
         self.batch_counts: List[int] = []
         self.batch_sums: List[torch.Tensor] = []
         self.batch_sumsqs: List[torch.Tensor] = []
+        self._pending: List[Tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def update(self, x: torch.Tensor) -> None:
         """Adds one BN input ``x`` of shape (N, C, *)."""
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()  # reduce in float32 at least; the running sums are float64 anyway
-        dims = [0] + list(range(2, x.dim()))
         n = x.numel() // x.shape[1] if x.dim() > 1 else 0
         if n == 0:
             return
-        # One fused, numerically stable reduction in the input's dtype; only (C,) vectors are
-        # promoted to float64, never the activation itself.
-        var0, mean = torch.var_mean(x, dim=dims, correction=0)
-        mean = mean.to(torch.float64)
-        m2 = var0.to(torch.float64) * n
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()  # reduce in float32 at least; the sums are float64 anyway
+        # One fused, numerically stable reduction in the input's dtype: only (C,) vectors are
+        # ever promoted to float64, never the activation itself.
+        var0, mean = torch.var_mean(x, dim=[0] + list(range(2, x.dim())), correction=0)
+        self._pending.append((n, mean, var0))
+        self.samples += int(x.shape[0])
+        self.batches += 1
+        if len(self._pending) >= self.FOLD_EVERY:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self._pending:
+            return
+        counts = [p[0] for p in self._pending]
+        n = torch.tensor(counts, dtype=torch.float64, device=self.shift.device)[:, None]
+        mean = torch.stack([p[1] for p in self._pending]).to(torch.float64)
+        m2 = torch.stack([p[2] for p in self._pending]).to(torch.float64) * n
+        self._pending.clear()
         d = mean - self.shift
         s = d * n
         q = m2 + d * s
-        self.sum += s
-        self.sumsq += q
-        if n > 1:
-            self.batch_var_sum += m2 * (n / (n - 1))
-            self.batch_var_count += n
-        self.count += n
-        self.samples += int(x.shape[0])
-        self.batches += 1
+        self.sum += s.sum(0)
+        self.sumsq += q.sum(0)
+        several = n[:, 0] > 1
+        if several.any():
+            self.batch_var_sum += (m2[several] * (n[several] / (n[several] - 1))).sum(0)
+            self.batch_var_count += int(n[several].sum().item())
+        self.count += sum(counts)
         if self.per_batch:
-            self.batch_counts.append(n)
-            self.batch_sums.append(s)
-            self.batch_sumsqs.append(q)
+            self.batch_counts.extend(counts)
+            self.batch_sums.extend(s.unbind(0))
+            self.batch_sumsqs.extend(q.unbind(0))
 
     # ----------------------------------------------------------------------------- reduction
     def state_vector(self) -> torch.Tensor:
         """Everything that merges by addition, flattened for a single all-reduce."""
+        self._fold()
         scalars = torch.tensor([self.count, self.samples, self.batches, self.batch_var_count],
                                dtype=torch.float64, device=self.shift.device)
         return torch.cat([scalars, self.sum, self.sumsq, self.batch_var_sum])
@@ -102,6 +119,7 @@ class ChannelAccumulator:
 
     def per_batch_matrix(self, num_batches: int) -> torch.Tensor:
         """(num_batches, 1 + 2C) rows of (n, sum, sumsq), zero-padded past this rank's batches."""
+        self._fold()
         c = self.shift.numel()
         out = torch.zeros(num_batches, 1 + 2 * c, dtype=torch.float64, device=self.shift.device)
         for i, (n, s, q) in enumerate(zip(self.batch_counts, self.batch_sums, self.batch_sumsqs)):
@@ -122,6 +140,7 @@ class ChannelAccumulator:
 
     # ----------------------------------------------------------------------------- results
     def result(self, var_mode: str) -> ChannelMoments:
+        self._fold()
         if self.count == 0:
             raise ValueError('no values were accumulated')
         n = float(self.count)
