@@ -1,0 +1,446 @@
+"""How much did fine-tuning distort the pretrained backbone? Offline comparison of checkpoints.
+
+For every fine-tuned checkpoint, against the pretrained backbone (and, for DAFT runs, against the
+model right after BN conversion, the like-with-like start of a DAFT run):
+
+* feature similarity on a dataset split: cosine and L2 of globally pooled backbone features per
+  image, cosine per pixel (dense models);
+* per-layer relative parameter change ``||theta - theta0|| / ||theta0||`` for conv weights and
+  BN weights, biases, running means and running vars, along the network with stage labels.
+
+Writes ``feature_similarity.png``, ``parameter_change.png`` and ``distortion.json`` (every number,
+each labelled with its reference) to ``--out-dir`` and prints a short summary.
+
+Example::
+
+    python tools/analyze_distortion.py configs/daft_deeplabv3_cityscapes.py \\
+        --pretrained work_dirs/pretrained.pth \\
+        --finetuned plain=work_dirs/plain/iter_20000.pth daft=work_dirs/daft/iter_20000.pth \\
+        --reference-converted daft=work_dirs/daft/converted.pth   # or: --convert daft
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import json
+import math
+import os
+import os.path as osp
+import sys
+from collections import OrderedDict
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+PRETRAINED = 'pretrained'
+CONVERTED = 'converted'
+REFERENCE_DOC = {
+    PRETRAINED: 'the pretrained backbone (--pretrained)',
+    CONVERTED: 'the model right after DAFT BN conversion (the start of a DAFT run)',
+}
+
+
+# ------------------------------------------------------------------------------------ args
+def _name_path(text: str) -> Tuple[str, str]:
+    name, sep, path = text.partition('=')
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f'expected NAME=CHECKPOINT, got {text!r}')
+    if name in (PRETRAINED, CONVERTED):
+        raise argparse.ArgumentTypeError(f'run name {name!r} is reserved for a reference')
+    return name, path
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('config', help='mmseg/mmdet config that builds the model and dataloaders')
+    parser.add_argument('--pretrained', required=True,
+                        help='reference checkpoint: a whole model or a bare backbone')
+    parser.add_argument('--finetuned', required=True, nargs='+', type=_name_path,
+                        metavar='NAME=CKPT', help='fine-tuned checkpoints to compare')
+    parser.add_argument('--reference-converted', nargs='+', type=_name_path, default=[],
+                        metavar='NAME=CKPT',
+                        help='for run NAME, also compare against this checkpoint of the model '
+                        'right after BN conversion (e.g. saved by DAFTHook)')
+    parser.add_argument('--convert', nargs='+', default=[], metavar='NAME',
+                        help='for run NAME, also compare against the pretrained model converted '
+                        'here with daft_mm.core.convert_bn on --convert-split')
+    parser.add_argument('--convert-split', default='train', choices=('train', 'val', 'test'))
+    parser.add_argument('--convert-batches', type=int, default=None,
+                        help='batches for --convert (default: the whole split)')
+    parser.add_argument('--convert-var-mode', default='batch', choices=('batch', 'population'))
+    parser.add_argument('--split', default='val', choices=('train', 'val', 'test'),
+                        help="split whose dataloader feeds the feature comparison (default val)")
+    parser.add_argument('--max-images', type=int, default=None, help='images to compare on')
+    parser.add_argument('--levels', type=int, nargs='+', default=[-1],
+                        help='backbone outputs to compare (default -1: the deepest)')
+    parser.add_argument('--num-workers', type=int, default=0, help='dataloader workers')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--seed', type=int, default=0, help='seed for the conversion dataloader')
+    parser.add_argument('--out-dir', default=None,
+                        help='default work_dirs/distortion/<config name>')
+    parser.add_argument('--cfg-options', nargs='+', default=None, metavar='KEY=VALUE',
+                        help='override config settings, as in tools/train.py')
+    args = parser.parse_args(argv)
+
+    names = [name for name, _ in args.finetuned]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        parser.error(f'run names must be unique, repeated: {sorted(dup)}')
+    for flag, given in (('--reference-converted', [n for n, _ in args.reference_converted]),
+                        ('--convert', args.convert)):
+        unknown = [n for n in given if n not in names]
+        if unknown:
+            parser.error(f'{flag} names unknown run(s) {unknown}; runs are {names}')
+    both = set(args.convert) & {n for n, _ in args.reference_converted}
+    if both:
+        parser.error(f'runs {sorted(both)} have both --reference-converted and --convert')
+    if args.max_images is not None and args.max_images < 1:
+        parser.error('--max-images must be positive')
+    return args
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def backbone_state(path: str, backbone: nn.Module, what: str) -> Dict[str, torch.Tensor]:
+    """The backbone part of a checkpoint, checked against the backbone the config builds.
+
+    Accepts whole-model checkpoints (keys ``backbone.*``, an optional ``state_dict`` wrapper and
+    ``module.`` prefix) and bare backbone checkpoints. Missing keys and shape mismatches are errors
+    (they mean the checkpoint belongs to another architecture); extra keys of a bare backbone
+    checkpoint (a classifier, say) are ignored.
+    """
+    from mmengine.runner import CheckpointLoader
+
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'{what} checkpoint {path!r} does not exist')
+    ckpt = CheckpointLoader.load_checkpoint(path, map_location='cpu')
+    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, Mapping) else None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor)
+                                                 for v in state.values()):
+        raise ValueError(f'{what} checkpoint {path!r} holds no state dict of tensors')
+    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+    if any(k.startswith('backbone.') for k in state):
+        state = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
+
+    expected = backbone.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith('num_batches_tracked')]
+    if missing:
+        close = difflib.get_close_matches(missing[0], list(state), n=3)
+        raise KeyError(
+            f'{what} checkpoint {path!r} lacks {len(missing)} of the {len(expected)} backbone '
+            f'entries the config builds (first: {missing[:4]})'
+            + (f'; similar names in the checkpoint: {close}' if close else '')
+            + '. Is it a checkpoint of this architecture (depth, stem type)? Use the config the '
+            'checkpoint was trained with, or fix the key names.')
+    wrong = [f'{k}: config {tuple(v.shape)} vs checkpoint {tuple(state[k].shape)}'
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f'{what} checkpoint {path!r} does not match the backbone the config '
+                         f'builds ({len(wrong)} shape mismatches, first: {wrong[:3]}). Use the '
+                         'config the checkpoint was trained with.')
+    return {k: state[k] for k in expected if k in state}
+
+
+def load_backbone(template: nn.Module, path: str, what: str, device: str) -> nn.Module:
+    backbone = copy.deepcopy(template)
+    backbone.load_state_dict(backbone_state(path, template, what), strict=False)
+    backbone.to(device)
+    backbone.requires_grad_(False)
+    backbone.eval()  # mmseg's ResNet.train() returns None: no chaining
+    return backbone
+
+
+# ------------------------------------------------------------------------------------- data
+def build_loader(cfg: Any, split: str, num_workers: int, shuffle: Optional[bool] = None,
+                 seed: Optional[int] = None):
+    from mmengine.runner import Runner
+
+    key = f'{split}_dataloader'
+    if not cfg.get(key):
+        raise KeyError(f'the config has no {key}; pick another --split')
+    loader_cfg = copy.deepcopy(cfg[key])
+    loader_cfg['num_workers'] = num_workers
+    if num_workers == 0:
+        loader_cfg['persistent_workers'] = False
+    if shuffle is not None and isinstance(loader_cfg.get('sampler'), Mapping):
+        loader_cfg['sampler'] = dict(loader_cfg['sampler'], shuffle=shuffle)
+    return Runner.build_dataloader(loader_cfg, seed=seed)
+
+
+# ---------------------------------------------------------------------------------- results
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf -> None (strict JSON has no NaN), tuples -> lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _fmt(value: Optional[float]) -> str:
+    return 'n/a' if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f'{value:.6g}'
+
+
+def format_summary(result: Mapping[str, Any]) -> str:
+    """The printed summary, rendered from the JSON result (so the two always agree)."""
+    lines = [f'Distortion of the backbone ({result["config"]}), features on '
+             f'{result["num_images"]} {result["split"]} image(s), level(s) '
+             f'{result["feature_levels"]}']
+    for ref, doc in result['reference_kinds'].items():
+        lines.append(f'  reference {ref!r} = {doc}')
+    for run, entry in result['runs'].items():
+        for ref, comp in entry['comparisons'].items():
+            lines.append(f'run {run!r} vs {ref!r} ({comp["reference_checkpoint"]}):')
+            for level, feats in comp['features'].items():
+                mean = feats['mean']
+                text = (f'  features out{level}: mean cosine {_fmt(mean["cosine"])}, '
+                        f'mean L2 {_fmt(mean["l2"])}')
+                if 'pixel_cosine' in mean:
+                    text += f', mean pixel cosine {_fmt(mean["pixel_cosine"])}'
+                lines.append(text)
+            params = comp['parameters']
+            stages = params['stages']
+            lines.append('  mean relative change  ' + ' '.join(f'{s:>10}' for s in stages)
+                         + f' {"all":>10}')
+            for q, overall in params['quantity_means'].items():
+                per_stage = params['stage_means'].get(q, {})
+                lines.append(f'  {q:<20} ' + ' '.join(f'{_fmt(per_stage.get(s)):>10}'
+                                                      for s in stages) + f' {_fmt(overall):>10}')
+            if params['skipped_in_means']:
+                lines.append(f'  ({len(params["skipped_in_means"])} entries moved away from a '
+                             'zero reference: relative change undefined, left out of the means; '
+                             'their abs_change is in the JSON)')
+    return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------- figures
+def plot_features(result: Mapping[str, Any], path: str) -> None:
+    """Overlaid histograms, one colour per run (solid: vs pretrained, dashed: vs converted).
+
+    Cosines are drawn as ``1 - cosine`` on a log axis (exact matches clipped to 1e-9): fine-tuned
+    features sit at cosines like 0.997, which linear bins over [-1, 1] cannot tell apart.
+    """
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    floor = 1e-9
+    levels = [str(level) for level in result['feature_levels']]
+    runs = list(result['runs'])
+    colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
+    styles = {PRETRAINED: '-', CONVERTED: '--'}
+    curves = [(i, run, ref, comp) for i, run in enumerate(runs)
+              for ref, comp in result['runs'][run]['comparisons'].items()]
+    titles = {'cosine': '1 - cosine, pooled per image', 'l2': 'L2 distance, pooled per image',
+              'pixel': '1 - cosine per pixel (fraction of pixels)'}
+    fig, axes = plt.subplots(len(levels), 3, figsize=(15, 3.6 * len(levels)), squeeze=False)
+    for r, level in enumerate(levels):
+        per_image = {q: [[v for v in comp['features'][level]['per_image'][q] if v is not None]
+                         for _, _, _, comp in curves] for q in ('cosine', 'l2')}
+        # Shared bins per panel, so runs are comparable bar for bar.
+        dists = [np.clip(1.0 - np.asarray(v, dtype=float), floor, 2.0) for v in per_image['cosine']]
+        hi = max(float(d.max()) for d in dists if len(d)) if any(len(d) for d in dists) else 1.0
+        cos_bins = np.logspace(math.log10(floor), math.log10(max(hi * 1.5, 10 * floor)), 41)
+        l2_all = [x for v in per_image['l2'] for x in v] or [0.0]
+        l2_bins = np.linspace(0.0, max(max(l2_all) * 1.05, 1e-12), 31)
+        for k, (i, run, ref, comp) in enumerate(curves):
+            kw = dict(color=colours[i % len(colours)], linestyle=styles.get(ref, ':'),
+                      label=f'{run} vs {ref}', linewidth=1.5)
+            axes[r][0].hist(dists[k], bins=cos_bins, histtype='step', **kw)
+            axes[r][1].hist(per_image['l2'][k], bins=l2_bins, histtype='step', **kw)
+            hist = comp['features'][level].get('pixel_one_minus_cosine_histogram')
+            if hist is not None:
+                counts = np.asarray(hist['counts'], dtype=float)
+                edges = np.asarray(hist['edges'], dtype=float)
+                edges[0] = edges[1] / 10  # the exact-match bin, drawable on a log axis
+                axes[r][2].stairs(counts / max(counts.sum(), 1.0), edges, **kw)
+        for c, key in enumerate(('cosine', 'l2', 'pixel')):
+            ax = axes[r][c]
+            if key != 'l2':
+                ax.set_xscale('log')
+                ax.set_xlabel('1 - cosine (exact match at the far left)')
+            else:
+                ax.set_xlabel('L2')
+            ax.set_title(f'backbone out{level}: {titles[key]}', fontsize=10)
+            ax.set_ylabel('fraction of pixels' if key == 'pixel' else 'images')
+            ax.legend(fontsize=7)
+    fig.suptitle('Feature distance to the reference (solid: vs pretrained, dashed: vs converted)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_parameters(result: Mapping[str, Any], path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    from daft_mm.core.distortion import QUANTITIES
+
+    log_scale = {'bn_running_mean', 'bn_running_var'}
+    runs = list(result['runs'])
+    colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
+    styles = {PRETRAINED: '-', CONVERTED: '--'}
+    fig, axes = plt.subplots(len(QUANTITIES), 1, figsize=(14, 2.8 * len(QUANTITIES)),
+                             sharex=True, squeeze=False)
+    boundaries: Dict[str, int] = {}
+    for q, ax in zip(QUANTITIES, axes[:, 0]):
+        any_positive = False
+        for i, run in enumerate(runs):
+            for ref, comp in result['runs'][run]['comparisons'].items():
+                rows = [row for row in comp['parameters']['layers'] if row['quantity'] == q]
+                xs = [row['index'] for row in rows]
+                ys = [math.nan if row['relative'] is None else row['relative'] for row in rows]
+                any_positive |= any(y > 0 for y in ys if not math.isnan(y))
+                ax.plot(xs, ys, marker='.', markersize=3, linewidth=1,
+                        color=colours[i % len(colours)], linestyle=styles.get(ref, ':'),
+                        label=f'{run} vs {ref}')
+                for row in comp['parameters']['layers']:
+                    boundaries.setdefault(row['stage'], row['index'])
+        if q in log_scale and any_positive:
+            ax.set_yscale('log', nonpositive='mask')
+        ax.set_ylabel('rel. change')
+        ax.set_title(q + (' (log scale; zero changes not drawn)' if q in log_scale and any_positive
+                          else ''), fontsize=10)
+        ax.legend(fontsize=7, loc='upper left')
+    for ax in axes[:, 0]:
+        for stage, start in boundaries.items():
+            ax.axvline(start - 0.5, color='grey', linewidth=0.8, linestyle=':')
+    top = axes[0, 0]
+    for stage, start in boundaries.items():
+        top.text(start, 1.02, stage, transform=top.get_xaxis_transform(), fontsize=8)
+    axes[-1, 0].set_xlabel('layer index along the network (stem -> deepest stage)')
+    fig.suptitle('||theta - theta0|| / ||theta0|| per layer (solid: vs pretrained, '
+                 'dashed: vs converted)', y=1.0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------- main
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+
+    import daft_mm  # noqa: F401  (registers daft-mm modules)
+    from daft_mm.core import convert_bn, relative_change
+    from daft_mm.mm.hooks.distortion_hook import backbone_inputs, compare_backbones
+
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(_parse_cfg_options(args.cfg_options))
+    init_default_scope(cfg.get('default_scope', 'mmseg'))
+    model = MODELS.build(cfg.model)  # no init_weights: weights come from the checkpoints
+    model.to(args.device)
+    model.eval()
+    if not isinstance(getattr(model, 'backbone', None), nn.Module):
+        raise SystemExit(f'{type(model).__name__} has no .backbone to analyse')
+    template = model.backbone
+
+    backbones: Dict[str, nn.Module] = OrderedDict()
+    ref_ckpt: Dict[str, str] = {}
+    backbones[PRETRAINED] = load_backbone(template, args.pretrained, 'pretrained', args.device)
+    for name, path in args.finetuned:
+        backbones[name] = load_backbone(template, path, f'run {name!r}', args.device)
+    for name, path in args.reference_converted:
+        backbones[f'{CONVERTED}:{name}'] = load_backbone(template, path,
+                                                         f'converted reference of {name!r}',
+                                                         args.device)
+        ref_ckpt[name] = path
+    conversion_reports = {}
+    if args.convert:
+        converted = copy.deepcopy(backbones[PRETRAINED])
+        loader = build_loader(cfg, args.convert_split, args.num_workers, seed=args.seed)
+        report = convert_bn(converted, loader, max_batches=args.convert_batches,
+                            var_mode=args.convert_var_mode,
+                            forward=lambda m, batch: m(backbone_inputs(model, batch, True)))
+        print(report.summary(max_rows=5))
+        desc = (f'pretrained converted here with convert_bn on the {args.convert_split} split '
+                f'({report.num_batches} batches, {args.convert_var_mode} variance)')
+        for name in args.convert:
+            backbones[f'{CONVERTED}:{name}'] = converted
+            ref_ckpt[name] = desc
+        conversion_reports = {'description': desc, 'report': report.to_dict()}
+
+    # Which reference each run is compared against.
+    comparisons: Dict[str, List[Tuple[str, str]]] = {}  # run -> [(ref kind, backbone key)]
+    for name, _ in args.finetuned:
+        comparisons[name] = [(PRETRAINED, PRETRAINED)]
+        if name in ref_ckpt:
+            comparisons[name].append((CONVERTED, f'{CONVERTED}:{name}'))
+    pairs = sorted({(key, run) for run, refs in comparisons.items() for _, key in refs})
+
+    loader = build_loader(cfg, args.split, args.num_workers, shuffle=False)
+    stats, num_images = compare_backbones(model, backbones, pairs, loader,
+                                          max_images=args.max_images, levels=args.levels)
+    levels = sorted(next(iter(stats.values())))
+
+    states = {key: {k: v.detach().cpu() for k, v in b.state_dict().items()}
+              for key, b in backbones.items()}
+    result: Dict[str, Any] = {
+        'config': args.config, 'split': args.split, 'num_images': num_images,
+        'feature_levels': levels,
+        'reference_kinds': {kind: REFERENCE_DOC[kind] for kind in
+                            ([PRETRAINED] + ([CONVERTED] if ref_ckpt else []))},
+        'notes': {
+            'cosine': 'cosine of globally average-pooled backbone features, per image',
+            'l2': 'Euclidean distance of the pooled features, per image',
+            'pixel_cosine': 'channel cosine per spatial position; mean is pixel-weighted',
+            'relative': '||theta - theta_ref|| / ||theta_ref|| per tensor; null where the '
+                        'reference tensor is zero and it moved (see abs_change, zero_reference)',
+            'means': 'unweighted means over layers, null rows skipped',
+        },
+        'runs': {},
+    }
+    if conversion_reports:
+        result['conversion'] = conversion_reports
+    for run, path in args.finetuned:
+        entry: Dict[str, Any] = {'checkpoint': path, 'comparisons': {}}
+        for kind, key in comparisons[run]:
+            change = relative_change(states[key], states[run])
+            entry['comparisons'][kind] = {
+                'reference_checkpoint': args.pretrained if kind == PRETRAINED else ref_ckpt[run],
+                'features': {str(level): stats[(key, run)][level].to_dict() for level in levels},
+                'parameters': change.to_dict(),
+            }
+        result['runs'][run] = entry
+    result = _clean(result)
+
+    out_dir = args.out_dir or osp.join('work_dirs', 'distortion',
+                                       osp.splitext(osp.basename(args.config))[0])
+    os.makedirs(out_dir, exist_ok=True)
+    with open(osp.join(out_dir, 'distortion.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    plot_features(result, osp.join(out_dir, 'feature_similarity.png'))
+    plot_parameters(result, osp.join(out_dir, 'parameter_change.png'))
+    print(format_summary(result))
+    print(f'wrote {out_dir}/distortion.json, feature_similarity.png, parameter_change.png')
+    return result
+
+
+def _parse_cfg_options(items: Sequence[str]) -> Dict[str, Any]:
+    """KEY=VALUE overrides parsed the way mmengine's DictAction parses them."""
+    from mmengine.config import DictAction
+
+    options: Dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise SystemExit(f'--cfg-options expects KEY=VALUE, got {item!r}')
+        options[key] = DictAction._parse_iterable(value)
+    return options
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        # KeyError's str() adds quotes around the message; the others print as they are.
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        sys.exit(f'analyze_distortion: error: {message}')
