@@ -1,0 +1,196 @@
+"""Fine-tune and evaluate a torch classifier with FT, LP, LP-FT or DAFT.
+
+Every DAFT-specific step comes from ``daft_mm.core`` (``convert_bn``,
+``zero_init_predictors``, ``split_param_groups``, the recipes); this module is only the
+loop around them: SGD with momentum, a cosine or constant schedule per stage, and
+cross-entropy on ``(inputs, targets)`` batches.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from daft_mm.core import (ConversionReport, FineTuneRecipe, FineTuneStage, convert_bn,
+                          find_predictors, freeze_feature_extractor, get_recipe,
+                          resolve_modules, set_bn_eval, split_param_groups,
+                          zero_init_predictors)
+
+__all__ = ['SCHEDULES', 'StageLog', 'FineTuneRun', 'finetune', 'evaluate']
+
+SCHEDULES = ('cosine', 'constant')
+
+
+@dataclass
+class StageLog:
+    """What one stage did: enough to tell from a result file how a number came about."""
+
+    name: str
+    iters: int
+    lr: float
+    head_lr: float
+    trainable_params: int
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class FineTuneRun:
+    """The fine-tuned model (trained in place) and a record of the run."""
+
+    model: nn.Module
+    recipe: FineTuneRecipe
+    stages: list[StageLog] = field(default_factory=list)
+    bn_conversion: ConversionReport | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            'method': self.recipe.name,
+            'stages': [vars(stage) for stage in self.stages],
+            'bn_conversion': None if self.bn_conversion is None else self.bn_conversion.to_dict(),
+        }
+
+
+def _split_batch(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+        raise TypeError('train/test loaders must yield (inputs, targets) pairs, got '
+                        f'{type(batch).__name__}')
+    return batch[0].to(device), batch[1].to(device)
+
+
+def _forever(loader: Iterable[Any]) -> Iterator[Any]:
+    """Restart the loader at its end, so stages count iterations, not epochs."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError('the training loader yielded no batch')
+
+
+def _stage_iters(recipe: FineTuneRecipe, iters: int, lp_iters: int | None) -> list[int]:
+    # Every stage before the last is a warm-up of the head (LP in LP-FT).
+    earlier = iters if lp_iters is None else lp_iters
+    counts = [earlier] * (len(recipe.stages) - 1) + [iters]
+    if min(counts) < 1:
+        raise ValueError(f'iteration counts must be >= 1, got {counts}')
+    return counts
+
+
+def _train_stage(model: nn.Module, batches: Iterator[Any], stage: FineTuneStage, *,
+                 iters: int, lr: float, head_names: Sequence[str], momentum: float,
+                 weight_decay: float, schedule: str, device: torch.device,
+                 log: Callable[[str], None] | None, log_interval: int) -> StageLog:
+    frozen = freeze_feature_extractor(model, head_names) if stage.freeze_feature_extractor else []
+    try:
+        groups = split_param_groups(model, head_names, lr=lr, head_lr=lr * stage.head_lr_mult)
+        record = StageLog(stage.name, iters, lr, lr * stage.head_lr_mult,
+                          sum(p.numel() for g in groups for p in g['params']))
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters)
+                     if schedule == 'cosine' else None)
+        model.train()
+        if not stage.bn_train:
+            set_bn_eval(model)
+        start = time.perf_counter()
+        for step in range(1, iters + 1):
+            inputs, targets = _split_batch(next(batches), device)
+            loss = F.cross_entropy(model(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            record.losses.append(float(loss.detach()))
+            if log is not None and (step % log_interval == 0 or step == iters):
+                log(f'[{stage.name}] iter {step}/{iters} loss {record.losses[-1]:.4f}')
+        record.seconds = time.perf_counter() - start
+        return record
+    finally:
+        # Undo exactly this stage's freezing, so the next stage (or the caller) sees
+        # the model's own requires_grad flags again.
+        for name in frozen:
+            model.get_parameter(name).requires_grad_(True)
+
+
+def finetune(model: nn.Module, train_loader: Iterable[Any], *, method: str | FineTuneRecipe,
+             iters: int, lr: float, head_names: Sequence[str] = ('fc',),
+             head_lr_mult: float | None = None, lp_iters: int | None = None,
+             momentum: float = 0.9, weight_decay: float = 0.0, schedule: str = 'cosine',
+             bn_max_batches: int | None = None, device: str | torch.device = 'cpu',
+             seed: int | None = None, log: Callable[[str], None] | None = None,
+             log_interval: int = 50) -> FineTuneRun:
+    """Fine-tune ``model`` in place on ``(inputs, targets)`` batches with one of the methods.
+
+    Args:
+        method: ``'ft'``, ``'lp'``, ``'lp-ft'``, ``'daft'`` or a custom recipe.
+        iters: iterations of the last (for single-stage methods: the only) stage.
+        lr: base learning rate (the feature extractor's).
+        head_names: the final predictor(s), as module paths or fnmatch patterns; zeroed
+            by DAFT, trained alone by LP, given ``lr * head_lr_mult``.
+        head_lr_mult: overrides every stage's head LR multiplier (default: the
+            recipe's, e.g. 10 for DAFT and 1 for the baselines).
+        lp_iters: iterations of the stages before the last (LP in LP-FT); default ``iters``.
+        bn_max_batches: how many training batches DAFT's BN conversion measures
+            (default: one pass over ``train_loader``).
+        seed: seeds torch's RNG first (shuffling, augmentation), for comparable runs.
+    """
+    recipe = get_recipe(method) if isinstance(method, str) else method
+    if schedule not in SCHEDULES:
+        raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
+    counts = _stage_iters(recipe, iters, lp_iters)
+    if seed is not None:
+        torch.manual_seed(seed)
+    device = torch.device(device)
+    head_names = [head_names] if isinstance(head_names, str) else list(head_names)
+    # Bad head names must fail before BN conversion has rewritten the model.
+    if any(stage.zero_init_head for stage in recipe.stages):
+        find_predictors(model, head_names)
+    else:
+        resolve_modules(model, head_names)
+    model.to(device)
+    run = FineTuneRun(model, recipe)
+    batches = _forever(train_loader)
+    for stage, stage_iters in zip(recipe.stages, counts):
+        if head_lr_mult is not None:
+            stage = replace(stage, head_lr_mult=head_lr_mult)
+        if stage.convert_bn:
+            run.bn_conversion = convert_bn(
+                model, train_loader, max_batches=bn_max_batches,
+                forward=lambda m, batch: m(_split_batch(batch, device)[0]))
+            if log is not None:
+                log(run.bn_conversion.summary())
+        if stage.zero_init_head:
+            zero_init_predictors(model, head_names)
+        run.stages.append(_train_stage(
+            model, batches, stage, iters=stage_iters, lr=lr, head_names=head_names,
+            momentum=momentum, weight_decay=weight_decay, schedule=schedule, device=device,
+            log=log, log_interval=log_interval))
+    return run
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[Any], *,
+             device: str | torch.device = 'cpu') -> float:
+    """Top-1 accuracy in [0, 1]; every module's train/eval flag is restored afterwards."""
+    device = torch.device(device)
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    correct = total = 0
+    try:
+        for batch in loader:
+            inputs, targets = _split_batch(batch, device)
+            correct += int((model(inputs).argmax(dim=1) == targets).sum())
+            total += int(targets.numel())
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    if total == 0:
+        raise ValueError('the evaluation loader yielded no sample')
+    return correct / total

@@ -1,0 +1,221 @@
+"""Predictor heads: zero-init, feature-extractor/head parameter groups, LP freezing.
+
+DAFT's integrated LP+FT starts the final predictor(s) at zero and trains them with a
+learning rate far above the backbone's, in a single stage. The baselines need the
+opposite tools: LP freezes everything below the head and keeps BatchNorm in eval
+mode. All of these are small functions over ``nn.Module`` so that the OpenMMLab layer
+and the classification API share one implementation.
+
+Layers are named by dotted module paths as in ``model.named_modules()`` (``'fc'``,
+``'decode_head.conv_seg'``, ``'roi_head.bbox_head.fc_cls'``), or by fnmatch patterns
+(``'*.conv_seg'``); a pattern is any name containing ``*``, ``?`` or ``[``.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+__all__ = [
+    'PREDICTOR_TYPES',
+    'resolve_modules',
+    'find_predictors',
+    'zero_init_predictors',
+    'split_param_groups',
+    'freeze_feature_extractor',
+    'set_bn_eval',
+]
+
+#: Layer types that can be a final predictor: an affine map from features to outputs.
+PREDICTOR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+_GLOB_CHARS = frozenset('*?[')
+
+
+def _as_name_list(names: str | Iterable[str]) -> list[str]:
+    # A bare string is one name, not a sequence of one-letter names.
+    listed = [names] if isinstance(names, str) else list(names)
+    if not listed:
+        raise ValueError('no layer names given')
+    for name in listed:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f'layer names must be non-empty strings, got {name!r}')
+    return listed
+
+
+def resolve_modules(model: nn.Module, names: str | Iterable[str]) -> dict[str, nn.Module]:
+    """Map names/patterns to ``{module_path: module}`` in model order, de-duplicated.
+
+    Every name must match at least one module, so a typo fails loudly instead of
+    silently training (or zeroing) nothing; the error lists the closest real paths.
+    """
+    available = dict(model.named_modules(remove_duplicate=False))
+    available.pop('', None)  # the root has no path a user could mean
+    matched: set[str] = set()
+    for name in _as_name_list(names):
+        if _GLOB_CHARS.intersection(name):
+            hits = [path for path in available if fnmatch.fnmatchcase(path, name)]
+        else:
+            hits = [name] if name in available else []
+        if not hits:
+            close = difflib.get_close_matches(name, list(available), n=5, cutoff=0.5)
+            hint = f'; close matches: {close}' if close else ''
+            raise KeyError(f'no module of {type(model).__name__} matches {name!r}{hint}')
+        matched.update(hits)
+    return {path: module for path, module in available.items() if path in matched}
+
+
+def find_predictors(model: nn.Module, names: str | Iterable[str]) -> dict[str, nn.Module]:
+    """Resolve ``names`` to final-predictor-like leaves, or raise without touching anything.
+
+    Exposed so that a training loop can validate its head names up front, before
+    other irreversible steps (BN conversion) run.
+    """
+    modules = resolve_modules(model, names)
+    refused = [
+        f'{path} ({type(module).__name__})'
+        for path, module in modules.items()
+        if not isinstance(module, PREDICTOR_TYPES)
+        or any(True for _ in module.children())
+        or not isinstance(getattr(module, 'weight', None), torch.Tensor)
+    ]
+    if refused:
+        allowed = ', '.join(t.__name__ for t in PREDICTOR_TYPES)
+        raise TypeError(
+            f'refusing to zero {refused}: only final predictor leaves ({allowed}) may be '
+            'zeroed; zeroing an inner layer would stop all gradient below it')
+    return modules
+
+
+def zero_init_predictors(model: nn.Module, names: str | Iterable[str]) -> list[str]:
+    """Zero the weight and bias of the named final predictor layers; return their paths.
+
+    Only final predictors may be zeroed. For ``y = W h + b`` with ``W = 0`` the
+    gradient reaching ``h`` (``W^T dL/dy``) is zero in the first step, but ``W`` itself
+    gets ``dL/dy h^T``, which is non-zero because the loss gradient at the output is;
+    from the second step on the features below train too. That is DAFT's integrated
+    LP+FT: the head moves first, the backbone follows gradually. Zeroing an inner layer
+    instead would (a) replace every pretrained feature above it by a constant and
+    (b) stop all gradient below it; if the layers above are zero as well, neither
+    ever receives a non-zero gradient again. Hence the refusal of anything that is not
+    a leaf ``Linear``/``ConvNd`` (see :func:`find_predictors`). Whether a leaf is really
+    the *last* layer cannot be seen from the module tree alone; naming it is the
+    caller's promise.
+
+    All names are validated before any weight changes, so a bad name leaves the
+    model untouched.
+    """
+    modules = find_predictors(model, names)
+    with torch.no_grad():
+        for module in modules.values():
+            module.weight.zero_()
+            if module.bias is not None:
+                module.bias.zero_()
+    return list(modules)
+
+
+def _params_by_side(
+    model: nn.Module, head_names: str | Iterable[str],
+) -> list[tuple[str, nn.Parameter, bool]]:
+    """``(name, param, is_head)`` once per parameter object, in model order.
+
+    A parameter object owned both inside and outside the heads (tied weights) is an
+    error: it cannot take the head's LR and the backbone's, nor be frozen for one
+    and trained for the other.
+    """
+    heads = resolve_modules(model, head_names)
+    for path, head in heads.items():
+        if not any(True for _ in head.parameters()):
+            raise ValueError(f'head {path!r} ({type(head).__name__}) has no parameters')
+    # Decided by module identity, not path prefix, so a module registered under two
+    # paths (an alias) still counts as one head.
+    inside = {id(sub) for head in heads.values() for sub in head.modules()}
+    sides: dict[int, tuple[str, nn.Parameter, bool]] = {}
+    for module_path, module in model.named_modules(remove_duplicate=False):
+        is_head = id(module) in inside
+        for local_name, param in module.named_parameters(recurse=False):
+            name = f'{module_path}.{local_name}' if module_path else local_name
+            first = sides.setdefault(id(param), (name, param, is_head))
+            if first[2] != is_head:
+                raise ValueError(
+                    f'parameter {first[0]!r} is shared with {name!r} across the '
+                    'head/feature-extractor boundary; it would land in both groups')
+    return list(sides.values())
+
+
+def split_param_groups(
+    model: nn.Module,
+    head_names: str | Iterable[str],
+    *,
+    lr: float,
+    head_lr: float,
+    weight_decay: float | None = None,
+    head_weight_decay: float | None = None,
+) -> list[dict]:
+    """Optimizer param groups ``[feature_extractor, head]``, each with a ``'name'`` key.
+
+    Only parameters with ``requires_grad`` are included: the groups then say exactly
+    what trains, a frozen backbone (LP) keeps no momentum or weight-decay state, and a
+    later unfreeze (LP-FT's second stage) needs a new optimizer, a visible decision
+    rather than frozen parameters silently starting to move. So freeze before calling
+    this. A group left empty (the feature extractor under LP) is dropped.
+
+    ``weight_decay=None`` leaves the optimizer's default in force;
+    ``head_weight_decay=None`` means "same as the feature extractor".
+    Raises if a head name matches nothing or a module without parameters, or if one
+    parameter object is owned both inside and outside the heads (tied weights).
+    """
+    groups: dict[str, list[nn.Parameter]] = {'feature_extractor': [], 'head': []}
+    for _, param, is_head in _params_by_side(model, head_names):
+        if param.requires_grad:
+            groups['head' if is_head else 'feature_extractor'].append(param)
+
+    settings = {
+        'feature_extractor': (lr, weight_decay),
+        'head': (head_lr, weight_decay if head_weight_decay is None else head_weight_decay),
+    }
+    result = []
+    for name, params in groups.items():
+        if not params:
+            continue
+        group_lr, decay = settings[name]
+        group: dict = {'name': name, 'params': params, 'lr': group_lr}
+        if decay is not None:
+            group['weight_decay'] = decay
+        result.append(group)
+    if not result:
+        raise ValueError(f'{type(model).__name__} has no parameter with requires_grad')
+    return result
+
+
+def freeze_feature_extractor(model: nn.Module, head_names: str | Iterable[str]) -> list[str]:
+    """Set ``requires_grad=False`` on every parameter outside the heads (LP).
+
+    Returns the names of the parameters it froze (those that were trainable), so a
+    caller can undo exactly this and no more, e.g. for LP-FT's second stage.
+    Parameters inside the heads are left as they are.
+    """
+    frozen = []
+    for name, param, is_head in _params_by_side(model, head_names):
+        if not is_head and param.requires_grad:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def set_bn_eval(model: nn.Module) -> int:
+    """Put every BatchNorm in eval mode (running stats used, not updated); return the count.
+
+    LP must leave the backbone exactly as pretrained, and a BN in train mode would
+    both normalise with batch statistics and overwrite its running stats. Since
+    ``model.train()`` resets every submodule, call this after each ``model.train()``.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+            count += 1
+    return count

@@ -1,0 +1,97 @@
+"""The four fine-tuning methods as data: FT, LP, LP-FT and DAFT.
+
+A method is a sequence of stages, each stating which of the core operations it uses.
+Keeping this as data (not as branches scattered over training loops) means the
+classification API and the OpenMMLab layer read the same definition of each method,
+and a variant is one ``dataclasses.replace`` away.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+__all__ = ['DAFT_HEAD_LR_MULT', 'FineTuneStage', 'FineTuneRecipe', 'RECIPES', 'get_recipe']
+
+
+@dataclass(frozen=True)
+class FineTuneStage:
+    """What one training stage does before and while it trains.
+
+    Attributes:
+        name: short label for logs (``'lp'``, ``'ft'``).
+        convert_bn: run ``convert_bn`` on the target training data before training.
+        zero_init_head: zero the final predictor(s) before training.
+        freeze_feature_extractor: train only the head parameters.
+        bn_train: BatchNorm layers in train mode (batch statistics, running stats
+            updated); ``False`` keeps them in eval mode, as LP requires.
+        head_lr_mult: head learning rate = base learning rate x this.
+    """
+
+    name: str
+    convert_bn: bool = False
+    zero_init_head: bool = False
+    freeze_feature_extractor: bool = False
+    bn_train: bool = True
+    head_lr_mult: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.head_lr_mult > 0:
+            raise ValueError(f'head_lr_mult must be > 0, got {self.head_lr_mult!r}')
+
+
+@dataclass(frozen=True)
+class FineTuneRecipe:
+    """A named fine-tuning method: its stages, run in order on the same model."""
+
+    name: str
+    stages: tuple[FineTuneStage, ...]
+    description: str = ''
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError(f'recipe {self.name!r} has no stages')
+
+    @property
+    def uses_bn_conversion(self) -> bool:
+        return any(stage.convert_bn for stage in self.stages)
+
+
+_LP = FineTuneStage('lp', freeze_feature_extractor=True, bn_train=False)
+_FT = FineTuneStage('ft')
+
+#: DAFT's default head LR multiplier. The method only needs it "far above" the
+#: backbone's: the zero head must fit quickly (the LP part) while the backbone moves
+#: slowly (the FT part). Tune it per task like any LR.
+DAFT_HEAD_LR_MULT = 10.0
+
+#: Read-only: a variant is a new recipe (``dataclasses.replace``), not an edit of these.
+RECIPES: Mapping[str, FineTuneRecipe] = MappingProxyType({
+    'ft': FineTuneRecipe(
+        'ft', (_FT,),
+        'fine-tune everything with one learning rate; head keeps its standard init'),
+    'lp': FineTuneRecipe(
+        'lp', (_LP,),
+        'linear probing: backbone frozen, BatchNorm in eval mode, only the head trains'),
+    'lp-ft': FineTuneRecipe(
+        'lp-ft', (_LP, _FT),
+        'LP, then FT of everything starting from the probed head'),
+    'daft': FineTuneRecipe(
+        'daft',
+        (FineTuneStage('daft', convert_bn=True, zero_init_head=True,
+                       head_lr_mult=DAFT_HEAD_LR_MULT),),
+        'BN conversion on the target data, then integrated LP+FT: zero-initialised head '
+        'with a learning rate far above the backbone\'s, BatchNorm in train mode'),
+})
+
+
+def get_recipe(name: str) -> FineTuneRecipe:
+    """The recipe for ``name``; case and ``_``/``-`` are ignored (``'LP_FT'`` works)."""
+    key = str(name).strip().lower().replace('_', '-')
+    if key == 'lpft':
+        key = 'lp-ft'
+    try:
+        return RECIPES[key]
+    except KeyError:
+        raise KeyError(f'unknown fine-tuning method {name!r}; choose one of '
+                       f'{sorted(RECIPES)}') from None

@@ -1,0 +1,225 @@
+"""daft_mm.classification and tools/train_cls.py, on tiny real models and generated data."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from daft_mm.classification import (ImageFolder, build_resnet, evaluate, finetune,
+                                    generate_demo_datasets, load_torchvision_state_dict)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared, loaded CPU torch's
+    thread pool makes these tests up to 30x slower; restored for other modules."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_resnet(num_classes: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_resnet('resnet10', num_classes, base_width=4, small_input=True)
+
+
+def colour_loader(n: int = 48, seed: int = 0, batch_size: int = 16) -> DataLoader:
+    """Class k = images whose channel k is bright: learnable in a few steps."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    images = torch.randn(n, 3, 8, 8, generator=gen) * 0.5
+    images[torch.arange(n), labels] += 2.0
+    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=True,
+                      generator=gen)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed(before: dict[str, torch.Tensor], model: nn.Module) -> set[str]:
+    return {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+
+
+# ------------------------------------------------------------------ models
+def test_resnet_matches_torchvision_layout():
+    # torchvision's published parameter counts and state-dict key counts.
+    r18, r50 = build_resnet('resnet18', 1000), build_resnet('resnet50', 1000)
+    assert sum(p.numel() for p in r18.parameters()) == 11_689_512
+    assert sum(p.numel() for p in r50.parameters()) == 25_557_032
+    assert len(r18.state_dict()) == 122 and len(r50.state_dict()) == 320
+    keys = set(r50.state_dict())
+    assert {'conv1.weight', 'bn1.running_var', 'layer1.0.downsample.0.weight',
+            'layer4.2.bn3.num_batches_tracked', 'fc.weight', 'fc.bias'} <= keys
+    assert r50.layer2[0].conv2.stride == (2, 2)  # stride on the 3x3, as in torchvision
+    assert r18(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_checkpoint_with_other_class_count_loads_backbone_and_keeps_new_head(tmp_path):
+    source = build_resnet('resnet10', 1000, base_width=4, small_input=True)
+    wrapped = {'state_dict': {f'module.{k}': v for k, v in source.state_dict().items()}}
+    torch.save(wrapped, tmp_path / 'ckpt.pth')
+    target = tiny_resnet(num_classes=3)
+    own_fc = target.fc.weight.detach().clone()
+
+    load = load_torchvision_state_dict(target, tmp_path / 'ckpt.pth')
+    assert load.dropped_head == ['fc.weight', 'fc.bias']
+    for key, value in source.state_dict().items():
+        if not key.startswith('fc.'):
+            assert torch.equal(target.state_dict()[key], value), key
+    assert torch.equal(target.fc.weight, own_fc)
+
+
+def test_checkpoint_of_another_architecture_is_refused():
+    deeper = build_resnet('resnet18', 3, base_width=4, small_input=True).state_dict()
+    with pytest.raises(ValueError, match='unexpected'):
+        load_torchvision_state_dict(tiny_resnet(), deeper)
+    wider = build_resnet('resnet10', 3, base_width=8, small_input=True).state_dict()
+    with pytest.raises(ValueError, match='shapes differ'):
+        load_torchvision_state_dict(tiny_resnet(), wider)
+
+
+# ------------------------------------------------------------------ data
+def test_image_folder_reads_generated_data_with_shared_class_indices(tmp_path):
+    splits = generate_demo_datasets(tmp_path, num_classes=3, train_per_class=2,
+                                    test_per_class=1, image_size=16)
+    assert set(splits) == {'train', 'test', 'ood_stripes', 'ood_noise'}
+    train = ImageFolder(splits['train'], image_size=12)
+    assert train.classes == ['circle', 'square', 'triangle'] and len(train) == 6
+    image, label = train[5]
+    assert image.shape == (3, 12, 12) and image.dtype == torch.float32 and label == 2
+
+    (tmp_path / 'ood_stripes' / 'circle').rename(tmp_path / 'ood_stripes' / 'gone')
+    with pytest.raises(ValueError, match="'gone'"):
+        ImageFolder(splits['ood_stripes'], classes=train.classes)
+    ood = ImageFolder(splits['ood_noise'], classes=['triangle', 'circle', 'square'])
+    assert [label for _, label in ood.samples] == [1, 2, 0]  # folder names -> given indices
+    with pytest.raises(FileNotFoundError):
+        ImageFolder(tmp_path / 'missing')
+
+
+# ------------------------------------------------------------------ finetune / evaluate
+def test_lp_leaves_backbone_weights_and_bn_stats_untouched():
+    model = tiny_resnet()
+    before = snapshot(model)
+    run = finetune(model, colour_loader(), method='lp', iters=4, lr=0.1, seed=0)
+    assert changed(before, model) == {'fc.weight', 'fc.bias'}
+    assert all(p.requires_grad for p in model.parameters())  # freezing undone afterwards
+    (stage,) = run.stages
+    assert stage.trainable_params == sum(p.numel() for p in model.fc.parameters())
+
+
+def test_daft_converts_bn_zeroes_the_head_and_then_trains_everything():
+    model = tiny_resnet()
+    before = snapshot(model)
+    bn_count = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    run = finetune(model, colour_loader(), method='daft', iters=3, lr=0.05, seed=0,
+                   bn_max_batches=2)
+    assert run.bn_conversion is not None and len(run.bn_conversion.converted) == bn_count
+    assert run.bn_conversion.num_batches == 2
+    (stage,) = run.stages
+    assert stage.head_lr == pytest.approx(10 * stage.lr)
+    assert model.fc.weight.any()  # started at zero, trained from there
+    assert 'layer1.0.conv1.weight' in changed(before, model)  # the backbone moved too
+
+
+def test_daft_head_starts_at_zero():
+    model = tiny_resnet()
+    finetune(model, colour_loader(), method='daft', iters=1, lr=0.0, head_lr_mult=1.0,
+             bn_max_batches=1)
+    assert not model.fc.weight.any() and not model.fc.bias.any()  # lr 0: still the init
+
+
+def test_lp_ft_runs_lp_then_full_fine_tuning():
+    model = tiny_resnet()
+    before = snapshot(model)
+    run = finetune(model, colour_loader(), method='lp-ft', iters=3, lp_iters=2, lr=0.05,
+                   seed=0)
+    lp, ft = run.stages
+    assert (lp.name, lp.iters, ft.name, ft.iters) == ('lp', 2, 'ft', 3)
+    assert lp.trainable_params < ft.trainable_params == sum(p.numel() for p in
+                                                            model.parameters())
+    assert 'layer1.0.conv1.weight' in changed(before, model)
+
+
+def test_daft_learns_a_separable_task():
+    model = tiny_resnet()
+    loader = colour_loader(n=96)
+    finetune(model, loader, method='daft', iters=30, lr=0.05, seed=0)
+    assert evaluate(model, loader) >= 0.9
+
+
+def test_evaluate_counts_correctly_and_restores_modes():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3, 3, bias=False), nn.BatchNorm1d(3))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.eye(3))
+    model.train()
+    model[2].eval()
+    inputs = torch.eye(3).repeat(2, 1)
+    targets = torch.tensor([0, 1, 2, 0, 0, 0])
+    accuracy = evaluate(model, DataLoader(TensorDataset(inputs, targets), batch_size=4))
+    assert accuracy == pytest.approx(4 / 6)
+    assert model.training and model[1].training and not model[2].training
+
+
+def test_bad_arguments_fail_before_training():
+    with pytest.raises(KeyError, match='unknown fine-tuning method'):
+        finetune(tiny_resnet(), colour_loader(), method='sft', iters=1, lr=0.1)
+    with pytest.raises(KeyError, match="'head'"):
+        finetune(tiny_resnet(), colour_loader(), method='ft', iters=1, lr=0.1,
+                 head_names=['head'])
+    with pytest.raises(ValueError, match='no batch'):
+        finetune(tiny_resnet(), [], method='ft', iters=1, lr=0.1)
+    model = tiny_resnet()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match='only final predictor'):  # a block, not a predictor
+        finetune(model, colour_loader(), method='daft', iters=1, lr=0.1, head_names=['layer4'])
+    assert not changed(before, model)  # refused before BN conversion rewrote anything
+
+
+# ------------------------------------------------------------------ tools/train_cls.py
+def _run_tool(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}  # see one_thread
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'train_cls.py'), *args],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_train_cls_end_to_end_all_methods(tmp_path):
+    data = tmp_path / 'demo'
+    generate_demo_datasets(data, train_per_class=8, test_per_class=4)  # what --generate-demo runs
+    checkpoint = tmp_path / 'pretrained.pth'  # torchvision layout, 1000-class head
+    torch.save(build_resnet('resnet10', 1000, base_width=4, small_input=True).state_dict(),
+               checkpoint)
+    out = tmp_path / 'results' / 'run.json'
+    _run_tool('--train', str(data / 'train'), '--test', str(data / 'test'),
+              '--ood', f'stripes={data / "ood_stripes"}', '--ood', f'noise={data / "ood_noise"}',
+              '--method', 'ft', 'lp', 'lp-ft', 'daft', '--arch', 'resnet10', '--width', '4',
+              '--small-input', '--checkpoint', str(checkpoint), '--image-size', '32',
+              '--batch-size', '8', '--iters', '2', '--lp-iters', '1', '--lr', '0.01',
+              '--out', str(out))
+
+    summary = json.loads(out.read_text())
+    assert summary['classes'] == ['circle', 'square', 'triangle']
+    assert summary['checkpoint']['dropped_head'] == ['fc.weight', 'fc.bias']
+    results = summary['results']
+    assert list(results) == ['ft', 'lp', 'lp-ft', 'daft']
+    for method, result in results.items():
+        assert set(result['accuracy']) == {'id', 'stripes', 'noise'}, method
+        for value in result['accuracy'].values():
+            assert math.isfinite(value) and 0.0 <= value <= 1.0
+    assert [s['name'] for s in results['lp-ft']['stages']] == ['lp', 'ft']
+    assert results['daft']['bn_conversion']['layers']
+    assert results['ft']['bn_conversion'] is None

@@ -1,0 +1,69 @@
+"""daft_mm.core.recipes: the four methods as data."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from daft_mm.core import RECIPES, FineTuneRecipe, FineTuneStage, get_recipe
+
+
+def test_exactly_the_four_methods():
+    assert sorted(RECIPES) == ['daft', 'ft', 'lp', 'lp-ft']
+    for name, recipe in RECIPES.items():
+        assert recipe.name == name and recipe.description
+
+
+def test_ft_is_plain_fine_tuning():
+    (stage,) = get_recipe('ft').stages
+    assert not (stage.convert_bn or stage.zero_init_head or stage.freeze_feature_extractor)
+    assert stage.bn_train and stage.head_lr_mult == 1.0
+
+
+def test_lp_trains_only_the_head_with_bn_in_eval_mode():
+    (stage,) = get_recipe('lp').stages
+    assert stage.freeze_feature_extractor and not stage.bn_train
+    assert not (stage.convert_bn or stage.zero_init_head)
+
+
+def test_lp_ft_is_lp_then_ft_from_the_probed_head():
+    lp, ft = get_recipe('lp-ft').stages
+    assert lp == get_recipe('lp').stages[0]
+    assert ft == get_recipe('ft').stages[0]
+    assert not ft.zero_init_head  # FT must start from the LP head, not a reset one
+
+
+def test_daft_is_one_stage_with_conversion_zero_head_and_fast_head():
+    recipe = get_recipe('daft')
+    (stage,) = recipe.stages
+    assert recipe.uses_bn_conversion
+    assert stage.convert_bn and stage.zero_init_head and stage.bn_train
+    assert not stage.freeze_feature_extractor
+    assert stage.head_lr_mult > 1.0
+    assert not any(r.uses_bn_conversion for n, r in RECIPES.items() if n != 'daft')
+
+
+@pytest.mark.parametrize('alias', ['LP-FT', 'lp_ft', 'lpft', ' Lp-Ft '])
+def test_name_normalisation(alias):
+    assert get_recipe(alias) is RECIPES['lp-ft']
+
+
+def test_unknown_method_lists_the_choices():
+    with pytest.raises(KeyError, match=r"unknown fine-tuning method 'surgical'.*'daft'"):
+        get_recipe('surgical')
+
+
+def test_recipes_are_immutable_and_variants_are_new_objects():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        get_recipe('daft').stages[0].head_lr_mult = 100.0
+    with pytest.raises(TypeError):
+        RECIPES['mine'] = get_recipe('ft')
+    faster = dataclasses.replace(get_recipe('daft').stages[0], head_lr_mult=100.0)
+    assert faster.head_lr_mult == 100.0 and get_recipe('daft').stages[0].head_lr_mult != 100.0
+
+
+def test_invalid_definitions_are_rejected():
+    with pytest.raises(ValueError, match='head_lr_mult'):
+        FineTuneStage('x', head_lr_mult=0.0)
+    with pytest.raises(ValueError, match='no stages'):
+        FineTuneRecipe('empty', ())

@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Fine-tune an image classifier with FT / LP / LP-FT / DAFT; report ID and OOD accuracy.
+
+    python tools/train_cls.py --generate-demo data/demo
+    python tools/train_cls.py --train data/demo/train --test data/demo/test \\
+        --ood stripes=data/demo/ood_stripes --ood noise=data/demo/ood_noise \\
+        --method ft lp lp-ft daft --arch resnet10 --small-input --iters 100 --out results.json
+
+Several methods in one call all start from the same initial (or --checkpoint) weights,
+so their numbers are comparable. --checkpoint takes a torchvision-layout ResNet state
+dict; its classifier is dropped when the class count differs.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from daft_mm.classification import (ARCHS, ImageFolder, build_resnet, evaluate, finetune,
+                                    generate_demo_datasets, load_torchvision_state_dict)
+from daft_mm.core import RECIPES
+
+
+def _named_path(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition('=')
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f'expected NAME=PATH, got {text!r}')
+    return name, Path(path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--generate-demo', metavar='DIR', type=Path,
+                        help='write small generated ID/OOD image folders to DIR and exit')
+    parser.add_argument('--demo-classes', type=int, default=3)
+    parser.add_argument('--demo-train-per-class', type=int, default=16)
+    parser.add_argument('--demo-test-per-class', type=int, default=8)
+
+    parser.add_argument('--train', type=Path, help='ID training set (root/<class>/<image>)')
+    parser.add_argument('--test', type=Path, help='ID test set')
+    parser.add_argument('--ood', type=_named_path, action='append', default=[],
+                        metavar='NAME=PATH', help='an OOD test set (repeatable)')
+    parser.add_argument('--method', nargs='+', default=['daft'], choices=sorted(RECIPES))
+
+    parser.add_argument('--arch', default='resnet18', choices=sorted(ARCHS))
+    parser.add_argument('--width', type=int, default=64, help='base width (64 = torchvision)')
+    parser.add_argument('--small-input', action='store_true',
+                        help='3x3 stride-1 stem without max-pool, for ~32px images')
+    parser.add_argument('--checkpoint', type=Path, help='torchvision-layout ResNet state dict')
+    parser.add_argument('--head', nargs='+', default=['fc'], help='final predictor module(s)')
+
+    parser.add_argument('--image-size', type=int, default=224)
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--iters', type=int, default=1000, help='iterations (of the FT stage)')
+    parser.add_argument('--lp-iters', type=int, help='LP iterations of LP-FT (default --iters)')
+    parser.add_argument('--lr', type=float, default=0.01, help='backbone learning rate')
+    parser.add_argument('--head-lr-mult', type=float,
+                        help='head LR = lr x this (default: the method\'s, 10 for DAFT, else 1)')
+    parser.add_argument('--momentum', type=float, default=0.9)
+    parser.add_argument('--weight-decay', type=float, default=1e-4)
+    parser.add_argument('--schedule', default='cosine', choices=('cosine', 'constant'))
+    parser.add_argument('--bn-batches', type=int, help='batches measured by DAFT BN conversion')
+    parser.add_argument('--workers', type=int, default=0)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--log-interval', type=int, default=50)
+    parser.add_argument('--out', type=Path, help='write results as JSON here')
+    args = parser.parse_args(argv)
+    if args.generate_demo is None and (args.train is None or args.test is None):
+        parser.error('--train and --test are required (or use --generate-demo DIR)')
+    return args
+
+
+def _json_safe(value: object) -> object:
+    """NaN/inf (a diverged loss) become null: the file stays valid JSON and the run is kept."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _loader(dataset: ImageFolder, args: argparse.Namespace, *, shuffle: bool) -> DataLoader:
+    generator = torch.Generator().manual_seed(args.seed)
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, drop_last=shuffle
+                      and len(dataset) > args.batch_size, num_workers=args.workers,
+                      generator=generator)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.generate_demo is not None:
+        written = generate_demo_datasets(
+            args.generate_demo, num_classes=args.demo_classes,
+            train_per_class=args.demo_train_per_class,
+            test_per_class=args.demo_test_per_class, seed=args.seed)
+        print(json.dumps({name: str(path) for name, path in written.items()}, indent=2))
+        return {'generated': {name: str(path) for name, path in written.items()}}
+
+    train_set = ImageFolder(args.train, image_size=args.image_size, hflip=True)
+    classes = train_set.classes
+    eval_sets = {'id': ImageFolder(args.test, classes=classes, image_size=args.image_size)}
+    for name, path in args.ood:
+        if name in eval_sets:
+            raise SystemExit(f'--ood name {name!r} is used twice (or is the reserved "id")')
+        eval_sets[name] = ImageFolder(path, classes=classes, image_size=args.image_size)
+
+    torch.manual_seed(args.seed)
+    initial = build_resnet(args.arch, len(classes), base_width=args.width,
+                           small_input=args.small_input)
+    checkpoint = None
+    if args.checkpoint is not None:
+        checkpoint = load_torchvision_state_dict(initial, args.checkpoint, head=args.head[0])
+        print(f'loaded {checkpoint.loaded} tensors from {checkpoint.path}'
+              + (f'; new head {checkpoint.dropped_head}' if checkpoint.dropped_head else ''))
+
+    results = {}
+    for method in args.method:
+        model = copy.deepcopy(initial)  # every method starts from the same weights
+        start = time.perf_counter()
+        run = finetune(model, _loader(train_set, args, shuffle=True), method=method,
+                       iters=args.iters, lp_iters=args.lp_iters, lr=args.lr,
+                       head_names=args.head, head_lr_mult=args.head_lr_mult,
+                       momentum=args.momentum, weight_decay=args.weight_decay,
+                       schedule=args.schedule, bn_max_batches=args.bn_batches,
+                       device=args.device, seed=args.seed, log=print,
+                       log_interval=args.log_interval)
+        accuracy = {name: evaluate(model, _loader(dataset, args, shuffle=False),
+                                   device=args.device)
+                    for name, dataset in eval_sets.items()}
+        results[method] = {'accuracy': accuracy, 'seconds': time.perf_counter() - start,
+                           **run.to_dict()}
+        print(f'{method}: ' + ', '.join(f'{k} {v:.4f}' for k, v in accuracy.items()))
+
+    summary = {
+        'classes': classes,
+        'datasets': {'train': str(args.train), **{k: str(v.root) for k, v in eval_sets.items()}},
+        'checkpoint': None if checkpoint is None else vars(checkpoint),
+        'args': {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                 if k != 'ood'} | {'ood': {k: str(v) for k, v in args.ood}},
+        'torch': torch.__version__,
+        'results': results,
+    }
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False,
+                                       default=str))
+        print(f'results written to {args.out}')
+    return summary
+
+
+if __name__ == '__main__':
+    main()
