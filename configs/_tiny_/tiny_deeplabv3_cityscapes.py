@@ -1,0 +1,56 @@
+# Tiny DeepLabV3 on a Cityscapes-layout dataset of 64x128 images, e.g. the synthetic one from
+#   python -m daft_mm.mm.datasets data/synthetic --which cityscapes
+# Point it elsewhere with --cfg-options data_root=/path/to/cityscapes (the tools rewrite every
+# dataloader's data_root; see daft_mm.mm.cli.set_data_root).
+_base_ = [
+    './_base_/deeplabv3_r18-tiny.py',
+    'mmseg::_base_/datasets/cityscapes.py',
+    './_base_/tiny_seg_runtime.py',
+]
+data_root = 'data/synthetic/cityscapes/'
+crop_size = (64, 128)
+model = dict(data_preprocessor=dict(size=crop_size))
+
+# The stock pipelines at 1/16 of the stock scale. PhotoMetricDistortion is left out on purpose:
+# photometric shift is what the domain-shifted (OOD) test sets measure.
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations'),
+    dict(type='RandomResize', scale=(128, 64), ratio_range=(1.0, 1.5), keep_ratio=True),
+    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackSegInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(128, 64), keep_ratio=True),
+    dict(type='LoadAnnotations'),
+    dict(type='PackSegInputs'),
+]
+img_ratios = [0.75, 1.0, 1.25]
+tta_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=None),
+    dict(
+        type='TestTimeAug',
+        transforms=[
+            [dict(type='Resize', scale_factor=r, keep_ratio=True) for r in img_ratios],
+            [
+                dict(type='RandomFlip', prob=0., direction='horizontal'),
+                dict(type='RandomFlip', prob=1., direction='horizontal')
+            ],
+            [dict(type='LoadAnnotations')],
+            [dict(type='PackSegInputs')],
+        ])
+]
+# num_workers=0: the loaders run in the main process (cheap images, few cores).
+train_dataloader = dict(
+    batch_size=4,
+    num_workers=0,
+    persistent_workers=False,
+    dataset=dict(data_root=data_root, pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=1,
+    num_workers=0,
+    persistent_workers=False,
+    dataset=dict(data_root=data_root, pipeline=test_pipeline))
+test_dataloader = val_dataloader

@@ -1,0 +1,5 @@
+# Baseline FT: fine-tune everything with one learning rate, standard head init, BN in train mode.
+# This is the stock mmseg recipe; the wrapper only states the method (and keeps stock keys).
+_base_ = ['mmseg::deeplabv3/deeplabv3_r50-d8_4xb2-40k_cityscapes-512x1024.py']
+custom_imports = dict(imports=['daft_mm'], allow_failed_imports=False)
+model = dict(_delete_=True, type='DAFTModel', method='ft', model={{_base_.model}})

@@ -1,0 +1,19 @@
+# DAFT fine-tuning of DeepLabV3 (ResNet-50-D8) on Cityscapes, 512x1024 crops, 40k iterations:
+# the stock mmseg config + the DAFT fragment. Everything not set here is the stock recipe.
+_base_ = [
+    'mmseg::deeplabv3/deeplabv3_r50-d8_4xb2-40k_cityscapes-512x1024.py',
+    './_base_/daft.py',
+]
+# The method made explicit: BN in train mode, DAFTHook must have run before the first step.
+# Checkpoints keep the stock keys (they load into the stock config for testing).
+model = dict(
+    _delete_=True,
+    type='DAFTModel',
+    method='daft',
+    predictors={{_base_.daft_predictors}},
+    model={{_base_.model}})
+# Predictors at 10x the backbone LR (integrated LP+FT).
+optim_wrapper = dict(paramwise_cfg={{_base_.daft_paramwise_cfg}})
+# eta_min=0 keeps the 10x ratio to the end (stock eta_min=1e-4 is absolute and shared by all
+# groups); `end` defaults to max_iters.
+param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, by_epoch=False)]

@@ -1,0 +1,5 @@
+# Cityscapes -> ACDC rain (val split, 100 images). Layout and usage: ./_base_/acdc.py.
+_base_ = ['./_base_/acdc.py']
+test_dataloader = dict(
+    dataset=dict(data_prefix=dict(img_path='rgb_anon/rain/val', seg_map_path='gt/rain/val')))
+val_dataloader = test_dataloader

@@ -1,0 +1,5 @@
+# Cityscapes -> ACDC snow (val split, 100 images). Layout and usage: ./_base_/acdc.py.
+_base_ = ['./_base_/acdc.py']
+test_dataloader = dict(
+    dataset=dict(data_prefix=dict(img_path='rgb_anon/snow/val', seg_map_path='gt/snow/val')))
+val_dataloader = test_dataloader

@@ -1,0 +1,98 @@
+"""What ``tools/train.py`` and ``tools/test.py`` share: one tool set for segmentation (mmseg) and
+detection (mmdet) configs, told apart by the config's registry scope.
+"""
+from __future__ import annotations
+
+import os.path as osp
+from typing import Any, Mapping
+
+from mmengine.config import Config
+
+__all__ = ['TASKS', 'detect_task', 'set_data_root', 'load_config', 'format_metrics']
+
+#: default_scope -> task name
+TASKS = {'mmseg': 'seg', 'mmdet': 'det'}
+_DATALOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+
+
+def detect_task(cfg: Config) -> str:
+    """``'seg'`` or ``'det'``: from ``default_scope``, else from the registry holding the model."""
+    scope = cfg.get('default_scope')
+    if scope in TASKS:
+        return TASKS[scope]
+    model_type = (cfg.get('model') or {}).get('type')
+    if isinstance(model_type, str):
+        from mmdet.registry import MODELS as DET_MODELS
+        from mmseg.registry import MODELS as SEG_MODELS
+        in_seg = model_type in SEG_MODELS.module_dict
+        in_det = model_type in DET_MODELS.module_dict
+        if in_seg != in_det:
+            return 'seg' if in_seg else 'det'
+    raise ValueError(
+        f'cannot tell whether {cfg.filename or "the config"} is a segmentation or a detection '
+        f"config (default_scope={scope!r}, model.type={model_type!r}); inherit mmseg's or "
+        "mmdet's default_runtime, or set default_scope = 'mmseg' / 'mmdet' in the config.")
+
+
+def _retarget(dataset: Any, data_root: str, old: str | None) -> int:
+    """Rewrite ``data_root`` in a dataset dict and the datasets it wraps; count the rewrites."""
+    if not isinstance(dataset, Mapping):
+        return 0
+    n = 0
+    if 'data_root' in dataset and (old is None or dataset['data_root'] == old):
+        dataset['data_root'] = data_root
+        n += 1
+    n += _retarget(dataset.get('dataset'), data_root, old)  # RepeatDataset, ClassBalanced...
+    for sub in dataset.get('datasets') or ():  # ConcatDataset
+        n += _retarget(sub, data_root, old)
+    return n
+
+
+def set_data_root(cfg: Config, data_root: str, old: str | None = None) -> int:
+    """Point the config's dataloaders at ``data_root``; return how many datasets changed.
+
+    Why: configs resolve ``data_root`` into each dataloader when they are parsed, so overriding
+    the top-level ``data_root`` alone (``--cfg-options data_root=...``) would change nothing.
+    Only datasets whose root equals ``old`` (default: the config's own ``data_root``) are
+    retargeted, so a config that mixes datasets from several roots keeps the others.
+    """
+    old = cfg.get('data_root') if old is None else old
+    changed = sum(_retarget(cfg.get(key), data_root, old) for key in _DATALOADERS
+                  if cfg.get(key) is not None)
+    cfg.data_root = data_root
+    return changed
+
+
+def load_config(path: str, cfg_options: Mapping[str, Any] | None = None, *,
+                work_dir: str | None = None, launcher: str = 'none') -> Config:
+    """Load a config the way the upstream tools do, plus the ``data_root`` override.
+
+    ``work_dir`` priority: argument > config > ``./work_dirs/<config name>``.
+    """
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'config file {path!r} does not exist; pass the path of a .py '
+                                'config, e.g. configs/_tiny_/tiny_deeplabv3_cityscapes.py')
+    cfg = Config.fromfile(path)
+    cfg.launcher = launcher
+    if cfg_options:
+        old_root = cfg.get('data_root')
+        cfg.merge_from_dict(dict(cfg_options))
+        if 'data_root' in cfg_options:
+            set_data_root(cfg, cfg_options['data_root'], old=old_root)
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
+    return cfg
+
+
+def format_metrics(metrics: Mapping[str, Any]) -> str:
+    """One line ``name: value`` per scalar metric (mIoU, mAP...), in a stable order."""
+    items = []
+    for key in sorted(metrics):
+        value = metrics[key]
+        try:
+            items.append(f'{key}: {float(value):.4f}')
+        except (TypeError, ValueError):
+            continue  # tables, per-class lists
+    return '  '.join(items)

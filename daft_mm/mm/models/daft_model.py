@@ -1,0 +1,294 @@
+"""``DAFTModel``: wraps any mmseg segmentor / mmdet detector for one fine-tuning stage.
+
+Why a wrapper and not a patched config: the fine-tuning method decides things a stock model
+cannot express in its config: which parameters are frozen (LP), which BatchNorm layers must stay
+in eval mode after every ``model.train()`` (LP), which layers are the final predictors (DAFT's
+zero init and LR multiplier), and whether DAFT's preparation ran before the first step. The
+wrapper is invisible everywhere else: ``train_step``/``val_step``/``test_step``/``forward`` and
+``data_preprocessor`` are the wrapped model's, and its state dict has the wrapped model's keys, so
+a checkpoint trained through it loads into the stock config of the same model.
+
+All DAFT operations come from :mod:`daft_mm.core`; this file only adapts them to mmengine models.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+from mmengine.model import BaseModel
+from mmengine.registry import MODELS
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from daft_mm.core import (ConversionReport, FineTuneStage, convert_bn, get_recipe,
+                          resolve_modules, set_bn_eval, zero_init_predictors)
+from daft_mm.core.heads import PREDICTOR_TYPES
+
+__all__ = ['DAFTModel', 'default_predictors', 'mm_forward', 'resolve_stage', 'norm_eval_modules',
+           'check_predictors']
+
+#: Leaf names of final predictors in OpenMMLab heads: mmseg ``BaseDecodeHead.conv_seg``, mmdet
+#: bbox heads' ``fc_cls``/``fc_reg`` (under ``roi_head``). Used when no names are configured.
+_SEG_PREDICTOR = 'conv_seg'
+_DET_PREDICTORS = ('fc_cls', 'fc_reg')
+
+
+def resolve_stage(method: str) -> FineTuneStage:
+    """The single-stage core recipe for ``method`` ('daft', 'ft', 'lp').
+
+    A run of an mm config is one stage: LP-FT is two runs (the second starts from the first's
+    checkpoint through ``load_from``) because mmengine builds the optimizer once, before training,
+    and leaves out parameters that do not require grad at that moment.
+    """
+    recipe = get_recipe(method)
+    if len(recipe.stages) != 1:
+        names = [stage.name for stage in recipe.stages]
+        raise ValueError(
+            f'method={method!r} has {len(recipe.stages)} stages {names}; an mm config runs one '
+            'stage. Run LP-FT as two configs: method=\'lp\', then method=\'ft\' with '
+            "load_from='<work_dir of the LP run>/iter_<N>.pth' (see configs/baselines/lpft_*.py)")
+    return recipe.stages[0]
+
+
+def default_predictors(model: nn.Module) -> List[str]:
+    """The final predictor layers of a stock mmseg/mmdet model, found by their OpenMMLab names."""
+    found = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit('.', 1)[-1]
+        if not isinstance(module, PREDICTOR_TYPES):
+            continue
+        if leaf == _SEG_PREDICTOR or (leaf in _DET_PREDICTORS and name.startswith('roi_head.')):
+            found.append(name)
+    if not found:
+        raise ValueError(
+            f'cannot tell the final predictors of {type(model).__name__} (no `conv_seg` or '
+            '`roi_head.*.fc_cls/fc_reg` layer); name them, e.g. '
+            "predictors=['decode_head.conv_seg'] in the DAFTHook / DAFTModel config")
+    return found
+
+
+def check_predictors(model: nn.Module, names: Sequence[str], key: str) -> List[str]:
+    """Resolve predictor names and check each is a predictor leaf, before any weight changes.
+
+    Errors name the config ``key`` to fix.
+    """
+    try:
+        resolved = resolve_modules(model, list(names))
+    except (KeyError, ValueError, TypeError) as exc:
+        msg = exc.args[0] if exc.args else str(exc)
+        raise ValueError(f'{key}: {msg}. Fix: list module paths of the final predictor layers as '
+                         f'in model.named_modules(), e.g. {default_predictors_or_hint(model)}'
+                         ) from None
+    bad = [f'{path} ({type(m).__name__})' for path, m in resolved.items()
+           if not isinstance(m, PREDICTOR_TYPES) or any(True for _ in m.children())]
+    if bad:
+        raise ValueError(f'{key}: {bad} are not final predictor layers (a leaf Linear/ConvNd). '
+                         f'Fix: name the last layer of each head, e.g. '
+                         f'{default_predictors_or_hint(model)}')
+    return list(resolved)
+
+
+def default_predictors_or_hint(model: nn.Module) -> Union[List[str], str]:
+    try:
+        return default_predictors(model)
+    except ValueError:
+        return "['decode_head.conv_seg']"
+
+
+def norm_eval_modules(model: nn.Module) -> List[str]:
+    """Paths of modules whose ``norm_eval=True`` keeps their BatchNorm layers in eval mode."""
+    return [name for name, m in model.named_modules()
+            if getattr(m, 'norm_eval', False) is True
+            and any(isinstance(sub, _BatchNorm) for sub in m.modules())]
+
+
+def mm_forward(mode: str = 'loss') -> Callable[[nn.Module, Any], Any]:
+    """``forward(model, data_batch)`` for :func:`daft_mm.core.convert_bn` on an mmengine model.
+
+    The batch goes through the model's own ``data_preprocessor`` exactly as in a training step
+    (``training=True``: same normalisation, padding and batch augments), then through the model in
+    ``mode``. ``'loss'`` (default) runs every module a training step runs, auxiliary heads included;
+    ``'tensor'`` only the inference path (mmseg's ``'tensor'`` mode skips auxiliary heads).
+    """
+    if mode not in ('loss', 'tensor', 'predict'):
+        raise ValueError(f"forward mode must be 'loss', 'tensor' or 'predict', got {mode!r}")
+
+    def forward(model: nn.Module, data_batch: Any) -> Any:
+        data = model.data_preprocessor(data_batch, True)
+        if isinstance(data, dict):
+            return model(**data, mode=mode)
+        return model(*data, mode=mode)
+
+    return forward
+
+
+@MODELS.register_module()
+class DAFTModel(BaseModel):
+    """One fine-tuning stage (``method`` = 'daft', 'ft' or 'lp') of a wrapped mmseg/mmdet model.
+
+    Args:
+        model: config dict (or module) of the segmentor / detector, e.g. a stock config's model.
+        method: 'daft' (BN train; the DAFTHook converts BN and zeroes the predictors before the
+            first step), 'ft' (BN train, standard init), 'lp' (``feature_extractor`` frozen and its
+            BN in eval mode after every ``train()``; heads train).
+        predictors: final predictor layers (module paths / globs of the wrapped model); default:
+            mmseg ``*.conv_seg``, mmdet ``roi_head.*.fc_cls`` / ``fc_reg``. Their LR multiplier is
+            set in ``optim_wrapper.paramwise_cfg`` (see ``configs/_base_/daft.py``).
+        feature_extractor: the pretrained part, frozen under LP (module paths); default backbone.
+        data_preprocessor: used only if the wrapped model's config has none (the Runner passes a
+            config's top-level ``data_preprocessor`` here).
+        init_cfg: kept for the BaseModel interface; the wrapped model initialises itself.
+    """
+
+    def __init__(self,
+                 model: Union[dict, nn.Module],
+                 method: str = 'daft',
+                 predictors: Optional[Sequence[str]] = None,
+                 feature_extractor: Sequence[str] = ('backbone', ),
+                 data_preprocessor: Optional[dict] = None,
+                 init_cfg: Optional[dict] = None) -> None:
+        stage = resolve_stage(method)
+        if isinstance(model, dict):
+            # mmengine's Runner adds a config's top-level `data_preprocessor` to the outermost
+            # model dict; it belongs to the wrapped model (whose own setting wins).
+            if data_preprocessor is not None and 'data_preprocessor' not in model:
+                model = dict(model, data_preprocessor=data_preprocessor)
+            inner = MODELS.build(model)
+        else:
+            inner = model
+        if not isinstance(inner, BaseModel):
+            raise TypeError(f'DAFTModel wraps an mmengine BaseModel (segmentor/detector), got '
+                            f'{type(inner).__name__}')
+        # The wrapped model's preprocessor is shared, not copied: runners and DDP call
+        # ``model.data_preprocessor`` on the outermost model.
+        super().__init__(data_preprocessor=inner.data_preprocessor, init_cfg=init_cfg)
+        self.model = inner
+        self.method = stage.name
+        self.stage = stage
+        names = list(predictors) if predictors is not None else default_predictors(inner)
+        self.predictors = tuple(check_predictors(inner, names, 'model.predictors'))
+        try:
+            self.feature_extractor = tuple(resolve_modules(inner, list(feature_extractor)))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f'model.feature_extractor: {exc.args[0]}. Fix: name the pretrained '
+                             "part, e.g. feature_extractor=['backbone']") from None
+        if stage.bn_train:
+            frozen_bn = norm_eval_modules(inner)
+            if frozen_bn:
+                keys = ', '.join(f'model.model.{n}.norm_eval' for n in frozen_bn)
+                raise ValueError(
+                    f'{keys}=True keeps BatchNorm in eval mode, but method={self.method!r} '
+                    'fine-tunes with BatchNorm in train mode. Fix: set it to False, e.g. '
+                    f'--cfg-options model.model.{frozen_bn[0]}.norm_eval=False')
+        if stage.freeze_feature_extractor:
+            for module in self._feature_modules():
+                module.requires_grad_(False)
+        # DAFT's preparation (BN conversion, zero predictors) is done by DAFTHook before the first
+        # step, or found done in a resumed checkpoint; train_step refuses to run without it.
+        self.prepared = not (stage.convert_bn or stage.zero_init_head)
+        self.register_state_dict_post_hook(_drop_wrapper_prefix)
+        self.register_load_state_dict_pre_hook(_add_wrapper_prefix)
+
+    # ------------------------------------------------------------------ delegation
+    def __getattr__(self, name: str) -> Any:
+        # Attributes the runner, hooks or visualizers read from the model (``test_cfg``,
+        # ``decode_head``, ``roi_head``, ``with_neck``, ...) come from the wrapped model.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get('_modules', {}).get('model')
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def train_step(self, data: Any, optim_wrapper: Any) -> Dict[str, torch.Tensor]:
+        if not self.prepared:
+            raise RuntimeError(
+                f"method={self.method!r} needs DAFT's preparation (BN conversion"
+                f"{', zero predictors' if self.stage.zero_init_head else ''}) before the first "
+                "step, which DAFTHook does. Fix: add dict(type='DAFTHook') to custom_hooks "
+                "(inherit configs/_base_/daft.py), or use method='ft'")
+        return self.model.train_step(data, optim_wrapper)
+
+    def val_step(self, data: Any) -> list:
+        return self.model.val_step(data)
+
+    def test_step(self, data: Any) -> list:
+        return self.model.test_step(data)
+
+    def train(self, mode: bool = True) -> 'DAFTModel':
+        """``train()`` of the wrapped model (its ``norm_eval``/``frozen_stages`` apply), then the
+        method's BN policy: LP keeps the feature extractor's BN in eval mode (running statistics
+        used and never updated), DAFT/FT leave BN in train mode."""
+        super().train(mode)
+        if mode and not self.stage.bn_train:
+            for module in self._feature_modules():
+                set_bn_eval(module)
+        return self
+
+    # ------------------------------------------------------------------ DAFT operations
+    def convert_bn(self, batches: Iterable[Any], *, forward_mode: str = 'loss',
+                   **kwargs: Any) -> ConversionReport:
+        """Core :func:`~daft_mm.core.convert_bn` on the wrapped model over mmengine data batches
+        (dataloader outputs); ``kwargs`` go to the core function. Layer names in the report are
+        the wrapped model's (the stock names)."""
+        return convert_bn(self.model, batches, forward=mm_forward(forward_mode), **kwargs)
+
+    def zero_init_predictors(self) -> List[str]:
+        """Zero this stage's predictors (core :func:`~daft_mm.core.zero_init_predictors`)."""
+        return zero_init_predictors(self.model, list(self.predictors))
+
+    def _feature_modules(self) -> List[nn.Module]:
+        modules = dict(self.model.named_modules())
+        return [modules[name] for name in self.feature_extractor]
+
+
+# ---------------------------------------------------------------------- state-dict transparency
+_INNER = 'model.'
+_SHARED = 'data_preprocessor.'
+
+
+def _drop_wrapper_prefix(module: nn.Module, state_dict: Dict[str, Any], prefix: str,
+                         local_metadata: dict) -> None:
+    """Saved keys are the wrapped model's: ``<prefix>model.backbone...`` -> ``<prefix>backbone...``.
+
+    The shared ``data_preprocessor`` appears twice in the module tree; its copy under the wrapper
+    is dropped (mmengine preprocessors hold only non-persistent buffers, so normally there is none).
+    """
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        if rest.startswith(_INNER):
+            state_dict[prefix + rest[len(_INNER):]] = state_dict.pop(key)
+        elif rest.startswith(_SHARED):
+            del state_dict[key]
+    metadata = getattr(state_dict, '_metadata', None)
+    if metadata is not None:
+        for key in [k for k in metadata if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            if rest == _INNER[:-1]:
+                del metadata[key]  # the wrapper's own entry (at prefix[:-1]) stays
+            elif rest.startswith(_INNER):
+                metadata[prefix + rest[len(_INNER):]] = metadata.pop(key)
+
+
+def _add_wrapper_prefix(module: nn.Module, state_dict: Dict[str, Any], prefix: str,
+                        local_metadata: dict,
+                        strict: bool, missing_keys: list, unexpected_keys: list,
+                        error_msgs: list) -> None:
+    """Loading accepts the wrapped model's keys (stock checkpoints, or ours) by routing them to
+    ``model.``; keys already under ``model.`` are taken as they are."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        if not rest.startswith(_INNER) and not rest.startswith(_SHARED):
+            state_dict[prefix + _INNER + rest] = state_dict.pop(key)
+    metadata = getattr(state_dict, '_metadata', None)
+    if metadata is not None:
+        # Added next to the originals, never moved: the caller's checkpoint must stay loadable
+        # into a stock model afterwards (the metadata carries e.g. BatchNorm's version).
+        for key in [k for k in metadata if k.startswith(prefix) and k != prefix[:-1]]:
+            rest = key[len(prefix):]
+            if not rest.startswith(_INNER) and rest != _INNER[:-1]:
+                metadata.setdefault(prefix + _INNER + rest, metadata[key])
