@@ -90,7 +90,11 @@ optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=0.0001),
     clip_grad=dict(max_norm=10, norm_type=2))
-default_hooks = dict(logger=dict(interval=10), checkpoint=dict(by_epoch=False, interval=100))
+# visualization.interval=1: `tools/test.py --show-dir` paints every one of the few test images.
+default_hooks = dict(
+    logger=dict(interval=10),
+    checkpoint=dict(by_epoch=False, interval=100),
+    visualization=dict(interval=1))
 log_processor = dict(by_epoch=False)
 env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
 # DDP with device_ids=None, so that CPU multi-process runs work (see tiny_seg_runtime.py).

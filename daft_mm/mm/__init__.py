@@ -9,7 +9,5 @@ from . import compat  # noqa: F401  (fixes applied on import)
 from . import datasets  # noqa: F401
 from . import hooks  # noqa: F401  (DistortionHook; DAFTHook)
 from . import models  # noqa: F401  (DAFTModel: the BN-conversion / fine-tuning-method wrapper)
-
-# Submodules that register hooks / models / transforms are imported here, one line each, e.g.
-#   from . import hooks  # noqa: F401  (DAFTHook, DistortionHook)
-#   from . import models  # noqa: F401  (BN-conversion wrapper)
+# Every further submodule that registers something (hooks, models, transforms) gets one import
+# line above; a module left out here is invisible to configs.

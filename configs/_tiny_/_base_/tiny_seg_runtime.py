@@ -11,7 +11,12 @@ param_scheduler = [
     dict(type='PolyLR', eta_min=1e-4, power=0.9, begin=0, end=max_iters, by_epoch=False)
 ]
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=100)
-default_hooks = dict(logger=dict(interval=10), checkpoint=dict(by_epoch=False, interval=100))
+# visualization.interval=1: with a handful of test images, `tools/test.py --show-dir` should
+# paint each of them (the stock 50 would paint one at most). Drawing stays off unless asked.
+default_hooks = dict(
+    logger=dict(interval=10),
+    checkpoint=dict(by_epoch=False, interval=100),
+    visualization=dict(interval=1))
 # CPU friendly: no cudnn autotuning; gloo also serves CPU-only multi-process runs (dist_train.sh).
 env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
 # DDP with device_ids=None: mmengine's default is device_ids=[LOCAL_RANK], which DDP rejects

@@ -1,15 +1,12 @@
-"""Dataset helpers: tiny deterministic datasets in the real Cityscapes / VOC layouts.
-
-Dataset-specific transforms (e.g. the corruption transform) that register with mmseg/mmdet
-registries belong in this package too and must be imported here.
+"""Dataset helpers: tiny deterministic datasets in the real Cityscapes / VOC layouts, and the
+dataset-specific transforms (registered with the mmengine/mmcv TRANSFORMS registry on import).
 """
 from .synthetic import (CITYSCAPES_CLASSES, CITYSCAPES_SCENE_CLASSES, IGNORE_INDEX, VOC_CLASSES,
                         VOC_DEFAULT_CLASSES, Style, make_cityscapes, make_voc)
+from .transforms import CORRUPTION_GROUPS, ImageCorruption, corrupt_image, corruption_names
 
 __all__ = [
     'Style', 'make_cityscapes', 'make_voc', 'CITYSCAPES_CLASSES', 'CITYSCAPES_SCENE_CLASSES',
-    'VOC_CLASSES', 'VOC_DEFAULT_CLASSES', 'IGNORE_INDEX'
+    'VOC_CLASSES', 'VOC_DEFAULT_CLASSES', 'IGNORE_INDEX', 'ImageCorruption', 'CORRUPTION_GROUPS',
+    'corruption_names', 'corrupt_image'
 ]
-from .transforms import CORRUPTION_GROUPS, ImageCorruption, corrupt_image, corruption_names  # noqa: E402
-
-__all__ += ['ImageCorruption', 'CORRUPTION_GROUPS', 'corruption_names', 'corrupt_image']
