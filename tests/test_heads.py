@@ -291,3 +291,14 @@ def test_set_bn_eval_leaves_other_modules_alone_and_train_undoes_it():
     assert model.backbone[0].training and model.fc.training
     model.train()  # why the helper must be called after every model.train()
     assert model.backbone[1].training
+
+
+def test_flush_subnormals_flushes_inside_and_restores_after():
+    from daft_mm.core import flush_subnormals
+    tiny = torch.tensor([1e-39], dtype=torch.float32)  # a subnormal float32
+    assert (tiny * 1.0).item() != 0.0
+    with flush_subnormals() as supported:
+        if not supported:
+            pytest.skip('this CPU cannot flush subnormals')
+        assert (tiny * 1.0).item() == 0.0
+    assert (tiny * 1.0).item() != 0.0

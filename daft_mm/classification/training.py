@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from daft_mm.core import (ConversionReport, FineTuneRecipe, FineTuneStage, convert_bn,
-                          find_predictors, freeze_feature_extractor, get_recipe,
+                          find_predictors, flush_subnormals, freeze_feature_extractor,
+                          get_recipe,
                           resolve_modules, set_bn_eval, split_param_groups,
                           zero_init_predictors)
 
@@ -150,28 +151,30 @@ def finetune(model: nn.Module, train_loader: Iterable[Any], *, method: str | Fin
     device = torch.device(device)
     head_names = [head_names] if isinstance(head_names, str) else list(head_names)
     # Bad head names must fail before BN conversion has rewritten the model.
-    if any(stage.zero_init_head for stage in recipe.stages):
+    zero_head = any(stage.zero_init_head for stage in recipe.stages)
+    if zero_head:
         find_predictors(model, head_names)
     else:
         resolve_modules(model, head_names)
     model.to(device)
     run = FineTuneRun(model, recipe)
     batches = _forever(train_loader)
-    for stage, stage_iters in zip(recipe.stages, counts):
-        if head_lr_mult is not None:
-            stage = replace(stage, head_lr_mult=head_lr_mult)
-        if stage.convert_bn:
-            run.bn_conversion = convert_bn(
-                model, train_loader, max_batches=bn_max_batches,
-                forward=lambda m, batch: m(_split_batch(batch, device)[0]))
-            if log is not None:
-                log(run.bn_conversion.summary())
-        if stage.zero_init_head:
-            zero_init_predictors(model, head_names)
-        run.stages.append(_train_stage(
-            model, batches, stage, iters=stage_iters, lr=lr, head_names=head_names,
-            momentum=momentum, weight_decay=weight_decay, schedule=schedule, device=device,
-            log=log, log_interval=log_interval))
+    with flush_subnormals(zero_head and device.type == 'cpu'):
+        for stage, stage_iters in zip(recipe.stages, counts):
+            if head_lr_mult is not None:
+                stage = replace(stage, head_lr_mult=head_lr_mult)
+            if stage.convert_bn:
+                run.bn_conversion = convert_bn(
+                    model, train_loader, max_batches=bn_max_batches,
+                    forward=lambda m, batch: m(_split_batch(batch, device)[0]))
+                if log is not None:
+                    log(run.bn_conversion.summary())
+            if stage.zero_init_head:
+                zero_init_predictors(model, head_names)
+            run.stages.append(_train_stage(
+                model, batches, stage, iters=stage_iters, lr=lr, head_names=head_names,
+                momentum=momentum, weight_decay=weight_decay, schedule=schedule, device=device,
+                log=log, log_interval=log_interval))
     return run
 
 
