@@ -30,7 +30,7 @@ from daft_mm.core import (VAR_MODES, convert_bn, find_batchnorms, flush_subnorma
                           resolve_modules, zero_init_predictors)
 
 from ..models.daft_model import (DAFTModel, check_predictors, default_predictors, mm_forward,
-                                 norm_eval_modules)
+                                 require_bn_train)
 
 __all__ = ['DAFTHook']
 
@@ -138,13 +138,7 @@ class DAFTHook(Hook):
                 find_batchnorms(net, self.modules)
             except ValueError as exc:
                 raise ValueError(f'custom_hooks[DAFTHook].modules: {exc}') from None
-            frozen = norm_eval_modules(net)
-            if frozen:
-                keys = ', '.join(f'{key}{name}.norm_eval' for name in frozen)
-                raise ValueError(
-                    f'{keys}=True keeps BatchNorm in eval mode during training, but DAFT '
-                    'fine-tunes with BatchNorm in train mode on the converted statistics. Fix: set '
-                    f'it to False, e.g. --cfg-options {key}{frozen[0]}.norm_eval=False')
+            require_bn_train(net, key, 'DAFT (on the converted statistics)')
 
     def _check_lr(self, runner: Any, model: nn.Module, net: nn.Module) -> None:
         optim_wrapper = runner.optim_wrapper

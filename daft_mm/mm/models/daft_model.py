@@ -25,7 +25,7 @@ from daft_mm.core import (ConversionReport, FineTuneStage, convert_bn, get_recip
 from daft_mm.core.heads import PREDICTOR_TYPES
 
 __all__ = ['DAFTModel', 'default_predictors', 'mm_forward', 'resolve_stage', 'norm_eval_modules',
-           'check_predictors']
+           'require_bn_train', 'check_predictors']
 
 #: Leaf names of final predictors in OpenMMLab heads: mmseg ``BaseDecodeHead.conv_seg``, mmdet
 #: bbox heads' ``fc_cls``/``fc_reg`` (under ``roi_head``). Used when no names are configured.
@@ -102,6 +102,18 @@ def norm_eval_modules(model: nn.Module) -> List[str]:
             and any(isinstance(sub, _BatchNorm) for sub in m.modules())]
 
 
+def require_bn_train(model: nn.Module, key_prefix: str, who: str) -> None:
+    """Refuse ``norm_eval=True`` where the method trains BatchNorm; the error names the config
+    key (``key_prefix`` + module path) and the fix."""
+    frozen = norm_eval_modules(model)
+    if frozen:
+        keys = ', '.join(f'{key_prefix}{name}.norm_eval' for name in frozen)
+        raise ValueError(
+            f'{keys}=True keeps BatchNorm in eval mode during training, but {who} fine-tunes with '
+            'BatchNorm in train mode. Fix: set it to False, e.g. '
+            f'--cfg-options {key_prefix}{frozen[0]}.norm_eval=False')
+
+
 def mm_forward(mode: str = 'loss') -> Callable[[nn.Module, Any], Any]:
     """``forward(model, data_batch)`` for :func:`daft_mm.core.convert_bn` on an mmengine model.
 
@@ -173,13 +185,7 @@ class DAFTModel(BaseModel):
             raise ValueError(f'model.feature_extractor: {exc.args[0]}. Fix: name the pretrained '
                              "part, e.g. feature_extractor=['backbone']") from None
         if stage.bn_train:
-            frozen_bn = norm_eval_modules(inner)
-            if frozen_bn:
-                keys = ', '.join(f'model.model.{n}.norm_eval' for n in frozen_bn)
-                raise ValueError(
-                    f'{keys}=True keeps BatchNorm in eval mode, but method={self.method!r} '
-                    'fine-tunes with BatchNorm in train mode. Fix: set it to False, e.g. '
-                    f'--cfg-options model.model.{frozen_bn[0]}.norm_eval=False')
+            require_bn_train(inner, 'model.model.', f'method={self.method!r}')
         if stage.freeze_feature_extractor:
             for module in self._feature_modules():
                 module.requires_grad_(False)
