@@ -1,0 +1,35 @@
+"""The benchmarks run end to end in --quick mode and write valid JSON (no speed targets here:
+timings on shared machines are noise; the figures live in the README's Performance section)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, out: Path) -> dict:
+    subprocess.run([sys.executable, str(REPO / 'benchmarks' / script), '--quick', '--out',
+                    str(out)], check=True, cwd=REPO, capture_output=True, text=True, timeout=600)
+    return json.loads(out.read_text())
+
+
+def test_bench_conversion_quick(tmp_path):
+    result = run_bench('bench_conversion.py', tmp_path / 'conversion.json')
+    assert [r['model'] for r in result['results']] == ['deeplabv3', 'resnet50']
+    for r in result['results']:
+        for method in ('forward', 'convert_bn', 'reference'):
+            assert r['time_s'][method] > 0 and r['peak_bytes'][method] > 0
+        for key in ('time_ratio_convert_vs_forward', 'memory_ratio_convert_vs_forward',
+                    'time_ratio_convert_vs_reference', 'time_ratio_2x_batches'):
+            assert math.isfinite(r[key]) and r[key] > 0, key
+
+
+def test_bench_train_step_quick(tmp_path):
+    result = run_bench('bench_train_step.py', tmp_path / 'train_step.json')
+    assert set(result['median_step_s']) == {'FT', 'DAFT'}
+    assert all(t > 0 for t in result['median_step_s'].values())
+    assert math.isfinite(result['ratio_daft_vs_ft'])
