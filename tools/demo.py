@@ -53,11 +53,12 @@ RECORDED_LRS = DEMO_CONFIGS / 'recorded_lrs.json'
 METHODS = ('FT', 'LP', 'LP-FT', 'DAFT')
 CONFIGS = {'FT': 'ft_demo.py', 'LP': 'lp_demo.py', 'LP-FT': 'lpft_demo.py', 'DAFT': 'daft_demo.py',
            'pretrain': 'pretrain_demo.py'}
-#: LR grids of ``--sweep``: the base LR (DAFT's predictors train at 10x it, from its config). LP
-#: trains only the heads, which usually want a larger LR, so its grid sits higher.
+#: LR grids of ``--sweep``: the base LR (DAFT's predictors train at 10x it, from its config). Each
+#: grid was widened until its best ID-val value lay inside it (the short schedule favours large
+#: LRs); LP trains only the heads and DAFT's heads run at 10x, hence their positions.
 SWEEP_LRS: Dict[str, Tuple[float, ...]] = {
-    'FT': (0.003, 0.01, 0.03), 'LP': (0.01, 0.03, 0.1), 'LP-FT': (0.003, 0.01, 0.03),
-    'DAFT': (0.003, 0.01, 0.03)}
+    'FT': (0.03, 0.1, 0.3, 1.0), 'LP': (0.1, 0.3, 1.0, 3.0), 'LP-FT': (0.03, 0.1, 0.3, 1.0),
+    'DAFT': (0.01, 0.03, 0.1, 0.3)}
 
 # ------------------------------------------------------------------------------------ settings
 #: The ID target: one narrow look (muted, slightly cool, lower contrast).
