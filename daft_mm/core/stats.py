@@ -27,6 +27,31 @@ class ChannelMoments:
     num_batches: int
 
 
+def batch_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of one BN input (N, C, *); only (C,)-sized results
+    are ever promoted to float64, never the activation itself.
+
+    On a GPU: ``torch.var_mean``, one fused Welford kernel. On the CPU that kernel is ~8x slower
+    than a plain sum (it does not vectorise), which made the statistics pass cost 1.2-1.3x a
+    forward pass; there the sums of ``x`` and ``x**2`` over each contiguous (sample, channel) row
+    are taken in the input's dtype (``sum`` and ``vector_norm``, vectorised) and combined in
+    float64.
+    Their variance carries a relative error of about ``1e-7 * (1 + mean**2 / var)`` in float32
+    (~2e-5 for a channel whose mean lies 10 std from zero), far below the sampling noise of the
+    statistics; float64 inputs stay exact.
+    """
+    if x.device.type != 'cpu' or not x.is_contiguous():
+        var0, mean = torch.var_mean(x, dim=[0] + list(range(2, x.dim())), correction=0)
+        return mean, var0
+    rows = x.reshape(x.shape[0], x.shape[1], -1)  # a view: x is contiguous
+    count = rows.shape[0] * rows.shape[2]
+    total = rows.sum(-1).to(torch.float64).sum(0)
+    # the squared L2 norm of each row: vector_norm's kernel is ~3x faster than vecdot's here
+    squares = torch.linalg.vector_norm(rows, dim=-1).to(torch.float64).square().sum(0)
+    mean = total / count
+    return mean, (squares / count - mean * mean).clamp_min(0.0)
+
+
 class ChannelAccumulator:
     """Accumulates one BN layer's input statistics, batch by batch.
 
@@ -70,9 +95,7 @@ class ChannelAccumulator:
             return
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()  # reduce in float32 at least; the sums are float64 anyway
-        # One fused, numerically stable reduction in the input's dtype: only (C,) vectors are
-        # ever promoted to float64, never the activation itself.
-        var0, mean = torch.var_mean(x, dim=[0] + list(range(2, x.dim())), correction=0)
+        mean, var0 = batch_moments(x)
         self._pending.append((n, mean, var0))
         self.samples += int(x.shape[0])
         self.batches += 1
