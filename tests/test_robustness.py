@@ -202,3 +202,15 @@ def test_acdc_and_dark_zurich_configs_read_the_released_layouts(tmp_path):
     cfg = load_config(str(REPO / 'configs/ood/dark_zurich.py'), {'data_root': str(dz)})
     ds = DATASETS.build(cfg.test_dataloader.dataset)
     assert len(ds) == 1 and ds[0]['data_samples'].gt_sem_seg.data.shape[-2:] == (36, 64)
+
+
+def test_corruption_seed_follows_the_file_name_not_the_folder():
+    """The same dataset copied to another folder gets the same corrupted test set."""
+    from daft_mm.mm.datasets.transforms import ImageCorruption
+    t = ImageCorruption('gaussian_noise', severity=3, seed=0)
+    img = np.full((40, 48, 3), 100, np.uint8)
+    a = t(dict(img=img.copy(), img_path='/data/a/frankfurt_000000_000001_leftImg8bit.png'))['img']
+    b = t(dict(img=img.copy(), img_path='/tmp/b/frankfurt_000000_000001_leftImg8bit.png'))['img']
+    c = t(dict(img=img.copy(), img_path='/data/a/frankfurt_000000_000002_leftImg8bit.png'))['img']
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)

@@ -12,6 +12,7 @@ The corruptions come from the ``imagecorruptions`` module, installed by the main
 from __future__ import annotations
 
 import hashlib
+import os.path as osp
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -148,8 +149,9 @@ class ImageCorruption(BaseTransform):
         corruption: one of :data:`CORRUPTION_GROUPS` ``['all']``.
         severity: 1 (mild) .. 5 (strong); 0 leaves the image as it is.
         seed: with an int, each image's corruption is drawn from a generator seeded by ``seed`` and
-            the image path, so every model (and every dataloader worker layout) sees exactly the
-            same corrupted test set; ``None`` draws from NumPy's global state.
+            the image's file name (not its full path: the same dataset copied elsewhere gets the
+            same corruptions), so every model (and every dataloader worker layout) sees exactly
+            the same corrupted test set; ``None`` draws from NumPy's global state.
     Required keys: ``img`` (and ``img_path`` for per-image seeds). Modified keys: ``img``.
     """
 
@@ -169,7 +171,8 @@ class ImageCorruption(BaseTransform):
     def _image_seed(self, results: dict) -> Optional[int]:
         if self.seed is None:
             return None
-        key = f'{self.seed}|{results.get("img_path", "")}|{self.corruption}|{self.severity}'
+        name = osp.basename(str(results.get('img_path', '')))
+        key = f'{self.seed}|{name}|{self.corruption}|{self.severity}'
         return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], 'little')
 
     def transform(self, results: dict) -> dict:
