@@ -23,7 +23,7 @@ What it does, and why each step is there:
 
 Usage::
 
-    python tools/demo.py                  # the benchmark (~10 min on 2 quiet cores)
+    python tools/demo.py                  # the benchmark (~4 min on 2 quiet cores)
     python tools/demo.py --quick          # reduced run for the tests (~1 min)
     python tools/demo.py --sweep          # choose LRs on ID-val, then run with them
 """
