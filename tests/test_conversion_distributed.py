@@ -2,7 +2,6 @@
 parameters on every rank, equal to one process converting over all the data."""
 from __future__ import annotations
 
-import copy
 import os
 from typing import Dict, List
 

@@ -2,11 +2,12 @@
 layouts: the converted weights load into mmseg models, through init_cfg and through load_from."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
 import pytest
+
+from _tools import load_tool
 import torch
 
 pytest.importorskip('mmseg')
@@ -24,11 +25,7 @@ ARCH = dict(depth=18, stem_channels=16, base_channels=16)
 
 @pytest.fixture(scope='module')
 def tool():
-    spec = importlib.util.spec_from_file_location('convert_checkpoint',
-                                                  REPO / 'tools' / 'convert_checkpoint.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('convert_checkpoint')
 
 
 @pytest.fixture(scope='module')

@@ -3,27 +3,21 @@ demo's pieces that need no training."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from _tools import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ('FT', 'LP', 'LP-FT', 'DAFT')
 
 
 def _demo():
-    name = 'daft_tools_demo'
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / 'tools' / 'demo.py')
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_tool('demo')
 
 
 def _finite_stat(stat: dict) -> bool:

@@ -13,6 +13,8 @@ import sys
 from collections import OrderedDict
 
 import pytest
+
+from _tools import load_tool
 import torch
 from torch import nn
 
@@ -282,11 +284,7 @@ def test_tool_writes_figures_and_json_matching_the_summary(tiny_cfg_path, tmp_pa
 
 
 def test_tool_names_the_problem_for_a_mismatched_checkpoint(tiny_cfg_path, tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('analyze_distortion',
-                                                  osp.join(REPO, 'tools', 'analyze_distortion.py'))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool('analyze_distortion')
     model = _build_tiny_model(tiny_cfg_path)
     state = model.state_dict()
     torch.save(state, tmp_path / 'ok.pth')

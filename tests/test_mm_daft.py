@@ -3,7 +3,6 @@ with their stock base swapped for a tiny one, tiny generated Cityscapes / VOC da
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import Any, Dict
 
 import pytest
+
+from _tools import load_tool
 import torch
 import torch.nn.functional as F
 
@@ -169,10 +170,7 @@ def test_tools_test_reports_miou_and_stock_config_agrees(cs_run, data, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     daft_miou = _miou(proc.stdout)
     # The same checkpoint in the stock config of the same model (no daft_mm in the config).
-    spec = importlib.util.spec_from_file_location('daft_tools_test', REPO / 'tools' / 'test.py')
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    metrics = tool.main([str(TINY / 'tiny_deeplabv3_cityscapes.py'), ckpt, '--work-dir',
+    metrics = load_tool('test').main([str(TINY / 'tiny_deeplabv3_cityscapes.py'), ckpt, '--work-dir',
                          str(tmp_path / 'stock'), '--cfg-options', f'data_root={root}'])
     assert round(float(metrics['mIoU']), 4) == pytest.approx(daft_miou, abs=1e-4)
 

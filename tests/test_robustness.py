@@ -2,28 +2,21 @@
 and the OOD test configs (ACDC, Dark Zurich) against their documented folder layouts."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from _tools import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _tool():
-    """tools/test_robustness.py as a module (its name clashes with this test module's)."""
-    name = 'daft_tools_test_robustness'
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / 'tools' / 'test_robustness.py')
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_tool('test_robustness')
 
 
 @pytest.fixture(autouse=True)

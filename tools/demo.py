@@ -35,12 +35,11 @@ import hashlib
 import json
 import math
 import os
-import os.path as osp
 import shutil
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 

@@ -1,0 +1,22 @@
+"""Load a script of tools/ as a module, for tests that call its functions directly. Not a test
+module (no ``test_`` prefix). The module is registered as ``daft_tools_<name>``: several tools'
+names (test.py, test_robustness.py) would clash with test modules or with each other."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+TOOLS = Path(__file__).resolve().parents[1] / 'tools'
+
+
+def load_tool(name: str) -> ModuleType:
+    """``tools/<name>.py`` as a module, loaded once per test session."""
+    key = f'daft_tools_{name}'
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, TOOLS / f'{name}.py')
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # before exec: dataclasses resolve their module by name
+        spec.loader.exec_module(module)
+    return sys.modules[key]
