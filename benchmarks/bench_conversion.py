@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 import types
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -138,12 +138,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_methods(model: nn.Module, batches: List[torch.Tensor], args: argparse.Namespace
-                 ) -> Dict[str, float]:
+def time_methods(model: nn.Module, batches: List[torch.Tensor], args: argparse.Namespace,
+                 methods: Tuple[str, ...] = METHODS) -> Dict[str, float]:
     """Median seconds per method, interleaved so that machine noise hits all alike."""
-    times: Dict[str, List[float]] = {m: [] for m in METHODS}
+    times: Dict[str, List[float]] = {m: [] for m in methods}
     for rep in range(args.repeats + 1):  # the first round warms up
-        for method in METHODS:
+        for method in methods:
             work = copy.deepcopy(model)  # conversion edits the model in place
             sync(args.device)
             start = time.perf_counter()
@@ -194,7 +194,7 @@ def bench_model(name: str, args: argparse.Namespace) -> Dict:
     times = time_methods(model, batches, args)
     # linearity: the same conversion over twice the batches
     double = make_batches(args, 2 * args.num_batches)
-    t_double = time_methods_single(model, double, args)
+    t_double = time_methods(model, double, args, methods=('convert_bn',))['convert_bn']
     mem = {m: peak_memory(m, args) for m in METHODS}
     return {
         'model': name, 'time_s': times, 'peak_bytes': mem,
@@ -204,19 +204,6 @@ def bench_model(name: str, args: argparse.Namespace) -> Dict:
         'memory_ratio_convert_vs_reference': mem['convert_bn'] / mem['reference'],
         'time_ratio_2x_batches': t_double / times['convert_bn'],
     }
-
-
-def time_methods_single(model: nn.Module, batches: List[torch.Tensor],
-                        args: argparse.Namespace) -> float:
-    samples = []
-    for _ in range(max(1, args.repeats // 2)):
-        work = copy.deepcopy(model)
-        sync(args.device)
-        start = time.perf_counter()
-        daft_convert(work, batches)
-        sync(args.device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def print_table(results: List[Dict], args: argparse.Namespace) -> None:
