@@ -7,9 +7,17 @@ Compares, over identical batches:
      beat: deep-copy the model, replace every BN ``forward`` with one that records ``torch.mean`` and
      ``torch.var`` of its batch, average the per-batch statistics, then rewrite the original BNs.
 
-Times are medians of interleaved repeats; peak memory is the process's peak RSS (CPU; measured in a
-fresh subprocess per method, since an allocator keeps freed memory) or ``max_memory_allocated``
-(CUDA). Prints a table and writes JSON.
+Time: each round runs every method once, in an order rotated from round to round (no method always
+runs first, or last, in a warm or a cooling machine); the table gives the median over rounds, and
+the ratios are medians of the per-round ratios, which cancels the slow drift of a shared machine.
+The minimum over rounds is reported too. ``--threads`` pins the intra-op threads (one thread is
+much quieter than two on a shared 2-core machine).
+
+Memory: CPU peak RSS of a fresh subprocess per method, with glibc's mmap threshold pinned
+(``MALLOC_MMAP_THRESHOLD_``): by default glibc raises that threshold as large blocks are freed and
+then serves activations from a heap that fragments, so the peak RSS of one and the same forward pass
+varied by +-5% from run to run here; pinned, every activation is mapped and unmapped on its own and
+the peak is that of the live tensors (repeatable to 1 MiB). On CUDA: ``max_memory_allocated``.
 
     python benchmarks/bench_conversion.py                 # ResNet-50 DeepLabV3 + classifier, CPU
     python benchmarks/bench_conversion.py --device cuda   # on a GPU, if there is one
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -27,7 +36,7 @@ import subprocess
 import sys
 import time
 import types
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +46,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from daft_mm.core import convert_bn
 
 METHODS = ('forward', 'convert_bn', 'reference')
+#: bytes; glibc maps every block at least this large on its own (see the module docstring)
+MMAP_THRESHOLD = 128 * 1024
 
 
 # ------------------------------------------------------------------------------------- models
@@ -138,20 +149,27 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_methods(model: nn.Module, batches: List[torch.Tensor], args: argparse.Namespace,
-                 methods: Tuple[str, ...] = METHODS) -> Dict[str, float]:
-    """Median seconds per method, interleaved so that machine noise hits all alike."""
-    times: Dict[str, List[float]] = {m: [] for m in methods}
+def time_methods(model: nn.Module, runs: Dict[str, Callable[[nn.Module], None]],
+                 args: argparse.Namespace) -> Dict[str, List[float]]:
+    """Seconds per run and round; rounds rotate the order so noise and drift hit all alike."""
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    order = list(runs)
     for rep in range(args.repeats + 1):  # the first round warms up
-        for method in methods:
+        for name in order:
             work = copy.deepcopy(model)  # conversion edits the model in place
             sync(args.device)
             start = time.perf_counter()
-            RUNNERS[method](work, batches)
+            runs[name](work)
             sync(args.device)
             if rep:
-                times[method].append(time.perf_counter() - start)
-    return {m: statistics.median(t) for m, t in times.items()}
+                times[name].append(time.perf_counter() - start)
+        order = order[1:] + order[:1]
+    return times
+
+
+def paired_ratio(times: Dict[str, List[float]], num: str, den: str) -> float:
+    """Median over rounds of ``num / den`` within the same round."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def _read_status(field: str) -> int:
@@ -183,7 +201,10 @@ def peak_memory(method: str, args: argparse.Namespace) -> int:
            '--num-batches', str(args.num_batches), '--size', *map(str, args.size)]
     if args.quick:
         cmd.append('--quick')
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    if args.threads:
+        cmd += ['--threads', str(args.threads)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])['peak_bytes']
 
 
@@ -191,31 +212,40 @@ def bench_model(name: str, args: argparse.Namespace) -> Dict:
     args.model = name
     model = randomize_bn(build_model(name, args.quick)).to(args.device)
     batches = make_batches(args, args.num_batches)
-    times = time_methods(model, batches, args)
-    # linearity: the same conversion over twice the batches
+    times = time_methods(
+        model, {m: functools.partial(RUNNERS[m], batches=batches) for m in METHODS}, args)
+    # linearity: the same conversion over N and 2N batches, rounds interleaved
     double = make_batches(args, 2 * args.num_batches)
-    t_double = time_methods(model, double, args, methods=('convert_bn',))['convert_bn']
+    lin = time_methods(model, {'convert_bn': functools.partial(daft_convert, batches=batches),
+                               'convert_bn_2x': functools.partial(daft_convert, batches=double)},
+                       args)
     mem = {m: peak_memory(m, args) for m in METHODS}
     return {
-        'model': name, 'time_s': times, 'peak_bytes': mem,
-        'time_ratio_convert_vs_forward': times['convert_bn'] / times['forward'],
-        'time_ratio_convert_vs_reference': times['convert_bn'] / times['reference'],
+        'model': name,
+        'time_s': {m: statistics.median(t) for m, t in times.items()},
+        'time_min_s': {m: min(t) for m, t in times.items()},
+        'time_rounds_s': times,
+        'peak_bytes': mem,
+        'time_ratio_convert_vs_forward': paired_ratio(times, 'convert_bn', 'forward'),
+        'time_ratio_convert_vs_reference': paired_ratio(times, 'convert_bn', 'reference'),
+        'time_ratio_min_convert_vs_forward': min(times['convert_bn']) / min(times['forward']),
         'memory_ratio_convert_vs_forward': mem['convert_bn'] / mem['forward'],
         'memory_ratio_convert_vs_reference': mem['convert_bn'] / mem['reference'],
-        'time_ratio_2x_batches': t_double / times['convert_bn'],
+        'time_ratio_2x_batches': paired_ratio(lin, 'convert_bn_2x', 'convert_bn'),
     }
 
 
 def print_table(results: List[Dict], args: argparse.Namespace) -> None:
     print(f'\nBN conversion cost on {args.device} ({args.machine}), {args.num_batches} batches of '
-          f'{args.batch_size}x3x{args.size[0]}x{args.size[1]}, median of {args.repeats}')
-    print(f'{"model":<10} {"method":<11} {"time s":>8} {"peak MiB":>9}')
+          f'{args.batch_size}x3x{args.size[0]}x{args.size[1]}, {args.repeats} rounds')
+    print(f'{"model":<10} {"method":<11} {"median s":>9} {"min s":>8} {"peak MiB":>9}')
     for r in results:
         for m in METHODS:
-            print(f'{r["model"]:<10} {m:<11} {r["time_s"][m]:>8.3f} '
+            print(f'{r["model"]:<10} {m:<11} {r["time_s"][m]:>9.3f} {r["time_min_s"][m]:>8.3f} '
                   f'{r["peak_bytes"][m] / 2**20:>9.1f}')
-        print(f'{"":<10} convert/forward: time {r["time_ratio_convert_vs_forward"]:.3f}x, '
-              f'memory {r["memory_ratio_convert_vs_forward"]:.3f}x; convert/reference: time '
+        print(f'{"":<10} convert/forward: time {r["time_ratio_convert_vs_forward"]:.3f}x '
+              f'(of the minima {r["time_ratio_min_convert_vs_forward"]:.3f}x), memory '
+              f'{r["memory_ratio_convert_vs_forward"]:.3f}x; convert/reference: time '
               f'{r["time_ratio_convert_vs_reference"]:.3f}x, memory '
               f'{r["memory_ratio_convert_vs_reference"]:.3f}x; 2x batches: '
               f'{r["time_ratio_2x_batches"]:.2f}x time')
@@ -229,18 +259,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument('--batch-size', type=int, default=None)
     p.add_argument('--num-batches', type=int, default=None)
     p.add_argument('--size', type=int, nargs=2, default=None, metavar=('H', 'W'))
-    p.add_argument('--repeats', type=int, default=None)
+    p.add_argument('--repeats', type=int, default=None, help='timed rounds (after one warm-up)')
+    p.add_argument('--threads', type=int, default=None,
+                   help='torch intra-op threads (default: torch\'s own choice)')
     p.add_argument('--out', default='benchmarks/results/conversion.json')
     p.add_argument('--worker', choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument('--model', help=argparse.SUPPRESS)
     args = p.parse_args()
     defaults = dict(batch_size=2, num_batches=2, size=[64, 64], repeats=2) if args.quick else \
-        dict(batch_size=2, num_batches=4, size=[256, 512], repeats=5)
+        dict(batch_size=2, num_batches=4, size=[256, 512], repeats=9)
     if args.device == 'cuda' and not args.quick:
         defaults.update(batch_size=4, num_batches=10, size=[512, 1024])
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == 'cuda' and not torch.cuda.is_available():
         p.error('--device cuda: no CUDA device is visible')
     args.machine = (torch.cuda.get_device_name() if args.device == 'cuda'
@@ -261,6 +295,7 @@ def main() -> None:
         json.dump({'device': args.device, 'machine': args.machine, 'torch': torch.__version__,
                    'batch_size': args.batch_size, 'num_batches': args.num_batches,
                    'size': args.size, 'repeats': args.repeats, 'quick': args.quick,
+                   'mmap_threshold': MMAP_THRESHOLD if args.device == 'cpu' else None,
                    'results': results}, f, indent=2)
     print(f'wrote {args.out}')
 

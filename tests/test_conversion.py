@@ -273,17 +273,32 @@ def test_bad_arguments():
         convert_bn(net, [torch.randn(2, 3, 9, 9)], max_batches=0)
 
 
-def test_cpu_sum_path_matches_welford_path_and_float64():
-    """Contiguous CPU inputs take the vectorised sum/vector_norm path, channels-last ones torch's
-    var_mean: both agree with float64 ground truth, also for a mean 10 std away from zero."""
-    from daft_mm.core.stats import batch_moments
-    x = torch.randn(3, 5, 16, 16) * 0.5 + 5.0
+def test_cpu_row_path_matches_welford_path_and_float64():
+    """Contiguous CPU inputs take the vectorised row sum/vector_norm path, channels-last ones
+    torch's var_mean, half precision is reduced in float32: all agree with float64 ground truth, in
+    both variance modes, for a mean 10 std away from zero and whatever the shift."""
+    from daft_mm.core.stats import MOMENTS, ROWS, ChannelAccumulator, batch_partials
+    x = torch.randn(6, 5, 16, 16) * 0.5 + 5.0
     truth = per_channel(x)
-    fast = batch_moments(x)
-    welford = batch_moments(x.contiguous(memory_format=torch.channels_last))
-    for mean, var in (fast, welford):
-        torch.testing.assert_close(mean.double(), truth.mean(1), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(var.double(), truth.var(1, unbiased=False), rtol=1e-4,
-                                   atol=1e-7)
-    exact = batch_moments(x.double())
-    torch.testing.assert_close(exact[1], truth.var(1, unbiased=False), rtol=1e-12, atol=1e-12)
+    parts = [per_channel(b) for b in x.split([2, 4])]
+    batch_var = (2 * 256 * parts[0].var(1) + 4 * 256 * parts[1].var(1)) / (6 * 256)
+    inputs = {ROWS: x, MOMENTS: x.contiguous(memory_format=torch.channels_last)}
+    for kind, data in inputs.items():
+        assert batch_partials(data)[0] == kind
+        for shift in (torch.zeros(5), truth.mean(1).float() + 0.3):
+            acc = ChannelAccumulator(shift)
+            for batch in data.split([2, 4]):
+                acc.update(batch)
+            for mode, var in (('population', truth.var(1)), ('batch', batch_var)):
+                got = acc.result(mode)
+                torch.testing.assert_close(got.mean, truth.mean(1), rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(got.var, var, rtol=1e-4, atol=1e-7)
+    half = ChannelAccumulator(torch.zeros(5))
+    half.update(x.to(torch.bfloat16))
+    assert batch_partials(x.to(torch.bfloat16))[2].dtype == torch.float32
+    torch.testing.assert_close(half.result('population').mean,
+                               per_channel(x.to(torch.bfloat16).double()).mean(1))
+    exact = ChannelAccumulator(torch.zeros(5))
+    exact.update(x.double())
+    torch.testing.assert_close(exact.result('population').var, truth.var(1), rtol=1e-12,
+                               atol=1e-12)

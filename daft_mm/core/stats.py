@@ -27,29 +27,74 @@ class ChannelMoments:
     num_batches: int
 
 
-def batch_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of one BN input (N, C, *); only (C,)-sized results
-    are ever promoted to float64, never the activation itself.
+#: Kinds of per-batch partial statistics, see ``batch_partials``.
+ROWS, MOMENTS = 'rows', 'moments'
 
-    On a GPU: ``torch.var_mean``, one fused Welford kernel. On the CPU that kernel is ~8x slower
-    than a plain sum (it does not vectorise), which made the statistics pass cost 1.2-1.3x a
-    forward pass; there the sums of ``x`` and ``x**2`` over each contiguous (sample, channel) row
-    are taken in the input's dtype (``sum`` and ``vector_norm``, vectorised) and combined in
-    float64.
-    Their variance carries a relative error of about ``1e-7 * (1 + mean**2 / var)`` in float32
-    (~2e-5 for a channel whose mean lies 10 std from zero), far below the sampling noise of the
-    statistics; float64 inputs stay exact.
+_Partial = Tuple[str, int, torch.Tensor, torch.Tensor]  # kind, values per channel, a, b
+
+
+def batch_partials(x: torch.Tensor) -> _Partial:
+    """The least work per BN call that keeps one batch's statistics: one or two reduction kernels,
+    nothing promoted to float64, no Python-side arithmetic (that waits for ``_fold``).
+
+    - contiguous CPU input: ``(ROWS, n, sums, norms)``, the sum and the L2 norm of each
+      (sample, channel) row, shape (N, C), in float32 at least. On the CPU ``torch.var_mean``'s
+      Welford kernel is ~8x slower than a plain sum (it does not vectorise); two vectorised row
+      reductions cost about half of the BN layer's own eval forward. Combined in float64 later, their
+      variance carries a relative error of about ``1e-7 * (1 + mean**2 / var)`` in float32, far below
+      the sampling noise of the statistics; float64 inputs stay exact.
+    - anything else (a GPU, channels-last): ``(MOMENTS, n, mean, var0)`` from ``torch.var_mean``,
+      one fused kernel, per channel (C,), biased variance.
     """
-    if x.device.type != 'cpu' or not x.is_contiguous():
-        var0, mean = torch.var_mean(x, dim=[0] + list(range(2, x.dim())), correction=0)
-        return mean, var0
-    rows = x.reshape(x.shape[0], x.shape[1], -1)  # a view: x is contiguous
-    count = rows.shape[0] * rows.shape[2]
-    total = rows.sum(-1).to(torch.float64).sum(0)
-    # the squared L2 norm of each row: vector_norm's kernel is ~3x faster than vecdot's here
-    squares = torch.linalg.vector_norm(rows, dim=-1).to(torch.float64).square().sum(0)
-    mean = total / count
-    return mean, (squares / count - mean * mean).clamp_min(0.0)
+    n = x.numel() // x.shape[1]
+    if x.device.type == 'cpu' and x.is_contiguous():
+        rows = x.reshape(x.shape[0], x.shape[1], -1)  # a view: x is contiguous
+        # reduced in float32 at least, without a float32 copy of a half-precision input;
+        # vector_norm's kernel is ~3x faster than vecdot's for the squares
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (ROWS, n, rows.sum(-1, dtype=dtype),
+                torch.linalg.vector_norm(rows, dim=-1, dtype=dtype))
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    var0, mean = torch.var_mean(x, dim=[0] + list(range(2, x.dim())), correction=0)
+    return MOMENTS, n, mean, var0
+
+
+def shifted_batch_sums(partials: Sequence[_Partial],
+                       shift: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per batch, in order, ``sum(x - shift)`` and ``sum((x - shift)**2)`` per channel: two
+    (B, C) float64 tensors, from a few vectorised ops for all the batches together."""
+    num, c = len(partials), shift.numel()
+    sums = torch.empty(num, c, dtype=torch.float64, device=shift.device)
+    squares = torch.empty_like(sums)
+    rows = [i for i, p in enumerate(partials) if p[0] == ROWS]
+    moments = [i for i, p in enumerate(partials) if p[0] == MOMENTS]
+    if rows:
+        per_batch = [partials[i][2].shape[0] for i in rows]
+        length = torch.tensor([partials[i][1] / partials[i][2].shape[0] for i in rows],
+                              dtype=torch.float64, device=shift.device)
+        batch_of_row = torch.repeat_interleave(
+            torch.arange(len(rows), device=shift.device),
+            torch.tensor(per_batch, device=shift.device))
+        row_len = length[batch_of_row][:, None]
+        s = torch.cat([partials[i][2] for i in rows]).to(torch.float64)
+        q = torch.cat([partials[i][3] for i in rows]).to(torch.float64).square()
+        # about the shift, row by row: sum(x - c) = s - L c, sum((x - c)^2) = q - 2 c s + L c^2
+        q = q - (2 * s - row_len * shift) * shift
+        s = s - row_len * shift
+        index = torch.tensor(rows, device=shift.device)
+        zeros = torch.zeros(len(rows), c, dtype=torch.float64, device=shift.device)
+        sums[index] = zeros.index_add(0, batch_of_row, s)
+        squares[index] = zeros.index_add(0, batch_of_row, q)
+    if moments:
+        n = torch.tensor([partials[i][1] for i in moments], dtype=torch.float64,
+                         device=shift.device)[:, None]
+        d = torch.stack([partials[i][2] for i in moments]).to(torch.float64) - shift
+        m2 = torch.stack([partials[i][3] for i in moments]).to(torch.float64) * n
+        index = torch.tensor(moments, device=shift.device)
+        sums[index] = d * n
+        squares[index] = m2 + d * d * n
+    return sums, squares
 
 
 class ChannelAccumulator:
@@ -67,9 +112,9 @@ class ChannelAccumulator:
     recovered after an all-reduce (SyncBatchNorm normalises over the batch of all ranks together).
     """
 
-    #: Batches held before they are folded into the float64 sums: per-batch work stays at one
-    #: reduction kernel (what matters on a GPU, where each small op is a launch), and the pending
-    #: (C,)-vectors stay small whatever the length of the pass.
+    #: Batches held (as ``batch_partials``) before they are folded into the float64 sums: per-batch
+    #: work stays at one or two reduction kernels (on a GPU each small op is a launch, on a CPU a few
+    #: microseconds of Python), and the pending tensors stay small whatever the length of the pass.
     FOLD_EVERY = 64
 
     def __init__(self, shift: torch.Tensor, per_batch: bool = False) -> None:
@@ -86,18 +131,14 @@ class ChannelAccumulator:
         self.batch_counts: List[int] = []
         self.batch_sums: List[torch.Tensor] = []
         self.batch_sumsqs: List[torch.Tensor] = []
-        self._pending: List[Tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._pending: List[_Partial] = []
 
     def update(self, x: torch.Tensor) -> None:
         """Adds one BN input ``x`` of shape (N, C, *)."""
-        n = x.numel() // x.shape[1] if x.dim() > 1 else 0
-        if n == 0:
+        if x.dim() < 2 or x.numel() == 0:
             return
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()  # reduce in float32 at least; the sums are float64 anyway
-        mean, var0 = batch_moments(x)
-        self._pending.append((n, mean, var0))
-        self.samples += int(x.shape[0])
+        self._pending.append(batch_partials(x))
+        self.samples += x.shape[0]
         self.batches += 1
         if len(self._pending) >= self.FOLD_EVERY:
             self._fold()
@@ -105,19 +146,18 @@ class ChannelAccumulator:
     def _fold(self) -> None:
         if not self._pending:
             return
-        counts = [p[0] for p in self._pending]
-        n = torch.tensor(counts, dtype=torch.float64, device=self.shift.device)[:, None]
-        mean = torch.stack([p[1] for p in self._pending]).to(torch.float64)
-        m2 = torch.stack([p[2] for p in self._pending]).to(torch.float64) * n
+        counts = [p[1] for p in self._pending]
+        s, q = shifted_batch_sums(self._pending, self.shift)
         self._pending.clear()
-        d = mean - self.shift
-        s = d * n
-        q = m2 + d * s
+        n = torch.tensor(counts, dtype=torch.float64, device=self.shift.device)[:, None]
         self.sum += s.sum(0)
         self.sumsq += q.sum(0)
         several = n[:, 0] > 1
         if several.any():
-            self.batch_var_sum += (m2[several] * (n[several] / (n[several] - 1))).sum(0)
+            # each batch's sum of squares about its own mean; s and q are about the shift, which
+            # lies near the data, so nothing large cancels
+            m2 = q[several] - s[several] * s[several] / n[several]
+            self.batch_var_sum += (m2.clamp_min(0.0) / (n[several] - 1) * n[several]).sum(0)
             self.batch_var_count += int(n[several].sum().item())
         self.count += sum(counts)
         if self.per_batch:
