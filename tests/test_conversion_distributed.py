@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from daft_mm.core import ConversionError, convert_bn
 
@@ -49,8 +50,12 @@ def _worker(rank: int, init_file: str, out_dir: str, sync: bool, var_mode: str,
             batches.append(torch.randn(2, 5, 8, 8, dtype=torch.float64))  # a bad batch
         before = {k: v.clone() for k, v in net.state_dict().items()}
         try:
-            report = convert_bn(net, batches, var_mode=var_mode)
-            result = {'state': net.state_dict(), 'samples': report.layers[0].num_samples}
+            # the profiler records every collective the process group runs
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                report = convert_bn(net, batches, var_mode=var_mode)
+            result = {'state': net.state_dict(), 'samples': report.layers[0].num_samples,
+                      'collectives': sorted(e.name for e in prof.events()
+                                            if e.name.startswith('c10d::'))}
         except ConversionError as exc:
             unchanged = all(torch.equal(before[k], v) for k, v in net.state_dict().items())
             result = {'error': str(exc), 'unchanged': unchanged}
@@ -83,6 +88,11 @@ def test_two_ranks_match_single_process(tmp_path, sync, var_mode):
     results = run_two_ranks(tmp_path, sync, var_mode)
     expected = single_process(sync, var_mode)
     assert results[0]['samples'] == results[1]['samples'] == sum(SIZES[0]) + sum(SIZES[1])
+    # communication once at the end, whatever the number of batches (rank 0 runs three): one
+    # all-reduce to agree on failure and batch count, one of all layers' flattened sums; SyncBN's
+    # global-batch variance adds the longest pass and one all-reduce of the per-batch rows
+    expected_calls = ['c10d::allreduce_'] * (4 if sync and var_mode == 'batch' else 2)
+    assert results[0]['collectives'] == results[1]['collectives'] == expected_calls
     for k in expected:
         assert torch.equal(results[0]['state'][k], results[1]['state'][k]), k  # identical ranks
         torch.testing.assert_close(results[0]['state'][k], expected[k], rtol=1e-10, atol=1e-10)
