@@ -8,7 +8,7 @@ rounds so that machine noise hits both alike; the ratio is the median over round
 two runs' median steps within a round, which cancels the slow drift of a shared machine. The one-off
 conversion time is reported separately.
 
-    python benchmarks/bench_train_step.py            # 5 rounds x 20 iterations each
+    python benchmarks/bench_train_step.py            # 9 rounds x 20 iterations each
     python benchmarks/bench_train_step.py --quick    # what the test suite runs
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main() -> None:
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--out', default='benchmarks/results/train_step.json')
     args = p.parse_args()
-    args.rounds = args.rounds or (1 if args.quick else 5)
+    args.rounds = args.rounds or (1 if args.quick else 9)
     args.iters = args.iters or (3 if args.quick else 20)
 
     import daft_mm  # noqa: F401  (registers DAFTHook / DAFTModel)

@@ -23,6 +23,8 @@ def test_bench_conversion_quick(tmp_path):
     for r in result['results']:
         for method in ('forward', 'convert_bn', 'reference'):
             assert r['time_s'][method] > 0 and r['peak_bytes'][method] > 0
+            assert 0 < r['time_min_s'][method] <= r['time_s'][method]
+            assert len(r['time_rounds_s'][method]) == result['repeats']
         for key in ('time_ratio_convert_vs_forward', 'memory_ratio_convert_vs_forward',
                     'time_ratio_convert_vs_reference', 'time_ratio_2x_batches'):
             assert math.isfinite(r[key]) and r[key] > 0, key
@@ -33,3 +35,4 @@ def test_bench_train_step_quick(tmp_path):
     assert set(result['median_step_s']) == {'FT', 'DAFT'}
     assert all(t > 0 for t in result['median_step_s'].values())
     assert math.isfinite(result['ratio_daft_vs_ft'])
+    assert all(len(t) == result['rounds'] for t in result['round_median_step_s'].values())
