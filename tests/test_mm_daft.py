@@ -194,6 +194,26 @@ def test_resume_neither_converts_nor_zeroes_again(cs_run, data, tmp_path):
     assert _load(tmp_path / 'iter_3.pth')['daft']['done']
 
 
+def test_ema_hook_averages_from_the_converted_model(data, cfgdir, tmp_path):
+    """EMAHook copies the model in before_run, before DAFT converts it; its first update copies
+    the source weights, so the average starts from the converted model, not the pretrained one."""
+    cfg = _daft_cfg(data, cfgdir, tmp_path, **{'optim_wrapper.optimizer.lr': 1e-12})
+    cfg.custom_hooks = list(cfg.custom_hooks) + [dict(type='EMAHook', momentum=0.5)]
+    runner = Runner.from_cfg(cfg)
+    params = lambda model: {k: v.detach().clone() for k, v in model.named_parameters()}  # noqa
+    before, after = ProbeHook(params), ProbeHook(params)
+    runner.register_hook(before, priority='HIGHEST')  # before DAFTHook: pretrained
+    runner.register_hook(after, priority='LOWEST')  # after it: converted
+    runner.train()
+    ema = next(h for h in runner.hooks if type(h).__name__ == 'EMAHook')
+    averaged = params(ema.ema_model.module)
+    pretrained, converted = before.records[0], after.records[0]
+    bn_weight = 'model.backbone.layer1.0.bn1.weight'
+    assert not torch.allclose(pretrained[bn_weight], converted[bn_weight], atol=1e-3)
+    for key, value in converted.items():
+        torch.testing.assert_close(averaged[key], value, rtol=0, atol=1e-6, msg=key)
+
+
 def test_state_dict_is_the_wrapped_models():
     cfg = Config.fromfile(str(TINY / 'tiny_deeplabv3_cityscapes.py'))
     torch.manual_seed(0)
