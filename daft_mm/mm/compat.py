@@ -1,16 +1,39 @@
-"""Fixes needed to run mmengine 0.10.7 / mmcv 2.1 / mmseg 1.2.2 / mmdet 3.3 on torch 2.13,
-NumPy 1.26 and setuptools < 82. The one place for such fixes: each is one function, applied once
-on import (``import daft_mm`` imports this module), with a comment on what breaks and why.
+"""Fixes needed to run mmengine 0.10.7 / mmcv 2.1 / mmseg 1.2.2 / mmdet 3.3 on torch 2.1 to 2.13,
+NumPy 1.26 and setuptools < 82. The one place for such fixes: each is one function, applied once on
+import (``import daft_mm`` imports this module), with a comment on what breaks, on which versions,
+and how the need is detected (by probing the feature, never by a list of versions).
 
-1. ``pkg_resources`` must exist (setuptools < 82): checked with a clear ImportError.
-2. ``torch.load(weights_only=True)``: an allow-list for mmengine checkpoints, explicit opt-in.
-3. ``--launcher pytorch`` on a CPU-only torch build (gloo).
+1. ``pkg_resources`` must exist (setuptools < 82; any torch): checked with a clear ImportError.
+2. Checkpoints load with ``weights_only`` semantics and an allow-list on every torch, explicit opt-in.
+3. ``--launcher pytorch`` on a machine without an accelerator (gloo), on any torch build.
 
-Checkpoint trust (fix 2). torch >= 2.6 loads checkpoints with ``weights_only=True``: a restricted
-unpickler that only rebuilds tensors, containers and allow-listed globals. mmengine 0.10.7 calls
-``torch.load`` without ``weights_only``, so resuming from its own checkpoints fails. We extend the
-allow-list with exactly what mmengine / mmseg / mmdet checkpoints hold, and keep
-``weights_only=True``.
+Checkpoint trust (fix 2). Two problems, one policy:
+
+* torch >= 2.6 loads with ``weights_only=True`` by default, a restricted unpickler that only rebuilds
+  tensors, containers and allow-listed globals; mmengine 0.10.7 calls ``torch.load`` without
+  ``weights_only``, so resuming from its own checkpoints fails. We extend torch's allow-list
+  (``torch.serialization.add_safe_globals``) with exactly what mmengine / mmseg / mmdet checkpoints
+  hold.
+* torch < 2.6 defaults to ``weights_only=False``: there mmengine's ``torch.load`` would unpickle any
+  checkpoint fully, which runs whatever code a crafted file names. torch < 2.4 has no
+  ``add_safe_globals`` at all, and its weights-only unpickler cannot rebuild mmengine's message hub
+  (``HistoryBuffer``, NumPy arrays), so it can neither be extended nor used as is.
+
+The policy, the same on every torch: checkpoints that daft-mm's loaders read -- local files
+(``load_from``, ``--resume``, ``init_cfg=dict(type='Pretrained')``, ``load_checkpoint``,
+``tools/convert_checkpoint.py``) and http(s) / ``torchvision://`` / ``open-mmlab://`` URLs -- are
+never fully unpickled unless you opt in:
+
+* local files go through :func:`load_checkpoint_file`: torch's own ``weights_only=True`` with the
+  allow-list where torch can take it (probed once: ``add_safe_globals`` with ``(callable, name)``
+  pairs and allow-listed classes rebuilt; torch 2.6+ in practice), else
+  ``pickle_module=`` :data:`RESTRICTED_PICKLE` -- a ``pickle.Unpickler`` whose ``find_class`` only
+  returns torch's own weights-only globals plus the same allow-list and refuses everything else
+  (Python's documented way to restrict unpickling; on torch 2.1-2.5);
+* URLs go through mmengine's download and torch's ``weights_only=True`` (with the allow-list where
+  torch takes one; on older torch its built-in list, which covers plain state dicts);
+* other storage backends (pavi, petrel/ceph) are mmengine's own code, unchanged.
+
 For a *trusted* checkpoint that holds other objects (older toolkits, custom hooks) opt in to full
 unpickling, which can run arbitrary code:
 
@@ -21,17 +44,22 @@ A checkpoint with an unknown global fails with an error that names it and these 
 """
 from __future__ import annotations
 
+import _codecs
+import _compat_pickle
 import importlib
 import importlib.util
+import inspect
+import io
 import os
 import os.path as osp
 import pickle
 import re
 import warnings
+import types
 from typing import Any, Callable
 
 __all__ = ['TRUST_ENV', 'trust_checkpoints', 'checkpoints_trusted', 'checkpoint_safe_globals',
-           'load_checkpoint_file']
+           'load_checkpoint_file', 'torch_takes_allow_list', 'RESTRICTED_PICKLE']
 
 #: Environment variable that opts in to full (unsafe) unpickling of trusted checkpoints.
 TRUST_ENV = 'DAFT_MM_TRUST_CHECKPOINTS'
@@ -141,25 +169,164 @@ def checkpoint_safe_globals() -> list[Callable | tuple[Callable, str]]:
     return safe
 
 
+def _global_name(entry: Callable | tuple[Callable, str]) -> tuple[str, Callable]:
+    """``(dotted name a pickle uses, object)`` for one :func:`checkpoint_safe_globals` entry."""
+    if isinstance(entry, tuple):
+        obj, name = entry
+        return name, obj
+    return f'{entry.__module__}.{entry.__qualname__}', entry
+
+
+_TAKES_ALLOW_LIST: bool | None = None  # cached result of torch_takes_allow_list()
+
+
+def torch_takes_allow_list() -> bool:
+    """Whether torch's own ``weights_only`` unpickler can load mmengine checkpoints with our list.
+
+    Needs ``torch.serialization.add_safe_globals`` (torch >= 2.4) accepting ``(callable, name)``
+    pairs, and an unpickler that rebuilds allow-listed classes (``HistoryBuffer``'s state) and NumPy
+    arrays: torch 2.6+ in practice. Probed once, on a small in-memory message-hub checkpoint inside
+    the ``torch.serialization.safe_globals`` context, leaving the global list as it was.
+    """
+    global _TAKES_ALLOW_LIST
+    if _TAKES_ALLOW_LIST is None:
+        _TAKES_ALLOW_LIST = _probe_allow_list()
+    return _TAKES_ALLOW_LIST
+
+
+def _probe_allow_list() -> bool:
+    import numpy as np
+    import torch
+    from mmengine.logging import HistoryBuffer
+
+    serialization = torch.serialization
+    if not (hasattr(serialization, 'add_safe_globals') and hasattr(serialization, 'safe_globals')):
+        return False  # torch < 2.5
+    buf = HistoryBuffer()
+    buf.update(np.float64(0.5))
+    data = io.BytesIO()
+    torch.save({'hub': buf, 'metric': np.float64(1.5), 'arr': np.arange(2)}, data)
+    data.seek(0)
+    # The context removes its entries on exit, also ones that were registered before it (by us or
+    # another library): put those back.
+    before = list(serialization.get_safe_globals()) if hasattr(serialization, 'get_safe_globals') else []
+    try:
+        with serialization.safe_globals(checkpoint_safe_globals()):
+            loaded = torch.load(data, weights_only=True)
+        return loaded['hub'].current() == 0.5 and loaded['metric'] == 1.5
+    except Exception:  # noqa: BLE001  (any failure means: use the restricted unpickler)
+        return False
+    finally:
+        now = serialization.get_safe_globals() if before else []
+        lost = [g for g in before if g not in now]
+        if lost:
+            serialization.add_safe_globals(lost)
+
+
 def allow_mmengine_checkpoint_globals() -> None:
     """Extend torch's ``weights_only`` allow-list with :func:`checkpoint_safe_globals`.
 
-    What breaks: ``Runner.resume`` (``--resume``) fails with "Weights only load failed ...
-    Unsupported global: GLOBAL mmengine.logging.history_buffer.HistoryBuffer" because torch 2.6+
-    defaults to ``weights_only=True`` and mmengine 0.10.7 passes nothing.
+    What breaks (torch >= 2.6): ``Runner.resume`` (``--resume``) fails with "Weights only load
+    failed ... Unsupported global: GLOBAL mmengine.logging.history_buffer.HistoryBuffer" because
+    torch defaults to ``weights_only=True`` and mmengine 0.10.7 passes nothing. Where torch cannot
+    take the list (:func:`torch_takes_allow_list` is False: torch < 2.6), nothing is registered and
+    :func:`load_checkpoint_file` uses :data:`RESTRICTED_PICKLE` instead.
     """
     import torch
-    torch.serialization.add_safe_globals(checkpoint_safe_globals())
+    if torch_takes_allow_list():
+        torch.serialization.add_safe_globals(checkpoint_safe_globals())
 
 
-_UNSUPPORTED_GLOBAL = re.compile(r'GLOBAL (\S+) was not an allowed global')
+def _torch_weights_only_globals() -> dict[str, Any]:
+    """The globals torch's own weights-only unpickler allows by default (tensors, storages, dtypes,
+    ``OrderedDict``...), keyed by dotted name. ``_get_allowed_globals`` is private but present from
+    torch 1.13 to 2.13; without it, the few globals a plain state dict needs."""
+    import collections
+
+    import torch
+    import torch._utils as tu
+    getter = getattr(importlib.import_module('torch._weights_only_unpickler'),
+                     '_get_allowed_globals', None)
+    if getter is not None:
+        return dict(getter())
+    fallback = [collections.OrderedDict, torch.Size, torch.nn.Parameter, tu._rebuild_tensor_v2,
+                tu._rebuild_parameter]
+    return {f'{f.__module__}.{f.__qualname__}': f for f in fallback}
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    """A ``pickle.Unpickler`` that resolves only allow-listed globals (torch's weights-only ones and
+    :func:`checkpoint_safe_globals`). Every callable a pickle can call (REDUCE) or class it can build
+    (NEWOBJ, BUILD) comes through ``find_class``, so a checkpoint naming ``builtins.exec``,
+    ``os.system`` or any other global is refused before anything runs."""
+
+    _allowed: dict[str, Any] | None = None
+
+    @classmethod
+    def allowed(cls) -> dict[str, Any]:
+        if cls._allowed is None:
+            allowed = _torch_weights_only_globals()
+            # Protocol-2 pickles store bytes (NumPy array data) as _codecs.encode(str, 'latin1');
+            # torch >= 2.4 allows it by default, torch 2.1's list does not.
+            allowed.setdefault('_codecs.encode', _codecs.encode)
+            allowed.update(_global_name(entry) for entry in checkpoint_safe_globals())
+            cls._allowed = allowed
+        return cls._allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Protocol-2 pickles (torch.save's default) spell Python 3 names the Python 2 way
+        # (``__builtin__.getattr``); pickle's own find_class maps them back, so do the same.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        obj = self.allowed().get(f'{module}.{name}')
+        if obj is None:
+            raise pickle.UnpicklingError(
+                f'Unsupported global: GLOBAL {module}.{name} was not an allowed global')
+        return obj
+
+
+def _restricted_load(file: Any, **kwargs: Any) -> Any:
+    return _AllowListUnpickler(file, **kwargs).load()
+
+
+#: A stand-in for the ``pickle`` module to pass as ``torch.load(..., pickle_module=...)``: torch
+#: subclasses its ``Unpickler`` (keeping the allow-list) and calls its ``load``.
+RESTRICTED_PICKLE = types.ModuleType('daft_mm_restricted_pickle')
+RESTRICTED_PICKLE.Unpickler = _AllowListUnpickler  # type: ignore[attr-defined]
+RESTRICTED_PICKLE.load = _restricted_load  # type: ignore[attr-defined]
+RESTRICTED_PICKLE.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr-defined]
+
+
+# torch >= 2.5 / our unpickler: "GLOBAL x was not an allowed global"; torch 2.1-2.4: "Unsupported
+# class x" or "Unsupported operand ..." from its built-in weights-only unpickler.
+_UNSUPPORTED_GLOBAL = re.compile(r'GLOBAL (\S+) was not an allowed global|Unsupported class (\S+)')
+
+
+def _refused(source: str, err: pickle.UnpicklingError) -> pickle.UnpicklingError:
+    """The error for a checkpoint the restricted unpickler refused: what, and the two opt-ins."""
+    text = str(err)
+    match = _UNSUPPORTED_GLOBAL.search(text)
+    if match:
+        name = match.group(1) or match.group(2)
+        what = f'the global `{name}`, which is not on the weights_only allow-list'
+    else:  # torch puts the specific reason after "WeightsUnpickler error:"
+        reason = text.rsplit('WeightsUnpickler error:', 1)[-1].strip().splitlines()
+        what = f'an object the weights_only unpickler refused ({reason[0] if reason else text})'
+    return pickle.UnpicklingError(
+        f'{source} holds {what}. If you trust this file, opt in to full unpickling (it can '
+        f'run arbitrary code) with `{TRUST_ENV}=1` in the environment or '
+        '`daft_mm.mm.compat.trust_checkpoints()` in Python; or allow just that class with '
+        '`torch.serialization.add_safe_globals([...])` (torch >= 2.6).')
 
 
 def load_checkpoint_file(filename: str, map_location: Any = None) -> Any:
-    """``torch.load`` a local checkpoint, ``weights_only`` unless checkpoints are trusted.
+    """``torch.load`` a local checkpoint, never fully unpickled unless checkpoints are trusted.
 
-    Same contract as mmengine's ``load_from_local``; the difference is the explicit
-    ``weights_only`` and an error that names the unknown global and the trust opt-in.
+    Same contract as mmengine's ``load_from_local``; the differences are the restricted unpickling
+    (torch's ``weights_only=True`` with the allow-list, or :data:`RESTRICTED_PICKLE` where torch
+    cannot take the list) and an error that names the unknown global and the trust opt-in.
     """
     import torch
     filename = osp.expanduser(filename)
@@ -168,29 +335,22 @@ def load_checkpoint_file(filename: str, map_location: Any = None) -> Any:
     if checkpoints_trusted():
         return torch.load(filename, map_location=map_location, weights_only=False)
     try:
-        return torch.load(filename, map_location=map_location, weights_only=True)
+        if torch_takes_allow_list():
+            return torch.load(filename, map_location=map_location, weights_only=True)
+        return torch.load(filename, map_location=map_location, weights_only=False,
+                          pickle_module=RESTRICTED_PICKLE)
     except pickle.UnpicklingError as err:
-        text = str(err)
-        match = _UNSUPPORTED_GLOBAL.search(text)
-        if match:
-            what = f'the global `{match.group(1)}`, which is not on the weights_only allow-list'
-        else:  # torch puts the specific reason after "WeightsUnpickler error:"
-            reason = text.rsplit('WeightsUnpickler error:', 1)[-1].strip().splitlines()
-            what = f'an object the weights_only unpickler refused ({reason[0] if reason else text})'
-        raise pickle.UnpicklingError(
-            f'{filename} holds {what}. If you trust this file, opt in to full unpickling (it can '
-            f'run arbitrary code) with `{TRUST_ENV}=1` in the environment or '
-            '`daft_mm.mm.compat.trust_checkpoints()` in Python; or allow just that class with '
-            '`torch.serialization.add_safe_globals([...])`.') from err
+        raise _refused(filename, err) from err
 
 
 def route_local_checkpoints_through_allow_list() -> None:
     """Make mmengine load local checkpoints with :func:`load_checkpoint_file`.
 
-    What breaks: mmengine's own local loader relies on torch's default ``weights_only`` and, when
-    a global is missing from the allow-list, surfaces torch's advice (``add_safe_globals``) with
-    no mention of the trust opt-in. Registered under mmengine's '' (local path) scheme, so it
-    covers ``load_from``, ``resume`` and ``load_checkpoint``; URL schemes stay as they are.
+    What breaks: on torch >= 2.6 mmengine's own local loader relies on torch's default
+    ``weights_only`` and, when a global is missing from the allow-list, surfaces torch's advice
+    (``add_safe_globals``) with no mention of the trust opt-in; on torch < 2.6 it unpickles fully.
+    Registered under mmengine's '' (local path) scheme, so it covers ``load_from``, ``resume`` and
+    ``load_checkpoint``.
     """
     from mmengine.runner.checkpoint import CheckpointLoader
 
@@ -199,6 +359,38 @@ def route_local_checkpoints_through_allow_list() -> None:
         return load_checkpoint_file(filename, map_location)
 
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
+
+
+def load_urls_weights_only() -> None:
+    """Make mmengine's URL loaders (http(s)://, torchvision://, open-mmlab://) pass
+    ``weights_only=True`` unless checkpoints are trusted.
+
+    What breaks: on torch < 2.6 mmengine's ``load_url`` (``torch.hub.load_state_dict_from_url``)
+    unpickles a downloaded file fully. The wrapper passes ``weights_only`` explicitly, so the
+    download is unpickled the way torch >= 2.6 does by default; detected by ``load_url`` taking a
+    ``weights_only`` argument (torch >= 1.13), else left as it is.
+    """
+    from mmengine.runner import checkpoint as ckpt_mod
+
+    original = ckpt_mod.load_url
+    if getattr(original, '_daft_mm_weights_only', False):
+        return
+    try:
+        takes = 'weights_only' in inspect.signature(original).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if not takes:
+        return
+
+    def load_url(url: str, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault('weights_only', not checkpoints_trusted())
+        try:
+            return original(url, *args, **kwargs)
+        except pickle.UnpicklingError as err:
+            raise _refused(url, err) from err
+
+    load_url._daft_mm_weights_only = True  # type: ignore[attr-defined]
+    ckpt_mod.load_url = load_url
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +435,7 @@ def apply_all() -> None:
     silence_pkg_resources_deprecation()
     allow_mmengine_checkpoint_globals()
     route_local_checkpoints_through_allow_list()
+    load_urls_weights_only()
     allow_cpu_pytorch_launcher()
 
 
