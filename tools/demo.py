@@ -348,7 +348,10 @@ def pretrain(ctx: Context) -> None:
         model, last = train('pretrain', ctx, out_dir / 'run', lr=s.pretrain_lr,
                             iters=s.pretrain_iters, seed=0, data_root=ctx.roots.source,
                             load_from=None)
-        state = torch.load(last, map_location='cpu', weights_only=True)['state_dict']
+        # The project's loader: restricted unpickling with the mmengine allow-list on any torch
+        # (torch 2.1's own weights_only cannot read a Runner checkpoint's message hub).
+        from daft_mm.mm.compat import load_checkpoint_file
+        state = load_checkpoint_file(str(last), map_location='cpu')['state_dict']
         torch.save({'state_dict': state, 'meta': {'settings': asdict(s)}}, ckpt)
         shutil.rmtree(out_dir / 'run', ignore_errors=True)
         (out_dir / 'settings.json').write_text(json.dumps(asdict(s), indent=1, default=str))

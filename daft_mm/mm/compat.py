@@ -6,6 +6,7 @@ and how the need is detected (by probing the feature, never by a list of version
 1. ``pkg_resources`` must exist (setuptools < 82; any torch): checked with a clear ImportError.
 2. Checkpoints load with ``weights_only`` semantics and an allow-list on every torch, explicit opt-in.
 3. ``--launcher pytorch`` on a machine without an accelerator (gloo), on any torch build.
+4. Module state-dict hooks: public on torch 2.13, private only on torch 2.1 (helpers, not patches).
 
 Checkpoint trust (fix 2). Two problems, one policy:
 
@@ -59,7 +60,8 @@ import types
 from typing import Any, Callable
 
 __all__ = ['TRUST_ENV', 'trust_checkpoints', 'checkpoints_trusted', 'checkpoint_safe_globals',
-           'load_checkpoint_file', 'torch_takes_allow_list', 'RESTRICTED_PICKLE']
+           'load_checkpoint_file', 'torch_takes_allow_list', 'RESTRICTED_PICKLE',
+           'register_state_dict_post_hook', 'register_load_state_dict_pre_hook']
 
 #: Environment variable that opts in to full (unsafe) unpickling of trusted checkpoints.
 TRUST_ENV = 'DAFT_MM_TRUST_CHECKPOINTS'
@@ -254,6 +256,21 @@ def _torch_weights_only_globals() -> dict[str, Any]:
     return {f'{f.__module__}.{f.__qualname__}': f for f in fallback}
 
 
+def _plain_data_globals() -> dict[str, Any]:
+    """Plain data types that torch 2.13's weights-only unpickler allows by default and torch 2.1's
+    does not: protocol-2 bytes (``_codecs.encode``, how NumPy array data is pickled),
+    ``collections.Counter`` (mmdet's message hub), sets, ``torch.device`` and every dtype."""
+    import collections
+
+    import torch
+    found = {'_codecs.encode': _codecs.encode, 'collections.Counter': collections.Counter,
+             'builtins.set': set, 'builtins.bytearray': bytearray, 'builtins.complex': complex,
+             'torch.device': torch.device}
+    found.update((f'torch.{name}', value) for name, value in vars(torch).items()
+                 if isinstance(value, torch.dtype))
+    return found
+
+
 class _AllowListUnpickler(pickle.Unpickler):
     """A ``pickle.Unpickler`` that resolves only allow-listed globals (torch's weights-only ones and
     :func:`checkpoint_safe_globals`). Every callable a pickle can call (REDUCE) or class it can build
@@ -266,9 +283,8 @@ class _AllowListUnpickler(pickle.Unpickler):
     def allowed(cls) -> dict[str, Any]:
         if cls._allowed is None:
             allowed = _torch_weights_only_globals()
-            # Protocol-2 pickles store bytes (NumPy array data) as _codecs.encode(str, 'latin1');
-            # torch >= 2.4 allows it by default, torch 2.1's list does not.
-            allowed.setdefault('_codecs.encode', _codecs.encode)
+            for name, obj in _plain_data_globals().items():
+                allowed.setdefault(name, obj)
             allowed.update(_global_name(entry) for entry in checkpoint_safe_globals())
             cls._allowed = allowed
         return cls._allowed
@@ -427,6 +443,37 @@ def allow_cpu_pytorch_launcher() -> None:
 
     _init_dist_pytorch._daft_mm_cpu_fix = True  # type: ignore[attr-defined]
     dist_utils._init_dist_pytorch = _init_dist_pytorch
+
+
+# ---------------------------------------------------------------------------------------------
+# Fix 4: state-dict hooks (torch 2.1 has only the private forms)
+# ---------------------------------------------------------------------------------------------
+def register_state_dict_post_hook(module: Any, hook: Callable[..., None]) -> Any:
+    """``module.register_state_dict_post_hook(hook)`` on any torch; returns the removable handle.
+
+    What breaks: torch 2.1 has no public ``register_state_dict_post_hook`` (AttributeError when
+    ``DAFTModel`` is built). Its private ``_register_state_dict_hook`` calls the hook the same way,
+    ``hook(module, state_dict, prefix, local_metadata)``, and only differs in also accepting a
+    returned replacement dict, which in-place hooks (returning None) never use.
+    """
+    import torch.nn as nn
+    if hasattr(nn.Module, 'register_state_dict_post_hook'):
+        return module.register_state_dict_post_hook(hook)
+    return module._register_state_dict_hook(hook)
+
+
+def register_load_state_dict_pre_hook(module: Any, hook: Callable[..., None]) -> Any:
+    """``module.register_load_state_dict_pre_hook(hook)`` on any torch; returns the handle.
+
+    What breaks: torch 2.1 has no public ``register_load_state_dict_pre_hook``. Its private
+    ``_register_load_state_dict_pre_hook(hook, with_module=True)`` calls
+    ``hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+    error_msgs)``, the public form's signature.
+    """
+    import torch.nn as nn
+    if hasattr(nn.Module, 'register_load_state_dict_pre_hook'):
+        return module.register_load_state_dict_pre_hook(hook)
+    return module._register_load_state_dict_pre_hook(hook, with_module=True)
 
 
 def apply_all() -> None:

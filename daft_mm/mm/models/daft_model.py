@@ -23,6 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from daft_mm.core import (ConversionReport, FineTuneStage, convert_bn, get_recipe,
                           resolve_modules, set_bn_eval, zero_init_predictors)
 from daft_mm.core.heads import PREDICTOR_TYPES
+from daft_mm.mm.compat import register_load_state_dict_pre_hook, register_state_dict_post_hook
 
 __all__ = ['DAFTModel', 'default_predictors', 'mm_forward', 'resolve_stage', 'norm_eval_modules',
            'require_bn_train', 'check_predictors']
@@ -192,8 +193,9 @@ class DAFTModel(BaseModel):
         # DAFT's preparation (BN conversion, zero predictors) is done by DAFTHook before the first
         # step, or found done in a resumed checkpoint; train_step refuses to run without it.
         self.prepared = not (stage.convert_bn or stage.zero_init_head)
-        self.register_state_dict_post_hook(_drop_wrapper_prefix)
-        self.register_load_state_dict_pre_hook(_add_wrapper_prefix)
+        # compat: torch 2.1 has only the private forms of these two registrations.
+        register_state_dict_post_hook(self, _drop_wrapper_prefix)
+        register_load_state_dict_pre_hook(self, _add_wrapper_prefix)
 
     # ------------------------------------------------------------------ delegation
     def __getattr__(self, name: str) -> Any:
