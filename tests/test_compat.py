@@ -181,3 +181,32 @@ def test_missing_pkg_resources_points_to_the_installer(monkeypatch):
     monkeypatch.setitem(__import__('sys').modules, 'pkg_resources', None)  # as if uninstalled
     with pytest.raises(ImportError, match='tools/install.sh'):
         compat.require_pkg_resources()
+
+
+def test_state_dict_hooks_register_on_every_torch():
+    """The helpers DAFTModel uses: a wrapper whose saved keys are its child's, and which loads them
+    back (torch 2.1 has only the private registrations)."""
+    calls = []
+
+    def drop(module, state_dict, prefix, local_metadata):
+        calls.append('save')
+        for key in [k for k in state_dict if k.startswith(prefix + 'inner.')]:
+            state_dict[prefix + key[len(prefix + 'inner.'):]] = state_dict.pop(key)
+
+    def add(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        calls.append(('load', module.__class__.__name__))
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            state_dict[prefix + 'inner.' + key[len(prefix):]] = state_dict.pop(key)
+
+    wrapper = nn.Module()
+    wrapper.inner = nn.Linear(2, 1)
+    compat.register_state_dict_post_hook(wrapper, drop)
+    compat.register_load_state_dict_pre_hook(wrapper, add)
+    state = wrapper.state_dict()
+    assert sorted(state) == ['bias', 'weight']
+    other = nn.Module()
+    other.inner = nn.Linear(2, 1)
+    compat.register_load_state_dict_pre_hook(other, add)
+    other.load_state_dict(state, strict=True)
+    assert torch.equal(other.inner.weight, wrapper.inner.weight)
+    assert calls == ['save', ('load', 'Module')]
