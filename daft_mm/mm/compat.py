@@ -27,10 +27,11 @@ never fully unpickled unless you opt in:
 
 * local files go through :func:`load_checkpoint_file`: torch's own ``weights_only=True`` with the
   allow-list where torch can take it (probed once: ``add_safe_globals`` with ``(callable, name)``
-  pairs and allow-listed classes rebuilt; torch 2.6+ in practice), else
-  ``pickle_module=`` :data:`RESTRICTED_PICKLE` -- a ``pickle.Unpickler`` whose ``find_class`` only
-  returns torch's own weights-only globals plus the same allow-list and refuses everything else
-  (Python's documented way to restrict unpickling; on torch 2.1-2.5);
+  pairs and allow-listed classes rebuilt; true on torch 2.13), else ``pickle_module=``
+  :data:`RESTRICTED_PICKLE` -- a ``pickle.Unpickler`` whose ``find_class`` only returns torch's own
+  weights-only globals, the plain data types newer torch allows, and the same allow-list, and
+  refuses everything else (Python's documented way to restrict unpickling; what torch 2.1 uses).
+  CI tests torch 2.1.2 and 2.13.0; a version between is decided by the same probe;
 * URLs go through mmengine's download and torch's ``weights_only=True`` (with the allow-list where
   torch takes one; on older torch its built-in list, which covers plain state dicts);
 * other storage backends (pavi, petrel/ceph) are mmengine's own code, unchanged.
@@ -55,8 +56,8 @@ import os
 import os.path as osp
 import pickle
 import re
-import warnings
 import types
+import warnings
 from typing import Any, Callable
 
 __all__ = ['TRUST_ENV', 'trust_checkpoints', 'checkpoints_trusted', 'checkpoint_safe_globals',
@@ -417,8 +418,9 @@ def allow_cpu_pytorch_launcher() -> None:
 
     What breaks: mmengine's ``_init_dist_pytorch`` calls ``torch.cuda.set_device(local_rank)``
     before ``init_process_group`` whatever the backend; on a CPU build of torch 2.13 that raises
-    ``AttributeError: module 'torch._C' has no attribute '_cuda_setDevice'``, so even a gloo run
-    dies at start-up. Without CUDA (or another accelerator) we skip the device selection and
+    ``AttributeError: module 'torch._C' has no attribute '_cuda_setDevice'``, and with a CUDA build
+    on a machine without a GPU (torch 2.1.2 from PyPI on a CPU machine) ``RuntimeError: Found no
+    NVIDIA driver``, so even a gloo run dies at start-up. Without CUDA (or another accelerator) we skip the device selection and
     initialise the process group directly; with one, mmengine's own code runs unchanged.
     """
     import torch
