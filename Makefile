@@ -6,7 +6,7 @@ TEST_ARGS ?=
 # runs its tests with PYTHONPATH=<clone> (nothing of a clone is installed into it).
 TORCH21_VENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/daft-mm/venv-py311-torch2.1.2
 # install-here: the interpreter of the environment to install into (yours, with its torch).
-PYTHON ?= python
+PYTHON ?= python3
 
 .PHONY: install demo test bench clean install-torch21 test-torch21 install-here check-env
 install:
@@ -30,6 +30,7 @@ install-here:
 	$(PYTHON) tools/check_env.py --before-pip
 	$(PYTHON) -m pip install -e .
 	$(PYTHON) tools/check_env.py
+	$(PYTHON) -c "import daft_mm, mmseg.models, mmdet.models; print('daft_mm', daft_mm.__version__, 'imports with the OpenMMLab layer')"
 
 check-env:
 	$(PYTHON) tools/check_env.py
