@@ -179,15 +179,25 @@ def _agree(error: Optional[BaseException], num_batches: int, world_size: int,
     """Ranks agree on failure and on the total number of batches before any statistics move.
 
     A rank that failed must not leave the others waiting in the all-reduce: all ranks learn of
-    any failure and raise together. Returns the number of batches over all ranks.
+    any failure and raise together. That holds for every kind of failure: a KeyboardInterrupt or
+    SystemExit on one rank still takes part in this one all-reduce (then propagates as itself, so
+    Ctrl-C stays Ctrl-C); skipping it would leave the peers blocked until the process-group
+    timeout (30 min by default). Returns the number of batches over all ranks.
     """
     failed_elsewhere = False
     if world_size > 1:
         status = torch.tensor([1.0 if error is not None else 0.0, float(num_batches)],
                               dtype=torch.float64, device=device)
-        dist.all_reduce(status, group=group)
+        try:
+            dist.all_reduce(status, group=group)
+        except BaseException:
+            if error is not None and not isinstance(error, Exception):
+                raise error from None
+            raise
         failed_elsewhere = error is None and status[0].item() > 0
         num_batches = int(status[1].item())
+    if error is not None and not isinstance(error, Exception):
+        raise error  # KeyboardInterrupt, SystemExit...: the model is unchanged, the peers told
     if error is not None:
         raise ConversionError(f'BN conversion failed during the statistics pass: {error}. '
                               'The model is unchanged.') from error
@@ -274,7 +284,7 @@ def convert_bn(model: nn.Module,
                     progress(num_batches)
                 if max_batches is not None and num_batches >= max_batches:
                     break
-    except Exception as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
+    except BaseException as exc:  # noqa: BLE001 - any kind, re-raised after the ranks agree
         error = exc
     _agree(error, num_batches, world_size, process_group, device)
     if world_size > 1:

@@ -209,6 +209,7 @@ class DAFTHook(Hook):
             if isinstance(model, DAFTModel):
                 model.prepared = True
             return
+        self._refuse_second_preparation(runner)
         if self.check_lr and self.zero_init:
             self._check_lr(runner, model, net)
 
@@ -237,6 +238,27 @@ class DAFTHook(Hook):
         self._state = state
         if isinstance(model, DAFTModel):
             model.prepared = True
+
+    def _refuse_second_preparation(self, runner: Any) -> None:
+        """``load_from`` a checkpoint that already went through DAFT (it carries the hook's state):
+        zeroing its predictors would throw away what they learnt, and the BN layers were converted
+        already. Refused, unless the config says to keep the predictors (``zero_init=False``)."""
+        state = self._loaded_state if self._loaded_checkpoint else None
+        if not state or not state.get('done'):
+            return
+        source = runner.cfg.get('load_from') if hasattr(runner, 'cfg') else None
+        done = (f"converted {state.get('converted_layers', '?')} BN layers, zeroed "
+                f"{state.get('zeroed', '?')}")
+        if self.zero_init:
+            raise RuntimeError(
+                f'DAFTHook: load_from={source} is a checkpoint that already went through DAFT '
+                f'({done}) and was trained since; preparing it again would zero its trained '
+                'predictors. Fix: --resume (or resume=True) to continue that run where it '
+                'stopped, or custom_hooks=[dict(type=\'DAFTHook\', zero_init=False)] to fine-tune '
+                'further from its weights (BN is then re-centred on this data, the function kept)')
+        runner.logger.warning(
+            f'DAFTHook: load_from={source} already went through DAFT ({done}); zero_init=False '
+            'keeps its trained predictors, and BN is re-centred on this data (function kept)')
 
     def after_train(self, runner: Any) -> None:
         self._during_training.close()
