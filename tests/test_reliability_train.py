@@ -87,19 +87,19 @@ def test_auto_resume_before_first_checkpoint_starts_from_load_from(cityscapes_ro
                             timeout=300)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not list(work.glob('*.pth'))  # killed before its first save
-    assert (work / WorkDirLock.NAME).exists()  # the killed run's lock stays behind
+    lock_left = (work / WorkDirLock.NAME).exists()  # the killed run's lock stays behind
     start.unlink()
 
     rerun = subprocess.run(_train_cmd(config, work, cityscapes_root, '--resume'), cwd=REPO,
                            env=_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
-    log = rerun.stdout + rerun.stderr
-    assert 'starts over from load_from=' in log, log[-3000:]
-    assert 'no longer runs' in log  # the dead run's lock was taken over, with a word
     started = torch.load(start, weights_only=False)
     assert started['iter'] == 0
     for key, value in pretrained.items():
         assert torch.equal(started['state'][key], value), key
+    log = rerun.stdout + rerun.stderr
+    assert 'starts over from load_from=' in log, log[-3000:]
+    assert lock_left and 'no longer runs' in log  # the dead run's lock was taken over
     # the resumed run finished DAFT: its checkpoint is there, prepared once
     ckpt = torch.load(work / 'iter_1.pth', weights_only=False)
     assert ckpt['daft']['done']
@@ -153,7 +153,8 @@ def test_second_run_in_a_live_work_dir_is_refused(cityscapes_root, tmp_path):
     config = _write_config(tmp_path, tmp_path / 'pretrained.pth', [
         f"dict(type='PauseUntilFile', path='{release}', ready='{ready}')"])
     work = tmp_path / 'work'
-    first = subprocess.Popen(_train_cmd(config, work, cityscapes_root), cwd=REPO, env=_env(),
+    first = subprocess.Popen(_train_cmd(config, work, cityscapes_root), cwd=REPO,
+                             env=_env(DAFT_TEST_PAUSE='1'),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
