@@ -136,7 +136,13 @@ def _train(args: argparse.Namespace, cfg: Any, lock: Any) -> None:
                               f'runs (pid {lock.taken_over.get("pid")}); taken over')
     if resume_note:  # a fresh start under --resume is worth a warning: the user asked to resume
         (runner.logger.info if cfg.resume else runner.logger.warning)(resume_note)
-    runner.train()
+    try:
+        runner.train()
+    except ValueError as exc:
+        empty = _empty_dataset(exc)
+        if empty is None:
+            raise
+        raise ValueError(empty) from exc
 
     # RuntimeInfoHook keeps the latest validation metrics in the message hub as "val/<name>".
     final = {key[len('val/'):]: buf.current()
@@ -148,6 +154,22 @@ def _train(args: argparse.Namespace, cfg: Any, lock: Any) -> None:
         else:
             print(f'[daft-mm] {task} training finished without a validation run', flush=True)
     close_distributed()
+
+
+def _empty_dataset(exc: BaseException) -> str | None:
+    """A clear message when ``exc`` is mmengine failing to serialise a dataset with no samples
+    (numpy's bare "need at least one array to concatenate"), naming that dataset's folders."""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == '_serialize_data':
+            dataset = frame.f_locals.get('self')
+            where = {k: getattr(dataset, k, None) for k in ('data_root', 'data_prefix', 'ann_file')}
+            return (f'{type(dataset).__name__} found no samples ({where}): the dataset is empty. '
+                    'Fix: point data_root (--cfg-options data_root=...) at the data, and check '
+                    'the folder layout the dataset expects (see the README\'s data layout)')
+        tb = tb.tb_next
+    return None
 
 
 def close_distributed() -> None:

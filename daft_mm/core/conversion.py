@@ -264,6 +264,15 @@ def convert_bn(model: nn.Module,
     if not layers:
         raise ConversionError('no convertible BN layer is left after skipping: ' + str(skipped))
 
+    on_meta = [name for name, bn in layers.items()
+               if any(t.is_meta for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))]
+    if on_meta:
+        shown = ', '.join(on_meta[:3]) + (' ...' if len(on_meta) > 3 else '')
+        raise ConversionError(
+            f'{len(on_meta)} BN layer(s) ({shown}) are on the meta device: the model has shapes '
+            'but no weights yet. Fix: materialise '
+            'and load it first (model.to_empty(device=...), then load_state_dict / load_from). '
+            'The model is unchanged.')
     world_size = _distributed_world(process_group)
     device = next(iter(layers.values())).running_mean.device
     accumulators = {
@@ -291,6 +300,11 @@ def convert_bn(model: nn.Module,
         all_reduce_accumulators(list(accumulators.values()), group=process_group)
 
     unseen = [name for name, acc in accumulators.items() if acc.batches == 0]
+    if len(unseen) == len(accumulators) and any(acc.empty_inputs for acc in accumulators.values()):
+        raise ConversionError('every batch reaching the BN layers was empty (zero samples or zero '
+                              'size), so there is nothing to measure; check the data pipeline '
+                              '(filters that drop every sample, a batch size of 0). The model is '
+                              'unchanged.')
     if len(unseen) == len(accumulators):
         raise ConversionError('the forward pass never reached a BN layer; check `forward` (does it '
                               'run the part of the model that holds them?). The model is unchanged.')

@@ -192,6 +192,7 @@ class ChannelAccumulator:
         self.batch_var_sum = zeros.clone()  # sum_b n_b * unbiased_var_b
         self.batch_var_count = 0  # sum_b n_b over batches with n_b > 1
         self.per_batch = per_batch
+        self.empty_inputs = 0  # calls with a zero-size input (skipped), for a clear error
         self.batch_counts: List[int] = []
         self.batch_sums: List[torch.Tensor] = []
         self.batch_sumsqs: List[torch.Tensor] = []
@@ -200,6 +201,7 @@ class ChannelAccumulator:
     def update(self, x: torch.Tensor) -> None:
         """Adds one BN input ``x`` of shape (N, C, *)."""
         if x.dim() < 2 or x.numel() == 0:
+            self.empty_inputs += 1
             return
         self._pending.append(batch_partials(x))
         self.samples += x.shape[0]

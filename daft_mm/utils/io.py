@@ -126,10 +126,11 @@ class WorkDirLock:
                     owner = self._read()
                 if owner is not None and not self._stale(owner):
                     raise WorkDirBusyError(
-                        f'work dir {self.work_dir!r} is in use by another {owner.get("what", "run")}'
-                        f' (pid {owner.get("pid")} on {owner.get("host")}, started '
-                        f'{owner.get("started")}): two runs in one work dir would mix their logs '
-                        'and overwrite each other\'s checkpoints. Fix: wait for it to finish, or '
+                        f'work dir {self.work_dir!r} is in use by another '
+                        f'{owner.get("what", "run")} (pid {owner.get("pid")} on '
+                        f'{owner.get("host")}, started {owner.get("started")}): two runs in one '
+                        'work dir would mix their logs and overwrite each other\'s checkpoints. '
+                        'Fix: wait for it to finish, or '
                         'pass another --work-dir. If no such process exists (e.g. it ran on '
                         f'another machine and was killed), delete {self.path}')
                 self.taken_over = owner
