@@ -35,7 +35,6 @@ detection ones, whose backbone already is a ``ResNet``.)
 from __future__ import annotations
 
 import argparse
-import os
 import os.path as osp
 import re
 import sys
@@ -139,19 +138,34 @@ def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--prefix', default='',
                         help="key prefix: '' (default) for a backbone init_cfg, 'backbone.' for "
                              'load_from into a whole segmentor/detector')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace an existing dst (default: refuse; the source itself is '
+                        'never replaced)')
     return parser.parse_args(argv)
+
+
+def check_output(src: str, dst: str, overwrite: bool) -> None:
+    """Before any work: the output must not be the input, nor silently replace a file."""
+    from daft_mm.utils import same_file
+    if osp.exists(dst) and same_file(src, dst) or osp.realpath(src) == osp.realpath(dst):
+        raise ValueError(f'dst {dst!r} is the source checkpoint itself: the converted weights '
+                         'would replace their own input. Fix: give another output path')
+    if osp.exists(dst) and not overwrite:
+        raise FileExistsError(f'dst {dst!r} exists; refusing to replace it. Fix: another output '
+                              'path, or --overwrite')
 
 
 def main(argv: List[str] | None = None) -> Dict[str, Any]:
     args = parse_args(argv)
+    check_output(args.src, args.dst, args.overwrite)
     from daft_mm.mm.compat import load_checkpoint_file  # weights_only unless trusted
+    from daft_mm.utils import atomic_save
     state = find_state_dict(load_checkpoint_file(args.src, map_location='cpu'))
     converted, meta = convert(state)
     meta['source'] = osp.basename(args.src)
     out = {'meta': meta, 'state_dict': OrderedDict(
         (args.prefix + k, v.clone()) for k, v in converted.items())}
-    os.makedirs(osp.dirname(osp.abspath(args.dst)), exist_ok=True)
-    torch.save(out, args.dst)
+    atomic_save(lambda f: torch.save(out, f), args.dst)  # a kill leaves no half-written file
     print(f'{meta["layout"]} checkpoint -> ResNet-{meta["arch"]["depth"]} backbone '
           f'({len(converted)} tensors, prefix {args.prefix!r}) in {args.dst}; dropped '
           f'{len(meta["dropped"])} keys')

@@ -47,6 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
+from daft_mm.utils import atomic_save, atomic_write, atomic_write_json  # noqa: E402
+
 DEMO_CONFIGS = REPO / 'configs' / 'demo'
 RECORDED_LRS = DEMO_CONFIGS / 'recorded_lrs.json'
 METHODS = ('FT', 'LP', 'LP-FT', 'DAFT')
@@ -339,6 +341,10 @@ def pretrain(ctx: Context) -> None:
     out_dir = ctx.work_dir / 'pretrain' / s.pretrain_key()
     ckpt = out_dir / 'pretrained.pth'
     cfg = load_demo_config('pretrain', ctx, out_dir / 'run', {'data_root': ctx.roots.source})
+    unusable = cached_checkpoint_problem(ckpt, s) if ckpt.is_file() else None
+    if unusable:
+        ctx.progress.note(f'pretraining: the cached {ckpt} {unusable}; pretraining again')
+        ckpt.unlink()
     if ckpt.is_file():
         ctx.progress.step(f'pretraining: reusing {ckpt}')
     else:
@@ -352,9 +358,11 @@ def pretrain(ctx: Context) -> None:
         # (torch 2.1's own weights_only cannot read a Runner checkpoint's message hub).
         from daft_mm.mm.compat import load_checkpoint_file
         state = load_checkpoint_file(str(last), map_location='cpu')['state_dict']
-        torch.save({'state_dict': state, 'meta': {'settings': asdict(s)}}, ckpt)
+        # atomically: a kill while saving must not leave a truncated cache that later runs reuse
+        atomic_save(lambda f: torch.save({'state_dict': state, 'meta': {'settings': asdict(s)}},
+                                         f), str(ckpt))
         shutil.rmtree(out_dir / 'run', ignore_errors=True)
-        (out_dir / 'settings.json').write_text(json.dumps(asdict(s), indent=1, default=str))
+        atomic_write_json(str(out_dir / 'settings.json'), asdict(s), indent=1, default=str)
         ctx.progress.step(f'pretraining: done in {time.time() - t0:.0f}s -> {ckpt}')
     ctx.pretrained = str(ckpt)
     model = MODELS.build(cfg.model)
@@ -365,21 +373,76 @@ def pretrain(ctx: Context) -> None:
     ctx.pretrained_model = model
 
 
+def cached_checkpoint_problem(ckpt: Path, s: Settings) -> Optional[str]:
+    """Why a cached pretrained checkpoint cannot be reused (None: it can). Caches written before
+    saves were atomic may be cut short by a kill; every later run would then fail on them."""
+    import torch
+    try:
+        saved = torch.load(ckpt, map_location='cpu', weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated zip, bad pickle...: all mean "redo"
+        return f'cannot be read ({type(exc).__name__}: {exc}; cut short by a kill?)'
+    if not isinstance(saved, dict) or not saved.get('state_dict'):
+        return 'holds no state_dict'
+    settings = json.loads(json.dumps((saved.get('meta') or {}).get('settings'), default=str))
+    if settings != json.loads(json.dumps(asdict(s), default=str)):
+        return 'was made with other settings'
+    return None
+
+
+def _run_dir(ctx: Context, method: str, lr: float, seed: int, tag: str) -> Path:
+    return ctx.work_dir / tag / f'{method}_lr{lr:g}_seed{seed}'
+
+
+def _start_checkpoint(method: str, ctx: Context, seed: int, lp_checkpoints: Dict[int, str]) -> str:
+    if method != 'LP-FT':
+        return ctx.pretrained
+    if seed not in lp_checkpoints:
+        raise RuntimeError('LP-FT needs the LP run of the same seed first')
+    return lp_checkpoints[seed]
+
+
 def finetune(method: str, ctx: Context, seed: int, lrs: Mapping[str, float],
              lp_checkpoints: Dict[int, str], tag: str = 'runs') -> Any:
     """One fine-tuning run of ``method``; LP-FT starts from the LP checkpoint of the same seed."""
     s = ctx.settings
-    work = ctx.work_dir / tag / f'{method}_lr{lrs[method]:g}_seed{seed}'
-    load_from = ctx.pretrained
-    if method == 'LP-FT':
-        if seed not in lp_checkpoints:
-            raise RuntimeError('LP-FT needs the LP run of the same seed first')
-        load_from = lp_checkpoints[seed]
+    work = _run_dir(ctx, method, lrs[method], seed, tag)
+    load_from = _start_checkpoint(method, ctx, seed, lp_checkpoints)
     model, ckpt = train(method, ctx, work, lr=lrs[method], iters=s.finetune_iters, seed=seed,
                         data_root=ctx.roots.id, load_from=load_from)
     if method == 'LP':
         lp_checkpoints[seed] = ckpt
     return model
+
+
+def finetune_and_evaluate(method: str, ctx: Context, seed: int, lrs: Mapping[str, float],
+                          lp_checkpoints: Dict[int, str]) -> Tuple[Dict[str, Any], bool]:
+    """``(evaluation, reused)``: a run that finished before (its ``result.json`` is written,
+    atomically, only after training and evaluation, and names what the run depended on: the
+    settings, method, LR, seed, demo configs and the bytes of its start checkpoint) is reused, so
+    a rerun after a kill redoes only what was not finished."""
+    s = ctx.settings
+    work = _run_dir(ctx, method, lrs[method], seed, 'runs')
+    start = _start_checkpoint(method, ctx, seed, lp_checkpoints)
+    key = _hash(dict(settings=asdict(s), method=method, lr=lrs[method], seed=seed,
+                     start=_file_hash(Path(start)),
+                     configs=[_file_hash(DEMO_CONFIGS / CONFIGS[method]),
+                              _file_hash(DEMO_CONFIGS / '_base_' / 'demo_common.py')]))
+    result_file = work / 'result.json'
+    ckpt = work / f'iter_{s.finetune_iters}.pth'
+    try:
+        cached = json.loads(result_file.read_text()) if result_file.is_file() else None
+    except ValueError:
+        cached = None
+    if cached and cached.get('key') == key and ckpt.is_file():
+        if method == 'LP':
+            lp_checkpoints[seed] = str(ckpt)
+        return cached['result'], True
+    t0 = time.time()
+    model = finetune(method, ctx, seed, lrs, lp_checkpoints)
+    result = evaluate(model, ctx)
+    result['seconds'] = time.time() - t0
+    atomic_write_json(str(result_file), dict(key=key, result=result), indent=1, default=str)
+    return result, False
 
 
 # ------------------------------------------------------------------------------------ LRs
@@ -548,7 +611,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         record = dict(chosen, source=f'tools/demo.py --sweep{" --quick" if args.quick else ""}, '
                       f'{time.strftime("%Y-%m-%d")}, seed 0, best ID-val mIoU (never OOD data)',
                       settings=asdict(s))
-        (work_dir / 'lr_sweep.json').write_text(json.dumps(record, indent=1, default=str))
+        atomic_write_json(str(work_dir / 'lr_sweep.json'), record, indent=1, default=str)
         lrs, lr_source = chosen['lrs'], f'--sweep (written to {work_dir / "lr_sweep.json"})'
     else:
         lrs, lr_source = recorded_lrs(Path(args.lrs))
@@ -560,13 +623,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             if seed == 0 and (method, lrs[method]) in swept:
                 results[method].append(swept[(method, lrs[method])])
                 continue
-            t0 = time.time()
-            model = finetune(method, ctx, seed, lrs, lp_checkpoints)
-            r = evaluate(model, ctx)
-            r['seconds'] = time.time() - t0
+            r, reused = finetune_and_evaluate(method, ctx, seed, lrs, lp_checkpoints)
             results[method].append(r)
             progress.step(f'{method:5s} seed {seed}: ID {r["id"]:.2f}  OOD mean '
-                          f'{r["ood_mean"]:.2f}  cos {r["cosine"]:.4f}  ({r["seconds"]:.0f}s)')
+                          f'{r["ood_mean"]:.2f}  cos {r["cosine"]:.4f}  ({r["seconds"]:.0f}s'
+                          + (', finished by an earlier run: reused)' if reused else ')'))
 
     ood_names = list(next(iter(results.values()))[0]['ood'])
     summary = summarize(results, ood_names)
@@ -587,12 +648,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         'runs': results,
         'seconds': time.time() - t_start,
     }
-    (work_dir / 'report.json').write_text(json.dumps(report, indent=1, default=str))
+    atomic_write_json(str(work_dir / 'report.json'), report, indent=1, default=str)
     table = markdown_table(summary, ood_names, pre_scores)
     md = (f'# daft-mm demo report\n\n{report["metric"]}. Feature cos: {report["cosine_similarity"]}.'
           f'\n\nSeeds: {args.seeds}. Learning rates: {lrs}, from {lr_source}.\n\n{table}\n\n'
           f'![bar chart](report.png)\n\nTotal time: {report["seconds"]:.0f}s.\n')
-    (work_dir / 'report.md').write_text(md)
+    with atomic_write(str(work_dir / 'report.md')) as f:
+        f.write(md)
     plot(summary, work_dir / 'report.png', args.seeds)
     print('\n' + table + '\n', flush=True)
     print(f'report: {work_dir / "report.md"}, {work_dir / "report.json"}, '

@@ -10,7 +10,10 @@ mmdet's robustness tool: the test set is evaluated clean, then once per corrupti
 
 Writes ``robustness.json`` (every number, updated after each evaluation so ``--resume`` can skip
 what is done), ``robustness.md`` (table) and ``robustness.png`` (metric vs severity) into the work
-dir. E.g.::
+dir, each atomically (a kill leaves the previous file whole). The JSON records what its numbers
+depend on (the config with its --cfg-options, the checkpoint's bytes, the metric, the seed):
+``--resume`` refuses to mix results of another run into it, and an existing result of another run
+is never overwritten without ``--overwrite``. E.g.::
 
     python tools/test_robustness.py configs/ood/acdc_fog.py work_dirs/daft/iter_40000.pth \
         --corruptions noise blur --severities 1 3 5
@@ -61,8 +64,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--skip-clean', action='store_true',
                    help='do not evaluate clean data (P and rPC are then missing)')
     p.add_argument('--resume', action='store_true',
-                   help='keep the results in <work-dir>/robustness.json of the same checkpoint and '
-                   'only run what is missing')
+                   help='keep the results in <work-dir>/robustness.json and only run what is '
+                   'missing; refused if they came from another config, --cfg-options, '
+                   'checkpoint, --metric or --seed')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace an existing <work-dir>/robustness.json (default: refuse, so that '
+                   'the results of another run are never lost silently)')
     p.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override settings of the config, key=value. data_root=PATH is applied to every '
@@ -118,6 +125,54 @@ def pick_metric(metrics: Mapping[str, Any], task: str, wanted: Optional[str]) ->
     raise KeyError(f'cannot tell the main metric among {sorted(metrics)}; pass --metric')
 
 
+# ------------------------------------------------------------------------------------ provenance
+#: config keys that do not change a result: where it is written, how it is launched
+_NOT_PROVENANCE = ('work_dir', 'launcher', 'load_from', 'resume')
+
+
+def provenance(cfg: Any, checkpoint: str, metric: Optional[str], seed: int) -> Dict[str, Any]:
+    """What the numbers depend on: the config as loaded (--cfg-options merged, data_root
+    included), the checkpoint's content (not its path), the requested metric and the seed."""
+    import hashlib
+
+    from daft_mm.utils import file_digest
+    conf = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_PROVENANCE}
+    text = json.dumps(conf, sort_keys=True, default=repr)
+    local = osp.expanduser(checkpoint)
+    return dict(config_sha256=hashlib.sha256(text.encode()).hexdigest()[:16],
+                checkpoint_sha256=file_digest(local) if osp.isfile(local) else checkpoint,
+                metric=metric, seed=seed)
+
+
+_WHAT = dict(config_sha256='config or --cfg-options', checkpoint_sha256='checkpoint content',
+             metric='--metric', seed='--seed')
+
+
+def load_previous(out_json: str, prov: Mapping[str, Any]) -> Dict[str, Any]:
+    """The results of ``out_json`` for --resume, after checking they come from the same run."""
+    try:
+        old = json.loads(Path(out_json).read_text())
+    except ValueError as exc:
+        raise RuntimeError(
+            f'--resume: {out_json} is not valid JSON ({exc}); it was cut short, e.g. by a kill '
+            'while an older version of this tool wrote it. Fix: delete it (or pass --overwrite '
+            'without --resume) to evaluate from scratch') from None
+    recorded = old.get('provenance')
+    if not isinstance(recorded, dict):
+        raise RuntimeError(
+            f'--resume: {out_json} does not record what its results depend on (written by an '
+            'older version), so they cannot be checked against this run. Fix: --overwrite '
+            'without --resume to evaluate from scratch, or another --work-dir')
+    differ = [_WHAT[k] for k in _WHAT if recorded.get(k) != prov.get(k)]
+    if differ:
+        raise RuntimeError(
+            f'--resume: the results in {out_json} come from another run (different '
+            f'{", ".join(differ)}: recorded {[recorded.get(k) for k in _WHAT]}, now '
+            f'{[prov.get(k) for k in _WHAT]}); mixing them would report numbers of two models '
+            'or datasets as one. Fix: another --work-dir, or --overwrite without --resume')
+    return old
+
+
 # ------------------------------------------------------------------------------------ results
 def summarize(results: Dict[str, Any]) -> Dict[str, Any]:
     """Per-corruption means, mPC, rPC from ``results['corrupted'][name][str(severity)]``."""
@@ -169,7 +224,9 @@ def plot(results: Dict[str, Any], severities: Sequence[int], out: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc='upper left')
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    from daft_mm.utils import atomic_write
+    with atomic_write(out, 'wb') as f:
+        fig.savefig(f, dpi=110, format='png')
     plt.close(fig)
 
 
@@ -183,6 +240,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     from mmengine.dist import is_main_process
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner, TestLoop
+
+    from daft_mm.utils import atomic_write, atomic_write_json
 
     corruptions = corruption_names(args.corruptions)  # fails early on a typo
     severities = sorted(set(args.severities))
@@ -198,14 +257,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     with_corruption(cfg.test_dataloader, corruptions[0], 1, args.seed)  # pipeline check, early
 
     out_json = osp.join(work_dir, 'robustness.json')
+    prov = provenance(cfg, args.checkpoint, args.metric, args.seed)
     results: Dict[str, Any] = dict(config=args.config, checkpoint=args.checkpoint, task=task,
                                    metric=args.metric, seed=args.seed, clean=None, corrupted={},
-                                   all_metrics={})
+                                   all_metrics={}, provenance=prov)
+    if args.resume and args.overwrite:
+        raise ValueError('--resume keeps the results of robustness.json, --overwrite replaces '
+                         'them: pass one of them')
     if args.resume and osp.isfile(out_json):
-        old = json.loads(Path(out_json).read_text())
-        if old.get('checkpoint') == args.checkpoint and old.get('seed') == args.seed:
-            results.update(clean=old.get('clean'), corrupted=old.get('corrupted', {}),
-                           all_metrics=old.get('all_metrics', {}), metric=old.get('metric'))
+        old = load_previous(out_json, prov)
+        results.update(clean=old.get('clean'), corrupted=old.get('corrupted', {}),
+                       all_metrics=old.get('all_metrics', {}), metric=old.get('metric'))
+    elif osp.isfile(out_json) and not args.overwrite:
+        raise FileExistsError(
+            f'{out_json} exists (results of an earlier run); this run would overwrite it. Fix: '
+            '--resume to complete that run (checked to be the same config, checkpoint and '
+            'metric), --overwrite to replace it, or another --work-dir')
 
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
 
@@ -213,8 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if not is_main_process():
             return
         results['summary'] = summarize(results)
-        os.makedirs(work_dir, exist_ok=True)
-        Path(out_json).write_text(json.dumps(results, indent=1))
+        atomic_write_json(out_json, results, indent=1)
 
     def record(key: str, metrics: Mapping[str, Any]) -> float:
         results['all_metrics'][key] = {k: float(v) for k, v in metrics.items()
@@ -259,7 +325,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         runner.call_hook('after_run')
     if is_main_process():
         text = table(results, severities)
-        Path(osp.join(work_dir, 'robustness.md')).write_text(text + '\n')
+        with atomic_write(osp.join(work_dir, 'robustness.md')) as f:
+            f.write(text + '\n')
         plot(results, severities, osp.join(work_dir, 'robustness.png'))
         print(text, flush=True)
         print(f'[daft-mm] robustness: {out_json}, robustness.md, robustness.png in {work_dir}',

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import os.path as osp
+from typing import Any
 
 from mmengine.config import DictAction
 
@@ -47,19 +49,67 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def resolve_resume(cfg: Any, resume: str | None) -> str | None:
+    """Sets ``cfg.resume`` / ``cfg.load_from`` for ``--resume [PATH]``; returns what to log.
+
+    Auto-resume (``--resume`` without a path) takes the latest checkpoint of the work dir. When
+    there is none yet (a run killed before its first save, e.g. during DAFT's BN conversion), it
+    starts over from the config's ``load_from``, not from the init weights: upstream tools set
+    ``load_from = None`` here and would silently train from the wrong weights.
+    """
+    from mmengine.runner import find_latest_checkpoint
+
+    if resume is None:
+        return None
+    if resume != 'auto':  # an explicit checkpoint wins over auto-resume from the work dir
+        cfg.resume = True
+        cfg.load_from = resume
+        return f'--resume: resuming from {resume}'
+    latest = find_latest_checkpoint(cfg.work_dir) if osp.isdir(cfg.work_dir) else None
+    if latest:
+        if not osp.isfile(latest):
+            raise FileNotFoundError(
+                f'--resume: {osp.join(cfg.work_dir, "last_checkpoint")} names {latest}, which does '
+                'not exist (moved or deleted?). Fix: --resume PATH with the checkpoint to resume, '
+                'or delete that last_checkpoint file to start over')
+        cfg.resume = True
+        cfg.load_from = latest
+        return f'--resume: resuming from the latest checkpoint of the work dir, {latest}'
+    cfg.resume = False
+    load_from = cfg.get('load_from')
+    if load_from:
+        return (f'--resume: no checkpoint in {cfg.work_dir} yet (the run stopped before its first '
+                f'save), so this run starts over from load_from={load_from}, as the first one did')
+    return (f'--resume: no checkpoint in {cfg.work_dir} yet and no load_from, so this run starts '
+            'over from the initial weights (init_cfg), as the first one did')
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
     import daft_mm.mm  # noqa: F401  (registers daft-mm modules, applies daft_mm.mm.compat)
-    from daft_mm.mm.cli import detect_task, format_metrics, load_config
+    from daft_mm.mm.cli import load_config
+    from daft_mm.utils import WorkDirLock
+
+    cfg = load_config(args.config, args.cfg_options, work_dir=args.work_dir,
+                      launcher=args.launcher)
+    # One live run per work dir (rank 0 holds the lock for all ranks of a distributed run).
+    lock = WorkDirLock(osp.abspath(cfg.work_dir), 'training')
+    if int(os.environ.get('RANK', '0')) == 0:
+        lock.acquire()
+    try:
+        _train(args, cfg, lock)
+    finally:
+        lock.release()
+
+
+def _train(args: argparse.Namespace, cfg: Any, lock: Any) -> None:
+    from daft_mm.mm.cli import detect_task, format_metrics
     from mmengine.dist import is_main_process
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
-    cfg = load_config(args.config, args.cfg_options, work_dir=args.work_dir,
-                      launcher=args.launcher)
     task = detect_task(cfg)
-
     if args.amp:
         optim_type = cfg.optim_wrapper.get('type', 'OptimWrapper')
         if optim_type == 'AmpOptimWrapper':
@@ -78,16 +128,21 @@ def main(argv: list[str] | None = None) -> None:
                                'base_batch_size=...)` in the config')
         cfg.auto_scale_lr.enable = True
 
-    # An explicit checkpoint wins over auto-resume from the work dir.
-    if args.resume == 'auto':
-        cfg.resume = True
-        cfg.load_from = None
-    elif args.resume is not None:
-        cfg.resume = True
-        cfg.load_from = args.resume
+    resume_note = resolve_resume(cfg, args.resume)
 
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    runner.train()
+    if lock.taken_over:
+        runner.logger.warning(f'work dir lock {lock.path} was left by a process that no longer '
+                              f'runs (pid {lock.taken_over.get("pid")}); taken over')
+    if resume_note:  # a fresh start under --resume is worth a warning: the user asked to resume
+        (runner.logger.info if cfg.resume else runner.logger.warning)(resume_note)
+    try:
+        runner.train()
+    except ValueError as exc:
+        empty = _empty_dataset(exc)
+        if empty is None:
+            raise
+        raise ValueError(empty) from exc
 
     # RuntimeInfoHook keeps the latest validation metrics in the message hub as "val/<name>".
     final = {key[len('val/'):]: buf.current()
@@ -98,6 +153,40 @@ def main(argv: list[str] | None = None) -> None:
             print(f'[daft-mm] {task} final validation metrics: {format_metrics(final)}', flush=True)
         else:
             print(f'[daft-mm] {task} training finished without a validation run', flush=True)
+    close_distributed()
+
+
+def _empty_dataset(exc: BaseException) -> str | None:
+    """A clear message when ``exc`` is mmengine failing to serialise a dataset with no samples
+    (numpy's bare "need at least one array to concatenate"), naming that dataset's folders."""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == '_serialize_data':
+            dataset = frame.f_locals.get('self')
+            where = {k: getattr(dataset, k, None) for k in ('data_root', 'data_prefix', 'ann_file')}
+            return (f'{type(dataset).__name__} found no samples ({where}): the dataset is empty. '
+                    'Fix: point data_root (--cfg-options data_root=...) at the data, and check '
+                    'the folder layout the dataset expects (see the README\'s data layout)')
+        tb = tb.tb_next
+    return None
+
+
+def close_distributed() -> None:
+    """Ends a successful distributed run on every rank: a barrier, then ``destroy_process_group``.
+
+    Why: without it the gloo process group is torn down during interpreter finalisation, while
+    its C++ worker threads may still run; a rank then dies with "terminate called without an
+    active exception" (SIGABRT) after training succeeded, and the launcher reports a failure
+    (2 of 9 two-process runs; reproduced with a bare 2-process gloo script that never destroys
+    its group). The barrier keeps a fast rank from shutting down while a slow one still
+    communicates. Only on success: after a failure a peer may sit in a collective, and tearing
+    down would hang instead of exiting.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -179,15 +179,25 @@ def _agree(error: Optional[BaseException], num_batches: int, world_size: int,
     """Ranks agree on failure and on the total number of batches before any statistics move.
 
     A rank that failed must not leave the others waiting in the all-reduce: all ranks learn of
-    any failure and raise together. Returns the number of batches over all ranks.
+    any failure and raise together. That holds for every kind of failure: a KeyboardInterrupt or
+    SystemExit on one rank still takes part in this one all-reduce (then propagates as itself, so
+    Ctrl-C stays Ctrl-C); skipping it would leave the peers blocked until the process-group
+    timeout (30 min by default). Returns the number of batches over all ranks.
     """
     failed_elsewhere = False
     if world_size > 1:
         status = torch.tensor([1.0 if error is not None else 0.0, float(num_batches)],
                               dtype=torch.float64, device=device)
-        dist.all_reduce(status, group=group)
+        try:
+            dist.all_reduce(status, group=group)
+        except BaseException:
+            if error is not None and not isinstance(error, Exception):
+                raise error from None
+            raise
         failed_elsewhere = error is None and status[0].item() > 0
         num_batches = int(status[1].item())
+    if error is not None and not isinstance(error, Exception):
+        raise error  # KeyboardInterrupt, SystemExit...: the model is unchanged, the peers told
     if error is not None:
         raise ConversionError(f'BN conversion failed during the statistics pass: {error}. '
                               'The model is unchanged.') from error
@@ -254,6 +264,15 @@ def convert_bn(model: nn.Module,
     if not layers:
         raise ConversionError('no convertible BN layer is left after skipping: ' + str(skipped))
 
+    on_meta = [name for name, bn in layers.items()
+               if any(t.is_meta for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))]
+    if on_meta:
+        shown = ', '.join(on_meta[:3]) + (' ...' if len(on_meta) > 3 else '')
+        raise ConversionError(
+            f'{len(on_meta)} BN layer(s) ({shown}) are on the meta device: the model has shapes '
+            'but no weights yet. Fix: materialise '
+            'and load it first (model.to_empty(device=...), then load_state_dict / load_from). '
+            'The model is unchanged.')
     world_size = _distributed_world(process_group)
     device = next(iter(layers.values())).running_mean.device
     accumulators = {
@@ -274,13 +293,18 @@ def convert_bn(model: nn.Module,
                     progress(num_batches)
                 if max_batches is not None and num_batches >= max_batches:
                     break
-    except Exception as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
+    except BaseException as exc:  # noqa: BLE001 - any kind, re-raised after the ranks agree
         error = exc
     _agree(error, num_batches, world_size, process_group, device)
     if world_size > 1:
         all_reduce_accumulators(list(accumulators.values()), group=process_group)
 
     unseen = [name for name, acc in accumulators.items() if acc.batches == 0]
+    if len(unseen) == len(accumulators) and any(acc.empty_inputs for acc in accumulators.values()):
+        raise ConversionError('every batch reaching the BN layers was empty (zero samples or zero '
+                              'size), so there is nothing to measure; check the data pipeline '
+                              '(filters that drop every sample, a batch size of 0). The model is '
+                              'unchanged.')
     if len(unseen) == len(accumulators):
         raise ConversionError('the forward pass never reached a BN layer; check `forward` (does it '
                               'run the part of the model that holds them?). The model is unchanged.')

@@ -209,15 +209,17 @@ class DAFTHook(Hook):
             if isinstance(model, DAFTModel):
                 model.prepared = True
             return
+        self._refuse_second_preparation(runner)
         if self.check_lr and self.zero_init:
             self._check_lr(runner, model, net)
 
         state: Dict[str, Any] = {'done': False}
         if self.convert:
             loader, total = self._build_loader(runner)
-            bar = ProgressBar(total) if is_main_process() else None
+            bar = ProgressBar(total) if is_main_process() and total else None
             report = convert_bn(
-                net, loader, forward=mm_forward(self.forward_mode), max_batches=total,
+                net, loader, forward=_naming_files(mm_forward(self.forward_mode)),
+                max_batches=total or None,  # a rank with no batch still joins the pooling
                 var_mode=self.var_mode, modules=self.modules,
                 skip_incompatible=self.skip_incompatible,
                 progress=(lambda _: bar.update()) if bar is not None else None)
@@ -238,13 +240,34 @@ class DAFTHook(Hook):
         if isinstance(model, DAFTModel):
             model.prepared = True
 
+    def _refuse_second_preparation(self, runner: Any) -> None:
+        """``load_from`` a checkpoint that already went through DAFT (it carries the hook's state):
+        zeroing its predictors would throw away what they learnt, and the BN layers were converted
+        already. Refused, unless the config says to keep the predictors (``zero_init=False``)."""
+        state = self._loaded_state if self._loaded_checkpoint else None
+        if not state or not state.get('done'):
+            return
+        source = runner.cfg.get('load_from') if hasattr(runner, 'cfg') else None
+        done = (f"converted {state.get('converted_layers', '?')} BN layers, zeroed "
+                f"{state.get('zeroed', '?')}")
+        if self.zero_init:
+            raise RuntimeError(
+                f'DAFTHook: load_from={source} is a checkpoint that already went through DAFT '
+                f'({done}) and was trained since; preparing it again would zero its trained '
+                'predictors. Fix: --resume (or resume=True) to continue that run where it '
+                'stopped, or custom_hooks=[dict(type=\'DAFTHook\', zero_init=False)] to fine-tune '
+                'further from its weights (BN is then re-centred on this data, the function kept)')
+        runner.logger.warning(
+            f'DAFTHook: load_from={source} already went through DAFT ({done}); zero_init=False '
+            'keeps its trained predictors, and BN is re-centred on this data (function kept)')
+
     def after_train(self, runner: Any) -> None:
         self._during_training.close()
 
     def _build_loader(self, runner: Any) -> Tuple[Any, int]:
         """A finite loader and the number of batches this rank runs (the same bound on every
         rank is not needed: the core pools whatever each rank saw)."""
-        rank, world_size = get_dist_info()
+        _, world_size = get_dist_info()
         if self.dataloader is None:
             train = runner.train_dataloader
             dataset = train.dataset
@@ -274,9 +297,40 @@ class DAFTHook(Hook):
         else:
             one_pass = len(loader)
         total = min(one_pass, self.num_batches) if self.num_batches else one_pass
-        if total < 1:
-            raise ValueError(f'DAFTHook: the statistics loader has no batch on rank {rank} '
-                             f'(dataset of {len(loader.dataset)} samples). Fix: give '
-                             'custom_hooks[DAFTHook].dataloader a non-empty dataset')
+        if total < 1 and len(loader.dataset) == 0:
+            raise ValueError(
+                'DAFTHook: the dataset of the statistics pass is empty (0 samples): check '
+                'data_root and the dataset\'s data_prefix / ann_file (or '
+                'custom_hooks[DAFTHook].dataloader); DAFT measures BN statistics on target images')
+        # A dataset smaller than the number of ranks leaves some ranks without a batch: they run
+        # no forward but still take part in pooling the statistics (core.convert_bn sums them).
         return loader, total
 
+
+def _batch_files(data_batch: Any) -> List[str]:
+    """The image / annotation files of an mmengine data batch, as far as its samples say."""
+    samples = data_batch.get('data_samples', []) if isinstance(data_batch, dict) else []
+    files = []
+    for sample in samples or []:
+        meta = getattr(sample, 'metainfo', {}) or {}
+        files += [str(meta[k]) for k in ('img_path', 'seg_map_path') if meta.get(k)]
+    return files
+
+
+def _naming_files(forward: Any) -> Any:
+    """``forward`` whose errors name the files of the failing batch: a bad annotation (a label id
+    out of range, a corrupt image) otherwise fails deep in the statistics pass, naming nothing."""
+    def run(model: nn.Module, data_batch: Any) -> Any:
+        try:
+            return forward(model, data_batch)
+        except Exception as exc:
+            files = _batch_files(data_batch)
+            if not files:
+                raise
+            hint = ''
+            if 'out of bounds' in str(exc) or 'out of range' in str(exc):
+                hint = (' A label id is outside [0, num_classes) and is not the ignore_index: '
+                        'check these annotations (label conversion, reduce_zero_label).')
+            raise RuntimeError(f'{type(exc).__name__}: {exc} -- in the batch of '
+                               f'{", ".join(files)}.{hint}') from exc
+    return run
