@@ -48,7 +48,7 @@ TOLERANCES = {
     'float32': (1e-5, 1e-5, 1e-4),
     'channels_last': (1e-5, 1e-5, 1e-4),
     'bf16_autocast': (1e-4, 1e-4, 2e-2),
-    'float16': (1e-3, 1e-3, 2e-2),
+    'float16': (1e-4, 1e-4, 2e-2),
     'syncbn': (1e-5, 1e-5, 1e-4),
 }
 
@@ -174,11 +174,22 @@ def one_rank_group(device: torch.device) -> Iterator[None]:
         port = s.getsockname()[1]
     dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
                             init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1,
-                            **({'device_id': device} if device.type == 'cuda' else {}))
+                            **({'device_id': torch.device('cuda', torch.cuda.current_device())}
+                               if device.type == 'cuda' else {}))
     try:
         yield
     finally:
         dist.destroy_process_group()
+
+
+@contextmanager
+def no_tf32() -> Iterator[None]:
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def check_case(case: str, base: nn.Module, batches: Sequence[torch.Tensor],
@@ -205,7 +216,9 @@ def check_case(case: str, base: nn.Module, batches: Sequence[torch.Tensor],
     elif case != 'float32':
         raise ValueError(f'unknown case {case!r}')
     model.eval()
-    with group():
+    # TF32 convolutions (cuDNN's default) differ from run to run by ~1e-3 when cuDNN picks another
+    # algorithm, which would hide the ~1e-7 effect of the conversion on the output
+    with group(), no_tf32():
         reference = float64_reference(model, xs, context)
         with torch.no_grad(), context():
             before = [model(x).float() for x in xs[:1]]
@@ -213,18 +226,24 @@ def check_case(case: str, base: nn.Module, batches: Sequence[torch.Tensor],
             report = convert_bn(model, xs, var_mode='batch')
         with torch.no_grad(), context():
             after = [model(x).float() for x in xs[:1]]
+    tol = TOLERANCES[case]
     mean_err = var_err = 0.0
+    within = True
     bns = dict(model.named_modules())
     for name, ref in reference.items():
         bn = bns[name]
+        # a buffer of a half-precision model holds the statistics rounded to its dtype: allow
+        # that rounding (one unit in the last place) on top of the tolerance
+        ulp = torch.finfo(bn.running_mean.dtype).eps
         std = ref['var'].sqrt().clamp_min(1e-12)
-        mean_err = max(mean_err, float(((bn.running_mean.double() - ref['mean']).abs()
-                                        / std).max()))
-        var_err = max(var_err, float(((bn.running_var.double() - ref['var']).abs()
-                                      / ref['var'].clamp_min(1e-12)).max()))
+        d_mean = (bn.running_mean.double() - ref['mean']).abs()
+        d_var = (bn.running_var.double() - ref['var']).abs()
+        mean_err = max(mean_err, float((d_mean / std).max()))
+        var_err = max(var_err, float((d_var / ref['var'].clamp_min(1e-12)).max()))
+        within &= bool((d_mean <= tol[0] * std + ulp * ref['mean'].abs()).all()
+                       and (d_var <= (tol[1] + ulp) * ref['var']).all())
     out_err = max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(after, before))
-    tol = TOLERANCES[case]
-    ok = mean_err <= tol[0] and var_err <= tol[1] and out_err <= tol[2]
+    ok = within and out_err <= tol[2]
     return {'case': case, 'layers': len(report.layers), 'mean_err_in_std': mean_err,
             'var_rel_err': var_err, 'output_rel_change': out_err, 'tolerance': list(tol),
             'ok': ok}
