@@ -292,10 +292,11 @@ def ratio(samples: Dict[str, List[Dict[str, float]]], a: str, b: str, key: str) 
     return statistics.median(x[key] / y[key] for x, y in zip(samples[a], samples[b]))
 
 
-def time_conversion(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+def time_conversion(args: argparse.Namespace, device: torch.device,
+                    num_batches: int) -> Dict[str, Any]:
     model = build_model(args).to(device)
     pristine = copy.deepcopy(model.state_dict())
-    batches = make_batches(args.num_batches, args.batch_size, args.size, device)
+    batches = make_batches(num_batches, args.batch_size, args.size, device)
 
     def forward() -> None:
         with torch.no_grad():
@@ -309,13 +310,15 @@ def time_conversion(args: argparse.Namespace, device: torch.device) -> Dict[str,
     forward()  # warm-up: cuDNN autotuning, allocator
     convert()
     samples = rotated_rounds({'forward': forward, 'convert_bn': convert}, args.rounds, device)
-    result = {m: {'median_s': statistics.median(s['seconds'] for s in v),
-                  'min_s': min(s['seconds'] for s in v),
-                  'peak_mib': max(s['peak_mib'] for s in v)} for m, v in samples.items()}
+    result: Dict[str, Any] = {'num_batches': num_batches}
+    result.update({m: {'median_s': statistics.median(s['seconds'] for s in v),
+                       'min_s': min(s['seconds'] for s in v),
+                       'peak_mib': max(s['peak_mib'] for s in v)} for m, v in samples.items()})
     result['time_ratio'] = ratio(samples, 'convert_bn', 'forward', 'seconds')
     if device.type == 'cuda':
         result['memory_ratio'] = (result['convert_bn']['peak_mib']
                                   / result['forward']['peak_mib'])
+    del batches
     return result
 
 
@@ -368,7 +371,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--batch-size', type=int, default=8)
     p.add_argument('--train-batch-size', type=int, default=8)
     p.add_argument('--size', type=int, nargs=2, default=(512, 1024), metavar=('H', 'W'))
-    p.add_argument('--num-batches', type=int, default=4, help='batches per conversion pass')
+    p.add_argument('--num-batches', type=int, nargs='+', default=[4, 32],
+                   help='batches per conversion pass; one timing per value (a short pass shows '
+                   'the fixed cost of the end of the pass, a longer one the per-batch cost)')
     p.add_argument('--rounds', type=int, default=7)
     p.add_argument('--steps', type=int, default=10, help='training steps per round and method')
     p.add_argument('--skip', nargs='*', default=[], choices=['checks', 'conversion', 'train'])
@@ -376,7 +381,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.batch_size = args.train_batch_size = 2
-        args.size, args.num_batches, args.rounds, args.steps = (64, 96), 2, 3, 2
+        args.size, args.num_batches, args.rounds, args.steps = (64, 96), [2], 2, 2
     return args
 
 
@@ -393,7 +398,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                   if device.type == 'cuda' else platform.processor()
                                                   or platform.machine()),
            'cuda': torch.version.cuda, 'quick': args.quick,
-           'conversion_input': [args.num_batches, args.batch_size, 3, *args.size],
+           'conversion_input': [args.batch_size, 3, *args.size],
            'train_input': [args.train_batch_size, 3, *args.size]}
     print(f"bench_gpu on {env['device']} (torch {env['torch']}, CUDA {env['cuda']})", flush=True)
     out: Dict[str, Any] = {'env': env}
@@ -401,12 +406,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print('correctness against a float64 reference of the same BN inputs:', flush=True)
         out['checks'] = run_checks(args, device)
     if 'conversion' not in args.skip:
-        out['conversion'] = c = time_conversion(args, device)
-        print(f"conversion of {args.num_batches} x {args.batch_size}x3x{args.size[0]}x{args.size[1]}: "
-              f"forward {c['forward']['median_s']:.3f} s, convert_bn {c['convert_bn']['median_s']:.3f} s, "
-              f"ratio {c['time_ratio']:.3f}x time"
-              + (f", peak {c['forward']['peak_mib']:.0f} vs {c['convert_bn']['peak_mib']:.0f} MiB "
-                 f"({c['memory_ratio']:.3f}x)" if 'memory_ratio' in c else ''), flush=True)
+        out['conversion'] = []
+        for num in args.num_batches:
+            out['conversion'].append(c := time_conversion(args, device, num))
+            print(f"conversion of {num} x {args.batch_size}x3x{args.size[0]}x{args.size[1]}: "
+                  f"forward {c['forward']['median_s']:.3f} s, convert_bn "
+                  f"{c['convert_bn']['median_s']:.3f} s, ratio {c['time_ratio']:.3f}x time"
+                  + (f", peak {c['forward']['peak_mib']:.0f} vs {c['convert_bn']['peak_mib']:.0f}"
+                     f" MiB ({c['memory_ratio']:.3f}x)" if 'memory_ratio' in c else ''),
+                  flush=True)
     if 'train' not in args.skip:
         while True:
             try:

@@ -47,5 +47,6 @@ def test_bench_gpu_quick_on_cpu(tmp_path):
     assert [c['case'] for c in result['checks']] == [
         'float32', 'channels_last', 'bf16_autocast', 'syncbn']
     assert all(c['ok'] and c['layers'] > 0 for c in result['checks']), result['checks']
-    assert math.isfinite(result['conversion']['time_ratio'])
+    assert [c['num_batches'] for c in result['conversion']] == [2]
+    assert math.isfinite(result['conversion'][0]['time_ratio'])
     assert math.isfinite(result['train_step']['step_ratio'])
