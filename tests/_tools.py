@@ -8,14 +8,15 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-TOOLS = Path(__file__).resolve().parents[1] / 'tools'
+REPO = Path(__file__).resolve().parents[1]
 
 
-def load_tool(name: str) -> ModuleType:
-    """``tools/<name>.py`` as a module, loaded once per test session."""
-    key = f'daft_tools_{name}'
+def load_tool(name: str, folder: str = 'tools') -> ModuleType:
+    """``<folder>/<name>.py`` (a script of tools/ or benchmarks/) as a module, loaded once per
+    test session."""
+    key = f'daft_{folder}_{name}'
     if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, TOOLS / f'{name}.py')
+        spec = importlib.util.spec_from_file_location(key, REPO / folder / f'{name}.py')
         module = importlib.util.module_from_spec(spec)
         sys.modules[key] = module  # before exec: dataclasses resolve their module by name
         spec.loader.exec_module(module)

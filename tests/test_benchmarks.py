@@ -11,9 +11,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_bench(script: str, out: Path) -> dict:
+def run_bench(script: str, out: Path, *extra: str) -> dict:
     subprocess.run([sys.executable, str(REPO / 'benchmarks' / script), '--quick', '--out',
-                    str(out)], check=True, cwd=REPO, capture_output=True, text=True, timeout=600)
+                    str(out), *extra], check=True, cwd=REPO, capture_output=True, text=True,
+                   timeout=600)
     return json.loads(out.read_text())
 
 
@@ -36,3 +37,16 @@ def test_bench_train_step_quick(tmp_path):
     assert all(t > 0 for t in result['median_step_s'].values())
     assert math.isfinite(result['ratio_daft_vs_ft'])
     assert all(len(t) == result['rounds'] for t in result['round_median_step_s'].values())
+
+
+def test_bench_gpu_quick_on_cpu(tmp_path):
+    """The GPU benchmark's every part runs on the CPU too (its real figures need a GPU): the
+    precision checks against the float64 reference pass (channels_last, bfloat16 autocast and the
+    SyncBatchNorm path under a one-rank gloo group included), and the timings are written."""
+    result = run_bench('bench_gpu.py', tmp_path / 'gpu.json', '--device', 'cpu')
+    assert [c['case'] for c in result['checks']] == [
+        'float32', 'channels_last', 'bf16_autocast', 'syncbn']
+    assert all(c['ok'] and c['layers'] > 0 for c in result['checks']), result['checks']
+    assert [c['num_batches'] for c in result['conversion']] == [2]
+    assert math.isfinite(result['conversion'][0]['time_ratio'])
+    assert math.isfinite(result['train_step']['step_ratio'])

@@ -332,10 +332,13 @@ _Update = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # mean,
 def _plan_updates(layers: Mapping[str, _BatchNorm],
                   moments: Mapping[str, ChannelMoments]) -> Tuple[Dict[str, _Update],
                                                                   ConversionReport]:
-    """Every new value, computed and checked before anything is written."""
+    """Every new value, computed and checked before anything is written.
+
+    The checks and the report's per-layer figures are gathered into one tensor and read back
+    once: one device sync for the whole model, not several per layer (on a GPU each read-back
+    waits for the device, and per layer they dominated the end of a short pass)."""
     updates: Dict[str, _Update] = {}
-    report = ConversionReport(var_mode='', num_batches=0, world_size=1)
-    non_finite = []
+    figures = []
     for name, mom in moments.items():
         bn = layers[name]
         mu_old = bn.running_mean.detach().to(torch.float64)
@@ -345,23 +348,25 @@ def _plan_updates(layers: Mapping[str, _BatchNorm],
         b = bn.bias.detach().to(torch.float64)
         new_bias = b + (mom.mean - mu_old) * w / std_old
         new_weight = w * std_new / std_old
-        new = (mom.mean, mom.var, new_weight, new_bias)
-        if not all(bool(torch.isfinite(t).all()) for t in new):
-            non_finite.append(name)
-            continue
-        updates[name] = new
+        updates[name] = (mom.mean, mom.var, new_weight, new_bias)
         shift = (mom.mean - mu_old).abs() / std_old
-        report.layers.append(LayerReport(
-            name=name, num_channels=bn.num_features, num_samples=mom.num_samples,
-            num_values=mom.num_values, num_batches=mom.num_batches,
-            mean_shift=float(shift.mean()), max_mean_shift=float(shift.max()),
-            std_ratio=float((std_new / std_old).mean())))
+        finite = torch.stack([torch.isfinite(t).all() for t in updates[name]]).all()
+        figures.append(torch.stack([finite.to(torch.float64), shift.mean(), shift.max(),
+                                    (std_new / std_old).mean()]))
+    report = ConversionReport(var_mode='', num_batches=0, world_size=1)
+    rows = torch.stack(figures).cpu().tolist() if figures else []
+    non_finite = [name for name, row in zip(moments, rows) if not row[0]]
     if non_finite:
         shown = ', '.join(non_finite[:5]) + (' ...' if len(non_finite) > 5 else '')
         raise ConversionError(
             f'non-finite statistics or parameters in {len(non_finite)} BN layer(s) ({shown}): '
             'the inputs contain NaN/Inf, or activations overflow. Check the data pipeline '
             '(normalisation, corrupt images). The model is unchanged.')
+    for (name, mom), (_, mean_shift, max_shift, std_ratio) in zip(moments.items(), rows):
+        report.layers.append(LayerReport(
+            name=name, num_channels=layers[name].num_features, num_samples=mom.num_samples,
+            num_values=mom.num_values, num_batches=mom.num_batches, mean_shift=mean_shift,
+            max_mean_shift=max_shift, std_ratio=std_ratio))
     return updates, report
 
 

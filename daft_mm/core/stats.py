@@ -218,13 +218,18 @@ class ChannelAccumulator:
         n = torch.tensor(counts, dtype=torch.float64, device=self.shift.device)[:, None]
         self.sum += s.sum(0)
         self.sumsq += q.sum(0)
-        several = n[:, 0] > 1
-        if several.any():
+        # which batches have a variance is known from the host-side counts: no device sync
+        several = [i for i, count in enumerate(counts) if count > 1]
+        if several:
             # each batch's sum of squares about its own mean; s and q are about the shift, which
             # lies near the data, so nothing large cancels
-            m2 = q[several] - s[several] * s[several] / n[several]
-            self.batch_var_sum += (m2.clamp_min(0.0) / (n[several] - 1) * n[several]).sum(0)
-            self.batch_var_count += int(n[several].sum().item())
+            bs, bq, bn = s, q, n
+            if len(several) < len(counts):
+                pick = torch.tensor(several, device=n.device)
+                bs, bq, bn = s[pick], q[pick], n[pick]
+            m2 = bq - bs * bs / bn
+            self.batch_var_sum += (m2.clamp_min(0.0) / (bn - 1) * bn).sum(0)
+            self.batch_var_count += sum(counts[i] for i in several)
         self.count += sum(counts)
         if self.per_batch:
             self.batch_counts.extend(counts)
