@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, args.cfg_options, work_dir=args.work_dir,
                       launcher=args.launcher)
     task = detect_task(cfg)
+    from daft_mm.mm.settings import require_daft_hook
+    require_daft_hook(cfg)  # a DAFT config whose custom_hooks lost DAFTHook fails here
 
     if args.amp:
         optim_type = cfg.optim_wrapper.get('type', 'OptimWrapper')
