@@ -62,13 +62,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--reference-converted', nargs='+', type=_name_path, default=[],
                         metavar='NAME=CKPT',
                         help='for run NAME, also compare against this checkpoint of the model '
-                        'right after BN conversion (e.g. saved by DAFTHook)')
+                        'right after BN conversion: <work_dir>/converted.pth, which DAFTHook '
+                        'saves when it has converted (save_converted=True, the default)')
     parser.add_argument('--convert', nargs='+', default=[], metavar='NAME',
                         help='for run NAME, also compare against the pretrained model converted '
                         'here with daft_mm.core.convert_bn on --convert-split')
     parser.add_argument('--convert-split', default='train', choices=('train', 'val', 'test'))
     parser.add_argument('--convert-batches', type=int, default=None,
-                        help='batches for --convert (default: the whole split)')
+                        help='at most this many batches for --convert (default: one pass over '
+                        'the split, as DAFTHook)')
     parser.add_argument('--convert-var-mode', default='batch', choices=('batch', 'population'))
     parser.add_argument('--split', default='val', choices=('train', 'val', 'test'),
                         help="split whose dataloader feeds the feature comparison (default val)")
@@ -327,14 +329,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     from mmengine.config import Config
     from mmengine.registry import MODELS, init_default_scope
+    from mmengine.utils import ProgressBar
 
     import daft_mm  # noqa: F401  (registers daft-mm modules)
     from daft_mm.core import convert_bn, relative_change
+    from daft_mm.mm.cli import apply_cfg_options
+    from daft_mm.mm.hooks.daft_hook import count_batches, one_pass_loader
     from daft_mm.mm.hooks.distortion_hook import backbone_inputs, compare_backbones
 
     cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(_parse_cfg_options(args.cfg_options))
+    # The tools' shared way: data_root=PATH reaches every dataloader (tools/train.py, test.py,
+    # test_robustness.py do the same).
+    apply_cfg_options(cfg, _parse_cfg_options(args.cfg_options or []))
     init_default_scope(cfg.get('default_scope', 'mmseg'))
     model = MODELS.build(cfg.model)  # no init_weights: weights come from the checkpoints
     model.to(args.device)
@@ -356,10 +362,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     conversion_reports = {}
     if args.convert:
         converted = copy.deepcopy(backbones[PRETRAINED])
-        loader = build_loader(cfg, args.convert_split, args.num_workers, seed=args.seed)
-        report = convert_bn(converted, loader, max_batches=args.convert_batches,
+        # DAFTHook's statistics loader: one finite pass (the training split's InfiniteSampler
+        # never ends), at most --convert-batches, with its progress bar.
+        loader = one_pass_loader(build_loader(cfg, args.convert_split, args.num_workers),
+                                 seed=args.seed)
+        total = count_batches(loader, args.convert_batches)
+        print(f'converting BN of the pretrained backbone on the {args.convert_split} split: '
+              f'{total} batches', flush=True)
+        bar = ProgressBar(total)
+        report = convert_bn(converted, loader, max_batches=total,
                             var_mode=args.convert_var_mode,
-                            forward=lambda m, batch: m(backbone_inputs(model, batch, True)))
+                            forward=lambda m, batch: m(backbone_inputs(model, batch, True)),
+                            progress=lambda _: bar.update())
+        bar.file.write('\n')
         print(report.summary(max_rows=5))
         desc = (f'pretrained converted here with convert_bn on the {args.convert_split} split '
                 f'({report.num_batches} batches, {args.convert_var_mode} variance)')

@@ -37,7 +37,7 @@ from ..models.daft_model import (DAFTModel, check_predictors, default_predictors
 from ..settings import (PREDICTORS_KEY, describe_lrs, head_lr_mult, predictor_lr_cfg,
                         resolve_predictors, unwrap)
 
-__all__ = ['DAFTHook']
+__all__ = ['DAFTHook', 'one_pass_loader', 'count_batches']
 
 _CKPT_KEY = 'daft'
 #: written to the work dir once the preparation is done: the start of a DAFT run, the reference
@@ -365,39 +365,51 @@ class DAFTHook(Hook):
     def _build_loader(self, runner: Any) -> Tuple[Any, int]:
         """A finite loader and the number of batches this rank runs (the same bound on every
         rank is not needed: the core pools whatever each rank saw)."""
-        rank, world_size = get_dist_info()
+        rank, _ = get_dist_info()
         if self.dataloader is None:
-            train = runner.train_dataloader
-            dataset = train.dataset
-            # A fresh, finite sampler over the training dataset: iterating the training loader
-            # itself would never end (InfiniteSampler) and, with persistent workers, would reset
-            # the iterator the training loop already holds.
-            # mmdet trains with a batch sampler (AspectRatioBatchSampler): the loader's own
-            # batch_size is None then, and the sampler's is the one that counts.
-            batch_size = train.batch_size or getattr(train.batch_sampler, 'batch_size', None) or 1
-            loader = DataLoader(
-                dataset, batch_size=batch_size, num_workers=train.num_workers,
-                sampler=DefaultSampler(dataset, shuffle=True, seed=runner.seed, round_up=False),
-                collate_fn=train.collate_fn, worker_init_fn=train.worker_init_fn,
-                persistent_workers=False)
+            loader = one_pass_loader(runner.train_dataloader, runner.seed)
         elif isinstance(self.dataloader, dict):
             loader = runner.build_dataloader(self.dataloader, seed=runner.seed)
         else:
             loader = self.dataloader
-        sampler = getattr(loader, 'sampler', None)
-        batch_sampler = getattr(loader, 'batch_sampler', None)
-        infinite = isinstance(sampler, InfiniteSampler) or isinstance(
-            getattr(batch_sampler, 'sampler', None), InfiniteSampler)
-        if infinite:
-            # One pass over the dataset, shared by the ranks.
-            batch_size = loader.batch_size or getattr(batch_sampler, 'batch_size', 1)
-            one_pass = math.ceil(len(loader.dataset) / (batch_size * world_size))
-        else:
-            one_pass = len(loader)
-        total = min(one_pass, self.num_batches) if self.num_batches else one_pass
+        total = count_batches(loader, self.num_batches)
         if total < 1:
             raise ValueError(f'DAFTHook: the statistics loader has no batch on rank {rank} '
                              f'(dataset of {len(loader.dataset)} samples). Fix: give '
                              'custom_hooks[DAFTHook].dataloader a non-empty dataset')
         return loader, total
 
+
+
+def one_pass_loader(train: DataLoader, seed: Optional[int] = None) -> DataLoader:
+    """A finite loader over a training loader's dataset, pipeline and batch size: the loader of
+    DAFT's statistics pass (DAFTHook, ``tools/analyze_distortion.py --convert``).
+
+    Why not the training loader itself: its ``InfiniteSampler`` never ends and, with persistent
+    workers, iterating it would reset the iterator the training loop already holds. mmdet trains
+    with a batch sampler (``AspectRatioBatchSampler``): the loader's own ``batch_size`` is None
+    then, and the sampler's is the one that counts.
+    """
+    dataset = train.dataset
+    batch_size = train.batch_size or getattr(train.batch_sampler, 'batch_size', None) or 1
+    return DataLoader(
+        dataset, batch_size=batch_size, num_workers=train.num_workers,
+        sampler=DefaultSampler(dataset, shuffle=True, seed=seed, round_up=False),
+        collate_fn=train.collate_fn, worker_init_fn=train.worker_init_fn,
+        persistent_workers=False)
+
+
+def count_batches(loader: Any, num_batches: Optional[int] = None) -> int:
+    """Batches this rank runs: one pass over the data (shared by the ranks when the loader's
+    sampler is infinite), at most ``num_batches``."""
+    _, world_size = get_dist_info()
+    sampler = getattr(loader, 'sampler', None)
+    batch_sampler = getattr(loader, 'batch_sampler', None)
+    infinite = isinstance(sampler, InfiniteSampler) or isinstance(
+        getattr(batch_sampler, 'sampler', None), InfiniteSampler)
+    if infinite:
+        batch_size = loader.batch_size or getattr(batch_sampler, 'batch_size', 1)
+        one_pass = math.ceil(len(loader.dataset) / (batch_size * world_size))
+    else:
+        one_pass = len(loader)
+    return min(one_pass, num_batches) if num_batches else one_pass
