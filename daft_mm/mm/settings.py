@@ -75,13 +75,13 @@ def predictor_lr_cfg(optim_cfg: Mapping[str, Any], predictors: Sequence[str], mu
     custom = paramwise.get('custom_keys') or {}
     nested = _nested_custom_key(custom)
     if nested is not None:
-        head, _, rest = nested.partition('.')
+        head = nested.split('.', 1)[0]
         raise ValueError(
-            f"{_CUSTOM} has a nested entry {head!r} -> {rest!r}: --cfg-options splits keys at "
-            f"dots, so custom_keys.{nested}=... does not address the module {nested.rsplit('.', 1)[0]!r} "
-            f'and changes no learning rate. Fix: set {LR_MULT_KEY}=<value> for the DAFT '
-            f"predictors, or quote the whole dict: --cfg-options \"{_CUSTOM}="
-            f"{{'{nested.rsplit('.', 1)[0]}':{{'lr_mult':20}}}}\"")
+            f"{_CUSTOM} has a nested entry {nested!r}: --cfg-options splits keys at dots, so "
+            f"custom_keys.{nested}.lr_mult=... makes a key {head!r} without a multiplier instead "
+            f"of addressing the module {nested!r}, and no learning rate changes. Fix: for the "
+            f'DAFT predictors set {LR_MULT_KEY}=<value>; for other modules quote the whole dict: '
+            f"--cfg-options \"{_CUSTOM}={{'{nested}':{{'lr_mult':20}}}}\"")
     conflicts = [f"{_CUSTOM}['{name}'].lr_mult={custom[name]['lr_mult']!r}"
                  for name in predictors
                  if isinstance(custom.get(name), Mapping) and custom[name].get('lr_mult') is not None
