@@ -331,8 +331,7 @@ def _hook_only_cfg(data, cfgdir, tmp_path, **options):
 @pytest.mark.parametrize('style,options,error,pattern', [
     ('hook', {'custom_hooks': [dict(type='DAFTHook', predictors=['decode_head.conv_sge'])]},
      ValueError, r"custom_hooks\[DAFTHook\]\.predictors.*decode_head\.conv_seg"),
-    ('hook', {'custom_hooks': [dict(type='DAFTHook', predictors=['decode_head.conv_seg'],
-                                    modules=['backbone.layer9'])]},
+    ('hook', {'custom_hooks': [dict(type='DAFTHook', modules=['backbone.layer9'])]},
      ValueError, r"custom_hooks\[DAFTHook\]\.modules.*layer9"),
     ('hook', {'model.backbone.norm_eval': True},
      ValueError, r"model\.backbone\.norm_eval.*norm_eval=False"),

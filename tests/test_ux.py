@@ -326,3 +326,85 @@ def test_generated_voc_feeds_the_shipped_voc_aug_config(voc_seg_root):
     sample = dataset[len(dataset) - 1]  # from SegmentationClassAug, through the stock pipeline
     assert sample['data_samples'].gt_sem_seg.data.shape[-2:] == (512, 512)
 
+
+
+# ------------------------------------------------------------- 10. pure-Python (read_base) style
+_TINY_NEW_STYLE = '''from mmengine.config import read_base
+
+with read_base():
+    from .daft_deeplabv3_r50_d8_cityscapes import *  # noqa: F401,F403
+
+# A user's edits in plain Python: the tiny DeepLabV3 of configs/_tiny_ and small images.
+norm = dict(type='BN', requires_grad=True)
+model.model.pretrained = None
+model.model.data_preprocessor.size = (64, 128)
+model.model.backbone.update(depth=18, stem_channels=16, base_channels=16, norm_cfg=norm)
+model.model.decode_head.update(in_channels=128, channels=32, dilations=(1, 2, 4, 6), norm_cfg=norm)
+model.model.auxiliary_head.update(in_channels=64, channels=16, norm_cfg=norm)
+train_dataloader.update(batch_size=2, num_workers=0, persistent_workers=False)
+train_dataloader.dataset.pipeline = [
+    dict(type='LoadImageFromFile'), dict(type='LoadAnnotations'),
+    dict(type='RandomCrop', crop_size=(64, 128)), dict(type='PackSegInputs')]
+val_dataloader.update(num_workers=0, persistent_workers=False)
+val_dataloader.dataset.pipeline = [
+    dict(type='LoadImageFromFile'), dict(type='LoadAnnotations'), dict(type='PackSegInputs')]
+test_dataloader = val_dataloader
+tta_pipeline[1].transforms[0] = [dict(type='Resize', scale_factor=r, keep_ratio=True)
+                                 for r in (0.75, 1.0)]
+env_cfg.dist_cfg.backend = 'gloo'
+daft_head_lr_mult = 20.0
+custom_hooks.append(dict(type='DistortionHook', num_images=1))
+'''
+
+
+def test_pure_python_config_end_to_end(cityscapes_root, tmp_path):
+    import shutil
+    configs = tmp_path / 'configs'
+    shutil.copytree(CONFIGS / '_base_', configs / '_base_')
+    shutil.copytree(CONFIGS / 'new_style', configs / 'new_style')
+    user = configs / 'new_style' / 'my_daft.py'
+    user.write_text(_TINY_NEW_STYLE)
+    work = tmp_path / 'work'
+    run = _tool('train', user, '--work-dir', work, '--cfg-options',
+                f'data_root={cityscapes_root}', 'train_cfg.max_iters=2', 'train_cfg.val_interval=2',
+                'default_hooks.checkpoint.interval=2', cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-4000:]
+    log = run.stdout + run.stderr
+    assert 'DAFTHook: effective start LRs (predictors: 20 from daft_head_lr_mult)' in log
+    assert 'DAFTHook: BN conversion' in log and 'DistortionHook (1 images' in log
+    assert '[daft-mm] seg final validation metrics' in run.stdout
+    run = _tool('test', user, work / 'iter_2.pth', '--tta', '--work-dir', tmp_path / 'test',
+                '--cfg-options', f'data_root={cityscapes_root}', cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert '[daft-mm] seg test metrics' in run.stdout
+
+
+# ------------------------------------------- 12 + 11. test_robustness: terminal, JSON, plot
+def test_robustness_terminal_has_summaries_and_the_json_the_per_class_tables(
+        trained, cityscapes_root, tmp_path):
+    run = _tool('test_robustness', trained['config'], trained['work'] / 'iter_2.pth',
+                '--corruptions', 'gaussian_noise', 'fog', '--severities', '1', '--work-dir',
+                tmp_path, '--cfg-options', f'data_root={cityscapes_root}')
+    assert run.returncode == 0, run.stderr[-4000:]
+    terminal = run.stdout + run.stderr
+    assert 'per class results' not in terminal and '| road ' not in terminal
+    assert terminal.count('[robustness]') == 3  # clean + one line per corruption pass
+    assert '| gaussian_noise |' in run.stdout and 'mPC' in run.stdout  # the summary table
+    result = json.loads((tmp_path / 'robustness.json').read_text())
+    assert set(result['per_class']) == {'clean', 'gaussian_noise/1', 'fog/1'}
+    assert len(result['per_class']['fog/1']) == 19  # one row per Cityscapes class
+    assert set(result['per_class']['clean']['road']) == {'IoU', 'Acc'}
+    logs = list(tmp_path.glob('*/*.log'))
+    assert logs and 'per class results' in logs[0].read_text()  # the log file keeps them
+
+
+def test_robustness_plot_names_checkpoint_and_explains_mpc_rpc(tmp_path):
+    from _tools import load_tool
+    tool = load_tool('test_robustness')
+    results = dict(metric='mIoU', checkpoint='work_dirs/daft/iter_40000.pth', clean=60.0,
+                   corrupted={'fog': {'1': 50.0, '3': 40.0}})
+    results['summary'] = tool.summarize(results)
+    title, note = tool.plot(results, [1, 3], str(tmp_path / 'r.png'))
+    assert 'iter_40000.pth' in title and 'mPC 45.00' in title and 'rPC 75.0%' in title
+    assert 'mPC: mean mIoU over the corruptions' in note and 'rPC: mPC / clean' in note
+    assert (tmp_path / 'r.png').stat().st_size > 0

@@ -220,11 +220,15 @@ def format_summary(result: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------- figures
-def plot_features(result: Mapping[str, Any], path: str) -> None:
+def plot_features(result: Mapping[str, Any], path: str) -> List[Tuple[str, float]]:
     """Overlaid histograms, one colour per run (solid: vs pretrained, dashed: vs converted).
 
     Cosines are drawn as ``1 - cosine`` on a log axis (exact matches clipped to 1e-9): fine-tuned
     features sit at cosines like 0.997, which linear bins over [-1, 1] cannot tell apart.
+    Curves that coincide (a run compared with two references that hold the same backbone) would
+    hide each other: each curve is drawn thinner than the one before it, on top, so the earlier
+    one shows as a wide band around it, and its legend entry says which curve it equals.
+    Returns (legend label, line width) per curve.
     """
     import matplotlib
     matplotlib.use('Agg')
@@ -232,6 +236,7 @@ def plot_features(result: Mapping[str, Any], path: str) -> None:
     import numpy as np
 
     floor = 1e-9
+    legend: List[Tuple[str, float]] = []
     levels = [str(level) for level in result['feature_levels']]
     runs = list(result['runs'])
     colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
@@ -250,9 +255,19 @@ def plot_features(result: Mapping[str, Any], path: str) -> None:
         cos_bins = np.logspace(math.log10(floor), math.log10(max(hi * 1.5, 10 * floor)), 41)
         l2_all = [x for v in per_image['l2'] for x in v] or [0.0]
         l2_bins = np.linspace(0.0, max(max(l2_all) * 1.05, 1e-12), 31)
+        drawn = []
         for k, (i, run, ref, comp) in enumerate(curves):
+            label = f'{run} vs {ref}'
+            same = [other for other, data in drawn
+                    if data == (per_image['cosine'][k], per_image['l2'][k])]
+            if same:
+                label += f' (identical to {same[0]})'
+            drawn.append((f'{run} vs {ref}', (per_image['cosine'][k], per_image['l2'][k])))
+            width = max(1.2, 1.2 + 1.4 * (len(curves) - 1 - k))
             kw = dict(color=colours[i % len(colours)], linestyle=styles.get(ref, ':'),
-                      label=f'{run} vs {ref}', linewidth=1.5)
+                      label=label, linewidth=width, alpha=0.85, zorder=2 + k)
+            if r == 0:
+                legend.append((label, width))
             axes[r][0].hist(dists[k], bins=cos_bins, histtype='step', **kw)
             axes[r][1].hist(per_image['l2'][k], bins=l2_bins, histtype='step', **kw)
             hist = comp['features'][level].get('pixel_one_minus_cosine_histogram')
@@ -271,13 +286,28 @@ def plot_features(result: Mapping[str, Any], path: str) -> None:
             ax.set_title(f'backbone out{level}: {titles[key]}', fontsize=10)
             ax.set_ylabel('fraction of pixels' if key == 'pixel' else 'images')
             ax.legend(fontsize=7)
-    fig.suptitle('Feature distance to the reference (solid: vs pretrained, dashed: vs converted)')
+    fig.suptitle('Feature distance to the reference (solid: vs pretrained, dashed: vs converted; '
+                 'coinciding curves drawn as a wide band under a thin line)')
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return legend
 
 
-def plot_parameters(result: Mapping[str, Any], path: str) -> None:
+#: below this, the symlog axis of parameter_change.png is linear (relative changes smaller than
+#: 1e-3 are "unchanged" for a plot)
+SYMLOG_LINTHRESH = 1e-3
+
+
+def plot_parameters(result: Mapping[str, Any], path: str) -> Dict[str, str]:
+    """One panel per quantity, relative change per layer along the network; returns each
+    panel's y scale.
+
+    Why symlog: the relative change of a parameter whose reference is near zero (BN biases, often
+    ~1e-6) can be 1e5 while the rest of the panel is 1e-3..1; on a linear axis that one point
+    flattens every other line. Symlog is logarithmic above ``SYMLOG_LINTHRESH`` and linear below
+    it, so zero changes stay drawable; the axis label says so.
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -291,6 +321,7 @@ def plot_parameters(result: Mapping[str, Any], path: str) -> None:
     fig, axes = plt.subplots(len(QUANTITIES), 1, figsize=(14, 2.8 * len(QUANTITIES)),
                              sharex=True, squeeze=False)
     boundaries: Dict[str, int] = {}
+    scales: Dict[str, str] = {}
     for q, ax in zip(QUANTITIES, axes[:, 0]):
         any_positive = False
         for i, run in enumerate(runs):
@@ -306,7 +337,11 @@ def plot_parameters(result: Mapping[str, Any], path: str) -> None:
                     boundaries.setdefault(row['stage'], row['index'])
         if q in log_scale and any_positive:
             ax.set_yscale('log', nonpositive='mask')
-        ax.set_ylabel('rel. change')
+            ax.set_ylabel('rel. change (log)')
+        else:
+            ax.set_yscale('symlog', linthresh=SYMLOG_LINTHRESH)
+            ax.set_ylabel(f'rel. change (symlog,\nlinear below {SYMLOG_LINTHRESH:g})', fontsize=8)
+        scales[q] = ax.get_yscale()
         ax.set_title(q + (' (log scale; zero changes not drawn)' if q in log_scale and any_positive
                           else ''), fontsize=10)
         ax.legend(fontsize=7, loc='upper left')
@@ -322,6 +357,7 @@ def plot_parameters(result: Mapping[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return scales
 
 
 # ------------------------------------------------------------------------------------- main

@@ -164,8 +164,9 @@ def resolve_predictors(candidates: List[Tuple[str, Optional[Sequence[str]]]]
         elif sorted(chosen[1]) != sorted(names):
             raise ValueError(
                 f'the DAFT predictors are set twice with different values: {chosen[0]}='
-                f'{chosen[1]} and {key}={names}. Fix: set them in one place, {PREDICTORS_KEY} '
-                '(read by DAFTHook and DAFTModel at start-up), and drop the other')
+                f'{chosen[1]} and {key}={names}. Fix: set them in one place: '
+                f'{PREDICTORS_KEY}=[...] (a top-level key, read by DAFTHook and DAFTModel at '
+                'start-up), and remove the predictors argument of the DAFTHook / DAFTModel config')
     return (chosen[1], chosen[0]) if chosen else (None, None)
 
 

@@ -178,6 +178,10 @@ class DAFTHook(Hook):
                       (PREDICTORS_KEY, runner.cfg.get(PREDICTORS_KEY))]
         if isinstance(model, DAFTModel) and getattr(model, 'predictors_configured', False):
             candidates.append(('model.predictors', list(model.predictors)))
+        if self.zero_init:  # a typo is reported as one, under its own key, before comparing
+            candidates = [(k, None if v is None else check_predictors(
+                net, [v] if isinstance(v, str) else list(v), k))
+                          for k, v in candidates]
         names, _ = resolve_predictors(candidates)
         if names is None:
             return
