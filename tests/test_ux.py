@@ -408,3 +408,29 @@ def test_robustness_plot_names_checkpoint_and_explains_mpc_rpc(tmp_path):
     assert 'iter_40000.pth' in title and 'mPC 45.00' in title and 'rPC 75.0%' in title
     assert 'mPC: mean mIoU over the corruptions' in note and 'rPC: mPC / clean' in note
     assert (tmp_path / 'r.png').stat().st_size > 0
+
+
+# ----------------------------------------------------- 11. analyze_distortion plots readable
+def _distortion_result(bias_outlier: float) -> Dict[str, Any]:
+    from daft_mm.core.distortion import QUANTITIES
+    layers = [dict(quantity=q, index=i, stage=f'layer{1 + i // 2}',
+                   relative=(bias_outlier if (q == 'bn_bias' and i == 1) else 0.01 * (i + 1)))
+              for q in QUANTITIES for i in range(4)]
+    feats = {'-1': {'per_image': {'cosine': [0.99, 0.98], 'l2': [0.1, 0.2]}}}
+    comp = {'features': feats, 'parameters': {'layers': layers}}
+    return {'feature_levels': [-1], 'runs': {'DAFT': {'comparisons': {
+        'pretrained': comp, 'converted': comp}}}}
+
+
+def test_distortion_plots_stay_readable(tmp_path):
+    from _tools import load_tool
+    tool = load_tool('analyze_distortion')
+    result = _distortion_result(1.4e5)
+    scales = tool.plot_parameters(result, str(tmp_path / 'p.png'))
+    assert scales['bn_bias'] == 'symlog' and scales['bn_weight'] == 'symlog'
+    assert scales['bn_running_var'] == 'log'
+    legend = tool.plot_features(result, str(tmp_path / 'f.png'))
+    (first, w0), (second, w1) = legend
+    assert first == 'DAFT vs pretrained'
+    assert second == 'DAFT vs converted (identical to DAFT vs pretrained)'
+    assert w0 > w1  # the earlier curve shows as a band around the later one
