@@ -82,18 +82,21 @@ def predictor_lr_cfg(optim_cfg: Mapping[str, Any], predictors: Sequence[str], mu
             f"of addressing the module {nested!r}, and no learning rate changes. Fix: for the "
             f'DAFT predictors set {LR_MULT_KEY}=<value>; for other modules quote the whole dict: '
             f"--cfg-options \"{_CUSTOM}={{'{nested}':{{'lr_mult':20}}}}\"")
+    def set_mult(name: str) -> Optional[float]:
+        entry = custom.get(name)
+        if isinstance(entry, Mapping) and entry.get('lr_mult') is not None:
+            return float(entry['lr_mult'])
+        return None
+
     conflicts = [f"{_CUSTOM}['{name}'].lr_mult={custom[name]['lr_mult']!r}"
-                 for name in predictors
-                 if isinstance(custom.get(name), Mapping) and custom[name].get('lr_mult') is not None
-                 and float(custom[name]['lr_mult']) != mult]
+                 for name in predictors if set_mult(name) not in (None, mult)]
     if conflicts:
         raise ValueError(
             f'the DAFT predictors\' LR multiplier is set twice with different values: {mult:g} '
             f'from {mult_source} and {", ".join(conflicts)}. Fix: set it in one place, '
             f'{LR_MULT_KEY} (DAFTHook derives paramwise_cfg from it at start-up): drop '
             "`optim_wrapper = dict(paramwise_cfg={{_base_.daft_paramwise_cfg}})` from the config")
-    missing = [name for name in predictors
-               if not isinstance(custom.get(name), Mapping) or custom[name].get('lr_mult') is None]
+    missing = [name for name in predictors if set_mult(name) is None]
     if not missing:
         return None
     new = copy.deepcopy(dict(optim_cfg))

@@ -384,7 +384,6 @@ class DAFTHook(Hook):
         return loader, total
 
 
-
 def one_pass_loader(train: DataLoader, seed: Optional[int] = None) -> DataLoader:
     """A finite loader over a training loader's dataset, pipeline and batch size: the loader of
     DAFT's statistics pass (DAFTHook, ``tools/analyze_distortion.py --convert``).
