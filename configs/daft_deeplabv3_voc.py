@@ -4,11 +4,5 @@ _base_ = [
     'mmseg::deeplabv3/deeplabv3_r50-d8_4xb4-20k_voc12aug-512x512.py',
     './_base_/daft.py',
 ]
-model = dict(
-    _delete_=True,
-    type='DAFTModel',
-    method='daft',
-    predictors={{_base_.daft_predictors}},
-    model={{_base_.model}})
-optim_wrapper = dict(paramwise_cfg={{_base_.daft_paramwise_cfg}})
+model = dict(_delete_=True, type='DAFTModel', method='daft', model={{_base_.model}})
 param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, by_epoch=False)]

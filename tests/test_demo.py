@@ -44,6 +44,8 @@ def test_demo_quick_end_to_end(tmp_path, python):
     assert report['learning_rates_source'].startswith(str(REPO / 'configs' / 'demo'))
     md = (work / 'report.md').read_text()
     assert all(f'| {m} |' in md for m in METHODS)
+    # a one-seed --quick run says so, and shows no made-up spread
+    assert '--quick' in md.splitlines()[0] and '1 seed' in md.splitlines()[0] and '±' not in md
     assert (work / 'report.png').stat().st_size > 1000
     # The pretrained model is cached under a key of the settings, for the next run to reuse.
     assert len(list((work / 'pretrain').glob('*/pretrained.pth'))) == 1

@@ -331,15 +331,14 @@ def _hook_only_cfg(data, cfgdir, tmp_path, **options):
 @pytest.mark.parametrize('style,options,error,pattern', [
     ('hook', {'custom_hooks': [dict(type='DAFTHook', predictors=['decode_head.conv_sge'])]},
      ValueError, r"custom_hooks\[DAFTHook\]\.predictors.*decode_head\.conv_seg"),
-    ('hook', {'custom_hooks': [dict(type='DAFTHook', predictors=['decode_head.conv_seg'],
-                                    modules=['backbone.layer9'])]},
+    ('hook', {'custom_hooks': [dict(type='DAFTHook', modules=['backbone.layer9'])]},
      ValueError, r"custom_hooks\[DAFTHook\]\.modules.*layer9"),
     ('hook', {'model.backbone.norm_eval': True},
      ValueError, r"model\.backbone\.norm_eval.*norm_eval=False"),
     ('hook', {'param_scheduler': [dict(type='PolyLR', eta_min=1e-4, power=0.9, by_epoch=False)]},
      ValueError, r"param_scheduler\[0\].*eta_min=0"),
-    ('hook', {'optim_wrapper.paramwise_cfg': None},
-     ValueError, r"optim_wrapper\.paramwise_cfg.*lr_mult"),
+    ('hook', {'optim_wrapper.paramwise_cfg': None, 'daft_head_lr_mult': 1.0},
+     ValueError, r"not above the rest.*daft_head_lr_mult=10"),
     ('wrapper', {'custom_hooks': []}, RuntimeError, r"DAFTHook.*custom_hooks"),
     ('wrapper', {'model.method': 'ft'}, ValueError, r"model\.method='ft'.*remove DAFTHook"),
 ])
@@ -405,8 +404,9 @@ def test_shipped_configs_resolve_against_the_installed_stock_bases(name):
         assert cfg.model.type == 'FasterRCNN' and cfg.model.backbone.norm_eval is False
     if method == 'daft':
         assert hooks == ['DAFTHook']
-        keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
-        assert keys and all(v == dict(lr_mult=10.0) for v in keys.values())
+        assert cfg.daft_head_lr_mult == 10.0  # DAFTHook derives paramwise_cfg at start-up
+        keys = cfg.optim_wrapper.get('paramwise_cfg', {}).get('custom_keys', {})
+        assert all(v == dict(lr_mult=10.0) for v in keys.values())
         assert all(s['eta_min'] == 0 for s in schedulers)
     else:
         assert 'DAFTHook' not in hooks and not cfg.optim_wrapper.get('paramwise_cfg')

@@ -62,13 +62,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--reference-converted', nargs='+', type=_name_path, default=[],
                         metavar='NAME=CKPT',
                         help='for run NAME, also compare against this checkpoint of the model '
-                        'right after BN conversion (e.g. saved by DAFTHook)')
+                        'right after BN conversion: <work_dir>/converted.pth, which DAFTHook '
+                        'saves when it has converted (save_converted=True, the default)')
     parser.add_argument('--convert', nargs='+', default=[], metavar='NAME',
                         help='for run NAME, also compare against the pretrained model converted '
                         'here with daft_mm.core.convert_bn on --convert-split')
     parser.add_argument('--convert-split', default='train', choices=('train', 'val', 'test'))
     parser.add_argument('--convert-batches', type=int, default=None,
-                        help='batches for --convert (default: the whole split)')
+                        help='at most this many batches for --convert (default: one pass over '
+                        'the split, as DAFTHook)')
     parser.add_argument('--convert-var-mode', default='batch', choices=('batch', 'population'))
     parser.add_argument('--split', default='val', choices=('train', 'val', 'test'),
                         help="split whose dataloader feeds the feature comparison (default val)")
@@ -218,11 +220,15 @@ def format_summary(result: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------- figures
-def plot_features(result: Mapping[str, Any], path: str) -> None:
+def plot_features(result: Mapping[str, Any], path: str) -> List[Tuple[str, float]]:
     """Overlaid histograms, one colour per run (solid: vs pretrained, dashed: vs converted).
 
     Cosines are drawn as ``1 - cosine`` on a log axis (exact matches clipped to 1e-9): fine-tuned
     features sit at cosines like 0.997, which linear bins over [-1, 1] cannot tell apart.
+    Curves that coincide (a run compared with two references that hold the same backbone) would
+    hide each other: each curve is drawn thinner than the one before it, on top, so the earlier
+    one shows as a wide band around it, and its legend entry says which curve it equals.
+    Returns (legend label, line width) per curve.
     """
     import matplotlib
     matplotlib.use('Agg')
@@ -230,6 +236,7 @@ def plot_features(result: Mapping[str, Any], path: str) -> None:
     import numpy as np
 
     floor = 1e-9
+    legend: List[Tuple[str, float]] = []
     levels = [str(level) for level in result['feature_levels']]
     runs = list(result['runs'])
     colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
@@ -248,9 +255,19 @@ def plot_features(result: Mapping[str, Any], path: str) -> None:
         cos_bins = np.logspace(math.log10(floor), math.log10(max(hi * 1.5, 10 * floor)), 41)
         l2_all = [x for v in per_image['l2'] for x in v] or [0.0]
         l2_bins = np.linspace(0.0, max(max(l2_all) * 1.05, 1e-12), 31)
+        drawn = []
         for k, (i, run, ref, comp) in enumerate(curves):
+            label = f'{run} vs {ref}'
+            same = [other for other, data in drawn
+                    if data == (per_image['cosine'][k], per_image['l2'][k])]
+            if same:
+                label += f' (identical to {same[0]})'
+            drawn.append((f'{run} vs {ref}', (per_image['cosine'][k], per_image['l2'][k])))
+            width = max(1.2, 1.2 + 1.4 * (len(curves) - 1 - k))
             kw = dict(color=colours[i % len(colours)], linestyle=styles.get(ref, ':'),
-                      label=f'{run} vs {ref}', linewidth=1.5)
+                      label=label, linewidth=width, alpha=0.85, zorder=2 + k)
+            if r == 0:
+                legend.append((label, width))
             axes[r][0].hist(dists[k], bins=cos_bins, histtype='step', **kw)
             axes[r][1].hist(per_image['l2'][k], bins=l2_bins, histtype='step', **kw)
             hist = comp['features'][level].get('pixel_one_minus_cosine_histogram')
@@ -269,13 +286,28 @@ def plot_features(result: Mapping[str, Any], path: str) -> None:
             ax.set_title(f'backbone out{level}: {titles[key]}', fontsize=10)
             ax.set_ylabel('fraction of pixels' if key == 'pixel' else 'images')
             ax.legend(fontsize=7)
-    fig.suptitle('Feature distance to the reference (solid: vs pretrained, dashed: vs converted)')
+    fig.suptitle('Feature distance to the reference (solid: vs pretrained, dashed: vs converted; '
+                 'coinciding curves drawn as a wide band under a thin line)')
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return legend
 
 
-def plot_parameters(result: Mapping[str, Any], path: str) -> None:
+#: below this, the symlog axis of parameter_change.png is linear (relative changes smaller than
+#: 1e-3 are "unchanged" for a plot)
+SYMLOG_LINTHRESH = 1e-3
+
+
+def plot_parameters(result: Mapping[str, Any], path: str) -> Dict[str, str]:
+    """One panel per quantity, relative change per layer along the network; returns each
+    panel's y scale.
+
+    Why symlog: the relative change of a parameter whose reference is near zero (BN biases, often
+    ~1e-6) can be 1e5 while the rest of the panel is 1e-3..1; on a linear axis that one point
+    flattens every other line. Symlog is logarithmic above ``SYMLOG_LINTHRESH`` and linear below
+    it, so zero changes stay drawable; the axis label says so.
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -289,6 +321,7 @@ def plot_parameters(result: Mapping[str, Any], path: str) -> None:
     fig, axes = plt.subplots(len(QUANTITIES), 1, figsize=(14, 2.8 * len(QUANTITIES)),
                              sharex=True, squeeze=False)
     boundaries: Dict[str, int] = {}
+    scales: Dict[str, str] = {}
     for q, ax in zip(QUANTITIES, axes[:, 0]):
         any_positive = False
         for i, run in enumerate(runs):
@@ -304,7 +337,11 @@ def plot_parameters(result: Mapping[str, Any], path: str) -> None:
                     boundaries.setdefault(row['stage'], row['index'])
         if q in log_scale and any_positive:
             ax.set_yscale('log', nonpositive='mask')
-        ax.set_ylabel('rel. change')
+            ax.set_ylabel('rel. change (log)')
+        else:
+            ax.set_yscale('symlog', linthresh=SYMLOG_LINTHRESH)
+            ax.set_ylabel(f'rel. change (symlog,\nlinear below {SYMLOG_LINTHRESH:g})', fontsize=8)
+        scales[q] = ax.get_yscale()
         ax.set_title(q + (' (log scale; zero changes not drawn)' if q in log_scale and any_positive
                           else ''), fontsize=10)
         ax.legend(fontsize=7, loc='upper left')
@@ -320,6 +357,7 @@ def plot_parameters(result: Mapping[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return scales
 
 
 # ------------------------------------------------------------------------------------- main
@@ -327,14 +365,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     from mmengine.config import Config
     from mmengine.registry import MODELS, init_default_scope
+    from mmengine.utils import ProgressBar
 
     import daft_mm  # noqa: F401  (registers daft-mm modules)
     from daft_mm.core import convert_bn, relative_change
+    from daft_mm.mm.cli import apply_cfg_options
+    from daft_mm.mm.hooks.daft_hook import count_batches, one_pass_loader
     from daft_mm.mm.hooks.distortion_hook import backbone_inputs, compare_backbones
 
     cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(_parse_cfg_options(args.cfg_options))
+    # The tools' shared way: data_root=PATH reaches every dataloader (tools/train.py, test.py,
+    # test_robustness.py do the same).
+    apply_cfg_options(cfg, _parse_cfg_options(args.cfg_options or []))
     init_default_scope(cfg.get('default_scope', 'mmseg'))
     model = MODELS.build(cfg.model)  # no init_weights: weights come from the checkpoints
     model.to(args.device)
@@ -356,10 +398,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     conversion_reports = {}
     if args.convert:
         converted = copy.deepcopy(backbones[PRETRAINED])
-        loader = build_loader(cfg, args.convert_split, args.num_workers, seed=args.seed)
-        report = convert_bn(converted, loader, max_batches=args.convert_batches,
+        # DAFTHook's statistics loader: one finite pass (the training split's InfiniteSampler
+        # never ends), at most --convert-batches, with its progress bar.
+        loader = one_pass_loader(build_loader(cfg, args.convert_split, args.num_workers),
+                                 seed=args.seed)
+        total = count_batches(loader, args.convert_batches)
+        print(f'converting BN of the pretrained backbone on the {args.convert_split} split: '
+              f'{total} batches', flush=True)
+        bar = ProgressBar(total)
+        report = convert_bn(converted, loader, max_batches=total,
                             var_mode=args.convert_var_mode,
-                            forward=lambda m, batch: m(backbone_inputs(model, batch, True)))
+                            forward=lambda m, batch: m(backbone_inputs(model, batch, True)),
+                            progress=lambda _: bar.update())
+        bar.file.write('\n')
         print(report.summary(max_rows=5))
         desc = (f'pretrained converted here with convert_bn on the {args.convert_split} split '
                 f'({report.num_batches} batches, {args.convert_var_mode} variance)')

@@ -508,7 +508,20 @@ def summarize(results: Dict[str, List[Dict[str, Any]]], ood_names: Sequence[str]
 
 
 def _fmt(stat: Mapping[str, Any], digits: int = 2) -> str:
+    """``mean ± std``; one seed has no spread, so just the value (never a made-up ± 0.00)."""
+    if len(stat.get('values', ())) == 1:
+        return f'{stat["mean"]:.{digits}f}'
     return f'{stat["mean"]:.{digits}f} ± {stat["std"]:.{digits}f}'
+
+
+def report_title(quick: bool, n_seeds: int) -> str:
+    """Says how much a report can be trusted: a --quick run is a smoke test, one seed has no
+    spread."""
+    parts = []
+    if quick:
+        parts.append('--quick smoke run (reduced data and schedule, not the benchmark)')
+    parts.append('1 seed, no spread' if n_seeds == 1 else f'mean ± std over {n_seeds} seeds')
+    return 'daft-mm demo report: ' + '; '.join(parts)
 
 
 def markdown_table(summary: Mapping[str, Any], ood_names: Sequence[str],
@@ -527,7 +540,11 @@ def markdown_table(summary: Mapping[str, Any], ood_names: Sequence[str],
     return '\n'.join(lines)
 
 
-def plot(summary: Mapping[str, Any], out: Path, n_seeds: int) -> None:
+def plot(summary: Mapping[str, Any], out: Path, n_seeds: int,
+         pretrained: Optional[Mapping[str, Any]] = None, title: str = '') -> List[str]:
+    """ID and OOD-mean bars per method with the pretrained model's levels as lines (so
+    "better than pretrained" is visible at a glance), and feature similarity; returns the
+    labels of the reference lines."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -538,19 +555,31 @@ def plot(summary: Mapping[str, Any], out: Path, n_seeds: int) -> None:
         xs = [j + (i - 0.5) * width for j in range(len(methods))]
         ax.bar(xs, [summary[m][key]['mean'] for m in methods], width,
                yerr=[summary[m][key]['std'] for m in methods], capsize=3, label=label)
+    lines = []
+    if pretrained is not None:
+        colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
+        for i, (key, label) in enumerate((('id', 'ID'), ('ood_mean', 'OOD mean'))):
+            text = f'pretrained {label} ({pretrained[key]:.2f})'
+            ax.axhline(pretrained[key], color=colours[i], linestyle='--', linewidth=1.2,
+                       label=text)
+            lines.append(text)
     ax.set_xticks(range(len(methods)), methods)
     ax.set_ylabel('mIoU (%)')
-    ax.set_title(f'mIoU, mean ± std over {n_seeds} seed(s)')
-    ax.legend()
+    spread = 'one seed, no error bars' if n_seeds == 1 else f'mean ± std over {n_seeds} seeds'
+    ax.set_title(f'mIoU ({spread})', fontsize=10)
+    ax.legend(fontsize=8)
     ax2.bar(range(len(methods)), [summary[m]['cosine_similarity']['mean'] for m in methods],
             yerr=[summary[m]['cosine_similarity']['std'] for m in methods], capsize=3,
             color='tab:gray')
     ax2.set_xticks(range(len(methods)), methods)
     ax2.set_ylabel('cosine similarity')
-    ax2.set_title('backbone features vs pretrained')
+    ax2.set_title('backbone features vs pretrained', fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return lines
 
 
 # ------------------------------------------------------------------------------------ main
@@ -648,14 +677,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         'runs': results,
         'seconds': time.time() - t_start,
     }
+    title = report_title(args.quick, args.seeds)
+    report['title'] = title
     atomic_write_json(str(work_dir / 'report.json'), report, indent=1, default=str)
     table = markdown_table(summary, ood_names, pre_scores)
-    md = (f'# daft-mm demo report\n\n{report["metric"]}. Feature cos: {report["cosine_similarity"]}.'
+    md = (f'# {title}\n\n{report["metric"]}. Feature cos: {report["cosine_similarity"]}.'
           f'\n\nSeeds: {args.seeds}. Learning rates: {lrs}, from {lr_source}.\n\n{table}\n\n'
           f'![bar chart](report.png)\n\nTotal time: {report["seconds"]:.0f}s.\n')
     with atomic_write(str(work_dir / 'report.md')) as f:
         f.write(md)
-    plot(summary, work_dir / 'report.png', args.seeds)
+    plot(summary, work_dir / 'report.png', args.seeds, pre_scores, title)
     print('\n' + table + '\n', flush=True)
     print(f'report: {work_dir / "report.md"}, {work_dir / "report.json"}, '
           f'{work_dir / "report.png"} ({report["seconds"]:.0f}s)', flush=True)

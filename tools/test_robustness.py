@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import os.path as osp
 import sys
@@ -174,6 +175,55 @@ def load_previous(out_json: str, prov: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ results
+class PerClassTables(logging.Filter):
+    """Keeps the evaluators' per-class tables (mmseg's IoUMetric, mmdet's VOC/COCO metrics)
+    off the terminal and collects them for the JSON: one table per pass, 15 corruptions x 5
+    severities, would bury the results. The log file keeps everything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: List[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage().strip()
+        if text == 'per class results:':
+            return False
+        lines = text.splitlines()
+        if len(lines) >= 4 and lines[0].startswith('+') and lines[1].startswith('|'):
+            self.tables.append(text)
+            return False
+        return True
+
+    def attach(self, logger: logging.Logger) -> None:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(
+                    handler, logging.FileHandler):
+                handler.addFilter(self)
+
+    def pop(self) -> List[Dict[str, Dict[str, Optional[float]]]]:
+        """The tables collected since the last call, as {row name: {column: value}}."""
+        tables, self.tables = self.tables, []
+        return [parse_table(t) for t in tables]
+
+
+def parse_table(text: str) -> Dict[str, Dict[str, Optional[float]]]:
+    """A prettytable / terminaltables text table as {first column: {header: number}}."""
+    rows = [[c.strip() for c in line.strip().strip('|').split('|')]
+            for line in text.splitlines() if line.startswith('|')]
+    if not rows:
+        return {}
+
+    def num(value: str) -> Optional[float]:
+        try:
+            x = float(value)
+        except ValueError:
+            return None
+        return x if x == x else None  # NaN -> None (strict JSON)
+
+    header = rows[0]
+    return {row[0]: {h: num(v) for h, v in zip(header[1:], row[1:])} for row in rows[1:]}
+
+
 def summarize(results: Dict[str, Any]) -> Dict[str, Any]:
     """Per-corruption means, mPC, rPC from ``results['corrupted'][name][str(severity)]``."""
     per = {name: sum(v.values()) / len(v) for name, v in results['corrupted'].items() if v}
@@ -203,7 +253,9 @@ def table(results: Dict[str, Any], severities: Sequence[int]) -> str:
     return '\n'.join(lines)
 
 
-def plot(results: Dict[str, Any], severities: Sequence[int], out: str) -> None:
+def plot(results: Dict[str, Any], severities: Sequence[int], out: str) -> List[str]:
+    """Metric vs severity, one line per corruption; returns the texts written on the figure
+    (title, and a footnote naming the checkpoint and saying what mPC / rPC are)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -218,16 +270,23 @@ def plot(results: Dict[str, Any], severities: Sequence[int], out: str) -> None:
     ax.set_xlabel('severity')
     ax.set_ylabel(results['metric'])
     s = results['summary']
-    title = f'mPC {s["mPC"]:.2f}' if s['mPC'] is not None else ''
+    title = f'{results["metric"]} under corruption: {osp.basename(str(results["checkpoint"]))}'
+    scores = []
+    if s['mPC'] is not None:
+        scores.append(f'mPC {s["mPC"]:.2f}')
     if s['rPC'] is not None:
-        title += f', rPC {s["rPC"]:.1f}%'
-    ax.set_title(title)
+        scores.append(f'rPC {s["rPC"]:.1f}%')
+    ax.set_title(title + ('\n' + ', '.join(scores) if scores else ''), fontsize=10)
     ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc='upper left')
-    fig.tight_layout()
+    note = (f'checkpoint: {results["checkpoint"]}\nmPC: mean {results["metric"]} over the '
+            'corruptions and severities shown; rPC: mPC / clean (dashed line), in %')
+    fig.text(0.01, 0.01, note, fontsize=7, va='bottom')
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     from daft_mm.utils import atomic_write
     with atomic_write(out, 'wb') as f:
         fig.savefig(f, dpi=110, format='png')
     plt.close(fig)
+    return [ax.get_title(), note]
 
 
 # ------------------------------------------------------------------------------------ main
@@ -282,9 +341,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         results['summary'] = summarize(results)
         atomic_write_json(out_json, results, indent=1)
 
+    tables = PerClassTables()
+    tables.attach(runner.logger)
+
     def record(key: str, metrics: Mapping[str, Any]) -> float:
         results['all_metrics'][key] = {k: float(v) for k, v in metrics.items()
                                        if isinstance(v, (int, float))}
+        per_class = tables.pop()
+        if per_class:
+            results.setdefault('per_class', {})[key] = per_class[-1]
         if results['metric'] is None:
             results['metric'] = pick_metric(metrics, task, args.metric)
         elif results['metric'] not in metrics:

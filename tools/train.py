@@ -110,6 +110,9 @@ def _train(args: argparse.Namespace, cfg: Any, lock: Any) -> None:
     from mmengine.runner import Runner
 
     task = detect_task(cfg)
+    from daft_mm.mm.settings import require_daft_hook
+    require_daft_hook(cfg)  # a DAFT config whose custom_hooks lost DAFTHook fails here
+
     if args.amp:
         optim_type = cfg.optim_wrapper.get('type', 'OptimWrapper')
         if optim_type == 'AmpOptimWrapper':

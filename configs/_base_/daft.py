@@ -7,25 +7,27 @@
 #                      (BN conversion), then the final predictors start at zero
 #   daft_predictors    the final predictor layers (module paths of the segmentor)
 #   daft_head_lr_mult  their LR over the backbone's ("far above": DAFT's integrated LP+FT)
-#   daft_paramwise_cfg mmengine paramwise_cfg giving the predictors that multiplier
 #
-# mmengine forbids a key defined by two bases, and optim_wrapper / param_scheduler live in the stock
-# bases, so your config sets them itself (classic style; see configs/README.md for read_base()):
+# DAFTHook reads daft_predictors and daft_head_lr_mult from the final config when training starts
+# and adds the multiplier to optim_wrapper.paramwise_cfg.custom_keys itself, so a child config or
+# `--cfg-options daft_head_lr_mult=20` takes effect (the log line "DAFTHook: effective start
+# LRs" shows it). Your config only sets what the stock base owns (mmengine forbids a key defined
+# by two bases), the LR schedule:
 #
 #   _base_ = ['mmseg::deeplabv3/deeplabv3_r50-d8_4xb2-40k_cityscapes-512x1024.py',
 #             'path/to/configs/_base_/daft.py']
-#   optim_wrapper = dict(paramwise_cfg={{_base_.daft_paramwise_cfg}})
 #   # PolyLR's absolute eta_min (stock 1e-4) would pull every group to the same lr and erase the
 #   # predictor/backbone ratio; with eta_min=0 the ratio holds at every step. `end` defaults to
 #   # max_iters.
 #   param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, by_epoch=False)]
 #   # optional: wrap the model to make the method explicit (BN policy, guard that DAFTHook ran)
-#   model = dict(_delete_=True, type='DAFTModel', method='daft',
-#                predictors={{_base_.daft_predictors}}, model={{_base_.model}})
+#   model = dict(_delete_=True, type='DAFTModel', method='daft', model={{_base_.model}})
+#   # more hooks: a config's custom_hooks replaces its base's list, so list DAFTHook again
+#   custom_hooks = [dict(type='DAFTHook'), dict(type='DistortionHook')]
 #
 # The backbone must train its BatchNorm (norm_eval=False, the mmseg default); DAFTHook refuses
 # norm_eval=True at start-up. DAFTHook options (all optional):
-#   predictors=None          default: DAFTModel's, else the stock `*.conv_seg` / `roi_head.*.fc_*`
+#   predictors=None          default: daft_predictors, else DAFTModel's, else the stock names
 #   num_batches=None         statistics pass length per rank; default one pass over the train set
 #   dataloader=None          a dataloader config for the pass; default the training set + pipeline
 #   var_mode='batch'         or 'population' (see daft_mm.core.convert_bn)
@@ -33,11 +35,16 @@
 #   forward_mode='loss'      'loss' reaches every BN a training step uses (auxiliary heads too)
 #   convert=True, zero_init=True   ablations: either part alone
 #   check_lr=True            start-up check of the LR ratio and of eta_min
+#   save_converted=True      <work_dir>/converted.pth: the model right after the preparation
 custom_imports = dict(imports=['daft_mm'], allow_failed_imports=False)
 
 daft_predictors = ['decode_head.conv_seg', 'auxiliary_head.conv_seg']
 daft_head_lr_mult = 10.0
+# Kept for configs written before DAFTHook derived it (optim_wrapper =
+# dict(paramwise_cfg={{_base_.daft_paramwise_cfg}})): computed here, when this file is parsed,
+# so it does NOT follow a child's daft_head_lr_mult; DAFTHook then stops with an error naming
+# both keys. New configs leave optim_wrapper alone.
 daft_paramwise_cfg = dict(
     custom_keys={name: dict(lr_mult=daft_head_lr_mult) for name in daft_predictors})
 
-custom_hooks = [dict(type='DAFTHook', predictors=daft_predictors)]
+custom_hooks = [dict(type='DAFTHook')]

@@ -8,7 +8,8 @@ from typing import Any, Mapping
 
 from mmengine.config import Config
 
-__all__ = ['TASKS', 'detect_task', 'set_data_root', 'load_config', 'format_metrics']
+__all__ = ['TASKS', 'detect_task', 'set_data_root', 'load_config', 'format_metrics',
+           'apply_cfg_options', 'distributed_on_cpu']
 
 #: default_scope -> task name
 TASKS = {'mmseg': 'seg', 'mmdet': 'det'}
@@ -63,9 +64,73 @@ def set_data_root(cfg: Config, data_root: str, old: str | None = None) -> int:
     return changed
 
 
+def apply_cfg_options(cfg: Config, cfg_options: Mapping[str, Any] | None) -> Config:
+    """``--cfg-options`` as every daft-mm tool applies them: mmengine's merge, plus
+    ``data_root=PATH`` rewritten into every dataloader (see :func:`set_data_root`)."""
+    if cfg_options:
+        old_root = cfg.get('data_root')
+        cfg.merge_from_dict(dict(cfg_options))
+        if 'data_root' in cfg_options:
+            set_data_root(cfg, cfg_options['data_root'], old=old_root)
+    return cfg
+
+
+def _sync_bn_keys(node: Any, path: str) -> list[str]:
+    """Config keys of every ``norm_cfg`` with ``type='SyncBN'`` under ``node``."""
+    found = []
+    if isinstance(node, Mapping):
+        norm = node.get('norm_cfg')
+        if isinstance(norm, Mapping) and norm.get('type') in ('SyncBN', 'MMSyncBN'):
+            found.append(f'{path}.norm_cfg.type')
+        for key, value in node.items():
+            if key != 'norm_cfg':
+                found += _sync_bn_keys(value, f'{path}.{key}')
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            found += _sync_bn_keys(value, f'{path}[{i}]')
+    return found
+
+
+def distributed_on_cpu(cfg: Config) -> None:
+    """Make a multi-process run (``--launcher pytorch``, ``tools/dist_train.sh``) work on a
+    machine without a GPU, or say every key that stops it.
+
+    Why: mmengine wraps the model as ``MMDistributedDataParallel(device_ids=[LOCAL_RANK])``,
+    which DDP rejects for a CPU module; ``device_ids=None`` (DDP then uses the module's own
+    device) is set here. NCCL and SyncBN need GPUs: those keys are named in one error.
+    """
+    import torch
+    if torch.cuda.is_available():
+        return
+    wrapper = cfg.get('model_wrapper_cfg')
+    if wrapper is None:
+        cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None,
+                                     broadcast_buffers=False,
+                                     find_unused_parameters=cfg.get('find_unused_parameters',
+                                                                    False))
+    elif wrapper.get('type', 'MMDistributedDataParallel') in (
+            'MMDistributedDataParallel', 'DistributedDataParallel'):
+        wrapper['device_ids'] = None
+    env = cfg.get('env_cfg') or {}
+    backend = (env.get('dist_cfg') or {}).get('backend', 'nccl')
+    fixes = []
+    if backend == 'nccl':
+        fixes.append('env_cfg.dist_cfg.backend=gloo')
+    fixes += [f'{key}=BN' for key in _sync_bn_keys(cfg.get('model'), 'model')]
+    if cfg.get('sync_bn'):
+        fixes.append('sync_bn=None')
+    if fixes:
+        raise RuntimeError(
+            'a multi-process run without a GPU (torch.cuda.is_available() is False) needs the '
+            'gloo backend and plain BatchNorm: NCCL and SyncBN run on GPUs only. Fix: '
+            '--cfg-options ' + ' '.join(fixes) + ' (model_wrapper_cfg.device_ids=None, which '
+            'DDP needs for a CPU model, is set for you)')
+
+
 def load_config(path: str, cfg_options: Mapping[str, Any] | None = None, *,
                 work_dir: str | None = None, launcher: str = 'none') -> Config:
-    """Load a config the way the upstream tools do, plus the ``data_root`` override.
+    """Load a config the way the upstream tools do, plus the ``data_root`` override, plus
+    CPU-only multi-process runs (:func:`distributed_on_cpu`).
 
     ``work_dir`` priority: argument > config > ``./work_dirs/<config name>``.
     """
@@ -74,11 +139,9 @@ def load_config(path: str, cfg_options: Mapping[str, Any] | None = None, *,
                                 'config, e.g. configs/_tiny_/tiny_deeplabv3_cityscapes.py')
     cfg = Config.fromfile(path)
     cfg.launcher = launcher
-    if cfg_options:
-        old_root = cfg.get('data_root')
-        cfg.merge_from_dict(dict(cfg_options))
-        if 'data_root' in cfg_options:
-            set_data_root(cfg, cfg_options['data_root'], old=old_root)
+    apply_cfg_options(cfg, cfg_options)
+    if launcher != 'none':
+        distributed_on_cpu(cfg)
     if work_dir is not None:
         cfg.work_dir = work_dir
     elif cfg.get('work_dir') is None:

@@ -445,6 +445,10 @@ def make_voc(root: str | Path, *, num_train: int, num_val: int, size: Sequence[i
 
         JPEGImages/<id>.jpg                  images
         SegmentationClass/<id>.png           palette PNG, 0 = background, 1..20 classes, 255 void
+        SegmentationClassAug/<id>.png        the train labels again, as plain grayscale PNGs (the
+                                             layout mmseg's voc_aug converter writes for SBD)
+        ImageSets/Segmentation/aug.txt       the train ids: what the VOC-aug configs
+                                             (pascal_voc12_aug.py, daft_deeplabv3_voc.py) read
         Annotations/<id>.xml                 boxes of the same objects (size, truncated, difficult)
         ImageSets/Segmentation/{train,val}.txt
         ImageSets/Main/{trainval,test}.txt   trainval = the train ids, test = the val ids
@@ -470,8 +474,8 @@ def make_voc(root: str | Path, *, num_train: int, num_val: int, size: Sequence[i
         raise ValueError(f'max_objects must be >= 1, got {max_objects}')
     class_ids = [VOC_CLASSES.index(c) for c in classes]
     base = Path(root) / 'VOCdevkit' / 'VOC2012'
-    dirs = {k: base / k for k in ('JPEGImages', 'SegmentationClass', 'Annotations',
-                                   'ImageSets/Segmentation', 'ImageSets/Main')}
+    dirs = {k: base / k for k in ('JPEGImages', 'SegmentationClass', 'SegmentationClassAug',
+                                   'Annotations', 'ImageSets/Segmentation', 'ImageSets/Main')}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     palette = _voc_palette()
@@ -511,10 +515,13 @@ def make_voc(root: str | Path, *, num_train: int, num_val: int, size: Sequence[i
             png = Image.fromarray(sem, mode='P')
             png.putpalette(palette)
             png.save(dirs['SegmentationClass'] / f'{stem}.png')
+            if split == 'train':
+                Image.fromarray(sem, mode='L').save(dirs['SegmentationClassAug'] / f'{stem}.png')
             _voc_xml(stem, h, w, kept).write(dirs['Annotations'] / f'{stem}.xml')
             ids[split].append(stem)
     for name, split in (('ImageSets/Segmentation/train.txt', 'train'),
                         ('ImageSets/Segmentation/val.txt', 'val'),
+                        ('ImageSets/Segmentation/aug.txt', 'train'),
                         ('ImageSets/Main/trainval.txt', 'train'),
                         ('ImageSets/Main/test.txt', 'val')):
         (base / name).write_text(''.join(f'{s}\n' for s in ids[split]))

@@ -11,17 +11,20 @@ The DAFT math lives in :mod:`daft_mm.core`; this file only feeds it mmengine dat
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os.path as osp
 from contextlib import ExitStack
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import torch
 from mmengine.dataset import DefaultSampler, InfiniteSampler
 from mmengine.dist import get_dist_info, is_main_process
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
+from mmengine.runner import BaseLoop
+from mmengine.runner.checkpoint import weights_to_cpu
 from mmengine.utils import ProgressBar
 from torch import nn
 from torch.utils.data import DataLoader
@@ -31,21 +34,32 @@ from daft_mm.core import (VAR_MODES, convert_bn, find_batchnorms, flush_subnorma
 
 from ..models.daft_model import (DAFTModel, check_predictors, default_predictors, mm_forward,
                                  require_bn_train)
+from ..settings import (PREDICTORS_KEY, describe_lrs, head_lr_mult, predictor_lr_cfg,
+                        resolve_predictors, unwrap)
 
-__all__ = ['DAFTHook']
+__all__ = ['DAFTHook', 'one_pass_loader', 'count_batches']
 
 _CKPT_KEY = 'daft'
+#: written to the work dir once the preparation is done: the start of a DAFT run, the reference
+#: ``tools/analyze_distortion.py --reference-converted`` compares against
+CONVERTED_CHECKPOINT = 'converted.pth'
 
 
 @HOOKS.register_module()
 class DAFTHook(Hook):
     """Convert BatchNorm to the target data and zero the final predictors before training.
 
+    Settings read from the whole config at start-up (``before_run``, training only), so a child
+    config or ``--cfg-options`` that changes them takes effect: ``daft_predictors`` and
+    ``daft_head_lr_mult`` (top-level keys of ``configs/_base_/daft.py``). The predictors' LR
+    multiplier is added to ``optim_wrapper.paramwise_cfg.custom_keys`` there (the optimizer and
+    the LR schedulers are rebuilt through the Runner), and the effective LRs are logged.
+
     Args:
         predictors: final predictor layers to zero (module paths / globs of the segmentor or
             detector, e.g. ``['decode_head.conv_seg', 'auxiliary_head.conv_seg']``). Default: the
-            ``DAFTModel``'s predictors, else the stock names (``*.conv_seg``,
-            ``roi_head.*.fc_cls``/``fc_reg``).
+            config's ``daft_predictors``, else the ``DAFTModel``'s predictors, else the stock
+            names (``*.conv_seg``, ``roi_head.*.fc_cls``/``fc_reg``).
         convert: run the BN conversion (``False``: zero-init only, an ablation).
         zero_init: zero the predictors (``False``: conversion only, an ablation).
         dataloader: a dataloader config for the statistics pass; default: the training dataset
@@ -62,6 +76,8 @@ class DAFTHook(Hook):
         flush_subnormals: on the CPU, flush subnormal floats to zero during training (see
             :func:`daft_mm.core.flush_subnormals`: zero predictors otherwise slow the first
             steps ~20x on x86).
+        save_converted: write the model right after the preparation to
+            ``<work_dir>/converted.pth`` (main process, once per run; not on resume).
     """
 
     priority = 'ABOVE_NORMAL'  # before NORMAL hooks that may read the weights in before_train
@@ -77,7 +93,8 @@ class DAFTHook(Hook):
                  forward_mode: str = 'loss',
                  skip_incompatible: bool = False,
                  check_lr: bool = True,
-                 flush_subnormals: bool = True) -> None:
+                 flush_subnormals: bool = True,
+                 save_converted: bool = True) -> None:
         if var_mode not in VAR_MODES:
             raise ValueError(f'DAFTHook.var_mode must be one of {VAR_MODES}, got {var_mode!r}')
         if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
@@ -100,6 +117,10 @@ class DAFTHook(Hook):
         self.skip_incompatible = skip_incompatible
         self.check_lr = check_lr
         self.flush_subnormals = flush_subnormals
+        self.save_converted = save_converted
+        self._configured_predictors = self.predictors  # as given, for the conflict check
+        self.effective_lrs: Dict[str, List[float]] = {}  # start-up LR per predictor / module
+        self._lr_mult_source: Optional[str] = None
         self._during_training = ExitStack()  # settings held from before_train to after_train
         self._state: Dict[str, Any] = {}  # what is done; saved with every checkpoint
         self._loaded_state: Optional[Dict[str, Any]] = None
@@ -109,7 +130,7 @@ class DAFTHook(Hook):
     @staticmethod
     def _models(runner: Any) -> Tuple[nn.Module, nn.Module, str]:
         """(outer model, the segmentor/detector, config key prefix of the latter)."""
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model = unwrap(runner.model)  # DDP, and TTA models in tools/test.py --tta
         if isinstance(model, DAFTModel):
             return model, model.model, 'model.model.'
         return model, model, 'model.'
@@ -123,16 +144,26 @@ class DAFTHook(Hook):
 
     # ----------------------------------------------------------------------- start-up checks
     def before_run(self, runner: Any) -> None:
-        """Config mistakes fail here, before any data is read, naming the key and the fix."""
+        """Config mistakes fail here, before any data is read, naming the key and the fix; the
+        DAFT settings are read from the final config and the predictors' LR derived from them.
+
+        Only when the Runner trains: ``tools/test.py`` (with or without ``--tta``) runs the same
+        config, hooks included, and there is nothing to prepare or check then."""
+        if not isinstance(getattr(runner, '_train_loop', None), BaseLoop):
+            return
         model, net, key = self._models(runner)
         if isinstance(model, DAFTModel) and not (model.stage.convert_bn
                                                  or model.stage.zero_init_head):
             raise ValueError(
                 f"DAFTHook is configured but model.method={model.method!r} does not use DAFT's "
                 "preparation. Fix: set model.method='daft', or remove DAFTHook from custom_hooks")
+        self._resolve_predictors(runner, model, net)
         if self.zero_init:
-            check_predictors(net, self._predictor_names(model, net),
-                             'custom_hooks[DAFTHook].predictors')
+            names = check_predictors(net, self._predictor_names(model, net),
+                                     'custom_hooks[DAFTHook].predictors')
+            self._apply_head_lr_mult(runner, names)
+            if self.check_lr:
+                self._check_lr(runner, model, net)
         if self.convert:
             try:
                 find_batchnorms(net, self.modules)
@@ -140,26 +171,78 @@ class DAFTHook(Hook):
                 raise ValueError(f'custom_hooks[DAFTHook].modules: {exc}') from None
             require_bn_train(net, key, 'DAFT (on the converted statistics)')
 
+    def _resolve_predictors(self, runner: Any, model: nn.Module, net: nn.Module) -> None:
+        """The predictors from the hook's own argument, the config's ``daft_predictors`` or an
+        explicitly configured ``DAFTModel.predictors`` (all must agree); else the defaults."""
+        candidates = [('custom_hooks[DAFTHook].predictors', self._configured_predictors),
+                      (PREDICTORS_KEY, runner.cfg.get(PREDICTORS_KEY))]
+        if isinstance(model, DAFTModel) and getattr(model, 'predictors_configured', False):
+            candidates.append(('model.predictors', list(model.predictors)))
+        if self.zero_init:  # a typo is reported as one, under its own key, before comparing
+            candidates = [(k, None if v is None else check_predictors(
+                net, [v] if isinstance(v, str) else list(v), k))
+                          for k, v in candidates]
+        names, _ = resolve_predictors(candidates)
+        if names is None:
+            return
+        self.predictors = names
+        if isinstance(model, DAFTModel):
+            model.predictors = tuple(check_predictors(net, names, 'daft_predictors'))
+
+    def _apply_head_lr_mult(self, runner: Any, names: Sequence[str]) -> None:
+        """Give the predictors ``daft_head_lr_mult`` through ``paramwise_cfg.custom_keys``: when
+        the config lacks those entries, rebuild the optimizer wrapper and the LR schedulers from
+        the completed config with the Runner's own builders (nothing has stepped yet, and a
+        resumed state is loaded after ``before_run``)."""
+        optim_cfg = runner.cfg.get('optim_wrapper')
+        if not isinstance(optim_cfg, Mapping) or 'optimizer' not in optim_cfg:
+            return  # a Runner built without a config, or several optimizers: checked only
+        mult, source = head_lr_mult(runner.cfg)
+        self._lr_mult_source = f'{mult:g} from {source}'
+        new_cfg = predictor_lr_cfg(optim_cfg, names, mult, source)
+        if new_cfg is None:
+            return
+        runner.optim_wrapper = runner.build_optim_wrapper(new_cfg)
+        runner.scale_lr(runner.optim_wrapper, runner.auto_scale_lr)
+        if runner.param_schedulers is not None and runner.cfg.get('param_scheduler') is not None:
+            runner.param_schedulers = runner.build_param_scheduler(
+                copy.deepcopy(runner.cfg.param_scheduler))
+        runner.logger.info(f'DAFTHook: predictors {list(names)} train at {mult:g}x the base LR '
+                           f'({source}): added to optim_wrapper.paramwise_cfg.custom_keys')
+
     def _check_lr(self, runner: Any, model: nn.Module, net: nn.Module) -> None:
+        """Predictors above the rest, no absolute ``eta_min`` erasing the ratio; logs the start LR
+        of each predictor and of each top-level module's other parameters."""
         optim_wrapper = runner.optim_wrapper
         optimizer = getattr(optim_wrapper, 'optimizer', None)
         if optimizer is None:  # OptimWrapperDict (several optimizers): no single ratio to check
             return
         names = self._predictor_names(model, net)
-        head_ids = {id(p) for m in resolve_modules(net, names).values() for p in m.parameters()}
+        owner: Dict[int, str] = {}
+        for top, module in net.named_children():
+            for p in module.parameters():
+                owner[id(p)] = top
+        for name, module in resolve_modules(net, names).items():
+            for p in module.parameters():
+                owner[id(p)] = name
+        head_names = set(resolve_modules(net, names))
         head_lr, rest_lr = [], []
+        effective: Dict[str, List[float]] = {}
         for group in optimizer.param_groups:
             lr = group.get('initial_lr', group['lr'])
             for p in group['params']:
-                (head_lr if id(p) in head_ids else rest_lr).append(lr)
+                where = owner.get(id(p), 'other')
+                effective.setdefault(where, []).append(lr)
+                (head_lr if where in head_names else rest_lr).append(lr)
+        self.effective_lrs = dict(sorted(effective.items(),
+                                         key=lambda kv: (kv[0] not in head_names, kv[0])))
         if head_lr and rest_lr and min(head_lr) <= max(rest_lr):
-            keys = ', '.join(f"'{n}': dict(lr_mult=10.0)" for n in names)
             raise ValueError(
-                f'optim_wrapper.paramwise_cfg: the predictors {names} train with lr '
-                f'{min(head_lr):g}, not above the rest of the model ({max(rest_lr):g}); DAFT '
-                "trains them with an LR far above the backbone's. Fix: optim_wrapper = "
-                f'dict(paramwise_cfg=dict(custom_keys={{{keys}}})) (configs/_base_/daft.py '
-                'defines daft_paramwise_cfg), or DAFTHook(check_lr=False) to train them at one LR')
+                f'the predictors {names} train with lr {min(head_lr):g}, not above the rest of '
+                f'the model ({max(rest_lr):g}); DAFT trains them with an LR far above the '
+                f"backbone's. Effective LRs: {describe_lrs(self.effective_lrs)}. Fix: "
+                'daft_head_lr_mult=10 (DAFTHook derives optim_wrapper.paramwise_cfg from it), or '
+                'DAFTHook(check_lr=False) to train them at one LR')
         schedulers = runner.param_schedulers or []
         if isinstance(schedulers, dict):
             schedulers = [s for group in schedulers.values() for s in group]
@@ -174,9 +257,10 @@ class DAFTHook(Hook):
                     'predictor/backbone LR ratio by the end of training. Fix: eta_min=0 (the '
                     'ratio then holds at every step; DAFT configs use it), or eta_min_ratio for '
                     'schedulers that have it (CosineAnnealingLR)')
-        if head_lr and rest_lr:
-            runner.logger.info(f'DAFTHook: predictors start at lr {min(head_lr):g}, the rest at '
-                               f'most {max(rest_lr):g}')
+        source = self._lr_mult_source
+        runner.logger.info('DAFTHook: effective start LRs'
+                           + (f' (predictors: {source})' if source else '') + ': '
+                           + describe_lrs(self.effective_lrs))
 
     # ----------------------------------------------------------------------- checkpoint state
     def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
@@ -185,8 +269,25 @@ class DAFTHook(Hook):
     def after_load_checkpoint(self, runner: Any, checkpoint: dict) -> None:
         # Called for resume and for load_from alike; before_train tells them apart by the
         # iteration the runner starts from.
+        self._refuse_non_daft_resume(runner, checkpoint)
         self._loaded_checkpoint = True
         self._loaded_state = checkpoint.get(_CKPT_KEY)
+
+    @staticmethod
+    def _refuse_non_daft_resume(runner: Any, checkpoint: dict) -> None:
+        """Resuming a checkpoint that was not trained with DAFT fails here, in
+        ``Runner.load_checkpoint``, before its optimizer state is loaded: an FT optimizer has
+        other parameter groups, and torch's own error would hide the reason."""
+        if not getattr(runner, '_resume', False) or (checkpoint.get(_CKPT_KEY) or {}).get('done'):
+            return
+        meta = checkpoint.get('meta') or {}
+        if not (meta.get('iter') or meta.get('epoch')):
+            return  # a step-0 checkpoint: nothing trained yet, the preparation runs as usual
+        raise RuntimeError(
+            f"resuming at iter {meta.get('iter', 0)} from a checkpoint without DAFTHook state: it "
+            'was not trained with DAFT, and converting BN or zeroing predictors in the middle of '
+            'training would break it. Fix: start DAFT from those weights with '
+            'load_from=<checkpoint> (and resume=False), or resume a DAFT checkpoint')
 
     # ----------------------------------------------------------------------- the preparation
     def before_train(self, runner: Any) -> None:
@@ -210,8 +311,6 @@ class DAFTHook(Hook):
                 model.prepared = True
             return
         self._refuse_second_preparation(runner)
-        if self.check_lr and self.zero_init:
-            self._check_lr(runner, model, net)
 
         state: Dict[str, Any] = {'done': False}
         if self.convert:
@@ -226,6 +325,7 @@ class DAFTHook(Hook):
             if bar is not None:
                 bar.file.write('\n')
             runner.logger.info('DAFTHook: ' + report.summary())
+            self._visualize(runner, report)
             if is_main_process():
                 with open(osp.join(runner.log_dir, 'daft_bn_conversion.json'), 'w') as f:
                     json.dump(report.to_dict(), f, indent=1)
@@ -239,6 +339,32 @@ class DAFTHook(Hook):
         self._state = state
         if isinstance(model, DAFTModel):
             model.prepared = True
+        if self.save_converted and is_main_process():
+            self._save_converted(runner, net, state)
+
+    @staticmethod
+    def _visualize(runner: Any, report: Any) -> None:
+        """Per converted layer, how far its statistics moved, as scalars of the runner's
+        visualizer (TensorBoard, the local backend...): ``daft_bn/<layer>/mean_shift`` and
+        ``daft_bn/<layer>/std_ratio``, at the step the preparation ran."""
+        visualizer = getattr(runner, 'visualizer', None)
+        if visualizer is None or not report.layers:
+            return
+        scalars = {}
+        for layer in report.layers:
+            scalars[f'daft_bn/{layer.name}/mean_shift'] = float(layer.mean_shift)
+            scalars[f'daft_bn/{layer.name}/std_ratio'] = float(layer.std_ratio)
+        visualizer.add_scalars(scalars, step=runner.iter)
+
+    @staticmethod
+    def _save_converted(runner: Any, net: nn.Module, state: Dict[str, Any]) -> None:
+        """``<work_dir>/converted.pth``: the model right after BN conversion and zero init, in
+        the stock keys, the reference of ``tools/analyze_distortion.py --reference-converted``."""
+        path = osp.join(runner.work_dir, CONVERTED_CHECKPOINT)
+        torch.save({'meta': {'daft': dict(state), 'iter': runner.iter},
+                    'state_dict': weights_to_cpu(net.state_dict())}, path)
+        runner.logger.info(f'DAFTHook: the converted model (the start of this run) is saved to '
+                           f'{path}')
 
     def _refuse_second_preparation(self, runner: Any) -> None:
         """``load_from`` a checkpoint that already went through DAFT (it carries the hook's state):
@@ -267,36 +393,13 @@ class DAFTHook(Hook):
     def _build_loader(self, runner: Any) -> Tuple[Any, int]:
         """A finite loader and the number of batches this rank runs (the same bound on every
         rank is not needed: the core pools whatever each rank saw)."""
-        _, world_size = get_dist_info()
         if self.dataloader is None:
-            train = runner.train_dataloader
-            dataset = train.dataset
-            # A fresh, finite sampler over the training dataset: iterating the training loader
-            # itself would never end (InfiniteSampler) and, with persistent workers, would reset
-            # the iterator the training loop already holds.
-            # mmdet trains with a batch sampler (AspectRatioBatchSampler): the loader's own
-            # batch_size is None then, and the sampler's is the one that counts.
-            batch_size = train.batch_size or getattr(train.batch_sampler, 'batch_size', None) or 1
-            loader = DataLoader(
-                dataset, batch_size=batch_size, num_workers=train.num_workers,
-                sampler=DefaultSampler(dataset, shuffle=True, seed=runner.seed, round_up=False),
-                collate_fn=train.collate_fn, worker_init_fn=train.worker_init_fn,
-                persistent_workers=False)
+            loader = one_pass_loader(runner.train_dataloader, runner.seed)
         elif isinstance(self.dataloader, dict):
             loader = runner.build_dataloader(self.dataloader, seed=runner.seed)
         else:
             loader = self.dataloader
-        sampler = getattr(loader, 'sampler', None)
-        batch_sampler = getattr(loader, 'batch_sampler', None)
-        infinite = isinstance(sampler, InfiniteSampler) or isinstance(
-            getattr(batch_sampler, 'sampler', None), InfiniteSampler)
-        if infinite:
-            # One pass over the dataset, shared by the ranks.
-            batch_size = loader.batch_size or getattr(batch_sampler, 'batch_size', 1)
-            one_pass = math.ceil(len(loader.dataset) / (batch_size * world_size))
-        else:
-            one_pass = len(loader)
-        total = min(one_pass, self.num_batches) if self.num_batches else one_pass
+        total = count_batches(loader, self.num_batches)
         if total < 1 and len(loader.dataset) == 0:
             raise ValueError(
                 'DAFTHook: the dataset of the statistics pass is empty (0 samples): check '
@@ -305,6 +408,40 @@ class DAFTHook(Hook):
         # A dataset smaller than the number of ranks leaves some ranks without a batch: they run
         # no forward but still take part in pooling the statistics (core.convert_bn sums them).
         return loader, total
+
+
+def one_pass_loader(train: DataLoader, seed: Optional[int] = None) -> DataLoader:
+    """A finite loader over a training loader's dataset, pipeline and batch size: the loader of
+    DAFT's statistics pass (DAFTHook, ``tools/analyze_distortion.py --convert``).
+
+    Why not the training loader itself: its ``InfiniteSampler`` never ends and, with persistent
+    workers, iterating it would reset the iterator the training loop already holds. mmdet trains
+    with a batch sampler (``AspectRatioBatchSampler``): the loader's own ``batch_size`` is None
+    then, and the sampler's is the one that counts.
+    """
+    dataset = train.dataset
+    batch_size = train.batch_size or getattr(train.batch_sampler, 'batch_size', None) or 1
+    return DataLoader(
+        dataset, batch_size=batch_size, num_workers=train.num_workers,
+        sampler=DefaultSampler(dataset, shuffle=True, seed=seed, round_up=False),
+        collate_fn=train.collate_fn, worker_init_fn=train.worker_init_fn,
+        persistent_workers=False)
+
+
+def count_batches(loader: Any, num_batches: Optional[int] = None) -> int:
+    """Batches this rank runs: one pass over the data (shared by the ranks when the loader's
+    sampler is infinite), at most ``num_batches``."""
+    _, world_size = get_dist_info()
+    sampler = getattr(loader, 'sampler', None)
+    batch_sampler = getattr(loader, 'batch_sampler', None)
+    infinite = isinstance(sampler, InfiniteSampler) or isinstance(
+        getattr(batch_sampler, 'sampler', None), InfiniteSampler)
+    if infinite:
+        batch_size = loader.batch_size or getattr(batch_sampler, 'batch_size', 1)
+        one_pass = math.ceil(len(loader.dataset) / (batch_size * world_size))
+    else:
+        one_pass = len(loader)
+    return min(one_pass, num_batches) if num_batches else one_pass
 
 
 def _batch_files(data_batch: Any) -> List[str]:

@@ -242,6 +242,15 @@ class DistortionHook(Hook):
                                  f'{type(model).__name__} has none')
         return model.backbone
 
+    def before_run(self, runner) -> None:
+        """A DAFT config whose ``custom_hooks`` lists this hook but lost DAFTHook (a child's
+        list replaces the base's) fails here, before any training: see ``require_daft_hook``."""
+        from mmengine.runner import BaseLoop
+
+        from ..settings import require_daft_hook
+        if isinstance(getattr(runner, '_train_loop', None), BaseLoop):
+            require_daft_hook(runner.cfg, runner.hooks)
+
     def before_train(self, runner) -> None:
         self._training = True
         self._backbone(runner)  # fail early, before any iteration runs

@@ -12,6 +12,7 @@ All DAFT operations come from :mod:`daft_mm.core`; this file only adapts them to
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -151,6 +152,9 @@ class DAFTModel(BaseModel):
         data_preprocessor: used only if the wrapped model's config has none (the Runner passes a
             config's top-level ``data_preprocessor`` here).
         init_cfg: kept for the BaseModel interface; the wrapped model initialises itself.
+        **model_overrides: keys of the wrapped model set on the wrapper, as a stock config's
+            ``--cfg-options model.backbone.depth=18`` or ``model.pretrained=None`` does: merged
+            into ``model`` (the same key there is overridden), so they reach the wrapped model.
     """
 
     def __init__(self,
@@ -159,8 +163,11 @@ class DAFTModel(BaseModel):
                  predictors: Optional[Sequence[str]] = None,
                  feature_extractor: Sequence[str] = ('backbone', ),
                  data_preprocessor: Optional[dict] = None,
-                 init_cfg: Optional[dict] = None) -> None:
+                 init_cfg: Optional[dict] = None,
+                 **model_overrides: Any) -> None:
         stage = resolve_stage(method)
+        if model_overrides:
+            model = _merge_overrides(model, model_overrides)
         if isinstance(model, dict):
             # mmengine's Runner adds a config's top-level `data_preprocessor` to the outermost
             # model dict; it belongs to the wrapped model (whose own setting wins).
@@ -178,6 +185,9 @@ class DAFTModel(BaseModel):
         self.model = inner
         self.method = stage.name
         self.stage = stage
+        # DAFTHook checks configured predictors against the config's daft_predictors; defaults
+        # give way to it.
+        self.predictors_configured = predictors is not None
         names = list(predictors) if predictors is not None else default_predictors(inner)
         self.predictors = tuple(check_predictors(inner, names, 'model.predictors'))
         try:
@@ -252,6 +262,23 @@ class DAFTModel(BaseModel):
     def _feature_modules(self) -> List[nn.Module]:
         modules = dict(self.model.named_modules())
         return [modules[name] for name in self.feature_extractor]
+
+
+def _merge_overrides(model: Union[dict, nn.Module], overrides: Dict[str, Any]) -> dict:
+    """The wrapped model's config with ``overrides`` merged in (mmengine's merge: nested dicts
+    key by key, ``_delete_`` honoured). Why: ``--cfg-options model.<key>=...`` written for the
+    stock config lands on the wrapper, and would otherwise fail as an unknown argument."""
+    keys = ', '.join(f'model.{k}' for k in overrides)
+    if not isinstance(model, dict):
+        raise TypeError(
+            f'DAFTModel got {keys}, which belong to the wrapped model, but the wrapped model is '
+            f'an already built {type(model).__name__}. Fix: set them as '
+            + ', '.join(f'model.model.{k}' for k in overrides) + ' in a config')
+    from mmengine.config import Config, ConfigDict
+    from mmengine.logging import print_log
+    print_log(f'DAFTModel: {keys} set on the wrapper apply to the wrapped model '
+              f'(model.model.*)', logger='current')
+    return Config._merge_a_into_b(ConfigDict(overrides), ConfigDict(copy.deepcopy(model)))
 
 
 # ---------------------------------------------------------------------- state-dict transparency

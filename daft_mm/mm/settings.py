@@ -1,0 +1,182 @@
+"""DAFT's settings, read at start-up from wherever the user set them.
+
+Why at start-up: a classic config resolves ``{{_base_.x}}`` and comprehensions when it is parsed,
+so a learning-rate multiplier computed inside ``configs/_base_/daft.py`` would keep its old value
+when a child config or ``--cfg-options`` changes ``daft_head_lr_mult`` or ``daft_predictors``.
+DAFTHook reads the final config (``runner.cfg``) in ``before_run`` and derives the
+``paramwise_cfg`` entries from it, so the value the user changed is the value that trains.
+
+The user-facing keys (top level of a config):
+
+* ``daft_predictors``   module paths of the final predictors (zero init, high LR)
+* ``daft_head_lr_mult`` their LR over the base LR
+
+Older configs that copy ``daft_paramwise_cfg`` into ``optim_wrapper.paramwise_cfg`` keep working
+as long as the values agree; when they disagree the error names both keys.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from mmengine.model import BaseTTAModel, is_model_wrapper
+from torch import nn
+
+from daft_mm.core.recipes import DAFT_HEAD_LR_MULT
+
+__all__ = ['PREDICTORS_KEY', 'LR_MULT_KEY', 'unwrap', 'head_lr_mult', 'predictor_lr_cfg',
+           'is_daft_config', 'require_daft_hook']
+
+PREDICTORS_KEY = 'daft_predictors'
+LR_MULT_KEY = 'daft_head_lr_mult'
+_CUSTOM = 'optim_wrapper.paramwise_cfg.custom_keys'
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under DDP/FSDP wrappers and test-time-augmentation models (``SegTTAModel``,
+    ``DetTTAModel``), which all hold it as ``.module``."""
+    while is_model_wrapper(model) or isinstance(model, BaseTTAModel):
+        model = model.module
+    return model
+
+
+def head_lr_mult(cfg: Mapping[str, Any]) -> Tuple[float, str]:
+    """(multiplier, where it came from): ``daft_head_lr_mult`` if set, else DAFT's default."""
+    if cfg.get(LR_MULT_KEY) is None:
+        return DAFT_HEAD_LR_MULT, f'the DAFT default ({LR_MULT_KEY} not set)'
+    value = cfg[LR_MULT_KEY]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f'{LR_MULT_KEY} must be a positive number (the predictors\' LR over the '
+                         f'base LR), got {value!r}. Fix: e.g. --cfg-options {LR_MULT_KEY}=10')
+    return float(value), LR_MULT_KEY
+
+
+def _nested_custom_key(custom: Mapping[str, Any]) -> Optional[str]:
+    """A custom_keys entry made by a dotted ``--cfg-options`` key: ``custom_keys.a.b.lr_mult=20``
+    becomes ``{'a': {'b': {'lr_mult': 20}}}``, which mmengine reads as key ``'a'`` with no
+    multiplier at all."""
+    for key, value in custom.items():
+        path = [key]
+        while isinstance(value, Mapping) and value and not {'lr_mult', 'decay_mult'} & set(value):
+            sub = next(iter(value))
+            path.append(sub)
+            value = value[sub]
+        if len(path) > 1:
+            return '.'.join(path)
+    return None
+
+
+def predictor_lr_cfg(optim_cfg: Mapping[str, Any], predictors: Sequence[str], mult: float,
+                     mult_source: str) -> Optional[dict]:
+    """``optim_cfg`` with ``custom_keys[name].lr_mult = mult`` for every predictor that lacks one,
+    or None when nothing is missing. A predictor entry with another ``lr_mult`` is a conflict
+    between two places that set the same thing: an error naming both."""
+    paramwise = optim_cfg.get('paramwise_cfg') or {}
+    custom = paramwise.get('custom_keys') or {}
+    nested = _nested_custom_key(custom)
+    if nested is not None:
+        head = nested.split('.', 1)[0]
+        raise ValueError(
+            f"{_CUSTOM} has a nested entry {nested!r}: --cfg-options splits keys at dots, so "
+            f"custom_keys.{nested}.lr_mult=... makes a key {head!r} without a multiplier instead "
+            f"of addressing the module {nested!r}, and no learning rate changes. Fix: for the "
+            f'DAFT predictors set {LR_MULT_KEY}=<value>; for other modules quote the whole dict: '
+            f"--cfg-options \"{_CUSTOM}={{'{nested}':{{'lr_mult':20}}}}\"")
+    def set_mult(name: str) -> Optional[float]:
+        entry = custom.get(name)
+        if isinstance(entry, Mapping) and entry.get('lr_mult') is not None:
+            return float(entry['lr_mult'])
+        return None
+
+    conflicts = [f"{_CUSTOM}['{name}'].lr_mult={custom[name]['lr_mult']!r}"
+                 for name in predictors if set_mult(name) not in (None, mult)]
+    if conflicts:
+        raise ValueError(
+            f'the DAFT predictors\' LR multiplier is set twice with different values: {mult:g} '
+            f'from {mult_source} and {", ".join(conflicts)}. Fix: set it in one place, '
+            f'{LR_MULT_KEY} (DAFTHook derives paramwise_cfg from it at start-up): drop '
+            "`optim_wrapper = dict(paramwise_cfg={{_base_.daft_paramwise_cfg}})` from the config")
+    missing = [name for name in predictors if set_mult(name) is None]
+    if not missing:
+        return None
+    new = copy.deepcopy(dict(optim_cfg))
+    new_paramwise = dict(new.get('paramwise_cfg') or {})
+    new_custom = dict(new_paramwise.get('custom_keys') or {})
+    for name in missing:
+        new_custom[name] = dict(new_custom.get(name) or {}, lr_mult=mult)
+    new_paramwise['custom_keys'] = new_custom
+    new['paramwise_cfg'] = new_paramwise
+    return new
+
+
+def _hook_type(hook: Any) -> str:
+    if isinstance(hook, Mapping):
+        kind = hook.get('type')
+        return kind if isinstance(kind, str) else getattr(kind, '__name__', str(kind))
+    return type(hook).__name__
+
+
+def is_daft_config(cfg: Mapping[str, Any]) -> Optional[str]:
+    """Why ``cfg`` is a DAFT config (it inherits the DAFT fragment, or wraps the model with a
+    method that converts BN / zeroes predictors), or None."""
+    for key in (PREDICTORS_KEY, LR_MULT_KEY):
+        if cfg.get(key) is not None:
+            return f'it sets {key} (configs/_base_/daft*.py)'
+    model = cfg.get('model') or {}
+    if isinstance(model, Mapping) and model.get('type') in ('DAFTModel', 'daft_mm.DAFTModel'):
+        from .models.daft_model import resolve_stage
+        method = model.get('method', 'daft')
+        stage = resolve_stage(method)
+        if stage.convert_bn or stage.zero_init_head:
+            return f'model.method={method!r}'
+    return None
+
+
+def require_daft_hook(cfg: Mapping[str, Any], hooks: Optional[Sequence[Any]] = None) -> None:
+    """Refuse a DAFT config whose ``custom_hooks`` lost DAFTHook: a child's ``custom_hooks``
+    replaces the base's list, and training would then run with no BN conversion, no zero init
+    and no warning. ``hooks``: built hooks (``runner.hooks``), default the config's list."""
+    why = is_daft_config(cfg)
+    if why is None:
+        return
+    configured = [_hook_type(h) for h in cfg.get('custom_hooks') or []]
+    present = configured if hooks is None else [_hook_type(h) for h in hooks]
+    if 'DAFTHook' in present:
+        return
+    others = [t for t in configured if t]
+    extra = ''.join(f", dict(type='{t}')" for t in others) or ", dict(type='DistortionHook')"
+    raise ValueError(
+        f'this is a DAFT config ({why}) but custom_hooks has no DAFTHook '
+        f'(custom_hooks = {others}): a config\'s custom_hooks replaces the list of its base, so '
+        'training would run without BN conversion or zero predictors. Fix: list DAFTHook next to '
+        f"your hooks, custom_hooks = [dict(type='DAFTHook'){extra}] (classic style), or "
+        "custom_hooks.append(...) after read_base() (pure-Python style)")
+
+
+def resolve_predictors(candidates: List[Tuple[str, Optional[Sequence[str]]]]
+                       ) -> Tuple[Optional[List[str]], Optional[str]]:
+    """The first configured predictor list among (config key, names) pairs, checked against the
+    others: two places naming different predictors are an error naming both keys."""
+    chosen: Optional[Tuple[str, List[str]]] = None
+    for key, names in candidates:
+        if names is None:
+            continue
+        names = [names] if isinstance(names, str) else list(names)
+        if chosen is None:
+            chosen = (key, names)
+        elif sorted(chosen[1]) != sorted(names):
+            raise ValueError(
+                f'the DAFT predictors are set twice with different values: {chosen[0]}='
+                f'{chosen[1]} and {key}={names}. Fix: set them in one place: '
+                f'{PREDICTORS_KEY}=[...] (a top-level key, read by DAFTHook and DAFTModel at '
+                'start-up), and remove the predictors argument of the DAFTHook / DAFTModel config')
+    return (chosen[1], chosen[0]) if chosen else (None, None)
+
+
+def describe_lrs(groups: Dict[str, List[float]]) -> str:
+    """``name lr`` pairs (a range when a name's parameters train at several LRs)."""
+    parts = []
+    for name, lrs in groups.items():
+        lo, hi = min(lrs), max(lrs)
+        parts.append(f'{name} {lo:g}' if lo == hi else f'{name} {lo:g}..{hi:g}')
+    return ', '.join(parts)
