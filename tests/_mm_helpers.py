@@ -24,6 +24,10 @@ SWAPS = {
     'mmseg::deeplabv3/deeplabv3_r50-d8_4xb4-20k_voc12aug-512x512.py':
         TINY / 'tiny_deeplabv3_voc.py',
     'mmdet::pascal_voc/faster-rcnn_r50_fpn_1x_voc0712.py': TINY / 'tiny_faster-rcnn_voc.py',
+    'mmdet::pascal_voc/retinanet_r50_fpn_1x_voc0712.py': TINY / 'tiny_retinanet_voc.py',
+    'mmdet::cityscapes/mask-rcnn_r50_fpn_1x_cityscapes.py': TINY / 'tiny_mask-rcnn_cityscapes.py',
+    # no stock RetinaNet Cityscapes config: configs/detection/_base_/ holds the full-size one
+    './_base_/retinanet_r50_fpn_1x_cityscapes.py': TINY / 'tiny_retinanet_cityscapes.py',
 }
 
 

@@ -1,10 +1,10 @@
 # DAFT fine-tuning of Faster R-CNN (ResNet-50 FPN): the stock mmdet config + the detection DAFT
 # fragment, with the stock model (no wrapper): DAFTHook alone converts BN and zeroes the ROI
-# predictors. BN trains (norm_eval=False), as DAFT requires.
+# predictors. BN trains (daft_backbone: SyncBN, norm_eval=False, frozen_stages=-1), as DAFT
+# requires.
 _base_ = [
     'mmdet::pascal_voc/faster-rcnn_r50_fpn_1x_voc0712.py',
     '../_base_/daft_detection.py',
 ]
-model = dict(
-    backbone=dict(norm_cfg=dict(type='SyncBN', requires_grad=True), norm_eval=False))
+model = dict(backbone={{_base_.daft_backbone}})
 optim_wrapper = dict(paramwise_cfg={{_base_.daft_paramwise_cfg}})

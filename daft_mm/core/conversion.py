@@ -83,21 +83,67 @@ class ConversionReport:
 
 
 # ------------------------------------------------------------------------------ layer selection
+#: What a BN-like layer needs for the conversion: per-channel running statistics over dim 1, an
+#: ``eps``, a channel count and (possibly absent) affine weight and bias.
+_BN_INTERFACE = ('running_mean', 'running_var', 'eps', 'num_features', 'affine', 'weight', 'bias')
+
+
+def _has_running_stats(module: nn.Module) -> bool:
+    return isinstance(module, _BatchNorm) or (
+        isinstance(getattr(module, 'running_mean', None), torch.Tensor)
+        and isinstance(getattr(module, 'running_var', None), torch.Tensor))
+
+
+def _not_bn_like(module: nn.Module) -> Optional[str]:
+    """Why a layer with running statistics cannot be converted as a BatchNorm, or None.
+
+    Duck-typed: mmcv's ``MMSyncBN`` is not a ``_BatchNorm`` subclass but is one in all that
+    matters here; skipping it silently would leave its statistics on the source domain.
+    """
+    if isinstance(module, _BatchNorm):
+        return None
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return ('an InstanceNorm normalises each sample by its own statistics in train mode; its '
+                'running statistics are not what fine-tuning uses')
+    missing = [attr for attr in _BN_INTERFACE if not hasattr(module, attr)]
+    if missing:
+        return f'it keeps running statistics but has no {missing}'
+    if module.running_mean.dim() != 1 or module.running_mean.numel() != module.num_features:
+        return 'its running statistics are not one value per channel'
+    return None
+
+
 def find_batchnorms(model: nn.Module, modules: ModuleSpec = None) -> Dict[str, _BatchNorm]:
-    """The BN layers to convert, by name, found by type (mmcv/mmengine variants subclass
-    ``_BatchNorm`` too). ``modules`` narrows the search: module names (a BN layer, or a parent whose
+    """The BN layers to convert, by name. Found by type (mmengine/torch variants subclass
+    ``_BatchNorm``) and by duck type: any layer with per-channel running statistics and the
+    BatchNorm interface (mmcv's ``MMSyncBN``) is converted like one; any other layer with running
+    statistics among the chosen ones is refused (``ValueError``) rather than silently left on the
+    source statistics. ``modules`` narrows the search: module names (a BN layer, or a parent whose
     BN layers are all taken), module objects, or a predicate ``(name, module) -> bool``."""
     named = dict(model.named_modules())
-    all_bn = {name: m for name, m in named.items() if isinstance(m, _BatchNorm)}
+    all_bn = {name: m for name, m in named.items() if _has_running_stats(m)}
     if modules is None:
-        return all_bn
-    if callable(modules) and not isinstance(modules, nn.Module):
-        return {name: m for name, m in all_bn.items() if modules(name, m)}
-    if isinstance(modules, (str, nn.Module)):
-        modules = [modules]
+        chosen: Dict[str, _BatchNorm] = all_bn
+    elif callable(modules) and not isinstance(modules, nn.Module):
+        chosen = {name: m for name, m in all_bn.items() if modules(name, m)}
+    else:
+        chosen = _select(named, all_bn, [modules] if isinstance(modules, (str, nn.Module))
+                         else modules)
+    refused = {name: why for name, m in chosen.items() if (why := _not_bn_like(m))}
+    if refused:
+        listed = '; '.join(f'{name} ({type(chosen[name]).__name__}): {why}'
+                           for name, why in refused.items())
+        raise ValueError(f'{len(refused)} normalisation layer(s) keep running statistics but '
+                         f'cannot be converted as BatchNorm ({listed}). Fix: exclude them with '
+                         'modules=[...] (the BN layers or parents to convert)')
+    return chosen
+
+
+def _select(named: Dict[str, nn.Module], all_bn: Dict[str, nn.Module],
+            specs: Iterable[Union[str, nn.Module]]) -> Dict[str, nn.Module]:
     ids = {id(m): name for name, m in named.items()}
-    chosen: Dict[str, _BatchNorm] = {}
-    for spec in modules:
+    chosen: Dict[str, nn.Module] = {}
+    for spec in specs:
         if isinstance(spec, nn.Module):
             if id(spec) not in ids:
                 raise ValueError(f'modules: {type(spec).__name__} object is not a submodule of the '
@@ -112,7 +158,8 @@ def find_batchnorms(model: nn.Module, modules: ModuleSpec = None) -> Dict[str, _
         if not found:
             raise ValueError(f'modules: {spec!r} contains no BatchNorm layer')
         chosen.update(found)
-    return chosen
+    # model order, whatever the order of the specs
+    return {name: m for name, m in all_bn.items() if name in chosen}
 
 
 def _incompatibility(bn: _BatchNorm) -> Optional[str]:

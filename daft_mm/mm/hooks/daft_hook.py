@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader
 from daft_mm.core import (VAR_MODES, convert_bn, find_batchnorms, flush_subnormals,
                           resolve_modules, zero_init_predictors)
 
-from ..models.daft_model import (DAFTModel, check_predictors, default_predictors, mm_forward,
-                                 require_bn_train)
+from ..models.daft_model import (DAFTModel, check_predictors, mm_forward, predictor_names,
+                                 predictor_priors, require_bn_train)
 from ..settings import (PREDICTORS_KEY, describe_lrs, head_lr_mult, predictor_lr_cfg,
                         resolve_predictors, unwrap)
 
@@ -58,8 +58,10 @@ class DAFTHook(Hook):
     Args:
         predictors: final predictor layers to zero (module paths / globs of the segmentor or
             detector, e.g. ``['decode_head.conv_seg', 'auxiliary_head.conv_seg']``). Default: the
-            config's ``daft_predictors``, else the ``DAFTModel``'s predictors, else the stock
-            names (``*.conv_seg``, ``roi_head.*.fc_cls``/``fc_reg``).
+            config's ``daft_predictors``, else the ``DAFTModel``'s predictors, else the head table
+            (:mod:`daft_mm.mm.predictors`); a dict ``{head class: [layers]}`` adds entries to that
+            table. Each starts at weight 0 and the bias its head's own init gives (the prior of a
+            sigmoid/focal classifier), else 0.
         convert: run the BN conversion (``False``: zero-init only, an ablation).
         zero_init: zero the predictors (``False``: conversion only, an ablation).
         dataloader: a dataloader config for the statistics pass; default: the training dataset
@@ -83,7 +85,7 @@ class DAFTHook(Hook):
     priority = 'ABOVE_NORMAL'  # before NORMAL hooks that may read the weights in before_train
 
     def __init__(self,
-                 predictors: Optional[Sequence[str]] = None,
+                 predictors: Union[None, Sequence[str], Dict[str, Sequence[str]]] = None,
                  convert: bool = True,
                  zero_init: bool = True,
                  dataloader: Optional[Union[dict, DataLoader]] = None,
@@ -106,7 +108,8 @@ class DAFTHook(Hook):
         if isinstance(predictors, str):
             predictors = [predictors]
         mm_forward(forward_mode)  # validates the mode now, at config time
-        self.predictors = list(predictors) if predictors is not None else None
+        self.predictors = (predictors if predictors is None or isinstance(predictors, dict)
+                           else list(predictors))
         self.convert = convert
         self.zero_init = zero_init
         self.dataloader = dataloader
@@ -136,11 +139,9 @@ class DAFTHook(Hook):
         return model, model, 'model.'
 
     def _predictor_names(self, model: nn.Module, net: nn.Module) -> List[str]:
-        if self.predictors is not None:
-            return self.predictors
-        if isinstance(model, DAFTModel):
+        if self.predictors is None and isinstance(model, DAFTModel):
             return list(model.predictors)
-        return default_predictors(net)
+        return predictor_names(net, self.predictors, 'custom_hooks[DAFTHook].predictors')
 
     # ----------------------------------------------------------------------- start-up checks
     def before_run(self, runner: Any) -> None:
@@ -179,8 +180,8 @@ class DAFTHook(Hook):
         if isinstance(model, DAFTModel) and getattr(model, 'predictors_configured', False):
             candidates.append(('model.predictors', list(model.predictors)))
         if self.zero_init:  # a typo is reported as one, under its own key, before comparing
-            candidates = [(k, None if v is None else check_predictors(
-                net, [v] if isinstance(v, str) else list(v), k))
+            # (a dict extends the head table: predictor_names resolves it to layer paths)
+            candidates = [(k, None if v is None else predictor_names(net, v, k))
                           for k, v in candidates]
         names, _ = resolve_predictors(candidates)
         if names is None:
@@ -332,7 +333,8 @@ class DAFTHook(Hook):
             state['converted_layers'] = len(report.layers)
             state['num_batches'] = report.num_batches
         if self.zero_init:
-            zeroed = zero_init_predictors(net, self._predictor_names(model, net))
+            names = self._predictor_names(model, net)
+            zeroed = zero_init_predictors(net, names, predictor_priors(net, names))
             runner.logger.info(f'DAFTHook: zero-initialised predictors {zeroed}')
             state['zeroed'] = zeroed
         state['done'] = True

@@ -13,7 +13,7 @@ All DAFT operations come from :mod:`daft_mm.core`; this file only adapts them to
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.model import BaseModel
@@ -26,14 +26,11 @@ from daft_mm.core import (ConversionReport, FineTuneStage, convert_bn, get_recip
 from daft_mm.core.heads import PREDICTOR_TYPES
 from daft_mm.mm.compat import register_load_state_dict_pre_hook, register_state_dict_post_hook
 
+from ..predictors import default_predictors, predictor_priors
+
 __all__ = ['DAFTModel', 'default_predictors', 'mm_forward', 'resolve_stage', 'norm_eval_modules',
-           'require_bn_train', 'check_predictors']
-
-#: Leaf names of final predictors in OpenMMLab heads: mmseg ``BaseDecodeHead.conv_seg``, mmdet
-#: bbox heads' ``fc_cls``/``fc_reg`` (under ``roi_head``). Used when no names are configured.
-_SEG_PREDICTOR = 'conv_seg'
-_DET_PREDICTORS = ('fc_cls', 'fc_reg')
-
+           'require_bn_train', 'frozen_batchnorms', 'check_predictors', 'predictor_names',
+           'predictor_priors']
 
 def resolve_stage(method: str) -> FineTuneStage:
     """The single-stage core recipe for ``method`` ('daft', 'ft', 'lp').
@@ -52,21 +49,20 @@ def resolve_stage(method: str) -> FineTuneStage:
     return recipe.stages[0]
 
 
-def default_predictors(model: nn.Module) -> List[str]:
-    """The final predictor layers of a stock mmseg/mmdet model, found by their OpenMMLab names."""
-    found = []
-    for name, module in model.named_modules():
-        leaf = name.rsplit('.', 1)[-1]
-        if not isinstance(module, PREDICTOR_TYPES):
-            continue
-        if leaf == _SEG_PREDICTOR or (leaf in _DET_PREDICTORS and name.startswith('roi_head.')):
-            found.append(name)
-    if not found:
-        raise ValueError(
-            f'cannot tell the final predictors of {type(model).__name__} (no `conv_seg` or '
-            '`roi_head.*.fc_cls/fc_reg` layer); name them, e.g. '
-            "predictors=['decode_head.conv_seg'] in the DAFTHook / DAFTModel config")
-    return found
+PredictorSpec = Union[None, Sequence[str], Mapping[str, Sequence[str]]]
+
+
+def predictor_names(model: nn.Module, spec: PredictorSpec, key: str) -> List[str]:
+    """Predictor paths from a config value: ``None`` (the head table), a list of module paths /
+    globs, or ``{head class: [layers]}`` (the head table plus these entries); checked."""
+    if spec is None or isinstance(spec, Mapping):
+        try:
+            names = default_predictors(model, extra=spec)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f'{key}: {exc}') from None
+    else:
+        names = [spec] if isinstance(spec, str) else list(spec)
+    return check_predictors(model, names, key)
 
 
 def check_predictors(model: nn.Module, names: Sequence[str], key: str) -> List[str]:
@@ -84,7 +80,8 @@ def check_predictors(model: nn.Module, names: Sequence[str], key: str) -> List[s
     bad = [f'{path} ({type(m).__name__})' for path, m in resolved.items()
            if not isinstance(m, PREDICTOR_TYPES) or any(True for _ in m.children())]
     if bad:
-        raise ValueError(f'{key}: {bad} are not final predictor layers (a leaf Linear/ConvNd). '
+        raise ValueError(f'{key}: {bad} are not final predictor layers (a leaf Linear/ConvNd/'
+                         'ConvTransposeNd). '
                          f'Fix: name the last layer of each head, e.g. '
                          f'{default_predictors_or_hint(model)}')
     return list(resolved)
@@ -93,7 +90,7 @@ def check_predictors(model: nn.Module, names: Sequence[str], key: str) -> List[s
 def default_predictors_or_hint(model: nn.Module) -> Union[List[str], str]:
     try:
         return default_predictors(model)
-    except ValueError:
+    except (ValueError, TypeError):
         return "['decode_head.conv_seg']"
 
 
@@ -101,19 +98,116 @@ def norm_eval_modules(model: nn.Module) -> List[str]:
     """Paths of modules whose ``norm_eval=True`` keeps their BatchNorm layers in eval mode."""
     return [name for name, m in model.named_modules()
             if getattr(m, 'norm_eval', False) is True
-            and any(isinstance(sub, _BatchNorm) for sub in m.modules())]
+            and any(_is_bn(sub) for sub in m.modules())]
 
 
-def require_bn_train(model: nn.Module, key_prefix: str, who: str) -> None:
-    """Refuse ``norm_eval=True`` where the method trains BatchNorm; the error names the config
-    key (``key_prefix`` + module path) and the fix."""
-    frozen = norm_eval_modules(model)
-    if frozen:
-        keys = ', '.join(f'{key_prefix}{name}.norm_eval' for name in frozen)
+def _is_bn(module: nn.Module) -> bool:
+    """BatchNorm, or BN-like with running statistics (mmcv's MMSyncBN is no ``_BatchNorm``)."""
+    if isinstance(module, _BatchNorm):
+        return True
+    return (not isinstance(module, nn.modules.instancenorm._InstanceNorm)
+            and isinstance(getattr(module, 'running_mean', None), torch.Tensor)
+            and isinstance(getattr(module, 'running_var', None), torch.Tensor))
+
+
+_STEM = ('stem', 'conv1', 'bn1', 'norm1')
+
+
+def _in_frozen_stage(rel: str, frozen_stages: int) -> Optional[bool]:
+    """For a ResNet-style backbone (``stem``/``conv1``+``bn1``, ``layer1``..): whether ``rel``
+    lies in a stage ``frozen_stages`` freezes; None if the naming is not ResNet's."""
+    first = rel.split('.', 1)[0]
+    if first in _STEM:
+        return True
+    if first.startswith('layer') and first[5:].isdigit():
+        return int(first[5:]) <= frozen_stages
+    return None
+
+
+def frozen_batchnorms(model: nn.Module) -> Dict[str, Tuple[List[str], bool]]:
+    """BN layers that would not train in ``model.train()``: ``{path: (causes, stem_only)}``.
+
+    Causes are the settings responsible, as ``<module path>.<key>``: ``norm_eval`` (BN in eval
+    mode), ``frozen_stages`` (the stage is in eval mode and frozen), ``norm_cfg.requires_grad``
+    (weight and bias frozen). ``stem_only`` marks a stem BN frozen by ``frozen_stages=0``: the
+    one frozen layer a user may keep on purpose. Every module's train/eval flag is restored.
+    """
+    modules = dict(model.named_modules())
+    modes = [(m, m.training) for m in modules.values()]
+    try:
+        model.train()
+        found: Dict[str, Tuple[List[str], bool]] = {}
+        for path, bn in modules.items():
+            if not _is_bn(bn):
+                continue
+            in_eval = not bn.training
+            grad_off = any(not p.requires_grad for p in bn.parameters(recurse=False))
+            if not (in_eval or grad_off):
+                continue
+            parts = path.split('.')
+            ancestors = [('.'.join(parts[:i]), modules['.'.join(parts[:i])])
+                         for i in range(len(parts))]
+            causes: List[str] = []
+            stem_only = False
+            for apath, anc in ancestors:
+                key = f'{apath}.' if apath else ''
+                if in_eval and getattr(anc, 'norm_eval', False) is True:
+                    causes.append(f'{key}norm_eval')
+                stages = getattr(anc, 'frozen_stages', None)
+                if isinstance(stages, int) and not isinstance(stages, bool) and stages >= 0:
+                    inside = _in_frozen_stage(path[len(key):], stages)
+                    if inside or (inside is None and in_eval and not causes):
+                        causes.append(f'{key}frozen_stages')
+                        stem_only = stages == 0 and bool(inside)
+            if grad_off and not any(c.endswith('frozen_stages') for c in causes):
+                owner = next((apath for apath, anc in reversed(ancestors)
+                              if isinstance(getattr(anc, 'norm_cfg', None), dict)), None)
+                causes.append(f'{owner}.norm_cfg.requires_grad' if owner
+                              else f'{path}.requires_grad')
+            if not causes:
+                causes.append(f'{path} (in eval mode after model.train())')
+            found[path] = (causes, stem_only and len(causes) == 1)
+        return found
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+_FIXES = {'norm_eval': 'False', 'frozen_stages': '-1', 'requires_grad': 'True'}
+
+
+def require_bn_train(model: nn.Module, key_prefix: str, who: str) -> List[str]:
+    """Refuse BatchNorm layers that would not train where the method trains BN: ``norm_eval=True``,
+    ``frozen_stages >= 0`` (the stage stays in eval mode and frozen) and ``requires_grad=False``
+    norms. The error names each config key (``key_prefix`` + module path) and its fix.
+
+    ``frozen_stages=0`` (stem only) is what a user sets to keep the stem frozen on purpose: it is
+    allowed, logged, and returned (the stem BN layers that stay frozen).
+    """
+    frozen = frozen_batchnorms(model)
+    kept = [path for path, (_, stem_only) in frozen.items() if stem_only]
+    refused = {path: causes for path, (causes, stem_only) in frozen.items() if not stem_only}
+    if refused:
+        keys: Dict[str, List[str]] = {}
+        for path, causes in refused.items():
+            for cause in causes:
+                keys.setdefault(cause, []).append(path)
+        listed = '; '.join(f'{key_prefix}{cause}' + ('=True' if cause.endswith('norm_eval') else '')
+                           + f' ({len(paths)} BN layers, e.g. {paths[0]})'
+                           for cause, paths in keys.items())
+        fixes = ' '.join(f'{key_prefix}{cause}={_FIXES[cause.rsplit(".", 1)[-1]]}'
+                         for cause in keys if cause.rsplit('.', 1)[-1] in _FIXES)
         raise ValueError(
-            f'{keys}=True keeps BatchNorm in eval mode during training, but {who} fine-tunes with '
-            'BatchNorm in train mode. Fix: set it to False, e.g. '
-            f'--cfg-options {key_prefix}{frozen[0]}.norm_eval=False')
+            f'{listed} keep BatchNorm from training, but {who} fine-tunes with BatchNorm in train '
+            f'mode. Fix: --cfg-options {fixes or "(make those layers trainable)"} (the DAFT '
+            'detection fragment sets them: model = dict(backbone={{_base_.daft_backbone}}); '
+            'frozen_stages=0 keeps only the stem frozen)')
+    if kept:
+        from mmengine.logging import print_log
+        print_log(f'{who}: frozen_stages=0 keeps the stem frozen; these BatchNorm layers stay in '
+                  f'eval mode with their statistics and affine parameters fixed: {kept}',
+                  logger='current')
+    return kept
 
 
 def mm_forward(mode: str = 'loss') -> Callable[[nn.Module, Any], Any]:
@@ -146,8 +240,9 @@ class DAFTModel(BaseModel):
             first step), 'ft' (BN train, standard init), 'lp' (``feature_extractor`` frozen and its
             BN in eval mode after every ``train()``; heads train).
         predictors: final predictor layers (module paths / globs of the wrapped model); default:
-            mmseg ``*.conv_seg``, mmdet ``roi_head.*.fc_cls`` / ``fc_reg``. Their LR multiplier is
-            set in ``optim_wrapper.paramwise_cfg`` (see ``configs/_base_/daft.py``).
+            the head table of :mod:`daft_mm.mm.predictors`; a dict ``{head class: [layers]}``
+            adds entries to that table. Their LR multiplier is set in
+            ``optim_wrapper.paramwise_cfg`` (see ``configs/_base_/daft.py``).
         feature_extractor: the pretrained part, frozen under LP (module paths); default backbone.
         data_preprocessor: used only if the wrapped model's config has none (the Runner passes a
             config's top-level ``data_preprocessor`` here).
@@ -160,7 +255,7 @@ class DAFTModel(BaseModel):
     def __init__(self,
                  model: Union[dict, nn.Module],
                  method: str = 'daft',
-                 predictors: Optional[Sequence[str]] = None,
+                 predictors: PredictorSpec = None,
                  feature_extractor: Sequence[str] = ('backbone', ),
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None,
@@ -188,8 +283,7 @@ class DAFTModel(BaseModel):
         # DAFTHook checks configured predictors against the config's daft_predictors; defaults
         # give way to it.
         self.predictors_configured = predictors is not None
-        names = list(predictors) if predictors is not None else default_predictors(inner)
-        self.predictors = tuple(check_predictors(inner, names, 'model.predictors'))
+        self.predictors = tuple(predictor_names(inner, predictors, 'model.predictors'))
         try:
             self.feature_extractor = tuple(resolve_modules(inner, list(feature_extractor)))
         except (KeyError, ValueError, TypeError) as exc:
@@ -256,8 +350,11 @@ class DAFTModel(BaseModel):
         return convert_bn(self.model, batches, forward=mm_forward(forward_mode), **kwargs)
 
     def zero_init_predictors(self) -> List[str]:
-        """Zero this stage's predictors (core :func:`~daft_mm.core.zero_init_predictors`)."""
-        return zero_init_predictors(self.model, list(self.predictors))
+        """Zero this stage's predictors, each biased by its head's prior (core
+        :func:`~daft_mm.core.zero_init_predictors`, :func:`~daft_mm.mm.predictors.predictor_priors`).
+        """
+        names = list(self.predictors)
+        return zero_init_predictors(self.model, names, predictor_priors(self.model, names))
 
     def _feature_modules(self) -> List[nn.Module]:
         modules = dict(self.model.named_modules())

@@ -1,0 +1,170 @@
+"""The shipped detection configs beyond Faster R-CNN, end to end through the real Runner: RetinaNet
+(one-stage, focal loss) on VOC and Cityscapes, Mask R-CNN on Cityscapes, DAFT and FT. Each real
+config runs with its stock base swapped for a tiny stand-in (tests/_mm_helpers.SWAPS) on generated
+data: two training iterations, then an evaluation from the saved checkpoint."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.runner import Runner
+from PIL import Image
+
+from _mm_helpers import CONFIGS, ProbeHook, load_tiny, shrink_config
+
+pytestmark = pytest.mark.filterwarnings('ignore::UserWarning', 'ignore::DeprecationWarning')
+
+#: mmdet's Cityscapes instance categories (ids of cityscapesscripts' labels) and the train ids of
+#: the generated scenes that are instances (person, car)
+_CATEGORIES = [(24, 'person'), (25, 'rider'), (26, 'car'), (27, 'truck'), (28, 'bus'),
+               (31, 'train'), (32, 'motorcycle'), (33, 'bicycle')]
+_THINGS = {11: 24, 13: 26}
+_PRIOR = -math.log((1 - 0.01) / 0.01)  # focal-loss prior, p = 0.01
+
+
+def _write_instances(root: Path, split: str) -> None:
+    """COCO-format instance annotations as mmdet's cityscapes converter writes them, from the
+    generated label maps: one instance per connected region of a thing class."""
+    images, annotations = [], []
+    labels = sorted((root / 'gtFine' / split).rglob('*_gtFine_labelTrainIds.png'))
+    for image_id, png in enumerate(labels):
+        lab = np.array(Image.open(png))
+        stem = png.name[:-len('_gtFine_labelTrainIds.png')]
+        images.append(dict(id=image_id, file_name=f'{png.parent.name}/{stem}_leftImg8bit.png',
+                           height=int(lab.shape[0]), width=int(lab.shape[1])))
+        for train_id, category in _THINGS.items():
+            count, comp, stats, _ = cv2.connectedComponentsWithStats(
+                (lab == train_id).astype(np.uint8))
+            for k in range(1, count):
+                x, y, w, h, area = (int(v) for v in stats[k])
+                contours, _ = cv2.findContours((comp == k).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                               cv2.CHAIN_APPROX_SIMPLE)
+                polygons = [c.flatten().tolist() for c in contours if len(c) >= 3]
+                if area < 16 or not polygons:
+                    continue
+                annotations.append(dict(id=len(annotations) + 1, image_id=image_id,
+                                        category_id=category, bbox=[x, y, w, h], area=area,
+                                        segmentation=polygons, iscrowd=0))
+    out = root / 'annotations' / f'instancesonly_filtered_gtFine_{split}.json'
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(dict(images=images, annotations=annotations, categories=[
+        dict(id=i, name=n) for i, n in _CATEGORIES])))
+
+
+@pytest.fixture(scope='module')
+def cs_det_root(tmp_path_factory) -> str:
+    from daft_mm.mm.datasets import make_cityscapes
+    root = tmp_path_factory.mktemp('cityscapes_det')
+    make_cityscapes(root, num_train=4, num_val=2, size=(128, 256), seed=0)
+    for split in ('train', 'val'):
+        _write_instances(root, split)
+    return str(root) + '/'
+
+
+@pytest.fixture(scope='module')
+def cfgdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp('det_cfgs')
+
+
+def _options(name: str, roots: dict) -> tuple:
+    if 'cityscapes' in name:
+        root = roots['cs']
+        ann = root + 'annotations/instancesonly_filtered_gtFine_val.json'
+        return root, {'val_evaluator.ann_file': ann, 'test_evaluator.ann_file': ann}
+    return roots['voc'], {}
+
+
+@pytest.fixture(scope='module')
+def roots(cs_det_root, voc_det_root) -> dict:
+    return {'cs': cs_det_root, 'voc': voc_det_root}
+
+
+CASES = [
+    ('daft_retinanet_r50_fpn_voc.py', 'pascal_voc/mAP'),
+    ('daft_retinanet_r50_fpn_cityscapes.py', 'coco/bbox_mAP'),
+    ('daft_mask-rcnn_r50_fpn_cityscapes.py', 'coco/segm_mAP'),
+    ('ft_retinanet_r50_fpn_voc.py', 'pascal_voc/mAP'),
+]
+
+
+def _state(model: torch.nn.Module) -> dict:
+    """What DAFT must have done before the first step (read by a probe after DAFTHook)."""
+    modules = dict(model.named_modules())
+    out = {'bn_eval': [n for n, m in modules.items()
+                       if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not m.training],
+           'frozen': [n for n, p in model.named_parameters() if not p.requires_grad]}
+    for name in ('bbox_head.retina_cls', 'bbox_head.retina_reg', 'roi_head.bbox_head.fc_cls',
+                 'roi_head.bbox_head.fc_reg', 'roi_head.mask_head.conv_logits'):
+        if name in modules:
+            out[name] = (modules[name].weight.abs().sum().item(),
+                         modules[name].bias.detach().clone())
+    return out
+
+
+@pytest.mark.parametrize('name,metric', CASES)
+def test_detection_config_trains_and_evaluates(name, metric, roots, cfgdir, tmp_path):
+    cfg_path = shrink_config(CONFIGS / 'detection' / name, cfgdir)
+    root, extra = _options(name, roots)
+    cfg = load_tiny(cfg_path, tmp_path, root, **{
+        'train_cfg.max_iters': 2, 'train_dataloader.batch_size': 2,
+        'default_hooks.checkpoint.interval': 2, **extra})
+    runner = Runner.from_cfg(cfg)
+    probe = ProbeHook(_state)
+    runner.register_hook(probe, priority='VERY_LOW')  # after DAFTHook's preparation
+    runner.train()
+    state = probe.records[0]
+    assert not state['bn_eval'] and not state['frozen']  # BN trains, nothing frozen
+    first_loss_cls = runner.message_hub.get_scalar('train/loss_cls').data[0][0]
+    if name.startswith('daft_'):
+        zeroed = [k for k in state if '.' in k]
+        assert zeroed and all(state[k][0] == 0.0 for k in zeroed)
+        if 'retinanet' in name:
+            # the focal-loss prior survives the zero init: p = 0.01, not 0.5
+            assert torch.allclose(state['bbox_head.retina_cls'][1], torch.tensor(_PRIOR))
+            assert not state['bbox_head.retina_reg'][1].any()
+            assert first_loss_cls < 5.0  # ~1.1; a zeroed prior starts the focal loss near 100
+        else:
+            assert not state['roi_head.mask_head.conv_logits'][1].any()
+        hook = next(h for h in runner.hooks if type(h).__name__ == 'DAFTHook')
+        assert hook._state['done'] and hook._state['converted_layers'] > 0
+    else:
+        assert all(state[k][0] > 0 for k in state if '.' in k)  # standard init
+    assert math.isfinite(first_loss_cls)
+
+    test_cfg = load_tiny(cfg_path, tmp_path / 'test', root, **extra)
+    test_cfg.load_from = str(tmp_path / 'iter_2.pth')
+    metrics = Runner.from_cfg(test_cfg).test()
+    assert metric in metrics and 0.0 <= metrics[metric] <= 1.0 or metrics[metric] == -1
+
+
+NEW = [f'detection/{m}_{model}_{d}.py' for m in ('daft', 'ft')
+       for model, d in (('retinanet_r50_fpn', 'voc'), ('retinanet_r50_fpn', 'cityscapes'),
+                        ('mask-rcnn_r50_fpn', 'cityscapes'))]
+
+
+@pytest.mark.parametrize('name', NEW)
+def test_full_size_configs_resolve_with_bn_training(name):
+    cfg = Config.fromfile(str(CONFIGS / name))
+    backbone = cfg.model.backbone
+    assert backbone.norm_eval is False and backbone.frozen_stages == -1
+    assert backbone.norm_cfg == dict(type='SyncBN', requires_grad=True)
+    assert cfg.model.type == ('MaskRCNN' if 'mask-rcnn' in name else 'RetinaNet')
+    hooks = [h['type'] for h in cfg.get('custom_hooks', [])]
+    if name.startswith('detection/daft'):
+        assert hooks == ['DAFTHook']
+        keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
+        wanted = ['.conv_logits.', '.fc_cls.'] if 'mask' in name else ['.retina_cls.',
+                                                                         '.retina_reg.']
+        assert all(keys[k] == dict(lr_mult=10.0) for k in wanted)
+        assert '.rpn_cls.' not in keys  # the RPN keeps the backbone's LR
+    else:
+        assert 'DAFTHook' not in hooks and not cfg.optim_wrapper.get('paramwise_cfg')
+    if 'cityscapes' in name:
+        head = cfg.model.roi_head.bbox_head if 'mask' in name else cfg.model.bbox_head
+        assert head.num_classes == 8

@@ -1,0 +1,468 @@
+"""Does DAFT work out of the box on the stock model zoo? One config per folder, checked end to end.
+
+For every folder of the installed mmseg / mmdet ``.mim/configs`` that has a config with a
+BatchNorm ResNet-family backbone (ResNet, ResNetV1c/d, ResNeXt, ResNeSt), one such config is built
+with a *small ResNet* (one block per stage, same widths, so every neck and head fits unchanged),
+nothing downloaded, and the DAFT fragment applied (detection: ``configs/_base_/daft_detection.py``'s
+``daft_backbone``; segmentation: ``configs/_base_/daft.py`` needs none). Then, on two random
+batches:
+
+1. **predictors**: the head table (:mod:`daft_mm.mm.predictors`) finds the final predictors and
+   every one is a predictor leaf;
+2. **BN train**: no BatchNorm is kept from training (``norm_eval``, ``frozen_stages``,
+   ``requires_grad=False``: :func:`daft_mm.mm.models.daft_model.require_bn_train`);
+3. **conversion**: :func:`daft_mm.core.convert_bn` reaches and converts every BN-like layer
+   (mmcv's MMSyncBN included) and the eval-mode function is preserved (max abs difference of
+   every output in ``tensor`` mode, or of the losses where that mode does not exist);
+4. **priors**: after DAFT's zero-init every predictor has weight 0 and, where the model's own
+   ``init_weights`` gives its bias a constant non-zero value (focal / sigmoid classifiers, ...),
+   exactly that bias;
+5. **train step**: one SGD step in train mode runs and gives finite losses (a model whose ops
+   need CUDA is reported, not failed).
+
+Prints the coverage table (markdown) and writes ``--json``. A folder whose model DAFT cannot take
+is listed with the error (which names the fix).
+
+    python tools/check_zoo_coverage.py                              # the whole zoo, ~10 min
+    python tools/check_zoo_coverage.py --folders mmdet/retinanet mmseg/danet --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import math
+import os
+import os.path as osp
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+RESNETS = ('ResNet', 'ResNetV1c', 'ResNetV1d', 'ResNeXt', 'ResNeSt')
+WRAPPER_KEYS = ('detector', 'model', 'segmentor', 'module')
+IMG = 64  # side of the random square images
+
+
+@dataclass
+class FolderResult:
+    folder: str
+    config: str = ''
+    status: str = 'fail'  # ok | refused | fail | skipped
+    predictors: List[str] = field(default_factory=list)
+    priors: Dict[str, float] = field(default_factory=dict)  # path -> first prior value
+    bn_layers: int = 0
+    converted: int = 0
+    function_diff: Optional[float] = None
+    train_step: str = ''
+    stays_frozen: List[str] = field(default_factory=list)
+    note: str = ''
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- config selection
+def config_root(package: str) -> str:
+    return osp.join(osp.dirname(__import__(package).__file__), '.mim', 'configs')
+
+
+def _backbone(model: Any) -> Optional[dict]:
+    if not isinstance(model, dict):
+        return None
+    if isinstance(model.get('backbone'), dict):
+        return model['backbone']
+    for key in WRAPPER_KEYS:
+        found = _backbone(model.get(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _is_bn_resnet(cfg: Any) -> bool:
+    backbone = _backbone(cfg.get('model'))
+    if not backbone or backbone.get('type', '').split('.')[-1] not in RESNETS:
+        return False
+    norm = (backbone.get('norm_cfg') or {}).get('type', 'BN')
+    return 'BN' in norm
+
+
+def pick_config(package: str, folder: str) -> Optional[str]:
+    """One stock config of ``folder`` with a BN ResNet backbone: R-50 first, plain names before
+    variants (caffe, dcn, multi-scale...), then the shortest name."""
+    from mmengine.config import Config
+    files = sorted(glob.glob(osp.join(config_root(package), folder, '*.py')))
+
+    def rank(path: str) -> Tuple:
+        name = osp.basename(path)
+        return ('r50' not in name and 's50' not in name, 'caffe' in name, 'fast-rcnn' in name,
+                'rpn' in name and folder != 'rpn', len(name), name)
+
+    for path in sorted(files, key=rank):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                cfg = Config.fromfile(path)
+        except Exception:  # noqa: BLE001 - a config that does not load is not a candidate
+            continue
+        if _is_bn_resnet(cfg):
+            return path
+    return None
+
+
+def folders(package: str) -> List[str]:
+    root = config_root(package)
+    return sorted(d for d in os.listdir(root)
+                  if not d.startswith(('_', '.')) and osp.isdir(osp.join(root, d)))
+
+
+# ------------------------------------------------------------------------------- model build
+@contextlib.contextmanager
+def small_resnet() -> Iterator[None]:
+    """Every mmseg/mmdet ResNet variant built with one block per stage (stock widths)."""
+    import mmdet.models.backbones as det
+    import mmseg.models.backbones as seg
+    classes = {cls for mod in (det, seg) for cls in vars(mod).values()
+               if isinstance(cls, type) and issubclass(cls, (det.ResNet, seg.ResNet))
+               and 'arch_settings' in vars(cls)
+               and all(isinstance(v, tuple) and len(v) == 2 for v in vars(cls)['arch_settings']
+                       .values())}  # RegNet's settings are dicts: not a block-count ResNet
+    saved = {cls: cls.arch_settings for cls in classes}
+    try:
+        for cls in classes:
+            cls.arch_settings = {depth: (block, (1, ) * len(blocks))
+                                 for depth, (block, blocks) in cls.arch_settings.items()}
+        yield
+    finally:
+        for cls, settings in saved.items():
+            cls.arch_settings = settings
+
+
+def _no_downloads(node: Any) -> Any:
+    """Drop pretrained checkpoints anywhere in a model config (nothing can be downloaded)."""
+    if isinstance(node, dict):
+        for key in list(node):
+            value = node[key]
+            if key == 'pretrained':
+                node[key] = None
+            elif key == 'init_cfg' and 'Pretrained' in str(value):
+                node[key] = None
+            else:
+                _no_downloads(value)
+    elif isinstance(node, list):
+        for item in node:
+            _no_downloads(item)
+    return node
+
+
+def daft_backbone(package: str) -> dict:
+    """What the DAFT fragment of the task asks of the backbone (empty for segmentation)."""
+    if package != 'mmdet':
+        return {}
+    from mmengine.config import Config
+    fragment = Config.fromfile(osp.join(REPO, 'configs', '_base_', 'daft_detection.py'))
+    return fragment.daft_backbone.to_dict()
+
+
+def prepare_cfg(package: str, path: str, backbone_fix: dict) -> Any:
+    from mmengine.config import Config
+    cfg = Config.fromfile(path)
+    model = cfg.model
+    _no_downloads(model)
+    backbone = _backbone(model)
+    backbone.merge_from_dict(backbone_fix) if hasattr(backbone, 'merge_from_dict') else \
+        backbone.update(backbone_fix)
+    prep = model.get('data_preprocessor')
+    if isinstance(prep, dict):
+        prep.pop('batch_augments', None)  # fixed-size padding to 1024x1024 (LSJ): not needed
+        if package == 'mmseg':
+            prep['size'] = (IMG, IMG)
+    if package == 'mmseg' and isinstance(model.get('test_cfg'), dict):
+        model.test_cfg = dict(mode='whole')
+    return cfg
+
+
+def build_model(package: str, cfg: Any) -> torch.nn.Module:
+    from mmengine.registry import init_default_scope
+    init_default_scope(package)
+    from mmengine.registry import MODELS
+    with small_resnet(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        model = MODELS.build(cfg.model)
+        torch.manual_seed(0)
+        model._dump_init_info = lambda *args, **kwargs: None  # the per-parameter init log
+        model.init_weights()
+    return model
+
+
+# ------------------------------------------------------------------------------------ batches
+def _num_classes(model: torch.nn.Module) -> int:
+    counts = [getattr(m, 'num_classes') for m in model.modules()
+              if isinstance(getattr(m, 'num_classes', None), int)]
+    return max(1, min(counts)) if counts else 1
+
+
+def det_batch(seed: int, model: torch.nn.Module) -> dict:
+    from mmdet.testing import demo_mm_inputs, demo_mm_proposals
+    torch.manual_seed(seed)
+    data = demo_mm_inputs(batch_size=2, image_shapes=[(3, IMG, IMG)] * 2, num_items=[3, 2],
+                          num_classes=2, with_mask=True, with_semantic=True)
+    for sample in data['data_samples']:
+        sample.gt_instances.labels[:] = seed % _num_classes(model)
+        sample.set_metainfo(dict(scale_factor=(1.0, 1.0)))
+    proposals = demo_mm_proposals([(3, IMG, IMG)] * 2, 100)
+    for sample, props in zip(data['data_samples'], proposals):
+        sample.proposals = props
+    data['inputs'] = [
+        torch.randint(0, 256, (3, IMG, IMG), generator=torch.Generator().manual_seed(seed + i),
+                      dtype=torch.uint8) for i in range(2)]
+    return data
+
+
+def seg_batch(seed: int, model: torch.nn.Module) -> dict:
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    g = torch.Generator().manual_seed(seed)
+    num_classes = _num_classes(model)
+    samples = []
+    for _ in range(2):
+        sample = SegDataSample()
+        sample.set_metainfo(dict(img_shape=(IMG, IMG), ori_shape=(IMG, IMG),
+                                 pad_shape=(IMG, IMG), scale_factor=(1.0, 1.0), flip=False))
+        sample.gt_sem_seg = PixelData(
+            data=torch.randint(0, num_classes, (1, IMG, IMG), generator=g))
+        samples.append(sample)
+    inputs = [torch.randint(0, 256, (3, IMG, IMG), generator=g, dtype=torch.uint8)
+              for _ in range(2)]
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def _flatten(out: Any) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out.detach().float()]
+    if isinstance(out, dict):
+        return [t for key in sorted(out) for t in _flatten(out[key])]
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in _flatten(item)]
+    return []
+
+
+def eval_outputs(model: torch.nn.Module, batches: Sequence[dict]) -> Tuple[str, List[torch.Tensor]]:
+    """Eval-mode outputs: ``tensor`` mode, else the losses (with fixed seeds: RoI sampling)."""
+    from daft_mm.mm.models.daft_model import mm_forward
+    model.eval()
+    outs: List[torch.Tensor] = []
+    mode = 'tensor'
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                torch.manual_seed(0)
+                outs += _flatten(mm_forward('tensor')(model, batch))
+        if outs:
+            return mode, outs
+    except Exception:  # noqa: BLE001 - not every model has a tensor mode
+        pass
+    outs, mode = [], 'loss'
+    with torch.no_grad():
+        for batch in batches:
+            torch.manual_seed(0)
+            outs += _flatten(mm_forward('loss')(model, batch))
+    return mode, outs
+
+
+# ---------------------------------------------------------------------------------- the checks
+def check_folder(package: str, folder: str, train_step: bool = True) -> FolderResult:
+    from mmengine.model import revert_sync_batchnorm
+
+    from daft_mm.core import convert_bn, find_batchnorms, zero_init_predictors
+    from daft_mm.mm.models.daft_model import (check_predictors, mm_forward, predictor_priors,
+                                              require_bn_train)
+    from daft_mm.mm.predictors import default_predictors
+
+    start = time.time()
+    result = FolderResult(folder=f'{package}/{folder}')
+    path = pick_config(package, folder)
+    if path is None:
+        result.status, result.note = 'skipped', 'no config with a BatchNorm ResNet backbone'
+        return result
+    result.config = osp.basename(path)
+    stage = 'build'
+    try:
+        cfg = prepare_cfg(package, path, daft_backbone(package))
+        model = build_model(package, cfg)
+        make_batch = det_batch if package == 'mmdet' else seg_batch
+        batches = [make_batch(seed, model) for seed in (1, 2)]
+
+        stage = 'predictors'
+        names = check_predictors(model, default_predictors(model), 'predictors')
+        result.predictors = names
+        stage = 'bn-train'
+        result.stays_frozen = require_bn_train(model, 'model.', 'DAFT')
+        stage = 'conversion'
+        result.bn_layers = len(find_batchnorms(model))
+        mode, before = eval_outputs(model, batches)
+        fresh = {n: m.bias.detach().clone() for n, m in model.named_modules()
+                 if n in names and getattr(m, 'bias', None) is not None}
+        report = convert_bn(model, batches, forward=mm_forward('loss'))
+        result.converted = len(report.layers)
+        unconverted = {n: why for n, why in report.skipped.items()}
+        if unconverted:
+            raise AssertionError(f'BN layers left unconverted: {unconverted}')
+        _, after = eval_outputs(model, batches)
+        diff = max((float((a - b).abs().max()) for a, b in zip(before, after) if a.numel()),
+                   default=0.0)
+        result.function_diff = diff
+        scale = max((float(a.abs().max()) for a in before if a.numel()), default=1.0)
+        if len(before) != len(after) or not diff <= 1e-4 * max(1.0, scale):
+            raise AssertionError(f'conversion changed the function ({mode} outputs differ by '
+                                 f'{diff:.3g})')
+
+        stage = 'priors'
+        priors = predictor_priors(model, names)
+        zero_init_predictors(model, names, priors)
+        modules = dict(model.named_modules())
+        for name in names:
+            layer = modules[name]
+            assert not layer.weight.any(), f'{name}: weight not zero'
+            if layer.bias is None:
+                continue
+            init = fresh[name]
+            constant = bool((init == init.flatten()[0]).all()) and bool(init.ne(0).any())
+            if name in priors:
+                result.priors[name] = round(float(priors[name].flatten()[0]), 3)
+                if not torch.equal(layer.bias, init.to(layer.bias)):
+                    raise AssertionError(f'{name}: prior {priors[name]} differs from the '
+                                         f"model's init {init}")
+            elif constant:
+                raise AssertionError(f'{name}: prior bias {float(init.flatten()[0]):.3f} erased')
+            elif layer.bias.any():
+                raise AssertionError(f'{name}: bias not zero')
+
+        stage = 'train-step'
+        if train_step:
+            result.train_step = _train_step(revert_sync_batchnorm(model), batches[0], names)
+        result.status = 'ok'
+    except Exception as exc:  # noqa: BLE001 - every failure is a row of the table
+        message = f'{type(exc).__name__}: {exc}'.replace('\n', ' ')
+        result.status = 'refused' if stage in ('predictors', 'bn-train') and isinstance(
+            exc, (ValueError, TypeError)) else 'fail'
+        result.note = f'[{stage}] {message[:400]}'
+        if os.environ.get('DAFT_ZOO_TRACEBACK'):
+            traceback.print_exc()
+    result.seconds = round(time.time() - start, 1)
+    return result
+
+
+def _train_step(model: torch.nn.Module, batch: dict, names: Sequence[str]) -> str:
+    from daft_mm.mm.models.daft_model import mm_forward
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    try:
+        losses = mm_forward('loss')(model, batch)
+    except (RuntimeError, NotImplementedError, AssertionError) as exc:
+        if 'cuda' in str(exc).lower() or 'gpu' in str(exc).lower():
+            return 'needs CUDA'
+        raise
+    total = sum(v.sum() if isinstance(v, torch.Tensor) else sum(t.sum() for t in v)
+                for k, v in losses.items() if 'loss' in k)
+    if not math.isfinite(float(total)):
+        raise AssertionError(f'non-finite loss {float(total)}')
+    optimizer.zero_grad()
+    total.backward()
+    optimizer.step()
+    modules = dict(model.named_modules())
+    grads = [n for n in names if modules[n].weight.grad is not None
+             and bool(modules[n].weight.grad.any())]
+    return f'loss {float(total):.3g}, {len(grads)}/{len(names)} predictors got gradient'
+
+
+# ------------------------------------------------------------------------------------ report
+def table(results: Sequence[FolderResult]) -> str:
+    lines = ['| folder | config | status | predictors | priors | BN conv. | max diff | note |',
+             '|---|---|---|---|---|---|---|---|']
+    for r in results:
+        if r.status == 'skipped':
+            continue
+        preds = _compact(r.predictors)
+        priors = ', '.join(sorted({f'{v:g}' for v in r.priors.values()})) or '—'
+        diff = '—' if r.function_diff is None else f'{r.function_diff:.1e}'
+        conv = f'{r.converted}/{r.bn_layers}' if r.bn_layers else '—'
+        note = r.note or r.train_step
+        if r.stays_frozen:
+            note = f'stem frozen ({len(r.stays_frozen)} BN); ' + note
+        lines.append(f'| {r.folder} | {r.config} | {r.status} | {preds} | {priors} | {conv} | '
+                     f'{diff} | {note} |')
+    return '\n'.join(lines)
+
+
+def _compact(names: Sequence[str]) -> str:
+    """``roi_head.bbox_head.0.fc_cls`` x3 -> ``roi_head.bbox_head.{0,1,2}.fc_cls``."""
+    import re
+    groups: Dict[str, List[str]] = {}
+    for name in names:
+        key = re.sub(r'\.(\d+)\.', '.{i}.', name)
+        key = re.sub(r'\.(\d+)$', '.{i}', key)
+        groups.setdefault(key, []).append(name)
+    return ', '.join(k if len(v) > 1 or '{i}' not in k else v[0] for k, v in groups.items())
+
+
+def summary(results: Sequence[FolderResult]) -> str:
+    lines = []
+    for package in ('mmseg', 'mmdet'):
+        rows = [r for r in results if r.folder.startswith(package) and r.status != 'skipped']
+        if rows:
+            ok = sum(r.status == 'ok' for r in rows)
+            refused = sum(r.status == 'refused' for r in rows)
+            lines.append(f'{package}: {ok}/{len(rows)} work, {refused} refused with the fix named, '
+                         f'{len(rows) - ok - refused} fail')
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--folders', nargs='*', help='package/folder, e.g. mmdet/retinanet '
+                        '(default: every folder of both packages)')
+    parser.add_argument('--json', help='write the results here')
+    parser.add_argument('--no-train-step', action='store_true')
+    args = parser.parse_args(argv)
+    warnings.filterwarnings('ignore')
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    import daft_mm.mm  # noqa: F401 - registers DAFTModel & co.
+    _single_process_group()
+    todo = [tuple(f.split('/', 1)) for f in args.folders] if args.folders else [
+        (p, f) for p in ('mmseg', 'mmdet') for f in folders(p)]
+    results = []
+    for package, folder in todo:
+        result = check_folder(package, folder, train_step=not args.no_train_step)
+        results.append(result)
+        if result.status != 'skipped':
+            print(f'{result.folder:<28} {result.status:<8} {result.seconds:>5}s '
+                  f'{result.note or result.train_step}', file=sys.stderr, flush=True)
+    print(table(results))
+    print()
+    print(summary(results))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump([asdict(r) for r in results], f, indent=1)
+    return 0 if all(r.status in ('ok', 'refused', 'skipped') for r in results) else 1
+
+
+def _single_process_group() -> None:
+    """mmcv's MMSyncBN cannot even be built without a process group; one of size 1 suffices for
+    the eval-mode conversion pass (the training step reverts it to BN, as the Runner does)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        store = dist.HashStore()
+        dist.init_process_group('gloo', store=store, rank=0, world_size=1)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
