@@ -241,8 +241,8 @@ class DAFTModel(BaseModel):
             BN in eval mode after every ``train()``; heads train).
         predictors: final predictor layers (module paths / globs of the wrapped model); default:
             the head table of :mod:`daft_mm.mm.predictors`; a dict ``{head class: [layers]}``
-            adds entries to that table. Their LR multiplier is set in
-            ``optim_wrapper.paramwise_cfg`` (see ``configs/_base_/daft.py``).
+            adds entries to that table. Their LR multiplier is the config's
+            ``daft_head_lr_mult``, applied by DAFTHook at start-up.
         feature_extractor: the pretrained part, frozen under LP (module paths); default backbone.
         data_preprocessor: used only if the wrapped model's config has none (the Runner passes a
             config's top-level ``data_preprocessor`` here).
@@ -371,11 +371,13 @@ def _merge_overrides(model: Union[dict, nn.Module], overrides: Dict[str, Any]) -
             f'DAFTModel got {keys}, which belong to the wrapped model, but the wrapped model is '
             f'an already built {type(model).__name__}. Fix: set them as '
             + ', '.join(f'model.model.{k}' for k in overrides) + ' in a config')
-    from mmengine.config import Config, ConfigDict
+    from mmengine.config import ConfigDict
     from mmengine.logging import print_log
     print_log(f'DAFTModel: {keys} set on the wrapper apply to the wrapped model '
               f'(model.model.*)', logger='current')
-    return Config._merge_a_into_b(ConfigDict(overrides), ConfigDict(copy.deepcopy(model)))
+    merged = ConfigDict(copy.deepcopy(model))
+    merged.merge(overrides)
+    return merged
 
 
 # ---------------------------------------------------------------------- state-dict transparency
