@@ -70,7 +70,6 @@ def test_robustness_never_mixes_or_clobbers_results(robustness, tmp_path):
     first = run('--skip-clean')
     result_file = out / 'robustness.json'
     recorded = json.loads(result_file.read_text())
-    assert set(recorded['provenance']) == {'config_sha256', 'checkpoint_sha256', 'metric', 'seed'}
 
     # another run into the same work dir without --resume: refused, file untouched
     with pytest.raises(FileExistsError, match='--resume.*--overwrite'):
@@ -94,6 +93,7 @@ def test_robustness_never_mixes_or_clobbers_results(robustness, tmp_path):
         run('--resume', checkpoint=retrained)
     assert json.loads(result_file.read_text()) == recorded
 
+    assert set(recorded['provenance']) == {'config_sha256', 'checkpoint_sha256', 'metric', 'seed'}
     # the same run resumes; --overwrite replaces
     again = run('--resume', '--skip-clean')
     assert again['corrupted'] == first['corrupted']
@@ -109,20 +109,27 @@ def test_robustness_never_mixes_or_clobbers_results(robustness, tmp_path):
 
 # ------------------------------------------------------------------ item 8: convert_checkpoint
 def test_convert_checkpoint_refuses_to_replace_its_source_or_an_output(tmp_path):
+    from mmseg.models.backbones import ResNet
     tool = load_tool('convert_checkpoint')
-    src = tmp_path / 'resnet_tv.pth'
-    src.write_bytes(b'not even read: the check comes first')
+    src = tmp_path / 'resnet18_tv.pth'  # a torchvision-layout ResNet-18 with its classifier
+    state = ResNet(depth=18, stem_channels=16, base_channels=16).state_dict()
+    state.update({'fc.weight': torch.randn(10, 128), 'fc.bias': torch.randn(10)})
+    torch.save(state, src)
+    original = src.read_bytes()
     with pytest.raises(ValueError, match='source checkpoint itself'):
         tool.main([str(src), str(src)])
     os.symlink(src, tmp_path / 'link.pth')
     with pytest.raises(ValueError, match='source checkpoint itself'):
         tool.main([str(src), str(tmp_path / 'link.pth')])
+    assert src.read_bytes() == original
     out = tmp_path / 'out.pth'
-    out.write_bytes(b'an earlier conversion')
+    tool.main([str(src), str(out)])
+    converted = out.read_bytes()
     with pytest.raises(FileExistsError, match='--overwrite'):
-        tool.main([str(src), str(out)])
-    assert src.read_bytes() == b'not even read: the check comes first'
-    assert out.read_bytes() == b'an earlier conversion'
+        tool.main([str(src), str(out), '--prefix', 'backbone.'])
+    assert out.read_bytes() == converted
+    tool.main([str(src), str(out), '--prefix', 'backbone.', '--overwrite'])
+    assert 'backbone.conv1.weight' in torch.load(out, weights_only=True)['state_dict']
 
 
 # ------------------------------------------------------------------------- item 9: demo caches

@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import os.path as osp
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from daft_mm.utils import WorkDirLock
 
 from mmengine.config import DictAction
 
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                       launcher=args.launcher)
     # One live run per work dir (rank 0 holds the lock for all ranks of a distributed run).
     lock = WorkDirLock(osp.abspath(cfg.work_dir), 'training')
-    if int(os.environ.get('RANK', '0')) == 0:
+    if launch_rank(args.launcher) == 0:
         lock.acquire()
     try:
         _train(args, cfg, lock)
@@ -103,7 +106,13 @@ def main(argv: list[str] | None = None) -> None:
         lock.release()
 
 
-def _train(args: argparse.Namespace, cfg: Any, lock: Any) -> None:
+def launch_rank(launcher: str) -> int:
+    """This process's global rank as its launcher tells it, before any process group exists."""
+    variable = {'pytorch': 'RANK', 'slurm': 'SLURM_PROCID', 'mpi': 'OMPI_COMM_WORLD_RANK'}
+    return int(os.environ.get(variable.get(launcher, ''), '0'))
+
+
+def _train(args: argparse.Namespace, cfg: Any, lock: 'WorkDirLock') -> None:
     from daft_mm.mm.cli import detect_task, format_metrics
     from mmengine.dist import is_main_process
     from mmengine.registry import RUNNERS

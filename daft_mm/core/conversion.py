@@ -317,9 +317,8 @@ def convert_bn(model: nn.Module,
         shown = ', '.join(on_meta[:3]) + (' ...' if len(on_meta) > 3 else '')
         raise ConversionError(
             f'{len(on_meta)} BN layer(s) ({shown}) are on the meta device: the model has shapes '
-            'but no weights yet. Fix: materialise '
-            'and load it first (model.to_empty(device=...), then load_state_dict / load_from). '
-            'The model is unchanged.')
+            'but no weights yet. Fix: materialise and load it first (model.to_empty(device=...), '
+            'then load_state_dict / load_from). The model is unchanged.')
     world_size = _distributed_world(process_group)
     device = next(iter(layers.values())).running_mean.device
     accumulators = {

@@ -58,10 +58,11 @@ def _centred_rows(rows: torch.Tensor, sums: torch.Tensor, norms: torch.Tensor
     # mean**2 / var > K  <=>  s**2 * (1 + K) > K * L * q**2   (s: row sum, q: row L2 norm)
     k = CENTRE_ABOVE
     excess = torch.addcmul(sums.square(), norms, norms, value=-k * length / (1.0 + k))
-    if not bool((excess > 0).any()):
+    flagged = excess > 0
+    if not bool(flagged.any()):
         return None
-    index = (excess > 0).flatten().nonzero().squeeze(1)
-    flat = rows.reshape(-1, length)  # a view: rows is
+    index = flagged.flatten().nonzero().squeeze(1)
+    flat = rows.reshape(-1, length)  # a view (the input is contiguous)
     centre = sums.flatten()[index] / length
     new_sums, new_norms = torch.empty_like(centre), torch.empty_like(centre)
     per = max(1, _CHUNK // length)
@@ -94,8 +95,9 @@ def batch_partials(x: torch.Tensor) -> _Partial:
       up to |mean|/std = 1e4 and beyond; float64 inputs stay exact.
     - anything else (a GPU, channels-last): ``(MOMENTS, n, mean, var0, None)`` from
       ``torch.var_mean``, one fused kernel, per channel (C,), biased variance. Its float32 mean
-      drifts by ~1e-7 of |mean|, which the population variance (spread of batch means) would feel
-      at |mean|/std >= 1e3: such channels take their mean from a float64 sum instead.
+      drifts by ~1e-7 of |mean|, which the population variance (spread of batch means) feels at
+      |mean|/std >= 1e3 (3e-5 at 1e4): on the CPU such batches take their mean from a float64 sum.
+      On a GPU that check would cost a host sync per BN call, so the fused kernel's mean is kept.
     """
     n = x.numel() // x.shape[1]
     if x.device.type == 'cpu' and x.is_contiguous():
@@ -111,7 +113,8 @@ def batch_partials(x: torch.Tensor) -> _Partial:
         x = x.float()
     dims = [0] + list(range(2, x.dim()))
     var0, mean = torch.var_mean(x, dim=dims, correction=0)
-    if x.dtype != torch.float64 and bool((mean.square() > CENTRE_ABOVE * var0).any()):
+    if (x.device.type == 'cpu' and x.dtype != torch.float64
+            and bool((mean.square() > CENTRE_ABOVE * var0).any())):
         mean = x.sum(dim=dims, dtype=torch.float64) / n
     return MOMENTS, n, mean, var0, None
 
