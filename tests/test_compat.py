@@ -58,7 +58,7 @@ def mechanism(request, monkeypatch) -> str:
     """Which unpickler the project's loaders use in this test."""
     if request.param == 'torch' and not compat.torch_takes_allow_list():
         pytest.skip(f"torch {torch.__version__}'s weights_only unpickler cannot take the allow-list "
-                    '(torch < 2.6); the restricted unpickler is what runs here')
+                    '(found by the probe): the restricted unpickler is what runs here')
     monkeypatch.setattr(compat, '_TAKES_ALLOW_LIST', request.param == 'torch')
     return request.param
 
@@ -159,7 +159,8 @@ def test_a_crafted_pickle_behind_a_url_cannot_run_code(tmp_path, untrusted, monk
 def test_probing_keeps_globals_registered_before(untrusted):
     serialization = torch.serialization
     if not hasattr(serialization, 'get_safe_globals'):
-        pytest.skip(f'torch {torch.__version__} has no global allow-list to disturb (torch < 2.5)')
+        pytest.skip(f'torch {torch.__version__} has no torch.serialization.get_safe_globals: no '
+                    'global allow-list to disturb')
     serialization.add_safe_globals([Opaque])
     try:
         compat._probe_allow_list()
