@@ -137,8 +137,12 @@ def provenance(cfg: Any, checkpoint: str, metric: Optional[str], seed: int) -> D
     import hashlib
 
     from daft_mm.utils import file_digest
+    def named(obj: Any) -> str:  # classes / functions in pure-Python configs: by name, not id
+        name = getattr(obj, '__qualname__', None)
+        return f'{getattr(obj, "__module__", "")}.{name}' if name else repr(obj)
+
     conf = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_PROVENANCE}
-    text = json.dumps(conf, sort_keys=True, default=repr)
+    text = json.dumps(conf, sort_keys=True, default=named)
     local = osp.expanduser(checkpoint)
     return dict(config_sha256=hashlib.sha256(text.encode()).hexdigest()[:16],
                 checkpoint_sha256=file_digest(local) if osp.isfile(local) else checkpoint,
