@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
 
     import daft_mm.mm  # noqa: F401  (registers daft-mm modules, applies daft_mm.mm.compat)
-    from daft_mm.mm.cli import detect_task, format_metrics, load_config
+    from daft_mm.mm.cli import close_distributed, detect_task, format_metrics, load_config
     from mmengine.dist import is_main_process
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = runner.test()
     if is_main_process():
         print(f'[daft-mm] {task} test metrics: {format_metrics(metrics)}', flush=True)
+    close_distributed()
     return metrics
 
 

@@ -298,7 +298,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
 
     import daft_mm.mm  # noqa: F401  (registers ImageCorruption, DAFTModel; applies compat fixes)
-    from daft_mm.mm.cli import detect_task, format_metrics, load_config
+    from daft_mm.mm.cli import close_distributed, detect_task, format_metrics, load_config
     from daft_mm.mm.datasets.transforms import corruption_names
     from mmengine.dist import is_main_process
     from mmengine.registry import RUNNERS
@@ -403,6 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if results.get('clean') is not None:
             print(f'[daft-mm] {task} clean metrics: '
                   f'{format_metrics(results["all_metrics"]["clean"])}', flush=True)
+    close_distributed()
     return results
 
 

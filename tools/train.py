@@ -113,7 +113,7 @@ def launch_rank(launcher: str) -> int:
 
 
 def _train(args: argparse.Namespace, cfg: Any, lock: 'WorkDirLock') -> None:
-    from daft_mm.mm.cli import detect_task, format_metrics
+    from daft_mm.mm.cli import close_distributed, detect_task, format_metrics
     from mmengine.dist import is_main_process
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
@@ -182,23 +182,6 @@ def _empty_dataset(exc: BaseException) -> str | None:
                     'the folder layout the dataset expects (see the README\'s data layout)')
         tb = tb.tb_next
     return None
-
-
-def close_distributed() -> None:
-    """Ends a successful distributed run on every rank: a barrier, then ``destroy_process_group``.
-
-    Why: without it the gloo process group is torn down during interpreter finalisation, while
-    its C++ worker threads may still run; a rank then dies with "terminate called without an
-    active exception" (SIGABRT) after training succeeded, and the launcher reports a failure
-    (2 of 9 two-process runs; reproduced with a bare 2-process gloo script that never destroys
-    its group). The barrier keeps a fast rank from shutting down while a slow one still
-    communicates. Only on success: after a failure a peer may sit in a collective, and tearing
-    down would hang instead of exiting.
-    """
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == '__main__':
