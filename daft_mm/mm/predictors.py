@@ -130,6 +130,7 @@ for _name, _layers in {
         'DecoupledSOLOHead': ('conv_mask_list_x', 'conv_mask_list_y', 'conv_cls'),
         'DecoupledSOLOLightHead': ('conv_mask_list_x', 'conv_mask_list_y', 'conv_cls'),
         'SOLOV2Head': ('conv_cls', 'conv_kernel'),
+        'DyHead': (),  # a neck (feature refinement) despite its name
         # ---- mmdet query-based heads
         'DETRHead': ('fc_cls', 'fc_reg'),
         'DeformableDETRHead': ('cls_branches', 'reg_branches'),
