@@ -146,12 +146,22 @@ def small_resnet() -> Iterator[None]:
             cls.arch_settings = settings
 
 
+@contextlib.contextmanager
+def _cwd(path: str) -> Iterator[None]:
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 def _no_downloads(node: Any) -> Any:
     """Drop pretrained checkpoints anywhere in a model config (nothing can be downloaded)."""
     if isinstance(node, dict):
         for key in list(node):
             value = node[key]
-            if key == 'pretrained':
+            if key in ('pretrained', 'teacher_ckpt'):
                 node[key] = None
             elif key == 'init_cfg' and 'Pretrained' in str(value):
                 node[key] = None
@@ -194,7 +204,8 @@ def build_model(package: str, cfg: Any) -> torch.nn.Module:
     from mmengine.registry import init_default_scope
     init_default_scope(package)
     from mmengine.registry import MODELS
-    with small_resnet(), warnings.catch_warnings():
+    # distillation configs name their teacher config relative to the package's config root
+    with small_resnet(), warnings.catch_warnings(), _cwd(osp.dirname(config_root(package))):
         warnings.simplefilter('ignore')
         model = MODELS.build(cfg.model)
         torch.manual_seed(0)
@@ -332,7 +343,8 @@ def check_folder(package: str, folder: str, train_step: bool = True,
             result.seconds = round(time.time() - start, 1)
             return result
         mode, before = eval_outputs(model, batches)
-        fresh = {n: m.bias.detach().clone() for n, m in model.named_modules()
+        fresh = {n: m.bias.detach().clone()
+                 for n, m in model.named_modules(remove_duplicate=False)
                  if n in names and getattr(m, 'bias', None) is not None}
         report = convert_bn(model, batches, forward=mm_forward('loss'))
         result.converted = len(report.layers)
@@ -340,18 +352,18 @@ def check_folder(package: str, folder: str, train_step: bool = True,
         if unconverted:
             raise AssertionError(f'BN layers left unconverted: {unconverted}')
         _, after = eval_outputs(model, batches)
-        diff = max((float((a - b).abs().max()) for a, b in zip(before, after) if a.numel()),
-                   default=0.0)
+        # relative to each output's magnitude (max(1, |a|)): float32 rounding of large logits
+        diff = max((float((a - b).abs().max()) / max(1.0, float(a.abs().max()))
+                    for a, b in zip(before, after) if a.numel()), default=0.0)
         result.function_diff = diff
-        scale = max((float(a.abs().max()) for a in before if a.numel()), default=1.0)
-        if len(before) != len(after) or not diff <= 1e-4 * max(1.0, scale):
+        if len(before) != len(after) or not diff <= 1e-4:
             raise AssertionError(f'conversion changed the function ({mode} outputs differ by '
-                                 f'{diff:.3g})')
+                                 f'{diff:.3g}, relative)')
 
         stage = 'priors'
         priors = predictor_priors(model, names)
         zero_init_predictors(model, names, priors)
-        modules = dict(model.named_modules())
+        modules = dict(model.named_modules(remove_duplicate=False))
         for name in names:
             layer = modules[name]
             assert not layer.weight.any(), f'{name}: weight not zero'
@@ -379,6 +391,9 @@ def check_folder(package: str, folder: str, train_step: bool = True,
             exc, (ValueError, TypeError)) else 'fail'
         if 'implementation for device cpu not found' in message:
             result.status = 'needs GPU'  # an mmcv op without a CPU kernel: checked up to here
+        elif stage == 'build' and any(k in message for k in ('mim install', 'pip install',
+                                                               'urlopen error')):
+            result.status = 'not buildable here'  # an optional package or a download missing
         result.note = f'[{stage}] {message[:400]}'
         if os.environ.get('DAFT_ZOO_TRACEBACK'):
             traceback.print_exc()
@@ -404,7 +419,7 @@ def _train_step(model: torch.nn.Module, batch: dict, names: Sequence[str]) -> st
     optimizer.zero_grad()
     total.backward()
     optimizer.step()
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     grads = [n for n in names if modules[n].weight.grad is not None
              and bool(modules[n].weight.grad.any())]
     return f'loss {float(total):.3g}, {len(grads)}/{len(names)} predictors got gradient'
@@ -451,7 +466,8 @@ def _compact(names: Sequence[str]) -> str:
 def summary(results: Sequence[FolderResult]) -> str:
     lines = []
     for package in ('mmseg', 'mmdet'):
-        rows = [r for r in results if r.folder.startswith(package) and r.status != 'skipped']
+        rows = [r for r in results if r.folder.startswith(package)
+                and r.status not in ('skipped', 'not buildable here')]
         if rows:
             ok = sum(r.status == 'ok' for r in rows)
             fixed = sum(r.status == 'fix named' for r in rows)
@@ -497,7 +513,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         with open(args.json, 'w') as f:
             json.dump([asdict(r) for r in results], f, indent=1)
-    return 0 if all(r.status in ('ok', 'fix named', 'refused', 'needs GPU', 'skipped')
+    return 0 if all(r.status in ('ok', 'fix named', 'refused', 'needs GPU', 'skipped',
+                                 'not buildable here')
                     for r in results) else 1
 
 

@@ -102,6 +102,7 @@ for _name, _layers in {
         # ---- mmdet dense (one-stage) heads
         'AnchorHead': ('conv_cls', 'conv_reg'),
         'RetinaHead': ('retina_cls', 'retina_reg'),
+        'RetinaSepBNHead': ('retina_cls', 'retina_reg'),
         'RPNHead': ('rpn_cls', 'rpn_reg'),
         'StageCascadeRPNHead': ('rpn_cls', 'rpn_reg'),
         'GuidedAnchorHead': ('conv_cls', 'conv_reg', 'conv_loc', 'conv_shape'),
@@ -131,6 +132,10 @@ for _name, _layers in {
         'DecoupledSOLOLightHead': ('conv_mask_list_x', 'conv_mask_list_y', 'conv_cls'),
         'SOLOV2Head': ('conv_cls', 'conv_kernel'),
         'DyHead': (),  # a neck (feature refinement) despite its name
+        # MOT / VIS track heads learn embeddings compared by similarity: a zero embedding carries
+        # no signal, so they keep their init; the detector inside is handled as usual
+        'RoITrackHead': (),
+        'QuasiDenseTrackHead': (),
         # ---- mmdet query-based heads
         'DETRHead': ('fc_cls', 'fc_reg'),
         'DeformableDETRHead': ('cls_branches', 'reg_branches'),

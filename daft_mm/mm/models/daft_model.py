@@ -136,7 +136,8 @@ def frozen_batchnorms(model: nn.Module) -> Dict[str, Tuple[List[str], bool]]:
         model.train()
         found: Dict[str, Tuple[List[str], bool]] = {}
         for path, bn in modules.items():
-            if not _is_bn(bn):
+            # a teacher (semi-supervised EMA, distillation) is frozen by design
+            if not _is_bn(bn) or path.split('.', 1)[0].startswith('teacher'):
                 continue
             in_eval = not bn.training
             grad_off = any(not p.requires_grad for p in bn.parameters(recurse=False))
