@@ -42,7 +42,7 @@ def retinanet() -> nn.Module:
 def test_retinanet_predictors_and_focal_prior(retinanet):
     names = default_predictors(retinanet)
     assert names == ['bbox_head.retina_cls', 'bbox_head.retina_reg']
-    with torch.no_grad():  # weights as loaded from some checkpoint: the prior must not come from them
+    with torch.no_grad():  # as if loaded from a checkpoint: the prior must not come from these
         retinanet.bbox_head.retina_cls.bias.fill_(7.0)
     priors = predictor_priors(retinanet, names)
     assert list(priors) == ['bbox_head.retina_cls']
@@ -52,7 +52,8 @@ def test_retinanet_predictors_and_focal_prior(retinanet):
     assert torch.equal(rng, torch.get_rng_state())  # the re-init of the copy kept the global RNG
     head = retinanet.bbox_head
     assert not head.retina_cls.weight.any() and not head.retina_reg.weight.any()
-    assert torch.allclose(head.retina_cls.bias, torch.tensor(PRIOR)) and not head.retina_reg.bias.any()
+    assert torch.allclose(head.retina_cls.bias, torch.tensor(PRIOR))
+    assert not head.retina_reg.bias.any()
 
 
 def test_mask_rcnn_predictors_leave_the_rpn_alone():

@@ -1,6 +1,7 @@
 """Model-zoo coverage, fast subset: tools/check_zoo_coverage.py on a few representative stock
 folders of the installed mmseg / mmdet (small ResNet, random batches, nothing downloaded). The full
-table (every folder, ~1-2 h on 2 busy cores) is `python tools/check_zoo_coverage.py`; README shows it.
+table (every folder, ~1-2 h on 2 busy cores) is `python tools/check_zoo_coverage.py`; the README
+shows it.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def test_zoo_folder_works_end_to_end(zoo, folder, predictors, priors):
     assert result.predictors == predictors and result.priors == priors
     assert result.converted == result.bn_layers > 0
     assert result.function_diff is not None and result.function_diff < 1e-4
-    assert result.train_step.endswith(f'{len(predictors)}/{len(predictors)} predictors got gradient')
+    n = len(predictors)
+    assert result.train_step.endswith(f'{n}/{n} predictors got gradient')
 
 
 def test_zoo_static_checks_of_query_and_cascade_heads(zoo):

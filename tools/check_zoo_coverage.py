@@ -448,7 +448,8 @@ def table(results: Sequence[FolderResult]) -> str:
 
 def _short_refusal(message: str) -> str:
     import re
-    keys = sorted(set(re.findall(r'model\.[\w.]*?(norm_eval|frozen_stages|requires_grad)', message)))
+    keys = sorted(set(re.findall(r'model\.[\w.]*?(norm_eval|frozen_stages|requires_grad)',
+                                 message)))
     return ', '.join(keys) or message[:80]
 
 

@@ -234,7 +234,8 @@ def find_heads(model: nn.Module,
     for path, module in modules.items():
         if not path or covered(path):
             continue
-        if path.split('.', 1)[0].startswith(SKIPPED_PREFIXES) or _is_proposal_generator(path, modules):
+        if (path.split('.', 1)[0].startswith(SKIPPED_PREFIXES)
+                or _is_proposal_generator(path, modules)):
             taken.append(path)
             continue
         entry = _entry(module, extra)
@@ -304,7 +305,8 @@ def _fresh_biases(head: nn.Module, rel_paths: Sequence[str], seed: int) -> Dict[
 
 
 def predictor_priors(model: nn.Module, names: Sequence[str],
-                     extra: Optional[Mapping[str, Sequence[str]]] = None) -> Dict[str, torch.Tensor]:
+                     extra: Optional[Mapping[str, Sequence[str]]] = None,
+                     ) -> Dict[str, torch.Tensor]:
     """``{path: prior bias}`` for the predictors whose head initialises their bias to a fixed,
     non-zero value; predictors not listed start at bias 0.
 

@@ -356,7 +356,8 @@ class DAFTModel(BaseModel):
 
     def zero_init_predictors(self) -> List[str]:
         """Zero this stage's predictors, each biased by its head's prior (core
-        :func:`~daft_mm.core.zero_init_predictors`, :func:`~daft_mm.mm.predictors.predictor_priors`).
+        :func:`~daft_mm.core.zero_init_predictors`,
+        :func:`~daft_mm.mm.predictors.predictor_priors`).
         """
         names = list(self.predictors)
         return zero_init_predictors(self.model, names, predictor_priors(self.model, names))
