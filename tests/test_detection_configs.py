@@ -137,10 +137,14 @@ def test_detection_config_trains_and_evaluates(name, metric, roots, cfgdir, tmp_
         assert all(state[k][0] > 0 for k in state if '.' in k)  # standard init
     assert math.isfinite(first_loss_cls)
 
+    if 'retinanet' in name:
+        # two iterations from the p = 0.01 prior score no box above the stock 0.05 threshold;
+        # COCO's metric has nothing to evaluate then
+        extra['model.test_cfg.score_thr'] = 0.0
     test_cfg = load_tiny(cfg_path, tmp_path / 'test', root, **extra)
     test_cfg.load_from = str(tmp_path / 'iter_2.pth')
     metrics = Runner.from_cfg(test_cfg).test()
-    assert metric in metrics and 0.0 <= metrics[metric] <= 1.0 or metrics[metric] == -1
+    assert 0.0 <= metrics[metric] <= 1.0
 
 
 NEW = [f'detection/{m}_{model}_{d}.py' for m in ('daft', 'ft')

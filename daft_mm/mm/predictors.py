@@ -102,6 +102,7 @@ for _name, _layers in {
         # ---- mmdet dense (one-stage) heads
         'AnchorHead': ('conv_cls', 'conv_reg'),
         'RetinaHead': ('retina_cls', 'retina_reg'),
+        'RetinaSepBNHead': ('retina_cls', 'retina_reg'),
         'RPNHead': ('rpn_cls', 'rpn_reg'),
         'StageCascadeRPNHead': ('rpn_cls', 'rpn_reg'),
         'GuidedAnchorHead': ('conv_cls', 'conv_reg', 'conv_loc', 'conv_shape'),
@@ -130,6 +131,11 @@ for _name, _layers in {
         'DecoupledSOLOHead': ('conv_mask_list_x', 'conv_mask_list_y', 'conv_cls'),
         'DecoupledSOLOLightHead': ('conv_mask_list_x', 'conv_mask_list_y', 'conv_cls'),
         'SOLOV2Head': ('conv_cls', 'conv_kernel'),
+        'DyHead': (),  # a neck (feature refinement) despite its name
+        # MOT / VIS track heads learn embeddings compared by similarity: a zero embedding carries
+        # no signal, so they keep their init; the detector inside is handled as usual
+        'RoITrackHead': (),
+        'QuasiDenseTrackHead': (),
         # ---- mmdet query-based heads
         'DETRHead': ('fc_cls', 'fc_reg'),
         'DeformableDETRHead': ('cls_branches', 'reg_branches'),
@@ -228,7 +234,8 @@ def find_heads(model: nn.Module,
     for path, module in modules.items():
         if not path or covered(path):
             continue
-        if path.split('.', 1)[0].startswith(SKIPPED_PREFIXES) or _is_proposal_generator(path, modules):
+        if (path.split('.', 1)[0].startswith(SKIPPED_PREFIXES)
+                or _is_proposal_generator(path, modules)):
             taken.append(path)
             continue
         entry = _entry(module, extra)
@@ -298,7 +305,8 @@ def _fresh_biases(head: nn.Module, rel_paths: Sequence[str], seed: int) -> Dict[
 
 
 def predictor_priors(model: nn.Module, names: Sequence[str],
-                     extra: Optional[Mapping[str, Sequence[str]]] = None) -> Dict[str, torch.Tensor]:
+                     extra: Optional[Mapping[str, Sequence[str]]] = None,
+                     ) -> Dict[str, torch.Tensor]:
     """``{path: prior bias}`` for the predictors whose head initialises their bias to a fixed,
     non-zero value; predictors not listed start at bias 0.
 

@@ -138,7 +138,8 @@ def frozen_batchnorms(model: nn.Module) -> Dict[str, Tuple[List[str], bool]]:
         model.train()
         found: Dict[str, Tuple[List[str], bool]] = {}
         for path, bn in modules.items():
-            if not _is_bn(bn):
+            # a teacher (semi-supervised EMA, distillation) is frozen by design
+            if not _is_bn(bn) or path.split('.', 1)[0].startswith('teacher'):
                 continue
             in_eval = not bn.training
             grad_off = any(not p.requires_grad for p in bn.parameters(recurse=False))
@@ -160,8 +161,9 @@ def frozen_batchnorms(model: nn.Module) -> Dict[str, Tuple[List[str], bool]]:
                         causes.append(f'{key}frozen_stages')
                         stem_only = stages == 0 and bool(inside)
             if grad_off and not any(c.endswith('frozen_stages') for c in causes):
-                owner = next((apath for apath, anc in reversed(ancestors)
-                              if isinstance(getattr(anc, 'norm_cfg', None), dict)), None)
+                # the outermost module that passes its norm_cfg down (the backbone), not a block
+                owner = next((apath for apath, anc in ancestors
+                              if apath and isinstance(getattr(anc, 'norm_cfg', None), dict)), None)
                 causes.append(f'{owner}.norm_cfg.requires_grad' if owner
                               else f'{path}.requires_grad')
             if not causes:
@@ -199,9 +201,10 @@ def require_bn_train(model: nn.Module, key_prefix: str, who: str) -> List[str]:
                          for cause in keys if cause.rsplit('.', 1)[-1] in _FIXES)
         raise ValueError(
             f'{listed} keep BatchNorm from training, but {who} fine-tunes with BatchNorm in train '
-            f'mode. Fix: --cfg-options {fixes or "(make those layers trainable)"} (the DAFT '
-            'detection fragment sets them: model = dict(backbone={{_base_.daft_backbone}}); '
-            'frozen_stages=0 keeps only the stem frozen)')
+            f'mode. Fix: --cfg-options {fixes or "(make those layers trainable)"} '
+            '(configs/_base_/daft_detection.py sets all three for a backbone: '
+            'model = dict(backbone={{_base_.daft_backbone}}); frozen_stages=0 keeps only the '
+            'stem frozen)')
     if kept:
         from mmengine.logging import print_log
         print_log(f'{who}: frozen_stages=0 keeps the stem frozen; these BatchNorm layers stay in '
@@ -217,15 +220,29 @@ def mm_forward(mode: str = 'loss') -> Callable[[nn.Module, Any], Any]:
     (``training=True``: same normalisation, padding and batch augments), then through the model in
     ``mode``. ``'loss'`` (default) runs every module a training step runs, auxiliary heads included;
     ``'tensor'`` only the inference path (mmseg's ``'tensor'`` mode skips auxiliary heads).
+
+    In ``'loss'`` mode every module except the BatchNorm layers runs in train mode (the BN layers
+    keep whatever mode the caller set: eval in the conversion pass, so the function is the
+    pretrained one): heads that branch on ``self.training`` must give what their loss expects
+    (K-Net's decode head returns only its last stage in eval mode, and its loss then fails), and
+    the BN layers see their inputs exactly as in a training step. Every flag is restored after.
     """
     if mode not in ('loss', 'tensor', 'predict'):
         raise ValueError(f"forward mode must be 'loss', 'tensor' or 'predict', got {mode!r}")
 
     def forward(model: nn.Module, data_batch: Any) -> Any:
         data = model.data_preprocessor(data_batch, True)
-        if isinstance(data, dict):
-            return model(**data, mode=mode)
-        return model(*data, mode=mode)
+        modes = [(m, m.training) for m in model.modules()] if mode == 'loss' else []
+        try:
+            for m, _ in modes:
+                if not _is_bn(m):
+                    m.training = True
+            if isinstance(data, dict):
+                return model(**data, mode=mode)
+            return model(*data, mode=mode)
+        finally:
+            for m, flag in modes:
+                m.training = flag
 
     return forward
 
@@ -351,7 +368,8 @@ class DAFTModel(BaseModel):
 
     def zero_init_predictors(self) -> List[str]:
         """Zero this stage's predictors, each biased by its head's prior (core
-        :func:`~daft_mm.core.zero_init_predictors`, :func:`~daft_mm.mm.predictors.predictor_priors`).
+        :func:`~daft_mm.core.zero_init_predictors`,
+        :func:`~daft_mm.mm.predictors.predictor_priors`).
         """
         names = list(self.predictors)
         return zero_init_predictors(self.model, names, predictor_priors(self.model, names))
