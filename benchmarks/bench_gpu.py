@@ -318,7 +318,6 @@ def time_conversion(args: argparse.Namespace, device: torch.device,
     if device.type == 'cuda':
         result['memory_ratio'] = (result['convert_bn']['peak_mib']
                                   / result['forward']['peak_mib'])
-    del batches
     return result
 
 
