@@ -4,16 +4,19 @@ from .conversion import (ConversionError, ConversionReport, LayerReport, convert
 from .distortion import (QUANTITIES, ChangeReport, FeatureSimilarity, LayerChange,
                          feature_similarity, pairwise_cosine, relative_change)
 from .heads import (PREDICTOR_TYPES, find_predictors, flush_subnormals, freeze_feature_extractor,
-                    resolve_modules, set_bn_eval, split_param_groups, zero_init_predictors)
-from .recipes import DAFT_HEAD_LR_MULT, RECIPES, FineTuneRecipe, FineTuneStage, get_recipe
+                    new_modules, resolve_modules, set_bn_eval, split_param_groups,
+                    zero_init_predictors)
+from .recipes import (DAFT_HEAD_LR_MULT, HEAD_SCOPES, RECIPES, FineTuneRecipe, FineTuneStage,
+                      get_recipe)
 from .stats import VAR_MODES, ChannelAccumulator, ChannelMoments
 
 __all__ = [
     'ConversionError', 'ConversionReport', 'LayerReport', 'convert_bn', 'default_forward',
     'find_batchnorms', 'VAR_MODES', 'ChannelAccumulator', 'ChannelMoments',
-    'PREDICTOR_TYPES', 'find_predictors', 'flush_subnormals', 'freeze_feature_extractor', 'resolve_modules',
+    'PREDICTOR_TYPES', 'find_predictors', 'flush_subnormals', 'freeze_feature_extractor',
+    'new_modules', 'resolve_modules',
     'set_bn_eval', 'split_param_groups', 'zero_init_predictors',
     'QUANTITIES', 'ChangeReport', 'FeatureSimilarity', 'LayerChange', 'feature_similarity',
     'pairwise_cosine', 'relative_change',
-    'DAFT_HEAD_LR_MULT', 'RECIPES', 'FineTuneRecipe', 'FineTuneStage', 'get_recipe',
+    'DAFT_HEAD_LR_MULT', 'HEAD_SCOPES', 'RECIPES', 'FineTuneRecipe', 'FineTuneStage', 'get_recipe',
 ]

@@ -24,6 +24,7 @@ __all__ = [
     'PREDICTOR_TYPES',
     'resolve_modules',
     'find_predictors',
+    'new_modules',
     'zero_init_predictors',
     'split_param_groups',
     'freeze_feature_extractor',
@@ -157,6 +158,24 @@ def _check_priors(modules: Mapping[str, nn.Module],
             raise ValueError(f'prior of {path} is not finite: {prior!r}')
         biases[path] = value.to(bias.device).expand_as(bias)
     return biases
+
+
+def new_modules(model: nn.Module, pretrained: str | Iterable[str] = ('backbone', )) -> list[str]:
+    """The top-level modules with parameters that are not ``pretrained``: what fine-tuning adds
+    to an ImageNet-style backbone (decode / auxiliary heads, necks, detection heads).
+
+    This is the ``'new_modules'`` head scope of the recipes: with a fresh head, all of it is
+    random at the start, not only the final predictor, and training it at the backbone's LR
+    leaves most of the new head barely trained.
+    """
+    kept = {id(m) for m in resolve_modules(model, pretrained).values()}
+    names = [name for name, module in model.named_children()
+             if id(module) not in kept and any(True for _ in module.parameters())]
+    if not names:
+        raise ValueError(f'{type(model).__name__} has no module with parameters outside '
+                         f'{list(_as_name_list(pretrained))}: nothing is new to the pretrained '
+                         'model, so there is no head to train faster')
+    return names
 
 
 def _params_by_side(

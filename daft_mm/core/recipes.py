@@ -11,7 +11,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-__all__ = ['DAFT_HEAD_LR_MULT', 'FineTuneStage', 'FineTuneRecipe', 'RECIPES', 'get_recipe']
+__all__ = ['DAFT_HEAD_LR_MULT', 'HEAD_SCOPES', 'FineTuneStage', 'FineTuneRecipe', 'RECIPES',
+           'get_recipe']
+
+#: Which modules train at the head LR: ``'predictors'``, the final predictor layers only (they
+#: are also what DAFT zeroes), or ``'new_modules'``, every module that is new to the pretrained
+#: model (with an ImageNet-style backbone: decode and auxiliary heads, necks, detection heads).
+#: Zero-init always applies to the final predictors only.
+HEAD_SCOPES = ('predictors', 'new_modules')
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,8 @@ class FineTuneStage:
         bn_train: BatchNorm layers in train mode (batch statistics, running stats
             updated); ``False`` keeps them in eval mode, as LP requires.
         head_lr_mult: head learning rate = base learning rate x this.
+        head_scope: which modules are the head for ``head_lr_mult`` and LP's freezing, one
+            of :data:`HEAD_SCOPES`.
     """
 
     name: str
@@ -34,10 +43,13 @@ class FineTuneStage:
     freeze_feature_extractor: bool = False
     bn_train: bool = True
     head_lr_mult: float = 1.0
+    head_scope: str = 'predictors'
 
     def __post_init__(self) -> None:
         if not self.head_lr_mult > 0:
             raise ValueError(f'head_lr_mult must be > 0, got {self.head_lr_mult!r}')
+        if self.head_scope not in HEAD_SCOPES:
+            raise ValueError(f'head_scope must be one of {HEAD_SCOPES}, got {self.head_scope!r}')
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,14 @@ RECIPES: Mapping[str, FineTuneRecipe] = MappingProxyType({
                        head_lr_mult=DAFT_HEAD_LR_MULT),),
         'BN conversion on the target data, then integrated LP+FT: zero-initialised head '
         'with a learning rate far above the backbone\'s, BatchNorm in train mode'),
+    # The two halves of DAFT alone, for ablations.
+    'daft-no-convert': FineTuneRecipe(
+        'daft-no-convert',
+        (FineTuneStage('daft-no-convert', zero_init_head=True, head_lr_mult=DAFT_HEAD_LR_MULT),),
+        'integrated LP+FT alone: zero-initialised head at a high LR, no BN conversion'),
+    'daft-convert-only': FineTuneRecipe(
+        'daft-convert-only', (FineTuneStage('daft-convert-only', convert_bn=True),),
+        'BN conversion alone, then FT with one LR and the head\'s standard init'),
 })
 
 
