@@ -8,8 +8,9 @@ import pytest
 from daft_mm.core import RECIPES, FineTuneRecipe, FineTuneStage, get_recipe
 
 
-def test_exactly_the_four_methods():
-    assert sorted(RECIPES) == ['daft', 'ft', 'lp', 'lp-ft']
+def test_the_four_methods_and_the_two_ablations():
+    assert sorted(RECIPES) == ['daft', 'daft-convert-only', 'daft-no-convert', 'ft', 'lp',
+                               'lp-ft']
     for name, recipe in RECIPES.items():
         assert recipe.name == name and recipe.description
 
@@ -40,7 +41,25 @@ def test_daft_is_one_stage_with_conversion_zero_head_and_fast_head():
     assert stage.convert_bn and stage.zero_init_head and stage.bn_train
     assert not stage.freeze_feature_extractor
     assert stage.head_lr_mult > 1.0
-    assert not any(r.uses_bn_conversion for n, r in RECIPES.items() if n != 'daft')
+    assert not any(r.uses_bn_conversion for n, r in RECIPES.items()
+                   if n not in ('daft', 'daft-convert-only'))
+
+
+def test_the_ablations_are_the_two_halves_of_daft():
+    (no_convert,) = get_recipe('daft_no_convert').stages
+    assert no_convert.zero_init_head and not no_convert.convert_bn
+    assert no_convert.head_lr_mult == get_recipe('daft').stages[0].head_lr_mult
+    (convert_only,) = get_recipe('daft-convert-only').stages
+    assert convert_only.convert_bn and not convert_only.zero_init_head
+    assert convert_only.head_lr_mult == 1.0 and convert_only.bn_train
+
+
+def test_head_scope_is_validated():
+    from daft_mm.core import FineTuneStage
+    assert FineTuneStage('x').head_scope == 'predictors'
+    FineTuneStage('x', head_scope='new_modules')
+    with pytest.raises(ValueError, match='head_scope'):
+        FineTuneStage('x', head_scope='heads')
 
 
 @pytest.mark.parametrize('alias', ['LP-FT', 'lp_ft', 'lpft', ' Lp-Ft '])

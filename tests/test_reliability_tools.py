@@ -136,30 +136,30 @@ def test_convert_checkpoint_refuses_to_replace_its_source_or_an_output(tmp_path)
 def test_demo_rerun_after_kill_reuses_finished_runs_and_redoes_a_truncated_cache(tmp_path):
     work = tmp_path / 'demo'
     cmd = [sys.executable, str(REPO / 'tools' / 'demo.py'), '--quick', '--seeds', '1',
-           '--work-dir', str(work)]
+           '--workers', '1', '--work-dir', str(work)]
     env = {**cpu_env(), 'PYTHONWARNINGS': 'ignore'}
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 400
-        while not list(work.glob('runs/*/result.json')) and time.monotonic() < deadline:
+        while not list(work.glob('runs/*/*/result.json')) and time.monotonic() < deadline:
             assert first.poll() is None, 'the demo ended before its first fine-tuning run'
             time.sleep(0.2)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    finished = sorted(p.parent.name for p in work.glob('runs/*/result.json'))
+    finished = sorted(p.parent.name for p in work.glob('runs/*/*/result.json'))
     assert finished, 'no fine-tuning run finished before the kill'
 
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
-    assert rerun.stdout.count('finished by an earlier run: reused') == len(finished), \
+    assert rerun.stdout.count('finished earlier: reused') == len(finished), \
         rerun.stdout[-3000:]
     report = json.loads((work / 'report.json').read_text())
     assert all(len(runs) == 1 for runs in report['runs'].values())
 
     # a pretrained cache cut short, as a kill while saving left it before saves were atomic
-    ckpt = next(work.glob('pretrain/*/pretrained.pth'))
+    ckpt = next(work.glob('pretrain/*/backbone.pth'))
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[:len(data) // 2])
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -434,22 +434,3 @@ def test_distortion_plots_stay_readable(tmp_path):
     assert first == 'DAFT vs pretrained'
     assert second == 'DAFT vs converted (identical to DAFT vs pretrained)'
     assert w0 > w1  # the earlier curve shows as a band around the later one
-
-
-# ------------------------------------------------------- 13. demo report: quick / single seed
-def test_demo_report_says_quick_and_single_seed_and_shows_pretrained(tmp_path):
-    from _tools import load_tool
-    demo = load_tool('demo')
-    run = {'id': 55.0, 'ood': {'night': 40.0}, 'ood_mean': 40.0, 'cosine': 0.9,
-           'cosine_pooled': 0.95}
-    summary = demo.summarize({'FT': [run], 'DAFT': [dict(run, ood_mean=42.0)]}, ['night'])
-    pretrained = {'id': 52.0, 'ood': {'night': 41.0}, 'ood_mean': 41.0}
-    table = demo.markdown_table(summary, ['night'], pretrained)
-    assert '±' not in table and '| DAFT | 55.00 | 40.00 | 42.00 | 0.9000 |' in table
-    title = demo.report_title(quick=True, n_seeds=1)
-    assert '--quick' in title and '1 seed, no spread' in title
-    assert 'mean ± std over 3 seeds' in demo.report_title(quick=False, n_seeds=3)
-    lines = demo.plot(summary, tmp_path / 'r.png', 1, pretrained, title)
-    assert lines == ['pretrained ID (52.00)', 'pretrained OOD mean (41.00)']
-    two = demo.summarize({'FT': [run, dict(run, id=57.0)]}, ['night'])
-    assert '56.00 ± 1.41' in demo.markdown_table(two, ['night'])

@@ -9,7 +9,10 @@ DAFTHook reads the final config (``runner.cfg``) in ``before_run`` and derives t
 The user-facing keys (top level of a config):
 
 * ``daft_predictors``   module paths of the final predictors (zero init, high LR)
-* ``daft_head_lr_mult`` their LR over the base LR
+* ``daft_head_lr_mult`` the head's LR over the base LR
+* ``daft_head_modules`` what "the head" is for that LR: ``'predictors'`` (the final predictors,
+  default), ``'new_modules'`` (every top-level module outside the backbone: decode / auxiliary
+  heads, necks, detection heads) or a list of module paths. Zero-init stays on the predictors.
 
 Older configs that copy ``daft_paramwise_cfg`` into ``optim_wrapper.paramwise_cfg`` keep working
 as long as the values agree; when they disagree the error names both keys.
@@ -22,13 +25,17 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from mmengine.model import BaseTTAModel, is_model_wrapper
 from torch import nn
 
-from daft_mm.core.recipes import DAFT_HEAD_LR_MULT
+from daft_mm.core import resolve_modules
+from daft_mm.core.heads import new_modules
+from daft_mm.core.recipes import DAFT_HEAD_LR_MULT, HEAD_SCOPES
 
-__all__ = ['PREDICTORS_KEY', 'LR_MULT_KEY', 'unwrap', 'head_lr_mult', 'predictor_lr_cfg',
+__all__ = ['PREDICTORS_KEY', 'LR_MULT_KEY', 'HEAD_MODULES_KEY', 'unwrap', 'head_lr_mult',
+           'head_modules', 'predictor_lr_cfg',
            'is_daft_config', 'require_daft_hook']
 
 PREDICTORS_KEY = 'daft_predictors'
 LR_MULT_KEY = 'daft_head_lr_mult'
+HEAD_MODULES_KEY = 'daft_head_modules'
 _CUSTOM = 'optim_wrapper.paramwise_cfg.custom_keys'
 
 
@@ -49,6 +56,40 @@ def head_lr_mult(cfg: Mapping[str, Any]) -> Tuple[float, str]:
         raise ValueError(f'{LR_MULT_KEY} must be a positive number (the predictors\' LR over the '
                          f'base LR), got {value!r}. Fix: e.g. --cfg-options {LR_MULT_KEY}=10')
     return float(value), LR_MULT_KEY
+
+
+def head_modules(cfg: Mapping[str, Any], net: nn.Module, predictors: Sequence[str],
+                 pretrained: Sequence[str] = ('backbone', )) -> Tuple[List[str], str]:
+    """(module paths trained at the head LR, how they were chosen) from ``daft_head_modules``.
+
+    ``'predictors'`` (or unset): the final predictors. ``'new_modules'``: every top-level module
+    with parameters outside ``pretrained`` (a fresh decode head is random as a whole, not only in
+    its last layer). A list: those module paths, which must cover the predictors (a zero predictor
+    at the backbone's LR would make the integrated LP phase crawl)."""
+    value = cfg.get(HEAD_MODULES_KEY)
+    if value is None or value == 'predictors':
+        return list(predictors), 'predictors'
+    fix = (f"Fix: {HEAD_MODULES_KEY}='predictors', 'new_modules' or a list of module paths "
+           "such as ['decode_head', 'auxiliary_head']")
+    if value == 'new_modules':
+        try:
+            return new_modules(net, list(pretrained)), 'new_modules'
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f'{HEAD_MODULES_KEY}=\'new_modules\': {exc.args[0]}. {fix}') from None
+    if isinstance(value, str) and value not in HEAD_SCOPES:
+        raise ValueError(f'{HEAD_MODULES_KEY}={value!r} is not one of {HEAD_SCOPES}. {fix}')
+    names = [value] if isinstance(value, str) else list(value)
+    try:
+        resolved = resolve_modules(net, names)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f'{HEAD_MODULES_KEY}: {exc.args[0]}. {fix}') from None
+    inside = {id(sub) for module in resolved.values() for sub in module.modules()}
+    uncovered = [name for name, module in resolve_modules(net, list(predictors)).items()
+                 if id(module) not in inside]
+    if uncovered:
+        raise ValueError(f'{HEAD_MODULES_KEY}={names} leaves the predictors {uncovered} at the '
+                         f'backbone\'s LR. {fix}, covering them')
+    return names, HEAD_MODULES_KEY
 
 
 def _nested_custom_key(custom: Mapping[str, Any]) -> Optional[str]:

@@ -34,8 +34,8 @@ from daft_mm.core import (VAR_MODES, convert_bn, find_batchnorms, flush_subnorma
 
 from ..models.daft_model import (DAFTModel, check_predictors, mm_forward, predictor_names,
                                  predictor_priors, require_bn_train)
-from ..settings import (PREDICTORS_KEY, describe_lrs, head_lr_mult, predictor_lr_cfg,
-                        resolve_predictors, unwrap)
+from ..settings import (PREDICTORS_KEY, describe_lrs, head_lr_mult, head_modules,
+                        predictor_lr_cfg, resolve_predictors, unwrap)
 
 __all__ = ['DAFTHook', 'one_pass_loader', 'count_batches']
 
@@ -124,6 +124,8 @@ class DAFTHook(Hook):
         self._configured_predictors = self.predictors  # as given, for the conflict check
         self.effective_lrs: Dict[str, List[float]] = {}  # start-up LR per predictor / module
         self._lr_mult_source: Optional[str] = None
+        self._head_modules: List[str] = []  # trained at the head LR (predictors, or more)
+        self._head_scope = 'predictors'
         self._during_training = ExitStack()  # settings held from before_train to after_train
         self._state: Dict[str, Any] = {}  # what is done; saved with every checkpoint
         self._loaded_state: Optional[Dict[str, Any]] = None
@@ -153,16 +155,30 @@ class DAFTHook(Hook):
         if not isinstance(getattr(runner, '_train_loop', None), BaseLoop):
             return
         model, net, key = self._models(runner)
-        if isinstance(model, DAFTModel) and not (model.stage.convert_bn
-                                                 or model.stage.zero_init_head):
-            raise ValueError(
-                f"DAFTHook is configured but model.method={model.method!r} does not use DAFT's "
-                "preparation. Fix: set model.method='daft', or remove DAFTHook from custom_hooks")
+        if isinstance(model, DAFTModel):
+            if not (model.stage.convert_bn or model.stage.zero_init_head):
+                raise ValueError(
+                    f"DAFTHook is configured but model.method={model.method!r} does not use "
+                    "DAFT's preparation. Fix: set model.method='daft', or remove DAFTHook from "
+                    'custom_hooks')
+            # The wrapper's method names the ablation ('daft-no-convert', 'daft-convert-only'):
+            # the hook does the parts that method uses, and no more.
+            self.convert = self.convert and model.stage.convert_bn
+            self.zero_init = self.zero_init and model.stage.zero_init_head
+            if not (self.convert or self.zero_init):
+                raise ValueError(
+                    f'DAFTHook(convert={self.convert}, zero_init={self.zero_init}) with '
+                    f'model.method={model.method!r} leaves nothing to do. Fix: use the method '
+                    'alone (DAFTHook() follows it) or drop the hook')
         self._resolve_predictors(runner, model, net)
         if self.zero_init:
             names = check_predictors(net, self._predictor_names(model, net),
                                      'custom_hooks[DAFTHook].predictors')
-            self._apply_head_lr_mult(runner, names)
+            pretrained = (list(model.feature_extractor) if isinstance(model, DAFTModel)
+                          else ['backbone'])
+            self._head_modules, self._head_scope = head_modules(runner.cfg, net, names,
+                                                                pretrained)
+            self._apply_head_lr_mult(runner, self._head_modules)
             if self.check_lr:
                 self._check_lr(runner, model, net)
         if self.convert:
@@ -208,8 +224,9 @@ class DAFTHook(Hook):
         if runner.param_schedulers is not None and runner.cfg.get('param_scheduler') is not None:
             runner.param_schedulers = runner.build_param_scheduler(
                 copy.deepcopy(runner.cfg.param_scheduler))
-        runner.logger.info(f'DAFTHook: predictors {list(names)} train at {mult:g}x the base LR '
-                           f'({source}): added to optim_wrapper.paramwise_cfg.custom_keys')
+        runner.logger.info(f'DAFTHook: {list(names)} ({self._head_scope}) train at {mult:g}x '
+                           f'the base LR ({source}): added to '
+                           'optim_wrapper.paramwise_cfg.custom_keys')
 
     def _check_lr(self, runner: Any, model: nn.Module, net: nn.Module) -> None:
         """Predictors above the rest, no absolute ``eta_min`` erasing the ratio; logs the start LR
@@ -223,10 +240,13 @@ class DAFTHook(Hook):
         for top, module in net.named_children():
             for p in module.parameters():
                 owner[id(p)] = top
-        for name, module in resolve_modules(net, names).items():
-            for p in module.parameters():
-                owner[id(p)] = name
-        head_names = set(resolve_modules(net, names))
+        # Most specific last: a predictor inside a head module is reported under its own name.
+        head_names = set()
+        for group in (self._head_modules, names):
+            for name, module in (resolve_modules(net, list(group)).items() if group else ()):
+                head_names.add(name)
+                for p in module.parameters():
+                    owner[id(p)] = name
         head_lr, rest_lr = [], []
         effective: Dict[str, List[float]] = {}
         for group in optimizer.param_groups:
@@ -239,8 +259,8 @@ class DAFTHook(Hook):
                                          key=lambda kv: (kv[0] not in head_names, kv[0])))
         if head_lr and rest_lr and min(head_lr) <= max(rest_lr):
             raise ValueError(
-                f'the predictors {names} train with lr {min(head_lr):g}, not above the rest of '
-                f'the model ({max(rest_lr):g}); DAFT trains them with an LR far above the '
+                f'the head {sorted(head_names)} trains with lr {min(head_lr):g}, not above the '
+                f'rest of the model ({max(rest_lr):g}); DAFT trains it with an LR far above the '
                 f"backbone's. Effective LRs: {describe_lrs(self.effective_lrs)}. Fix: "
                 'daft_head_lr_mult=10 (DAFTHook derives optim_wrapper.paramwise_cfg from it), or '
                 'DAFTHook(check_lr=False) to train them at one LR')

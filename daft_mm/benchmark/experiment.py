@@ -1,0 +1,280 @@
+"""The embedded segmentation benchmark, end to end: data, pretraining, each method at its setting
+chosen on ID-val (recorded, or searched now), the ablations, and the report.
+
+Every method: the same pretrained backbone, a fresh decode head, the same iteration budget, the
+same seeds; every choice on ID-val only (OOD sets are evaluated, never used to choose).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from daft_mm.utils import atomic_write, atomic_write_json
+
+from .data import DEFAULT, QUICK, Settings, make_data
+from .methods import COMPARED, ABLATIONS, MethodSpec, Point, get_method
+from .report import markdown_table, plot_report, report_title, summarize
+from .runs import DEMO_CONFIGS, Context, RunPool, Task, pretrain
+from .selection import Axis, BatchScore, SearchResult, grid_search
+
+__all__ = ['RECORDED', 'SEARCH_SPACES', 'QUICK_SEARCH_SPACES', 'Progress', 'run_benchmark',
+           'load_recorded']
+
+#: The choices ``--search`` made on ID-val, with every search run (for the Pareto plot).
+RECORDED = DEMO_CONFIGS / 'recorded_search.json'
+SCOPES = ('predictors', 'new_modules')
+#: Starting grids (widened by the search while the best point is at an edge). DAFT's head LR is
+#: lr x ratio: the diagonal lr=1e-2/ratio=1e2, 1e-3/1e3 keeps the head near LP's LR while the
+#: backbone slows down, the regime the paper's ratios (1e3-3e6) point to.
+SEARCH_SPACES: Dict[str, List[Axis]] = {
+    'LP': [Axis('lr', (0.1, 0.3, 1.0), step=3.0)],
+    'FT': [Axis('lr', (0.03, 0.1, 0.3), step=3.0)],
+    'LP-FT': [Axis('lr', (0.03, 0.1, 0.3), step=3.0)],
+    'DAFT': [Axis('lr', (0.001, 0.01, 0.1), step=10.0), Axis('ratio', (10.0, 100.0, 1000.0),
+                                                              step=10.0), Axis('scope', SCOPES)],
+    'DAFT w/o conversion': [Axis('lr', (0.001, 0.01, 0.1), step=10.0),
+                            Axis('ratio', (10.0, 100.0, 1000.0), step=10.0)],
+    'conversion only': [Axis('lr', (0.03, 0.1, 0.3), step=3.0)],
+}
+QUICK_SEARCH_SPACES: Dict[str, List[Axis]] = {
+    'LP': [Axis('lr', (0.3, ))], 'FT': [Axis('lr', (0.1, ))], 'LP-FT': [Axis('lr', (0.1, ))],
+    'DAFT': [Axis('lr', (0.01, )), Axis('ratio', (10.0, 100.0)), Axis('scope', SCOPES)],
+    'DAFT w/o conversion': [Axis('lr', (0.01, )), Axis('ratio', (100.0, ))],
+    'conversion only': [Axis('lr', (0.1, ))],
+}
+#: Searched in this order: LP-FT's probe stage is LP at LP's choice; the DAFT ablation without
+#: conversion uses DAFT's head scope.
+ORDER = ('LP', 'FT', 'LP-FT', 'DAFT', 'DAFT w/o conversion', 'conversion only')
+
+
+class Progress:
+    """One line per finished step with the elapsed time (training adds an mmengine bar)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.time()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        print(f'[{self.done}/{self.total} | {self.elapsed()}] {what}', flush=True)
+
+    def note(self, what: str) -> None:
+        print(f'    {what}', flush=True)
+
+    def elapsed(self) -> str:
+        s = int(time.time() - self.start)
+        return f'{s // 60:d}:{s % 60:02d}'
+
+
+def load_recorded(path: Path) -> Dict[str, Any]:
+    """The recorded choices; every compared method must have one."""
+    if not path.is_file():
+        raise FileNotFoundError(f'{path} does not exist: run `python tools/demo.py --search` once '
+                                'to choose every method\'s setting on the ID-val split')
+    rec = json.loads(path.read_text())
+    missing = [m.name for m in COMPARED if m.name not in rec.get('chosen', {})]
+    if missing:
+        raise ValueError(f'{path} has no recorded setting for {missing}; re-run --search')
+    return rec
+
+
+def _space(spec: MethodSpec, spaces: Dict[str, List[Axis]],
+           chosen: Dict[str, Point]) -> List[Axis]:
+    axes = list(spaces[spec.name])
+    if spec.name == 'DAFT w/o conversion' and 'DAFT' in chosen:
+        axes.append(Axis('scope', (chosen['DAFT'].scope, )))
+    return axes
+
+
+def search(pool: RunPool, spaces: Dict[str, List[Axis]], seeds: Sequence[int],
+           progress: Progress, protocol: str = 'grid'
+           ) -> tuple[Dict[str, Point], Dict[str, SearchResult], List[Dict[str, Any]]]:
+    """Choose every method's setting on ID-val; returns the choices, the searches and every run."""
+    ctx = pool.ctx
+    chosen: Dict[str, Point] = {}
+    searches: Dict[str, SearchResult] = {}
+    runs: List[Dict[str, Any]] = []
+
+    def done(task: Task, r: Dict[str, Any]) -> None:
+        runs.append(r)
+        progress.step(f'search {task[0]}: {task[1].label()} seed {task[2]}: ID-val '
+                      f'{r["id_val"]:.2f} (ID {r["id"]:.2f}, OOD mean {r["ood_mean"]:.2f})'
+                      + (' (reused)' if r['reused'] else f' ({r["seconds"]:.0f}s)'))
+
+    def scorer(spec: MethodSpec) -> BatchScore:
+        def score(pairs: List[tuple[Point, int]]) -> List[float]:
+            results = pool.run([(spec.name, point, seed) for point, seed in pairs], done)
+            return [r['id_val'] for r in results]
+        return score
+
+    for name in ORDER:
+        spec = get_method(name)
+        axes = _space(spec, spaces, chosen)
+        if protocol == 'paper' and name == 'DAFT':
+            searches[name] = paper_protocol(spec, axes, seeds, scorer)
+        else:
+            searches[name] = grid_search(scorer(spec), axes, seeds=seeds)
+        chosen[name] = searches[name].chosen
+        if name == 'LP':
+            ctx.lp_setting = chosen['LP']
+        progress.note(f'{name}: chose {chosen[name].label()} (mean ID-val '
+                      f'{searches[name].mean(chosen[name]):.2f} over {len(seeds)} seeds)'
+                      + (f'; still best at the edge of {searches[name].on_edge}'
+                         if searches[name].on_edge else ''))
+    return chosen, searches, runs
+
+
+def paper_protocol(spec: MethodSpec, axes: List[Axis], seeds: Sequence[int],
+                   scorer: Callable[[MethodSpec], BatchScore]) -> SearchResult:
+    """The DAFT paper's two stages: the backbone LR first (head at 1x, no conversion), then the
+    head ratio at that LR, with conversion."""
+    by_name = {a.name: a for a in axes}
+    scope = by_name['scope'].values[0] if 'scope' in by_name else None
+    first = grid_search(scorer(get_method('DAFT w/o conversion')), [by_name['lr']],
+                        base=Point(lr=0.0, ratio=1.0, scope=scope), seeds=seeds[:1])
+    rest = [by_name['ratio']] + ([by_name['scope']] if 'scope' in by_name else [])
+    second = grid_search(scorer(spec), rest, base=Point(lr=first.chosen.lr, ratio=1.0,
+                                                        scope=scope), seeds=seeds)
+    second.widened = [f'stage 1 (lr, ratio 1, no conversion): {first.to_dict()}'] + second.widened
+    return second
+
+
+@dataclass
+class Options:
+    quick: bool = False
+    search: bool = False
+    protocol: str = 'grid'
+    seeds: Optional[int] = None
+    work_dir: str = 'work_dirs/demo'
+    recorded: str = str(RECORDED)
+    verbose: bool = False
+    workers: int = 2  # runs side by side, one torch thread each
+
+
+def run_benchmark(opts: Options) -> Dict[str, Any]:
+    """Run the benchmark; writes ``report.{json,md,png}`` (and ``search.json`` when searching)
+    to the work dir and returns the report."""
+    import torch
+    from mmengine.registry import init_default_scope
+    import daft_mm.mm  # noqa: F401  (registers DAFTHook, DAFTModel, ImageCorruption)
+    init_default_scope('mmseg')
+    t_start = time.time()
+    s: Settings = QUICK if opts.quick else DEFAULT
+    seeds = tuple(range(opts.seeds)) if opts.seeds else s.seeds
+    work_dir = Path(opts.work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    spaces = QUICK_SEARCH_SPACES if opts.quick else SEARCH_SPACES
+    n_runs = len(COMPARED) * len(seeds)
+    if opts.search:
+        grid = sum(_grid_size(spaces[m.name]) for m in COMPARED)
+        n_runs = grid + 2 * (len(seeds) - 1) * len(COMPARED)
+        print(f'search: about {n_runs} fine-tuning runs (grids of {grid} points, finalists '
+              f'with {len(seeds)} seeds, more if a grid widens); ~40 s each on 2 cores',
+              flush=True)
+    progress = Progress(2 + n_runs)
+    print(f'daft-mm benchmark ({"quick" if opts.quick else "default"}): seeds {list(seeds)}, '
+          f'budget {s.budget} iterations per method, work dir {work_dir}, '
+          + (f'{opts.workers} runs side by side (1 torch thread each)' if opts.workers > 1 else
+             f'{torch.get_num_threads()} torch threads'), flush=True)
+    roots = make_data(work_dir / 'data' / s.data_key(), s, progress.step)
+    ctx = Context(settings=s, work_dir=work_dir, roots=roots, step=progress.step,
+                  verbose=opts.verbose)
+    pretrain(ctx)
+
+    with RunPool(ctx, opts.workers) as pool:
+        if opts.search:
+            chosen, searches, search_runs = search(pool, spaces, seeds, progress, opts.protocol)
+            record = dict(
+                chosen={m: p.to_dict() for m, p in chosen.items()},
+                search={m: r.to_dict() for m, r in searches.items()},
+                runs=[_brief(r) for r in search_runs],
+                protocol=opts.protocol, seeds=list(seeds),
+                source=f'tools/demo.py --search{" --quick" if opts.quick else ""} --protocol '
+                       f'{opts.protocol}, {time.strftime("%Y-%m-%d")}: best mean ID-val mIoU '
+                       'of the finalists (never OOD data)',
+                settings=asdict(s))
+            atomic_write_json(str(work_dir / 'search.json'), record, indent=1, default=str)
+            source = f'--search (written to {work_dir / "search.json"})'
+        else:
+            record = load_recorded(Path(opts.recorded))
+            chosen = {m: Point.from_dict(p) for m, p in record['chosen'].items()}
+            source = f'{opts.recorded} ({record.get("source", "?")})'
+        ctx.lp_setting = chosen['LP']
+        progress.note(f'settings from {source}')
+
+        def done(task: Task, r: Dict[str, Any]) -> None:
+            if not opts.search or not r['reused']:
+                progress.step(f'{task[0]} seed {task[2]}: ID {r["id"]:.2f}  OOD mean '
+                              f'{r["ood_mean"]:.2f}  cos {r["cosine"]:.4f}  ({r["seconds"]:.0f}s'
+                              + (', finished earlier: reused)' if r['reused'] else ')'))
+
+        tasks = [(spec.name, chosen[spec.name], seed) for seed in seeds for spec in COMPARED]
+        results: Dict[str, List[Dict[str, Any]]] = {m.name: [] for m in COMPARED}
+        for task, r in zip(tasks, pool.run(tasks, done)):
+            results[task[0]].append(r)
+    report = _report(opts, s, seeds, chosen, source, record, results, ctx, t_start)
+    _write(report, work_dir)
+    return report
+
+
+def _grid_size(axes: Sequence[Axis]) -> int:
+    n = 1
+    for axis in axes:
+        n *= len(axis.values)
+    return n
+
+
+def _brief(r: Dict[str, Any]) -> Dict[str, Any]:
+    keys = ('method', 'setting', 'seed', 'id_val', 'id', 'ood_mean', 'cosine', 'budgets')
+    return {k: r[k] for k in keys}
+
+
+def _report(opts: Options, s: Settings, seeds: Sequence[int], chosen: Dict[str, Point],
+            source: str, record: Dict[str, Any], results: Dict[str, List[Dict[str, Any]]],
+            ctx: Context, t_start: float) -> Dict[str, Any]:
+    ood_names = list(next(iter(results.values()))[0]['ood'])
+    return {
+        'title': report_title(opts.quick, len(seeds)),
+        'premise': 'backbone pretrained on the coarse 7-category source task; every method '
+                   'gets a fresh 19-class decode head and the same iteration budget',
+        'metric': 'mIoU (%) on 19 Cityscapes classes (absent and never-predicted classes '
+                  'skipped, as in mmseg IoUMetric); spread = sample std over seeds; every '
+                  'setting chosen on ID-val only',
+        'cosine_similarity': 'mean per-pixel cosine of the deepest backbone features, '
+                             'fine-tuned vs pretrained, on the ID test images',
+        'seeds': list(seeds),
+        'budget_iterations': s.budget,
+        'ood_sets': ood_names,
+        'methods_described': {m.name: m.description for m in COMPARED},
+        'ablations': [m.name for m in ABLATIONS] + ['DAFT'],
+        'chosen': {m: p.to_dict() for m, p in chosen.items()},
+        'chosen_source': source,
+        'search': record.get('search', {}),
+        'search_runs': record.get('runs', []),
+        'settings': asdict(s),
+        'backbone_checkpoint': ctx.backbone_checkpoint,
+        'methods': summarize(results, ood_names),
+        'runs': {m: [dict(r) for r in rs] for m, rs in results.items()},
+        'trained_runs': ctx.trained,
+        'seconds': time.time() - t_start,
+    }
+
+
+def _write(report: Dict[str, Any], work_dir: Path) -> None:
+    atomic_write_json(str(work_dir / 'report.json'), report, indent=1, default=str)
+    labels = {m: Point.from_dict(p).label() for m, p in report['chosen'].items()}
+    table = markdown_table(report['methods'], report['ood_sets'], labels)
+    md = (f'# {report["title"]}\n\n{report["premise"]}. {report["metric"]}. Feature cos: '
+          f'{report["cosine_similarity"]}.\n\nSettings from {report["chosen_source"]}.\n\n'
+          f'{table}\n\nAblations: {", ".join(report["ablations"])}.\n\n'
+          f'![report](report.png)\n\nTotal time: {report["seconds"]:.0f}s '
+          f'({report["trained_runs"]} runs trained, the rest reused).\n')
+    with atomic_write(str(work_dir / 'report.md')) as f:
+        f.write(md)
+    plot_report(report['methods'], report['search_runs'], work_dir / 'report.png',
+                report['title'])
+    print('\n' + table + '\n', flush=True)
+    print(f'report: {work_dir / "report.md"}, {work_dir / "report.json"}, '
+          f'{work_dir / "report.png"} ({report["seconds"]:.0f}s)', flush=True)

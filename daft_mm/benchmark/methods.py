@@ -1,0 +1,101 @@
+"""The compared methods as data: what each run trains, and which settings its search covers.
+
+Every method starts from the same pretrained *backbone* with a *fresh* decode head (standard init
+for the baselines, zero predictors for DAFT and its integrated-LP+FT ablation) and gets the same
+number of training iterations; LP-FT's two stages share that budget.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional, Tuple
+
+__all__ = ['MethodSpec', 'Point', 'METHODS', 'ABLATIONS', 'COMPARED', 'get_method',
+           'stage_budgets']
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the comparison.
+
+    Attributes:
+        name: the label in tables and plots.
+        config: the demo config (``configs/demo``) it trains with.
+        recipe: the ``DAFTModel`` method / core recipe (``daft_mm.core.RECIPES``).
+        has_ratio: whether a head/backbone LR ratio is part of its setting.
+        lp_first: LP-FT: a decode-head probe stage, then FT from it, within one budget.
+        description: one line for the report.
+    """
+
+    name: str
+    config: str
+    recipe: str
+    has_ratio: bool = False
+    lp_first: bool = False
+    description: str = ''
+
+
+@dataclass(frozen=True)
+class Point:
+    """A setting of one method: backbone LR, head/backbone LR ratio, head scope."""
+
+    lr: float
+    ratio: Optional[float] = None
+    scope: Optional[str] = None
+
+    def label(self) -> str:
+        parts = [f'lr={self.lr:g}']
+        if self.ratio is not None:
+            parts.append(f'ratio={self.ratio:g}')
+        if self.scope is not None:
+            parts.append(f'head={self.scope}')
+        return ' '.join(parts)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> 'Point':
+        return cls(lr=float(d['lr']), ratio=None if d.get('ratio') is None else float(d['ratio']),
+                   scope=d.get('scope'))
+
+
+METHODS: Tuple[MethodSpec, ...] = (
+    MethodSpec('FT', 'ft_demo.py', 'ft',
+               description='fine-tune everything at one LR; fresh head, standard init'),
+    MethodSpec('LP', 'lp_demo.py', 'lp',
+               description='decode-head probe: backbone frozen (BN eval), the fresh decode and '
+               'auxiliary heads train (not a linear probe: the head has several layers)'),
+    MethodSpec('LP-FT', 'lpft_demo.py', 'ft', lp_first=True,
+               description='the decode-head probe for half the budget, then FT of everything '
+               'from it for the other half'),
+    MethodSpec('DAFT', 'daft_demo.py', 'daft', has_ratio=True,
+               description='BN conversion on the ID training data, zero predictors, the head at '
+               'ratio x the backbone LR, BN in train mode'),
+)
+ABLATIONS: Tuple[MethodSpec, ...] = (
+    MethodSpec('DAFT w/o conversion', 'daft_demo.py', 'daft-no-convert', has_ratio=True,
+               description='integrated LP+FT alone: zero predictors and the head ratio, BN '
+               'statistics as pretrained'),
+    MethodSpec('conversion only', 'daft_demo.py', 'daft-convert-only',
+               description='BN conversion alone, then FT at one LR with the standard head init'),
+)
+COMPARED: Tuple[MethodSpec, ...] = METHODS + ABLATIONS
+
+
+def get_method(name: str) -> MethodSpec:
+    for spec in COMPARED:
+        if spec.name == name:
+            return spec
+    raise KeyError(f'unknown benchmark method {name!r}; one of {[m.name for m in COMPARED]}')
+
+
+def stage_budgets(spec: MethodSpec, budget: int, lp_fraction: float = 0.5) -> Dict[str, int]:
+    """Iterations per training stage; they always sum to ``budget`` (equal budgets)."""
+    if budget < 1:
+        raise ValueError(f'the iteration budget must be >= 1, got {budget}')
+    if not spec.lp_first:
+        return {spec.recipe: budget}
+    if budget < 2:
+        raise ValueError(f'{spec.name} needs a budget of >= 2 iterations (two stages)')
+    lp = min(budget - 1, max(1, round(budget * lp_fraction)))
+    return {'lp': lp, 'ft': budget - lp}

@@ -1,0 +1,180 @@
+"""The benchmark's pieces: selection on ID-val (grid, widening, finalists), equal budgets, Pareto
+fronts, and the recipe options it searches (head scope, head/backbone ratio, the ablations) end to
+end through the real Runner."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import torch
+
+from daft_mm.benchmark.methods import COMPARED, Point, get_method, stage_budgets
+from daft_mm.benchmark.report import pareto_front, summarize
+from daft_mm.benchmark.selection import Axis, grid_search as _grid_search, one_at_a_time
+
+
+# ------------------------------------------------------------------------------------ selection
+def grid_search(score, axes, **kwargs):
+    return _grid_search(one_at_a_time(score), axes, **kwargs)
+
+
+def _bowl(best_lr: float, best_ratio: float = 100.0):
+    """A score peaked at (best_lr, best_ratio) in log space, with a per-seed offset."""
+    calls: List[Any] = []
+
+    def score(p: Point, seed: int) -> float:
+        calls.append((p, seed))
+        d = math.log10(p.lr / best_lr) ** 2 + (math.log10((p.ratio or best_ratio) / best_ratio)) ** 2
+        return 50.0 - 5.0 * d + 0.01 * seed
+    return score, calls
+
+
+def test_grid_search_widens_an_axis_whose_best_point_is_on_the_edge():
+    score, calls = _bowl(best_lr=1e-4)  # far below the starting grid
+    res = grid_search(score, [Axis('lr', (1e-2, 1e-1), step=10.0)], seeds=(0, ))
+    assert res.chosen.lr == pytest.approx(1e-4)
+    assert len(res.widened) == 3 and not res.on_edge  # 1e-3, 1e-4, then 1e-5 (worse)
+    assert any(p.lr == pytest.approx(1e-5) for p, _ in calls)
+    assert len(calls) == len(set(calls)) == 5  # no run twice
+
+
+def test_grid_search_stops_widening_at_the_limit_and_says_so():
+    score, _ = _bowl(best_lr=1e-9)
+    # one value: both ways at once (0.1 worse, 1e-3 better), then down to 1e-4 and the limit
+    res = grid_search(score, [Axis('lr', (1e-2, ), step=10.0)], seeds=(0, ), max_widen=3)
+    assert res.chosen.lr == pytest.approx(1e-4) and res.on_edge == ['lr']
+
+
+def test_finalists_get_every_seed_and_the_best_mean_wins():
+    table = {0.1: [60.0, 40.0, 40.0], 0.3: [59.0, 58.0, 58.0], 1.0: [10.0, 10.0, 10.0]}
+    res = grid_search(lambda p, s: table[p.lr][s], [Axis('lr', (0.1, 0.3, 1.0))], finalists=2)
+    assert res.chosen.lr == 0.3  # seed 0 alone would pick 0.1
+    assert res.finalists == [Point(lr=0.1), Point(lr=0.3)]
+    assert set(res.scores[Point(lr=1.0)]) == {0}  # not a finalist: one seed only
+    grid = res.to_dict()['grid']
+    assert {g['lr'] for g in grid} == {0.1, 0.3, 1.0} and all('id_val' in g for g in grid)
+
+
+def test_a_diverged_run_ranks_last():
+    res = grid_search(lambda p, s: math.nan if p.lr == 1.0 else p.lr,
+                      [Axis('lr', (0.1, 1.0))], seeds=(0, ), finalists=1)
+    assert res.chosen.lr == 0.1
+
+
+def test_categorical_axes_are_searched_but_never_widened():
+    res = grid_search(lambda p, s: {'predictors': 1.0, 'new_modules': 2.0}[p.scope],
+                      [Axis('lr', (0.1, )), Axis('scope', ('predictors', 'new_modules'))],
+                      seeds=(0, ))
+    assert res.chosen == Point(lr=0.1, scope='new_modules') and not res.widened
+
+
+# ------------------------------------------------------------------------------------ budgets
+@pytest.mark.parametrize('budget', [2, 3, 150, 301])
+def test_every_method_gets_the_same_budget(budget):
+    for spec in COMPARED:
+        stages = stage_budgets(spec, budget)
+        assert sum(stages.values()) == budget and min(stages.values()) >= 1
+    assert len(stage_budgets(get_method('LP-FT'), budget)) == 2
+
+
+def test_pareto_front_and_summary():
+    pts = [(50, 30), (55, 28), (52, 31), (49, 29), (55, 28)]
+    assert pareto_front(pts) == [(52, 31), (55, 28)]
+    runs = [dict(id_val=1.0, id=10.0, ood={'a': 1.0}, ood_mean=1.0, cosine=0.5, cosine_pooled=1),
+            dict(id_val=3.0, id=14.0, ood={'a': 3.0}, ood_mean=3.0, cosine=0.7, cosine_pooled=1)]
+    s = summarize({'FT': runs}, ['a'])['FT']
+    assert s['id_miou']['mean'] == 12.0 and s['id_miou']['std'] == pytest.approx(math.sqrt(8))
+    assert summarize({'FT': runs[:1]}, ['a'])['FT']['id_val_miou']['std'] == 0.0
+
+
+# ------------------------------------------------------------- recipe options through the Runner
+pytest.importorskip('mmseg')
+import daft_mm  # noqa: E402,F401  (registers DAFTHook / DAFTModel)
+from mmengine.hooks import Hook  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+from _mm_helpers import CONFIGS, load_tiny, shrink_config  # noqa: E402
+
+
+class LrAndWeights(Hook):
+    """Per step: each parameter's LR (by name) and, before the first step, the predictor and a BN
+    layer's running mean."""
+    priority = 'VERY_LOW'
+
+    def __init__(self) -> None:
+        self.lrs: List[Dict[str, float]] = []
+        self.before: Dict[str, Any] = {}
+
+    def before_train(self, runner) -> None:
+        net = runner.model.model
+        self.before = dict(conv_seg=net.decode_head.conv_seg.weight.detach().clone(),
+                           bn_mean=net.backbone.layer1[0].bn1.running_mean.detach().clone())
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+        names = {id(p): n for n, p in runner.model.named_parameters()}
+        # (the optimizer may hold parameters outside the model, e.g. a scalar of mmengine's)
+        self.lrs.append({names[id(p)]: g['lr'] for g in runner.optim_wrapper.param_groups
+                         for p in g['params'] if id(p) in names})
+
+
+@pytest.fixture(scope='module')
+def daft_cfg(tmp_path_factory) -> Path:
+    return shrink_config(CONFIGS / 'daft_deeplabv3_cityscapes.py',
+                         tmp_path_factory.mktemp('bench_cfg'))
+
+
+def _train(cfg_path: Path, tmp_path: Path, root: str, **options: Any):
+    opts = {'train_cfg.max_iters': 3, 'train_dataloader.batch_size': 2}
+    opts.update(options)
+    cfg = load_tiny(cfg_path, tmp_path, root, **opts)
+    runner = Runner.from_cfg(cfg)
+    probe = LrAndWeights()
+    runner.register_hook(probe)
+    bn_start = runner.model.model.backbone.layer1[0].bn1.running_mean.detach().clone()
+    runner.train()
+    return runner, probe, bn_start
+
+
+@pytest.mark.parametrize('scope', ['predictors', 'new_modules'])
+def test_head_scope_and_ratio_hold_at_every_step(daft_cfg, cityscapes_root, tmp_path, scope):
+    _, probe, _ = _train(daft_cfg, tmp_path, cityscapes_root, daft_head_lr_mult=50.0,
+                         daft_head_modules=scope)
+    assert probe.before['conv_seg'].abs().sum() == 0  # the predictor starts at zero
+    assert len(probe.lrs) == 3
+    assert probe.lrs[0]['model.backbone.layer1.0.conv1.weight'] > 0
+    for lrs in probe.lrs:
+        base = lrs['model.backbone.layer1.0.conv1.weight']
+        if base == 0:  # PolyLR's end (eta_min=0): every group reaches 0 together
+            assert set(lrs.values()) == {0.0}
+            continue
+        assert lrs['model.decode_head.conv_seg.weight'] == pytest.approx(50 * base)
+        assert lrs['model.auxiliary_head.conv_seg.weight'] == pytest.approx(50 * base)
+        inner = lrs['model.decode_head.bottleneck.conv.weight']
+        assert inner == pytest.approx(50 * base if scope == 'new_modules' else base)
+        assert all(v == pytest.approx(base) for k, v in lrs.items() if 'backbone' in k)
+
+
+def test_head_modules_must_cover_the_predictors(daft_cfg, cityscapes_root, tmp_path):
+    with pytest.raises(ValueError, match="daft_head_modules.*auxiliary_head.conv_seg"):
+        _train(daft_cfg, tmp_path, cityscapes_root, daft_head_modules=['decode_head'])
+
+
+def test_ablation_without_conversion_keeps_statistics_and_zeroes(daft_cfg, cityscapes_root,
+                                                                   tmp_path):
+    _, probe, bn_start = _train(daft_cfg, tmp_path, cityscapes_root,
+                                **{'model.method': 'daft-no-convert'})
+    assert torch.equal(probe.before['bn_mean'], bn_start)  # no conversion
+    assert probe.before['conv_seg'].abs().sum() == 0
+    lrs = probe.lrs[0]
+    assert lrs['model.decode_head.conv_seg.weight'] > lrs['model.backbone.layer1.0.conv1.weight']
+
+
+def test_ablation_conversion_only_converts_and_keeps_the_head(daft_cfg, cityscapes_root,
+                                                               tmp_path):
+    _, probe, bn_start = _train(daft_cfg, tmp_path, cityscapes_root,
+                                **{'model.method': 'daft-convert-only'})
+    assert not torch.equal(probe.before['bn_mean'], bn_start)  # converted
+    assert probe.before['conv_seg'].abs().sum() > 0  # standard init kept
+    assert len({round(v, 12) for v in probe.lrs[0].values()}) == 1  # one LR for everything
