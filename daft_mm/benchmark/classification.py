@@ -43,7 +43,7 @@ from daft_mm.core import HEAD_SCOPES, get_recipe
 __all__ = ['METHODS', 'ClassificationBenchmarkConfig', 'Split', 'make_source_data',
            'make_target_data', 'make_ood_data', 'pretrain', 'fresh_model', 'stage_budget',
            'search_grid', 'select_settings', 'run_classification_benchmark', 'format_table',
-           'quick_config']
+           'quick_config', 'replace_config']
 
 #: The methods and ablations, in report order.
 METHODS = ('ft', 'lp', 'lp-ft', 'daft', 'daft-no-convert', 'daft-convert-only')
@@ -63,7 +63,7 @@ class ClassificationBenchmarkConfig:
     source_styles: tuple[str, ...] = STYLES
     ood_styles: tuple[str, ...] = OOD_STYLES
     image_size: int = 20
-    source_per_class: int = 40  # per style
+    source_per_class: int = 150  # per style
     train_per_class: int = 20
     val_per_class: int = 20
     test_per_class: int = 50
@@ -71,11 +71,12 @@ class ClassificationBenchmarkConfig:
     # model and pretraining
     arch: str = 'resnet10'
     width: int = 8
-    pretrain_iters: int = 400
+    pretrain_iters: int = 600
     pretrain_lr: float = 0.05
+    pretrain_weight_decay: float = 5e-4
     pretrain_seed: int = 0
     # fine-tuning
-    iters: int = 150  # the budget of every method
+    iters: int = 100  # the budget of every method (FT's ID-val is flat from 100 to 600)
     lp_fraction: float = 0.5  # LP-FT: share of the budget spent probing
     batch_size: int = 32
     momentum: float = 0.9
@@ -83,7 +84,7 @@ class ClassificationBenchmarkConfig:
     schedule: str = 'cosine'
     head_scope: str = 'predictors'
     # selection (ID-val only)
-    lr_grid: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1)
+    lr_grid: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1)
     lp_lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
     ratio_grid: tuple[float, ...] = (10.0, 100.0, 1000.0)
     widen: int = 2  # extra steps a grid may take past its edge
@@ -181,8 +182,8 @@ def pretrain(cfg: ClassificationBenchmarkConfig, source: Mapping[str, Split],
     run = finetune(model, source['train'].loader(2 * cfg.batch_size, shuffle=True,
                                                  seed=cfg.pretrain_seed),
                    method='ft', iters=cfg.pretrain_iters, lr=cfg.pretrain_lr,
-                   momentum=cfg.momentum, weight_decay=cfg.weight_decay, schedule='cosine',
-                   seed=cfg.pretrain_seed)
+                   momentum=cfg.momentum, weight_decay=cfg.pretrain_weight_decay,
+                   schedule='cosine', seed=cfg.pretrain_seed)
     accuracy, _ = evaluate_loss(model, source['val'].loader(256))
     record = {'task': 'source shapes, all source styles', 'classes': list(cfg.source_classes),
               'styles': list(cfg.source_styles), 'train_images': len(source['train']),
