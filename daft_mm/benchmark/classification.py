@@ -42,6 +42,7 @@ from daft_mm.core import HEAD_SCOPES, get_recipe
 
 __all__ = ['METHODS', 'ClassificationBenchmarkConfig', 'Split', 'make_source_data',
            'make_target_data', 'make_ood_data', 'pretrain', 'fresh_model', 'stage_budget',
+           'train_one',
            'search_grid', 'select_settings', 'run_classification_benchmark', 'format_table',
            'quick_config', 'replace_config']
 
@@ -233,9 +234,10 @@ def _has_ratio(method: str) -> bool:
     return any(stage.head_lr_mult != 1.0 for stage in get_recipe(method).stages)
 
 
-def _train(cfg: ClassificationBenchmarkConfig, method: str, settings: Mapping[str, float],
+def train_one(cfg: ClassificationBenchmarkConfig, method: str, settings: Mapping[str, float],
            seed: int, backbone: Mapping[str, torch.Tensor], train: Split,
            on_step: Callable | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """One fine-tuning run from a fresh model: ``(trained model, record of its stages)``."""
     model = fresh_model(cfg, backbone, seed)
     stages = stage_budget(cfg, method)['stages']
     start = time.perf_counter()
@@ -299,7 +301,7 @@ def select_settings(cfg: ClassificationBenchmarkConfig, method: str,
 
     def run_point(point: dict[str, float], extra: bool) -> None:
         settings = {**(fixed or {}), **point}
-        model, record = _train(cfg, method, settings, seed, backbone, target['train'])
+        model, record = train_one(cfg, method, settings, seed, backbone, target['train'])
         accuracy, loss = _score(model, target['val'])
         records.append({'settings': settings, 'id_val': accuracy, 'id_val_loss': loss,
                         'widened': extra, 'seed': seed, **record})
@@ -364,7 +366,7 @@ def run_classification_benchmark(
     """Pretrain, select every method's settings on ID-val, run the choices with every seed,
     then (only then) evaluate on ID test and OOD. Returns the JSON-able report."""
     cfg = cfg or ClassificationBenchmarkConfig()
-    clock = time.perf_counter()
+    clock, cpu = time.perf_counter(), time.process_time()
     seconds: dict[str, float] = {}
     torch_threads = torch.get_num_threads()
 
@@ -398,7 +400,7 @@ def run_classification_benchmark(
                           if k in ('stages', 'train_seconds')}
                 model = grid_models[method][index]
             else:
-                model, record = _train(cfg, method, settings, seed, backbone, target['train'])
+                model, record = train_one(cfg, method, settings, seed, backbone, target['train'])
             finals.append((method, seed, settings, model, record))
             if log is not None:
                 log(f'  final {method} seed {seed} ({record["train_seconds"]:.1f} s)')
@@ -417,6 +419,7 @@ def run_classification_benchmark(
             record['accuracy'] = _evaluate_all(grid_models[method][index], target, ood)
     seconds['evaluation'] = time.perf_counter() - mark
     seconds['total'] = time.perf_counter() - clock
+    seconds['cpu_total'] = time.process_time() - cpu  # wall time depends on the machine's load
 
     metrics = ['id_val', 'id_test'] + [f'ood_{n}' for n in ood] + ['ood_mean']
     summary = {method: {metric: _stats([r['accuracy'][metric] for r in runs
