@@ -274,3 +274,11 @@ def test_train_cls_benchmark_end_to_end(tmp_path):
         assert any(p['widened'] for p in ft_grid)
     assert report['selection']['chosen']['lp-ft']['settings']['lp_lr'] == (
         report['selection']['chosen']['lp']['settings']['lr'])
+
+
+def test_grids_widen_past_their_ends_but_the_ratio_not_below_one():
+    assert bench._beyond([0.01, 0.1], 0.1) == pytest.approx(1.0)
+    assert bench._beyond([0.01, 0.1], 0.01) == pytest.approx(0.001)
+    assert bench._beyond([0.01, 0.03, 0.1], 0.03) is None  # inside: nothing to widen
+    assert bench._beyond([3.0, 10.0, 100.0], 3.0, floor=1.0) == 1.0  # clipped at the floor
+    assert bench._beyond([1.0, 10.0], 1.0, floor=1.0) is None

@@ -270,15 +270,21 @@ def search_grid(cfg: ClassificationBenchmarkConfig, method: str) -> dict[str, li
     return axes
 
 
-def _beyond(axis: list[float], value: float) -> float | None:
-    """The next value past ``value`` if it is an end of ``axis`` (a geometric step)."""
+#: Lowest value an axis may widen to: a head ratio below 1 is no longer the method (DAFT's
+#: head LR is at least the backbone's), so the ratio axis stops at 1.
+_AXIS_FLOOR = {'head_lr_mult': 1.0}
+
+
+def _beyond(axis: list[float], value: float, floor: float = 0.0) -> float | None:
+    """The next value past ``value`` if it is an end of ``axis`` (a geometric step), not below
+    ``floor``; None if ``value`` is inside the axis or at the floor."""
     ordered = sorted(axis)
     if len(ordered) < 2:
         return None
     if value == ordered[-1]:
         return value * ordered[-1] / ordered[-2]
-    if value == ordered[0]:
-        return value * ordered[0] / ordered[1]
+    if value == ordered[0] and value > floor:
+        return max(floor, value * ordered[0] / ordered[1])
     return None
 
 
@@ -321,7 +327,7 @@ def select_settings(cfg: ClassificationBenchmarkConfig, method: str,
         new = []
         for name in axes:
             tried_values = sorted({r['settings'][name] for r in records})
-            nxt = _beyond(tried_values, best_point[name])
+            nxt = _beyond(tried_values, best_point[name], _AXIS_FLOOR.get(name, 0.0))
             if nxt is not None and tuple(sorted({**best_point, name: nxt}.items())) not in tried:
                 new.append({**best_point, name: nxt})
         if not new or widened >= cfg.widen:
@@ -329,8 +335,8 @@ def select_settings(cfg: ClassificationBenchmarkConfig, method: str,
         widened += 1
         for point in new:
             run_point(point, True)
-    on_edge = any(_beyond(sorted({r['settings'][k] for r in records}), best_point[k])
-                  is not None for k in axes)
+    on_edge = any(_beyond(sorted({r['settings'][k] for r in records}), best_point[k],
+                          _AXIS_FLOOR.get(k, 0.0)) is not None for k in axes)
     chosen = dict(records[best]['settings'])
     for index, record in enumerate(records):
         record['chosen'] = index == best
@@ -465,11 +471,14 @@ def format_table(report: Mapping[str, Any]) -> str:
         settings = ', '.join(f'{k}={v:g}' for k, v in chosen[method]['settings'].items())
         edge = ' (edge)' if chosen[method]['on_edge'] else ''
         lines.append(f'| {method} | ' + ' | '.join(cells) + f' | {settings}{edge} |')
-    seeds = len(report['config']['seeds'])
+    config, budget = report['config'], report['budget']
+    split = ' + '.join(str(s['iters']) for s in budget['lp-ft']['stages']) \
+        if 'lp-ft' in budget else None
     lines.append('')
-    lines.append(f'{seeds} seeds, {report["config"]["iters"]} iterations per method '
-                 f'(LP-FT: {" + ".join(str(s["iters"]) for s in report["budget"].get("lp-ft", {}).get("stages", []))}), '
-                 f'{report["seconds"]["total"]:.0f} s in all')
+    lines.append(f'{len(config["seeds"])} seeds, {config["iters"]} iterations per method'
+                 + (f' (LP-FT: {split})' if split else '') + ', accuracy in %, selection on '
+                 f'ID-val only; {report["seconds"]["total"]:.0f} s wall, '
+                 f'{report["seconds"]["cpu_total"]:.0f} s CPU')
     return '\n'.join(lines)
 
 
