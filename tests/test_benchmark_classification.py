@@ -282,3 +282,31 @@ def test_grids_widen_past_their_ends_but_the_ratio_not_below_one():
     assert bench._beyond([0.01, 0.03, 0.1], 0.03) is None  # inside: nothing to widen
     assert bench._beyond([3.0, 10.0, 100.0], 3.0, floor=1.0) == 1.0  # clipped at the floor
     assert bench._beyond([1.0, 10.0], 1.0, floor=1.0) is None
+
+
+def test_train_cls_runs_the_ablations_with_head_scope_and_named_pretrained_modules(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('train_cls', REPO / 'tools' / 'train_cls.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    from daft_mm.classification import generate_demo_datasets
+    data = generate_demo_datasets(tmp_path / 'demo', train_per_class=4, test_per_class=2,
+                                  image_size=12)
+    summary = tool.main([
+        '--train', str(data['train']), '--test', str(data['test']),
+        '--ood', f'noise={data["ood_noise"]}', '--method', 'daft-no-convert',
+        'daft-convert-only', 'lp-ft', '--arch', 'resnet10', '--width', '4', '--small-input',
+        '--image-size', '12', '--batch-size', '6', '--iters', '2', '--lp-iters', '1',
+        '--lr', '0.01', '--lp-lr', '0.3', '--head-lr-mult', '20', '--head-scope', 'new_modules',
+        '--pretrained', 'conv1', 'bn1', 'layer1', 'layer2', 'layer3'])
+    results = summary['results']
+    for method in ('daft-no-convert', 'daft-convert-only'):
+        (stage,) = results[method]['stages']
+        assert stage['head_modules'] == ['layer4', 'fc'] and stage['head_scope'] == 'new_modules'
+        assert stage['head_lr'] == pytest.approx(20 * stage['lr'])
+    assert results['daft-no-convert']['bn_conversion'] is None
+    assert results['daft-convert-only']['bn_conversion']['layers']
+    lp, ft = results['lp-ft']['stages']
+    assert (lp['lr'], ft['lr']) == (0.3, 0.01)
+    with pytest.raises(SystemExit):
+        tool.parse_args(['--train', 'a', '--test', 'b', '--quick'])  # --quick needs --benchmark
