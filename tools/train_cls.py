@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Fine-tune an image classifier with FT / LP / LP-FT / DAFT; report ID and OOD accuracy.
 
+    python tools/train_cls.py --benchmark --out cls_benchmark.json   # the fair experiment
+    python tools/train_cls.py --benchmark --quick                    # seconds, smoke test
     python tools/train_cls.py --generate-demo data/demo
     python tools/train_cls.py --train data/demo/train --test data/demo/test \\
         --ood stripes=data/demo/ood_stripes --ood noise=data/demo/ood_noise \\
@@ -9,6 +11,10 @@
 Several methods in one call all start from the same initial (or --checkpoint) weights,
 so their numbers are comparable. --checkpoint takes a torchvision-layout ResNet state
 dict; its classifier is dropped when the class count differs.
+
+--benchmark runs daft_mm.benchmark.classification (source-task pretraining, a fresh fc for
+every method, equal budgets, ID-val selection, then ID test and OOD) and prints its table;
+--set KEY=VALUE changes any field of its config (VALUE as JSON: --set seeds=[0,1,2,3]).
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from daft_mm.classification import (ARCHS, ImageFolder, build_resnet, evaluate, finetune,
                                     generate_demo_datasets, load_torchvision_state_dict)
-from daft_mm.core import RECIPES
+from daft_mm.core import HEAD_SCOPES, RECIPES
 
 
 def _named_path(text: str) -> tuple[str, Path]:
@@ -42,6 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--demo-train-per-class', type=int, default=16)
     parser.add_argument('--demo-test-per-class', type=int, default=8)
 
+    parser.add_argument('--benchmark', action='store_true',
+                        help='run the fair classification benchmark and print its table')
+    parser.add_argument('--quick', action='store_true',
+                        help='with --benchmark: a seconds-long configuration (no conclusions)')
+    parser.add_argument('--set', dest='overrides', action='append', default=[],
+                        metavar='KEY=VALUE', help='with --benchmark: a config field (repeatable)')
+
     parser.add_argument('--train', type=Path, help='ID training set (root/<class>/<image>)')
     parser.add_argument('--test', type=Path, help='ID test set')
     parser.add_argument('--ood', type=_named_path, action='append', default=[],
@@ -54,11 +67,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='3x3 stride-1 stem without max-pool, for ~32px images')
     parser.add_argument('--checkpoint', type=Path, help='torchvision-layout ResNet state dict')
     parser.add_argument('--head', nargs='+', default=['fc'], help='final predictor module(s)')
+    parser.add_argument('--head-scope', choices=HEAD_SCOPES,
+                        help='modules at the head LR (and trained by LP): the predictors or '
+                             'every module new to the pretrained model (default: the recipe\'s)')
+    parser.add_argument('--pretrained', nargs='+',
+                        help='pretrained top-level modules, for --head-scope new_modules '
+                             '(default: all that hold no --head module)')
 
     parser.add_argument('--image-size', type=int, default=224)
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--iters', type=int, default=1000, help='iterations (of the FT stage)')
     parser.add_argument('--lp-iters', type=int, help='LP iterations of LP-FT (default --iters)')
+    parser.add_argument('--lp-lr', type=float, help='LR of LP-FT\'s probe stage (default --lr)')
     parser.add_argument('--lr', type=float, default=0.01, help='backbone learning rate')
     parser.add_argument('--head-lr-mult', type=float,
                         help='head LR = lr x this (default: the method\'s, 10 for DAFT, else 1)')
@@ -72,8 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--log-interval', type=int, default=50)
     parser.add_argument('--out', type=Path, help='write results as JSON here')
     args = parser.parse_args(argv)
-    if args.generate_demo is None and (args.train is None or args.test is None):
-        parser.error('--train and --test are required (or use --generate-demo DIR)')
+    if (not args.benchmark and args.generate_demo is None
+            and (args.train is None or args.test is None)):
+        parser.error('--train and --test are required (or use --generate-demo DIR or '
+                     '--benchmark)')
+    if (args.quick or args.overrides) and not args.benchmark:
+        parser.error('--quick and --set go with --benchmark')
     return args
 
 
@@ -95,8 +119,43 @@ def _loader(dataset: ImageFolder, args: argparse.Namespace, *, shuffle: bool) ->
                       generator=generator)
 
 
+def _config_value(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition('=')
+    if not sep or not key:
+        raise SystemExit(f'--set expects KEY=VALUE, got {text!r}')
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a bare string: --set head_scope=new_modules
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """The thin command line over :func:`run_classification_benchmark`."""
+    from daft_mm.benchmark.classification import (ClassificationBenchmarkConfig,
+                                                  format_table, quick_config, replace_config,
+                                                  run_classification_benchmark)
+    config = quick_config() if args.quick else ClassificationBenchmarkConfig()
+    changes = dict(_config_value(text) for text in args.overrides)
+    if args.head_scope is not None:
+        changes.setdefault('head_scope', args.head_scope)
+    try:
+        config = replace_config(config, **changes)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f'--set: {error}') from None
+    report = run_classification_benchmark(config, log=print)
+    print(format_table(report))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(_json_safe(report), indent=1, allow_nan=False,
+                                       default=str))
+        print(f'report written to {args.out}')
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.benchmark:
+        return run_benchmark(args)
     if args.generate_demo is not None:
         written = generate_demo_datasets(
             args.generate_demo, num_classes=args.demo_classes,
@@ -128,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         run = finetune(model, _loader(train_set, args, shuffle=True), method=method,
                        iters=args.iters, lp_iters=args.lp_iters, lr=args.lr,
-                       head_names=args.head, head_lr_mult=args.head_lr_mult,
+                       lp_lr=args.lp_lr, head_names=args.head, head_lr_mult=args.head_lr_mult,
+                       head_scope=args.head_scope, pretrained=args.pretrained,
                        momentum=args.momentum, weight_decay=args.weight_decay,
                        schedule=args.schedule, bn_max_batches=args.bn_batches,
                        device=args.device, seed=args.seed, log=print,

@@ -1,9 +1,14 @@
 """Fine-tune and evaluate a torch classifier with FT, LP, LP-FT or DAFT.
 
 Every DAFT-specific step comes from ``daft_mm.core`` (``convert_bn``,
-``zero_init_predictors``, ``split_param_groups``, the recipes); this module is only the
-loop around them: SGD with momentum, a cosine or constant schedule per stage, and
+``zero_init_predictors``, ``split_param_groups``, ``new_modules``, the recipes); this module
+is only the loop around them: SGD with momentum, a cosine or constant schedule per stage, and
 cross-entropy on ``(inputs, targets)`` batches.
+
+Two names say what "the head" is. ``head_names`` are the final predictors: DAFT zeroes them
+and nothing else. The stage's ``head_scope`` says which modules train at ``lr x
+head_lr_mult`` (and alone, under LP): the predictors, or every module that is new to the
+pretrained model (``pretrained`` names the rest).
 """
 from __future__ import annotations
 
@@ -16,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from daft_mm.core import (ConversionReport, FineTuneRecipe, FineTuneStage, convert_bn,
-                          find_predictors, flush_subnormals, freeze_feature_extractor,
-                          get_recipe,
-                          resolve_modules, set_bn_eval, split_param_groups,
-                          zero_init_predictors)
+from daft_mm.core import (HEAD_SCOPES, ConversionReport, FineTuneRecipe, FineTuneStage,
+                          convert_bn, find_predictors, flush_subnormals,
+                          freeze_feature_extractor, get_recipe, new_modules, resolve_modules,
+                          set_bn_eval, split_param_groups, zero_init_predictors)
 
-__all__ = ['SCHEDULES', 'StageLog', 'FineTuneRun', 'finetune', 'evaluate']
+__all__ = ['SCHEDULES', 'StageLog', 'StepInfo', 'FineTuneRun', 'finetune', 'evaluate',
+           'evaluate_loss', 'head_modules', 'default_pretrained']
 
 SCHEDULES = ('cosine', 'constant')
 
@@ -36,8 +41,22 @@ class StageLog:
     lr: float
     head_lr: float
     trainable_params: int
+    head_scope: str = 'predictors'
+    head_modules: list[str] = field(default_factory=list)  # what trained at head_lr
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+
+
+@dataclass
+class StepInfo:
+    """Handed to ``finetune(on_step=...)`` after the backward pass, before the optimizer step:
+    a caller can check or record the head state and the LRs each step actually uses."""
+
+    stage: str
+    step: int  # 1-based within the stage
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss: float
 
 
 @dataclass
@@ -75,6 +94,35 @@ def _forever(loader: Iterable[Any]) -> Iterator[Any]:
             raise ValueError('the training loader yielded no batch')
 
 
+def default_pretrained(model: nn.Module, head_names: str | Sequence[str]) -> list[str]:
+    """The modules a fine-tuning run treats as pretrained when the caller does not say.
+
+    ``['backbone']`` for the OpenMMLab layout; otherwise every top-level module that holds
+    none of the predictors (torchvision's ResNet: all but ``fc``). A model with other new
+    layers (a fresh neck next to ``fc``) must name its pretrained modules itself, or those
+    layers count as pretrained.
+    """
+    children = dict(model.named_children())
+    if 'backbone' in children:
+        return ['backbone']
+    inside = {id(m) for head in resolve_modules(model, head_names).values()
+              for m in head.modules()}
+    return [name for name, child in children.items()
+            if not any(id(m) in inside for m in child.modules())]
+
+
+def head_modules(model: nn.Module, head_names: str | Sequence[str], scope: str,
+                 pretrained: str | Sequence[str] | None = None) -> list[str]:
+    """The modules that form the head under ``scope`` (see ``HEAD_SCOPES``)."""
+    if scope not in HEAD_SCOPES:
+        raise ValueError(f'head_scope must be one of {HEAD_SCOPES}, got {scope!r}')
+    if scope == 'predictors':
+        return list(resolve_modules(model, head_names))
+    if pretrained is None:
+        pretrained = default_pretrained(model, head_names)
+    return new_modules(model, pretrained)
+
+
 def _stage_iters(recipe: FineTuneRecipe, iters: int, lp_iters: int | None) -> list[int]:
     # Every stage before the last is a warm-up of the head (LP in LP-FT).
     earlier = iters if lp_iters is None else lp_iters
@@ -85,14 +133,16 @@ def _stage_iters(recipe: FineTuneRecipe, iters: int, lp_iters: int | None) -> li
 
 
 def _train_stage(model: nn.Module, batches: Iterator[Any], stage: FineTuneStage, *,
-                 iters: int, lr: float, head_names: Sequence[str], momentum: float,
+                 iters: int, lr: float, head: Sequence[str], momentum: float,
                  weight_decay: float, schedule: str, device: torch.device,
-                 log: Callable[[str], None] | None, log_interval: int) -> StageLog:
-    frozen = freeze_feature_extractor(model, head_names) if stage.freeze_feature_extractor else []
+                 log: Callable[[str], None] | None, log_interval: int,
+                 on_step: Callable[[StepInfo], None] | None) -> StageLog:
+    frozen = freeze_feature_extractor(model, head) if stage.freeze_feature_extractor else []
     try:
-        groups = split_param_groups(model, head_names, lr=lr, head_lr=lr * stage.head_lr_mult)
+        groups = split_param_groups(model, head, lr=lr, head_lr=lr * stage.head_lr_mult)
         record = StageLog(stage.name, iters, lr, lr * stage.head_lr_mult,
-                          sum(p.numel() for g in groups for p in g['params']))
+                          sum(p.numel() for g in groups for p in g['params']),
+                          head_scope=stage.head_scope, head_modules=list(head))
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
         scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters)
                      if schedule == 'cosine' else None)
@@ -105,6 +155,8 @@ def _train_stage(model: nn.Module, batches: Iterator[Any], stage: FineTuneStage,
             loss = F.cross_entropy(model(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if on_step is not None:
+                on_step(StepInfo(stage.name, step, model, optimizer, float(loss.detach())))
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
@@ -122,11 +174,14 @@ def _train_stage(model: nn.Module, batches: Iterator[Any], stage: FineTuneStage,
 
 def finetune(model: nn.Module, train_loader: Iterable[Any], *, method: str | FineTuneRecipe,
              iters: int, lr: float, head_names: Sequence[str] = ('fc',),
-             head_lr_mult: float | None = None, lp_iters: int | None = None,
+             head_lr_mult: float | None = None, head_scope: str | None = None,
+             pretrained: str | Sequence[str] | None = None, lp_iters: int | None = None,
+             lp_lr: float | None = None,
              momentum: float = 0.9, weight_decay: float = 0.0, schedule: str = 'cosine',
              bn_max_batches: int | None = None, device: str | torch.device = 'cpu',
              seed: int | None = None, log: Callable[[str], None] | None = None,
-             log_interval: int = 50) -> FineTuneRun:
+             log_interval: int = 50,
+             on_step: Callable[[StepInfo], None] | None = None) -> FineTuneRun:
     """Fine-tune ``model`` in place on ``(inputs, targets)`` batches with one of the methods.
 
     Args:
@@ -137,10 +192,17 @@ def finetune(model: nn.Module, train_loader: Iterable[Any], *, method: str | Fin
             by DAFT, trained alone by LP, given ``lr * head_lr_mult``.
         head_lr_mult: overrides every stage's head LR multiplier (default: the
             recipe's, e.g. 10 for DAFT and 1 for the baselines).
+        head_scope: overrides every stage's head scope (``'predictors'`` or
+            ``'new_modules'``): which modules take the head LR and train alone under LP.
+            Zero-init always touches ``head_names`` only.
+        pretrained: the pretrained modules, from which ``'new_modules'`` is derived
+            (default: :func:`default_pretrained`).
         lp_iters: iterations of the stages before the last (LP in LP-FT); default ``iters``.
+        lp_lr: base LR of the stages before the last (LP-FT's probe); default ``lr``.
         bn_max_batches: how many training batches DAFT's BN conversion measures
             (default: one pass over ``train_loader``).
         seed: seeds torch's RNG first (shuffling, augmentation), for comparable runs.
+        on_step: called every step after the backward pass, before the optimizer step.
     """
     recipe = get_recipe(method) if isinstance(method, str) else method
     if schedule not in SCHEDULES:
@@ -150,19 +212,25 @@ def finetune(model: nn.Module, train_loader: Iterable[Any], *, method: str | Fin
         torch.manual_seed(seed)
     device = torch.device(device)
     head_names = [head_names] if isinstance(head_names, str) else list(head_names)
-    # Bad head names must fail before BN conversion has rewritten the model.
+    if head_scope is not None or head_lr_mult is not None:
+        overrides = {k: v for k, v in (('head_scope', head_scope), ('head_lr_mult', head_lr_mult))
+                     if v is not None}
+        recipe = replace(recipe, stages=tuple(replace(stage, **overrides)
+                                              for stage in recipe.stages))
+    # Bad head names (or pretrained names) must fail before BN conversion rewrote the model.
     zero_head = any(stage.zero_init_head for stage in recipe.stages)
     if zero_head:
         find_predictors(model, head_names)
     else:
         resolve_modules(model, head_names)
+    heads = {scope: head_modules(model, head_names, scope, pretrained)
+             for scope in {stage.head_scope for stage in recipe.stages}}
     model.to(device)
     run = FineTuneRun(model, recipe)
     batches = _forever(train_loader)
     with flush_subnormals(zero_head and device.type == 'cpu'):
-        for stage, stage_iters in zip(recipe.stages, counts):
-            if head_lr_mult is not None:
-                stage = replace(stage, head_lr_mult=head_lr_mult)
+        last = len(recipe.stages) - 1
+        for index, (stage, stage_iters) in enumerate(zip(recipe.stages, counts)):
             if stage.convert_bn:
                 run.bn_conversion = convert_bn(
                     model, train_loader, max_batches=bn_max_batches,
@@ -171,29 +239,41 @@ def finetune(model: nn.Module, train_loader: Iterable[Any], *, method: str | Fin
                     log(run.bn_conversion.summary())
             if stage.zero_init_head:
                 zero_init_predictors(model, head_names)
+            stage_lr = lr if lp_lr is None or index == last else lp_lr
             run.stages.append(_train_stage(
-                model, batches, stage, iters=stage_iters, lr=lr, head_names=head_names,
-                momentum=momentum, weight_decay=weight_decay, schedule=schedule, device=device,
-                log=log, log_interval=log_interval))
+                model, batches, stage, iters=stage_iters, lr=stage_lr,
+                head=heads[stage.head_scope], momentum=momentum, weight_decay=weight_decay,
+                schedule=schedule, device=device, log=log, log_interval=log_interval,
+                on_step=on_step))
     return run
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Any], *,
              device: str | torch.device = 'cpu') -> float:
     """Top-1 accuracy in [0, 1]; every module's train/eval flag is restored afterwards."""
+    return evaluate_loss(model, loader, device=device)[0]
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, loader: Iterable[Any], *,
+                  device: str | torch.device = 'cpu') -> tuple[float, float]:
+    """``(top-1 accuracy, mean cross-entropy)``: the loss breaks accuracy ties in a selection
+    on a small validation split. Module modes are restored as by :func:`evaluate`."""
     device = torch.device(device)
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     correct = total = 0
+    loss = 0.0
     try:
         for batch in loader:
             inputs, targets = _split_batch(batch, device)
-            correct += int((model(inputs).argmax(dim=1) == targets).sum())
+            logits = model(inputs)
+            correct += int((logits.argmax(dim=1) == targets).sum())
+            loss += float(F.cross_entropy(logits, targets, reduction='sum'))
             total += int(targets.numel())
     finally:
         for module, mode in modes:
             module.training = mode
     if total == 0:
         raise ValueError('the evaluation loader yielded no sample')
-    return correct / total
+    return correct / total, loss / total
