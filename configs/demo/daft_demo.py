@@ -1,8 +1,10 @@
-# Demo, DAFT: BN conversion on the ID training data, zero predictors at 10x the backbone LR.
+# Demo, DAFT (and its ablations through model.method): BN conversion on the ID training data, zero
+# predictors, the head at daft_head_lr_mult x the backbone LR (the benchmark's recorded choice).
 # The real config daft_deeplabv3_cityscapes.py shrunk by ./_base_/demo_common.py for CPU (tiny
 # DeepLabV3, 64x128 images, short schedule). Run by tools/demo.py; by hand:
 #   python tools/train.py configs/demo/daft_demo.py --cfg-options \
-#       data_root=<work_dir>/data/<key>/id load_from=<work_dir>/pretrain/<key>/pretrained.pth
+#       data_root=<work_dir>/data/<key>/id \
+#       "model.model.backbone.init_cfg=dict(type='Pretrained',prefix='backbone.',checkpoint='<work_dir>/pretrain/<key>/backbone.pth')"
 _base_ = ['../daft_deeplabv3_cityscapes.py', './_base_/demo_common.py']
 model = dict(model={{_base_.demo_model}})
 train_dataloader = {{_base_.demo_train_dataloader}}

@@ -4,12 +4,14 @@
 # with `demo_` because mmengine forbids a key defined by two bases: the demo configs inherit this
 # file next to a real config and pull the values in with {{_base_.demo_*}}.
 #
-# tools/demo.py sets, per run: data_root (generated data), load_from (pretrained / LP checkpoint),
-# optim_wrapper.optimizer.lr (recorded LR choice), train_cfg.max_iters, randomness.seed, work_dir.
+# tools/demo.py (daft_mm/benchmark) sets, per run: data_root (generated data), the backbone's
+# init_cfg (the pretrained backbone; every decode head is new), load_from (LP-FT: the LP stage),
+# optim_wrapper.optimizer.lr, daft_head_lr_mult / daft_head_modules / model.method (DAFT and its
+# ablations), train_cfg.max_iters (the equal budget), randomness.seed, work_dir.
 demo_crop_size = (64, 128)
 demo_norm_cfg = dict(type='BN', requires_grad=True)
 demo_model = dict(
-    pretrained=None,  # the demo's own pretrained checkpoint comes through load_from
+    pretrained=None,  # the benchmark's pretrained backbone comes through backbone.init_cfg
     data_preprocessor=dict(size=demo_crop_size),
     backbone=dict(depth=18, stem_channels=16, base_channels=16, norm_cfg=demo_norm_cfg),
     decode_head=dict(in_channels=128, channels=32, dilations=(1, 2, 4, 6),
