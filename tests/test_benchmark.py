@@ -26,7 +26,7 @@ def _bowl(best_lr: float, best_ratio: float = 100.0):
 
     def score(p: Point, seed: int) -> float:
         calls.append((p, seed))
-        d = math.log10(p.lr / best_lr) ** 2 + (math.log10((p.ratio or best_ratio) / best_ratio)) ** 2
+        d = math.log10(p.lr / best_lr) ** 2 + math.log10((p.ratio or best_ratio) / best_ratio) ** 2
         return 50.0 - 5.0 * d + 0.01 * seed
     return score, calls
 

@@ -155,6 +155,7 @@ def make_data(root: Path, s: Settings, step: Callable[[str], None]) -> DataRoots
         make_cityscapes(roots.ood[name], num_train=0, num_val=s.test, size=s.size, seed=test_seed,
                         style=style)
     marker.write_text(json.dumps(asdict(s), indent=1, default=str))
-    n = s.source_styles * s.source_per_style + s.id_train + s.id_val + s.test * (1 + len(OOD_STYLES))
+    n = (s.source_styles * s.source_per_style + s.id_train + s.id_val
+         + s.test * (1 + len(OOD_STYLES)))
     step(f'data: {n} images generated in {time.time() - t0:.1f}s under {root}')
     return roots

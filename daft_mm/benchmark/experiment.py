@@ -33,8 +33,8 @@ SEARCH_SPACES: Dict[str, List[Axis]] = {
     'LP': [Axis('lr', (0.1, 0.3, 1.0), step=3.0)],
     'FT': [Axis('lr', (0.03, 0.1, 0.3), step=3.0)],
     'LP-FT': [Axis('lr', (0.03, 0.1, 0.3), step=3.0)],
-    'DAFT': [Axis('lr', (0.001, 0.01, 0.1), step=10.0), Axis('ratio', (10.0, 100.0, 1000.0),
-                                                              step=10.0), Axis('scope', SCOPES)],
+    'DAFT': [Axis('lr', (0.001, 0.01, 0.1), step=10.0),
+             Axis('ratio', (10.0, 100.0, 1000.0), step=10.0), Axis('scope', SCOPES)],
     'DAFT w/o conversion': [Axis('lr', (0.001, 0.01, 0.1), step=10.0),
                             Axis('ratio', (10.0, 100.0, 1000.0), step=10.0)],
     'conversion only': [Axis('lr', (0.03, 0.1, 0.3), step=3.0)],
@@ -170,8 +170,10 @@ def run_benchmark(opts: Options) -> Dict[str, Any]:
     if opts.search:
         grid = sum(_grid_size(spaces[m.name]) for m in COMPARED)
         n_runs = grid + 2 * (len(seeds) - 1) * len(COMPARED)
+        minutes = n_runs * (0.25 * s.budget + 8) / 60 / max(1, opts.workers)
         print(f'search: about {n_runs} fine-tuning runs (grids of {grid} points, finalists '
-              f'with {len(seeds)} seeds, more if a grid widens); ~40 s each on 2 cores',
+              f'with {len(seeds)} seeds, more if a grid widens): roughly {minutes:.0f} minutes '
+              f'with {opts.workers} worker(s) on free cores (0.25 s per iteration per core)',
               flush=True)
     progress = Progress(2 + n_runs)
     print(f'daft-mm benchmark ({"quick" if opts.quick else "default"}): seeds {list(seeds)}, '

@@ -263,8 +263,8 @@ def _cached(path: Path, key: str) -> Optional[Dict[str, Any]]:
 
 
 def _configs_hash(spec: MethodSpec) -> List[str]:
-    return [file_hash(DEMO_CONFIGS / spec.config), file_hash(DEMO_CONFIGS / '_base_' /
-                                                              'demo_common.py')]
+    return [file_hash(DEMO_CONFIGS / spec.config),
+            file_hash(DEMO_CONFIGS / '_base_' / 'demo_common.py')]
 
 
 def lp_stage(ctx: Context, seed: int, iters: int) -> str:
