@@ -70,6 +70,28 @@ def test_categorical_axes_are_searched_but_never_widened():
     assert res.chosen == Point(lr=0.1, scope='new_modules') and not res.widened
 
 
+def test_an_axis_never_widens_below_its_floor():
+    score, calls = _bowl(best_lr=0.1, best_ratio=1e-3)  # the best ratio lies below the floor
+    res = grid_search(score, [Axis('lr', (0.1, )), Axis('ratio', (10.0, 100.0), step=10.0,
+                                                          floor=1.0)], seeds=(0, ))
+    assert sorted({p.ratio for p, _ in calls}) == [1.0, 10.0, 100.0]  # 1 is tried, 0.1 is not
+    assert res.chosen.ratio == 1.0 and res.widened == ['ratio=1 (best was at the edge 10)']
+    assert not res.on_edge  # at the floor: nothing left to try at that side
+    # a step that would jump past the floor is not taken (nor clipped to it)
+    score, calls = _bowl(best_lr=0.1, best_ratio=1e-3)
+    res = grid_search(score, [Axis('lr', (0.1, )), Axis('ratio', (3.0, 30.0), step=10.0,
+                                                          floor=1.0)], seeds=(0, ))
+    assert {p.ratio for p, _ in calls} == {3.0, 30.0} and not res.widened and not res.on_edge
+    # the upper side still widens; a one-value axis at its floor widens upwards only
+    score, calls = _bowl(best_lr=0.1, best_ratio=1e4)
+    res = grid_search(score, [Axis('lr', (0.1, )), Axis('ratio', (1.0, ), step=10.0, floor=1.0)],
+                      seeds=(0, ), max_widen=2)
+    assert sorted({p.ratio for p, _ in calls}) == [1.0, 10.0, 100.0]
+    assert res.chosen.ratio == 100.0 and res.on_edge == ['ratio']
+    with pytest.raises(ValueError, match='floor'):
+        Axis('ratio', (0.5, 10.0), step=10.0, floor=1.0)
+
+
 # ------------------------------------------------------------------------------------ budgets
 @pytest.mark.parametrize('budget', [2, 3, 150, 301])
 def test_every_method_gets_the_same_budget(budget):

@@ -20,6 +20,7 @@ from daft_mm.benchmark.classification import (METHODS, Split, fresh_model, make_
                                               make_target_data, quick_config,
                                               run_classification_benchmark, stage_budget,
                                               train_one)
+from daft_mm.benchmark.methods import Point
 from daft_mm.classification import build_resnet, finetune, head_modules
 from daft_mm.core import get_recipe
 
@@ -276,12 +277,73 @@ def test_train_cls_benchmark_end_to_end(tmp_path):
         report['selection']['chosen']['lp']['settings']['lr'])
 
 
-def test_grids_widen_past_their_ends_but_the_ratio_not_below_one():
-    assert bench._beyond([0.01, 0.1], 0.1) == pytest.approx(1.0)
-    assert bench._beyond([0.01, 0.1], 0.01) == pytest.approx(0.001)
-    assert bench._beyond([0.01, 0.03, 0.1], 0.03) is None  # inside: nothing to widen
-    assert bench._beyond([3.0, 10.0, 100.0], 3.0, floor=1.0) == 1.0  # clipped at the floor
-    assert bench._beyond([1.0, 10.0], 1.0, floor=1.0) is None
+def test_search_axes_step_by_the_grid_spacing_and_the_ratio_not_below_one():
+    cfg = quick_config(lr_grid=(0.003, 0.01, 0.03, 0.1), lp_lr_grid=(0.1,),
+                       ratio_grid=(10.0, 100.0, 1000.0))
+    lr, ratio = bench.search_axes(cfg, 'daft')
+    assert (lr.name, lr.values, lr.floor) == ('lr', cfg.lr_grid, None)
+    assert lr.step == pytest.approx(0.1 / 0.03)  # the spacing of the two largest values
+    assert (ratio.name, ratio.step, ratio.floor) == ('ratio', 10.0, 1.0)
+    (lp,) = bench.search_axes(cfg, 'lp')
+    assert lp.values == (0.1,) and lp.step is None  # one value: nothing says how far to step
+    assert [a.name for a in bench.search_axes(cfg, 'ft')] == ['lr']
+    assert bench.point_settings(Point(lr=0.01, ratio=100.0), {'lp_lr': 0.3}) == {
+        'lp_lr': 0.3, 'lr': 0.01, 'head_lr_mult': 100.0}
+
+
+def test_selection_score_is_accuracy_with_ties_to_the_lower_loss():
+    score = bench.selection_score
+    assert score(0.9, 0.2) > score(0.9, 0.3) > score(0.9, math.inf)
+    assert score(0.9, math.inf) > score(0.9 - 1 / 60, 0.0)  # one image of 60 outweighs any loss
+    assert score(0.5, 0.1) == pytest.approx(0.5, abs=1e-6)
+
+
+class _Fake(nn.Module):
+    def __init__(self, settings, seed):
+        super().__init__()
+        self.key = (settings['lr'], settings.get('head_lr_mult'), seed)
+
+
+def test_select_settings_widens_down_to_ratio_one_breaks_ties_by_loss_and_reuses_finalists(
+        monkeypatch):
+    """select_settings through grid_search with a made-up ID-val (no training): the ratio grid
+    widens from 10 to 1 and no lower, equal accuracies go to the lower loss, the finalists run
+    with every seed, the best mean wins and its runs are the final runs (nothing trained twice)."""
+    trained = []
+
+    def fake_train(cfg, method, settings, seed, backbone, train, on_step=None):
+        trained.append((settings['lr'], settings['head_lr_mult'], seed))
+        return _Fake(settings, seed), {'stages': [], 'train_seconds': 0.0}
+
+    def fake_score(model, split):
+        lr, ratio, seed = model.key
+        accuracy = {0.01: 0.8, 0.1: 0.8}.get(lr, 0.5) - 0.1 * math.log10(ratio)  # best: ratio 1
+        if lr == 0.1 and seed > 0:
+            accuracy -= 0.2  # lr 0.1 ranks first with seed 0 only
+        return accuracy, {0.01: 0.5, 0.1: 0.4}.get(lr, 1.0)  # equal accuracy: lr 0.1 (loss)
+
+    monkeypatch.setattr(bench, 'train_one', fake_train)
+    monkeypatch.setattr(bench, '_score', fake_score)
+    cfg = quick_config(lr_grid=(0.01, 0.1), ratio_grid=(10.0, 100.0), widen=3, finalists=3,
+                       seeds=(0, 1, 2))
+    target = {'train': None, 'val': None}
+    chosen, grid, models = bench.select_settings(cfg, 'daft', {}, target)
+    ratios = sorted({p['settings']['head_lr_mult'] for p in grid})
+    assert ratios == [1.0, 10.0, 100.0]  # widened to 1, not to 0.1
+    assert [p['widened'] for p in grid] == [p['settings']['head_lr_mult'] == 1.0
+                                            or p['settings']['lr'] == 1.0 for p in grid]
+    assert len(grid) == 6  # 2 x 2, lr 1 (worse) and ratio 1 (better) on the best point's lines
+    assert not chosen['on_edge']  # the best ratio is at its floor: nothing left to try
+    first = max(grid, key=lambda p: (p['id_val'], -p['id_val_loss']))
+    assert first['settings'] == {'lr': 0.1, 'head_lr_mult': 1.0} and first['finalist']
+    # finalists by seed 0: (0.1, 1), then (0.1, 10) before (0.01, 10) by loss; best mean:
+    assert chosen['settings'] == {'lr': 0.01, 'head_lr_mult': 10.0}
+    assert [p['chosen'] for p in grid].count(True) == 1
+    assert sorted(chosen['runs']) == [0, 1, 2]
+    assert all(models[i].key[2] == 0 for i in models) and len(models) == len(grid)
+    assert len(trained) == len(set(trained)) == len(grid) + 2 * cfg.finalists
+    assert {p['seed'] for p in grid} == {0}
+    assert sum('id_val_by_seed' in p for p in grid) == sum(p['finalist'] for p in grid) == 3
 
 
 def test_train_cls_runs_the_ablations_with_head_scope_and_named_pretrained_modules(tmp_path):

@@ -13,9 +13,11 @@ init for FT / LP / LP-FT / conversion-only, zero for the recipes that zero the p
 * OOD: the target classes in the striped and noisy styles, generated only after every choice
   is made (:func:`make_ood_data` is not called before selection ends).
 * Budgets: every method trains ``iters`` iterations; LP-FT splits them between its stages.
-* Selection: each method's LR (and head ratio, for the recipes with one) on ID-val accuracy,
+* Selection (:func:`daft_mm.benchmark.selection.grid_search`, as in the segmentation
+  benchmark): each method's LR (and head ratio, for the recipes with one) on ID-val accuracy,
   ties to the lower ID-val loss, with one seed; a best point on the edge of the grid widens the
-  grid. The chosen settings are then run with every seed.
+  grid (the ratio never below 1). The top ``finalists`` points (default 1) run with every seed
+  and the best mean wins; those runs of the chosen point are its final runs.
 
 Everything is in memory and single-process; :func:`run_classification_benchmark` returns a
 JSON-able report, :func:`format_table` prints it.
@@ -40,10 +42,15 @@ from daft_mm.classification import (IMAGENET_MEAN, IMAGENET_STD, build_resnet, e
 from daft_mm.classification.demo_data import OOD_STYLES, STYLES, render_images
 from daft_mm.core import HEAD_SCOPES, get_recipe
 
+from .methods import Point
+from .report import stat
+from .selection import Axis, grid_search, one_at_a_time
+
 __all__ = ['METHODS', 'ClassificationBenchmarkConfig', 'Split', 'make_source_data',
            'make_target_data', 'make_ood_data', 'pretrain', 'fresh_model', 'stage_budget',
            'train_one',
-           'search_grid', 'select_settings', 'run_classification_benchmark', 'format_table',
+           'search_axes', 'point_settings', 'selection_score', 'select_settings',
+           'run_classification_benchmark', 'format_table',
            'quick_config', 'replace_config']
 
 #: The methods and ablations, in report order.
@@ -88,7 +95,8 @@ class ClassificationBenchmarkConfig:
     lr_grid: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1)
     lp_lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
     ratio_grid: tuple[float, ...] = (10.0, 100.0, 1000.0)
-    widen: int = 2  # extra steps a grid may take past its edge
+    widen: int = 2  # new values an axis may take past its edges
+    finalists: int = 1  # top grid points run with every seed; the best mean wins
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -100,6 +108,8 @@ class ClassificationBenchmarkConfig:
             raise ValueError(f'head_scope must be one of {HEAD_SCOPES}')
         if not self.seeds:
             raise ValueError('give at least one seed')
+        if self.finalists < 1 or self.widen < 0:
+            raise ValueError('need finalists >= 1 and widen >= 0')
         if not 0 < self.lp_fraction < 1 or self.iters < 2:
             raise ValueError('need iters >= 2 and 0 < lp_fraction < 1')
         overlap = set(self.source_classes) & set(self.target_classes)
@@ -261,99 +271,101 @@ def _score(model: nn.Module, split: Split) -> tuple[float, float]:
     return accuracy, loss if math.isfinite(loss) else math.inf
 
 
-def search_grid(cfg: ClassificationBenchmarkConfig, method: str) -> dict[str, list[float]]:
-    """The axes swept for ``method``: ``lr`` always, ``head_lr_mult`` where the recipe has a
-    head ratio. LP sweeps its probe LR; LP-FT sweeps its FT LR (the probe uses LP's choice)."""
-    axes = {'lr': list(cfg.lp_lr_grid if method == 'lp' else cfg.lr_grid)}
+def _axis(name: str, values: Sequence[float], floor: float | None = None) -> Axis:
+    """A numeric axis that widens geometrically by the spacing of its two largest values (a
+    one-value axis stays fixed, as nothing says how far to step)."""
+    ordered = sorted(values)
+    step = ordered[-1] / ordered[-2] if len(ordered) > 1 else None
+    return Axis(name, tuple(values), step=step, floor=floor)
+
+
+def search_axes(cfg: ClassificationBenchmarkConfig, method: str) -> list[Axis]:
+    """The axes swept for ``method`` (fields of :class:`~daft_mm.benchmark.methods.Point`):
+    ``lr`` always, ``ratio`` (the head LR multiplier) where the recipe has one. LP sweeps its
+    probe LR; LP-FT sweeps its FT LR (the probe uses LP's choice). The ratio never widens below
+    1: there the head is slower than the backbone, which is no longer the method."""
+    axes = [_axis('lr', cfg.lp_lr_grid if method == 'lp' else cfg.lr_grid)]
     if _has_ratio(method):
-        axes['head_lr_mult'] = list(cfg.ratio_grid)
+        axes.append(_axis('ratio', cfg.ratio_grid, floor=1.0))
     return axes
 
 
-#: Lowest value an axis may widen to: a head ratio below 1 is no longer the method (DAFT's
-#: head LR is at least the backbone's), so the ratio axis stops at 1.
-_AXIS_FLOOR = {'head_lr_mult': 1.0}
+def point_settings(point: Point, fixed: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The :func:`train_one` settings of a search point (``ratio`` is ``head_lr_mult``)."""
+    settings = {**(fixed or {}), 'lr': point.lr}
+    if point.ratio is not None:
+        settings['head_lr_mult'] = point.ratio
+    return settings
 
 
-def _beyond(axis: list[float], value: float, floor: float = 0.0) -> float | None:
-    """The next value past ``value`` if it is an end of ``axis`` (a geometric step), not below
-    ``floor``; None if ``value`` is inside the axis or at the floor."""
-    ordered = sorted(axis)
-    if len(ordered) < 2:
-        return None
-    if value == ordered[-1]:
-        return value * ordered[-1] / ordered[-2]
-    if value == ordered[0] and value > floor:
-        return max(floor, value * ordered[0] / ordered[1])
-    return None
+#: Weight of the ID-val loss in the selection score; small enough to break ties only.
+LOSS_TIE_BREAK = 1e-6
+
+
+def selection_score(accuracy: float, loss: float) -> float:
+    """ID-val accuracy, ties to the lower ID-val loss, as one number for
+    :func:`~daft_mm.benchmark.selection.grid_search`: ``accuracy - 1e-6 * loss / (1 + loss)``.
+    The loss term lies in [0, 1e-6] (an infinite loss gives 1e-6), less than any accuracy
+    difference on an ID-val set (times seeds, for a mean) of under a million images, so it only
+    orders points of equal accuracy, and orders them by loss (finalists: by the mean of
+    ``loss / (1 + loss)`` over seeds)."""
+    squashed = 1.0 if not math.isfinite(loss) else loss / (1.0 + loss)
+    return accuracy - LOSS_TIE_BREAK * squashed
 
 
 def select_settings(cfg: ClassificationBenchmarkConfig, method: str,
                     backbone: Mapping[str, torch.Tensor], target: Mapping[str, Split], *,
                     fixed: Mapping[str, float] | None = None, log: Log | None = None,
-                    ) -> tuple[dict[str, float], list[dict[str, Any]], dict[int, nn.Module]]:
-    """Sweep ``method``'s grid on ``target['train']`` and score on ``target['val']`` only.
+                    ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, nn.Module]]:
+    """Search ``method``'s settings with :func:`~daft_mm.benchmark.selection.grid_search`,
+    training on ``target['train']`` and scoring on ``target['val']`` only.
 
-    Returns ``(chosen settings, grid records, {record index: trained model})``; a best point on
-    the edge of an axis adds the next point past it (``cfg.widen`` times at most per axis end).
+    The grid runs with ``cfg.seeds[0]``; an axis whose best point is on its edge widens
+    (``cfg.widen`` new values per axis at most); the top ``cfg.finalists`` points then run with
+    every seed and the best mean score (:func:`selection_score`) wins. Returns
+    ``(chosen, grid records, {record index: trained model})``: one grid record per point (its
+    ``cfg.seeds[0]`` run); ``chosen['runs']`` holds the chosen point's ``(model, record)`` for
+    every seed, its final runs.
     """
-    seed = cfg.seeds[0]
-    axes = search_grid(cfg, method)
-    points = [dict(zip(axes, values)) for values in _product(list(axes.values()))]
-    records: list[dict[str, Any]] = []
-    models: dict[int, nn.Module] = {}
-    tried: set[tuple] = set()
-    widened = 0
+    axes = search_axes(cfg, method)
+    first = cfg.seeds[0]
+    runs: dict[tuple[Point, int], tuple[nn.Module, dict[str, Any]]] = {}
 
-    def run_point(point: dict[str, float], extra: bool) -> None:
-        settings = {**(fixed or {}), **point}
+    def score(point: Point, seed: int) -> float:
+        settings = point_settings(point, fixed)
         model, record = train_one(cfg, method, settings, seed, backbone, target['train'])
         accuracy, loss = _score(model, target['val'])
-        records.append({'settings': settings, 'id_val': accuracy, 'id_val_loss': loss,
-                        'widened': extra, 'seed': seed, **record})
-        models[len(records) - 1] = model
-        tried.add(tuple(sorted(point.items())))
+        record = {'settings': settings, 'id_val': accuracy, 'id_val_loss': loss,
+                  'widened': any(getattr(point, a.name) not in a.values for a in axes),
+                  'seed': seed, **record}
+        runs[point, seed] = (model, record)
         if log is not None:
             shown = ', '.join(f'{k}={v:g}' for k, v in settings.items())
-            log(f'  select {method} [{shown}]: id_val {accuracy:.3f} loss {loss:.3f} '
-                f'({record["train_seconds"]:.1f} s)')
+            log(f'  select {method} [{shown}] seed {seed}: id_val {accuracy:.3f} loss '
+                f'{loss:.3f} ({record["train_seconds"]:.1f} s)')
+        return selection_score(accuracy, loss)
 
-    for point in points:
-        run_point(point, False)
-    while True:
-        best = min(range(len(records)),
-                   key=lambda i: (-records[i]['id_val'], records[i]['id_val_loss']))
-        best_point = {k: records[best]['settings'][k] for k in axes}
-        new = []
-        for name in axes:
-            tried_values = sorted({r['settings'][name] for r in records})
-            nxt = _beyond(tried_values, best_point[name], _AXIS_FLOOR.get(name, 0.0))
-            if nxt is not None and tuple(sorted({**best_point, name: nxt}.items())) not in tried:
-                new.append({**best_point, name: nxt})
-        if not new or widened >= cfg.widen:
-            break
-        widened += 1
-        for point in new:
-            run_point(point, True)
-    on_edge = any(_beyond(sorted({r['settings'][k] for r in records}), best_point[k],
-                          _AXIS_FLOOR.get(k, 0.0)) is not None for k in axes)
-    chosen = dict(records[best]['settings'])
-    for index, record in enumerate(records):
-        record['chosen'] = index == best
-    chosen_record = {'settings': chosen, 'on_edge': on_edge, 'index': best}
-    return chosen_record, records, models
+    result = grid_search(one_at_a_time(score), axes, seeds=cfg.seeds,
+                         finalists=cfg.finalists, max_widen=cfg.widen)
+    records, models = [], {}
+    for point, by_seed in result.scores.items():  # in the order tried
+        model, record = runs[point, first]
+        record = dict(record, chosen=point == result.chosen,
+                      finalist=point in result.finalists)
+        if len(by_seed) > 1:  # a finalist: its ID-val accuracy with every seed
+            record['id_val_by_seed'] = {str(s): runs[point, s][1]['id_val']
+                                        for s in sorted(by_seed)}
+        models[len(records)] = model
+        records.append(record)
+    chosen = {'settings': point_settings(result.chosen, fixed), 'on_edge': bool(result.on_edge),
+              'widened': list(result.widened),
+              'runs': {seed: runs[result.chosen, seed] for seed in cfg.seeds}}
+    return chosen, records, models
 
 
-def _product(axes: list[list[float]]) -> list[tuple[float, ...]]:
-    result: list[tuple[float, ...]] = [()]
-    for axis in axes:
-        result = [prev + (value,) for prev in result for value in axis]
-    return result
-
-
-def _stats(values: Sequence[float]) -> dict[str, float]:
-    return {'mean': statistics.fmean(values),
-            'std': statistics.stdev(values) if len(values) > 1 else 0.0, 'n': len(values)}
+def _stat(values: Sequence[float]) -> dict[str, Any]:
+    """:func:`~daft_mm.benchmark.report.stat` (mean, sample std, values) plus the count."""
+    return {**stat(values), 'n': len(values)}
 
 
 def _evaluate_all(model: nn.Module, target: Mapping[str, Split],
@@ -381,7 +393,8 @@ def run_classification_benchmark(
     backbone, pretraining = pretrain(cfg, source, log)
     seconds['data_and_pretraining'] = time.perf_counter() - clock
 
-    # 1. Selection: ID train/val only. The OOD sets do not exist yet.
+    # 1. Selection: ID train/val only. The OOD sets do not exist yet. It includes the final
+    #    runs (the chosen settings with every seed), so there is no separate time for them.
     mark = time.perf_counter()
     chosen: dict[str, dict[str, Any]] = {}
     grids: dict[str, list[dict[str, Any]]] = {}
@@ -394,23 +407,16 @@ def run_classification_benchmark(
             cfg, method, backbone, target, fixed=fixed, log=log)
     seconds['selection'] = time.perf_counter() - mark
 
-    # 2. Final runs at the chosen settings; the selection seed's model is reused.
-    mark = time.perf_counter()
+    # 2. Final runs at the chosen settings: the selection already trained them with every seed
+    #    (the finalists' re-runs), so they are reused, not trained again.
     finals: list[tuple[str, int, dict[str, Any], nn.Module, dict[str, Any]]] = []
     for method in cfg.methods:
         settings = chosen[method]['settings']
-        for seed in cfg.seeds:
-            if seed == cfg.seeds[0]:
-                index = chosen[method]['index']
-                record = {k: v for k, v in grids[method][index].items()
-                          if k in ('stages', 'train_seconds')}
-                model = grid_models[method][index]
-            else:
-                model, record = train_one(cfg, method, settings, seed, backbone, target['train'])
+        for seed, (model, record) in chosen[method]['runs'].items():
+            record = {k: v for k, v in record.items() if k in ('stages', 'train_seconds')}
             finals.append((method, seed, settings, model, record))
             if log is not None:
                 log(f'  final {method} seed {seed} ({record["train_seconds"]:.1f} s)')
-    seconds['final_runs'] = time.perf_counter() - mark
 
     # 3. Evaluation on ID test and OOD, after every choice is fixed.
     mark = time.perf_counter()
@@ -428,8 +434,8 @@ def run_classification_benchmark(
     seconds['cpu_total'] = time.process_time() - cpu  # wall time depends on the machine's load
 
     metrics = ['id_val', 'id_test'] + [f'ood_{n}' for n in ood] + ['ood_mean']
-    summary = {method: {metric: _stats([r['accuracy'][metric] for r in runs
-                                         if r['method'] == method]) for metric in metrics}
+    summary = {method: {metric: _stat([r['accuracy'][metric] for r in runs
+                                       if r['method'] == method]) for metric in metrics}
                for method in cfg.methods}
     return {
         'benchmark': 'classification',
@@ -445,11 +451,13 @@ def run_classification_benchmark(
         'budget': {method: stage_budget(cfg, method) for method in cfg.methods},
         'selection': {
             'split': 'id_val', 'seed': cfg.seeds[0],
-            'criterion': 'highest ID-val accuracy; ties to the lower ID-val loss',
+            'criterion': 'highest ID-val accuracy with the first seed, ties to the lower '
+                         'ID-val loss; the top `finalists` points run with every seed and '
+                         'the best mean wins (the same order on the means)',
             'note': 'OOD sets are generated after selection and final runs; the accuracies '
                     'stored with each grid point were measured afterwards, for curves only',
-            'chosen': {m: {'settings': c['settings'], 'on_edge': c['on_edge']}
-                       for m, c in chosen.items()},
+            'chosen': {m: {'settings': c['settings'], 'on_edge': c['on_edge'],
+                           'widened': c['widened']} for m, c in chosen.items()},
             'grid': grids,
         },
         'runs': runs,

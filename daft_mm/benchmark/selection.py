@@ -22,17 +22,26 @@ __all__ = ['Axis', 'SearchResult', 'BatchScore', 'one_at_a_time', 'grid_search']
 @dataclass(frozen=True)
 class Axis:
     """One searched setting: ``name`` is a field of :class:`Point` ('lr', 'ratio', 'scope');
-    ``step`` (a factor > 1) lets a numeric axis grow past its edges, ``None`` keeps it fixed."""
+    ``step`` (a factor > 1) lets a numeric axis grow past its edges, ``None`` keeps it fixed.
+    ``floor`` (optional) is the lowest value widening may try: a widened value below it is not
+    tried, and the axis then no longer widens (nor counts as on the edge) at its lower side."""
 
     name: str
     values: Tuple[Any, ...]
     step: Optional[float] = None
+    floor: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not self.values:
             raise ValueError(f'axis {self.name!r} has no values')
         if self.step is not None and not self.step > 1:
             raise ValueError(f'axis {self.name!r}: step must be > 1, got {self.step!r}')
+        if self.floor is not None and any(value < self.floor for value in self.values):
+            raise ValueError(f'axis {self.name!r}: values below its floor {self.floor!r}')
+
+    def can_go_below(self, value: Any) -> bool:
+        """Whether widening may try ``value / step`` (not under the floor)."""
+        return self.floor is None or value / self.step >= self.floor
 
 
 @dataclass
@@ -78,7 +87,8 @@ def grid_search(score: BatchScore, axes: Sequence[Axis], *, base: Point = Point(
                 log: Optional[Callable[[str], None]] = None) -> SearchResult:
     """Evaluate the grid ``axes`` (other fields from ``base``) with ``seeds[0]``; widen each
     numeric axis by its ``step`` while the best point is on its edge (at most ``max_widen`` new
-    values per axis, tried on the line through the best point; all axes at an edge in one batch);
+    values per axis, tried on the line through the best point; all axes at an edge in one batch;
+    never below an axis's ``floor``);
     then re-run the top ``finalists`` with every seed and choose the best mean ID-val score."""
     if not seeds:
         raise ValueError('grid_search needs at least one seed')
@@ -111,7 +121,7 @@ def grid_search(score: BatchScore, axes: Sequence[Axis], *, base: Point = Point(
             new = []
             if current == max(known):
                 new.append(current * axis.step)
-            if current == min(known):  # both ways for a one-value axis
+            if current == min(known) and axis.can_go_below(current):  # both ways for one value
                 new.append(current / axis.step)
             new = new[:max_widen - grown[axis.name]]
             for value in new:
@@ -126,8 +136,9 @@ def grid_search(score: BatchScore, axes: Sequence[Axis], *, base: Point = Point(
     top = best()
     result.on_edge = [axis.name for axis in axes
                       if axis.step is not None and len(values[axis.name]) > 1
-                      and getattr(top, axis.name) in (min(values[axis.name]),
-                                                      max(values[axis.name]))]
+                      and (getattr(top, axis.name) == max(values[axis.name])
+                           or getattr(top, axis.name) == min(values[axis.name])
+                           and axis.can_go_below(getattr(top, axis.name)))]
     ranked = sorted(result.scores, key=lambda p: _rank_key(result.scores[p][first]),
                     reverse=True)
     result.finalists = ranked[:max(1, finalists)]
