@@ -48,6 +48,8 @@ QUICK_SEARCH_SPACES: Dict[str, List[Axis]] = {
 #: Searched in this order: LP-FT's probe stage is LP at LP's choice; the DAFT ablation without
 #: conversion uses DAFT's head scope.
 ORDER = ('LP', 'FT', 'LP-FT', 'DAFT', 'DAFT w/o conversion', 'conversion only')
+#: Independent chains of that order, searched side by side.
+CHAINS = (('LP', 'LP-FT'), ('DAFT', 'DAFT w/o conversion'), ('FT', 'conversion only'))
 
 
 class Progress:
@@ -109,21 +111,29 @@ def search(pool: RunPool, spaces: Dict[str, List[Axis]], seeds: Sequence[int],
             return [r['id_val'] for r in results]
         return score
 
-    for name in ORDER:
-        spec = get_method(name)
-        axes = _space(spec, spaces, chosen)
-        if protocol == 'paper' and name == 'DAFT':
-            searches[name] = paper_protocol(spec, axes, seeds, scorer)
-        else:
-            searches[name] = grid_search(scorer(spec), axes, seeds=seeds)
-        chosen[name] = searches[name].chosen
-        if name == 'LP':
-            ctx.lp_setting = chosen['LP']
-        progress.note(f'{name}: chose {chosen[name].label()} (mean ID-val '
-                      f'{searches[name].mean(chosen[name]):.2f} over {len(seeds)} seeds)'
-                      + (f'; still best at the edge of {searches[name].on_edge}'
-                         if searches[name].on_edge else ''))
-    return chosen, searches, runs
+    def search_chain(names: Sequence[str]) -> None:
+        for name in names:
+            spec = get_method(name)
+            axes = _space(spec, spaces, chosen)
+            if protocol == 'paper' and name == 'DAFT':
+                searches[name] = paper_protocol(spec, axes, seeds, scorer)
+            else:
+                searches[name] = grid_search(scorer(spec), axes, seeds=seeds)
+            chosen[name] = searches[name].chosen
+            if name == 'LP':
+                ctx.lp_setting = chosen['LP']
+            progress.note(f'{name}: chose {chosen[name].label()} (mean ID-val '
+                          f'{searches[name].mean(chosen[name]):.2f} over {len(seeds)} seeds)'
+                          + (f'; still best at the edge of {searches[name].on_edge}'
+                             if searches[name].on_edge else ''))
+
+    # Chains of dependent searches run concurrently and share the workers, so a grid's last
+    # round never leaves a core idle while another method waits.
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(len(CHAINS)) as threads:
+        for future in [threads.submit(search_chain, chain) for chain in CHAINS]:
+            future.result()
+    return {m: chosen[m] for m in ORDER}, {m: searches[m] for m in ORDER}, runs
 
 
 def paper_protocol(spec: MethodSpec, axes: List[Axis], seeds: Sequence[int],
