@@ -13,7 +13,7 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS, init_default_scope
 from torch import nn
 
-from _mm_helpers import TINY
+from _mm_helpers import REPO, TINY
 from daft_mm.core import ConversionError, convert_bn, find_batchnorms, zero_init_predictors
 from daft_mm.mm.models.daft_model import DAFTModel, require_bn_train
 from daft_mm.mm.predictors import (default_predictors, find_heads, predictor_priors,
@@ -159,6 +159,15 @@ def test_frozen_stem_is_allowed_and_reported():
     model = _build('tiny_retinanet_voc', frozen_stages=0)
     assert require_bn_train(model, 'model.', 'DAFT') == ['backbone.bn1']
     assert require_bn_train(_build('tiny_retinanet_voc'), 'model.', 'DAFT') == []
+
+
+def test_bn_with_eps_zero_is_refused_and_the_fragment_fixes_it():
+    # stock NAS-FCOS: norm_cfg=dict(type='BN', requires_grad=False, eps=0)
+    model = _build('tiny_retinanet_voc', norm_cfg=dict(type='BN', requires_grad=True, eps=0))
+    with pytest.raises(ValueError, match=r'eps=0.*model\.backbone\.norm_cfg\.eps=1e-5'):
+        require_bn_train(model, 'model.', 'DAFT')
+    fragment = Config.fromfile(str(REPO / 'configs' / '_base_' / 'daft_detection.py'))
+    assert fragment.daft_backbone['norm_cfg']['eps'] > 0
 
 
 # -------------------------------------------------------------------------------- BN-like layers

@@ -29,8 +29,11 @@
 # stay frozen); anything above is refused at start-up, as are norm_eval=True and frozen BN weights.
 custom_imports = dict(imports=['daft_mm'], allow_failed_imports=False)
 
+# eps: some stock configs (NAS-FCOS) set eps=0, which frozen BN tolerates and train-mode BN
+# does not; 1e-5 is torch's default and what the pretrained ImageNet ResNets were trained with.
 daft_backbone = dict(
-    norm_cfg=dict(type='SyncBN', requires_grad=True), norm_eval=False, frozen_stages=-1)
+    norm_cfg=dict(type='SyncBN', requires_grad=True, eps=1e-5), norm_eval=False,
+    frozen_stages=-1)
 
 daft_head_lr_mult = 10.0
 # Leaf names of the predictors in the head table, as mmengine custom_keys (substrings of parameter

@@ -205,6 +205,16 @@ def require_bn_train(model: nn.Module, key_prefix: str, who: str) -> List[str]:
             '(configs/_base_/daft_detection.py sets all three for a backbone: '
             'model = dict(backbone={{_base_.daft_backbone}}); frozen_stages=0 keeps only the '
             'stem frozen)')
+    zero_eps = [path for path, m in model.named_modules()
+                if path not in kept and getattr(m, 'running_mean', None) is not None
+                and isinstance(getattr(m, 'eps', None), (int, float)) and not m.eps > 0]
+    if zero_eps:
+        raise ValueError(
+            f'{len(zero_eps)} BatchNorm layers have eps=0 (e.g. {key_prefix}{zero_eps[0]}; stock '
+            'NAS-FCOS sets it in the backbone\'s norm_cfg): frozen BN can use it, but BatchNorm '
+            f'in train mode cannot (torch needs eps > 0), and {who} trains BN. Fix: --cfg-options '
+            f'{key_prefix}backbone.norm_cfg.eps=1e-5 (configs/_base_/daft_detection.py\'s '
+            'daft_backbone sets it)')
     if kept:
         from mmengine.logging import print_log
         print_log(f'{who}: frozen_stages=0 keeps the stem frozen; these BatchNorm layers stay in '
