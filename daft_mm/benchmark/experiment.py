@@ -28,15 +28,17 @@ RECORDED = DEMO_CONFIGS / 'recorded_search.json'
 SCOPES = ('predictors', 'new_modules')
 #: Starting grids (widened by the search while the best point is at an edge). DAFT's head LR is
 #: lr x ratio: the diagonal lr=1e-2/ratio=1e2, 1e-3/1e3 keeps the head near LP's LR while the
-#: backbone slows down, the regime the paper's ratios (1e3-3e6) point to.
+#: backbone slows down, the regime the paper's ratios (1e3-3e6) point to. The ratio stops at 1:
+#: below it the head trains slower than the backbone, which is not DAFT's integrated LP+FT (the
+#: first search, before this floor, tried 0.1 once: it lost to 1).
 SEARCH_SPACES: Dict[str, List[Axis]] = {
     'LP': [Axis('lr', (0.1, 0.3, 1.0), step=3.0)],
     'FT': [Axis('lr', (0.03, 0.1, 0.3), step=3.0)],
     'LP-FT': [Axis('lr', (0.03, 0.1, 0.3), step=3.0)],
     'DAFT': [Axis('lr', (0.001, 0.01, 0.1), step=10.0),
-             Axis('ratio', (10.0, 100.0, 1000.0), step=10.0), Axis('scope', SCOPES)],
+             Axis('ratio', (10.0, 100.0, 1000.0), step=10.0, floor=1.0), Axis('scope', SCOPES)],
     'DAFT w/o conversion': [Axis('lr', (0.001, 0.01, 0.1), step=10.0),
-                            Axis('ratio', (10.0, 100.0, 1000.0), step=10.0)],
+                            Axis('ratio', (10.0, 100.0, 1000.0), step=10.0, floor=1.0)],
     'conversion only': [Axis('lr', (0.03, 0.1, 0.3), step=3.0)],
 }
 QUICK_SEARCH_SPACES: Dict[str, List[Axis]] = {

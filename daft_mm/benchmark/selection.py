@@ -133,15 +133,15 @@ def grid_search(score: BatchScore, axes: Sequence[Axis], *, base: Point = Point(
         if not batch:
             break
         run(batch)
-    top = best()
+    ranked = sorted(result.scores, key=lambda p: _rank_key(result.scores[p][first]),
+                    reverse=True)
+    result.finalists = ranked[:max(1, finalists)]
+    run([(point, seed) for point in result.finalists for seed in seeds[1:]])
+    result.chosen = top = max(result.finalists, key=lambda p: _rank_key(result.mean(p)))
+    # The choice (after the finalists' seeds) may still sit on an edge: said, not hidden.
     result.on_edge = [axis.name for axis in axes
                       if axis.step is not None and len(values[axis.name]) > 1
                       and (getattr(top, axis.name) == max(values[axis.name])
                            or getattr(top, axis.name) == min(values[axis.name])
                            and axis.can_go_below(getattr(top, axis.name)))]
-    ranked = sorted(result.scores, key=lambda p: _rank_key(result.scores[p][first]),
-                    reverse=True)
-    result.finalists = ranked[:max(1, finalists)]
-    run([(point, seed) for point in result.finalists for seed in seeds[1:]])
-    result.chosen = max(result.finalists, key=lambda p: _rank_key(result.mean(p)))
     return result
