@@ -7,8 +7,9 @@ _base_ = [
 # The method made explicit: BN in train mode, DAFTHook must have run before the first step.
 # Checkpoints keep the stock keys (they load into the stock config for testing).
 model = dict(_delete_=True, type='DAFTModel', method='daft', model={{_base_.model}})
-# The predictors (daft_predictors) train at daft_head_lr_mult = 10x the backbone LR (integrated
-# LP+FT): DAFTHook adds that to optim_wrapper.paramwise_cfg at start-up.
-# eta_min=0 keeps the 10x ratio to the end (stock eta_min=1e-4 is absolute and shared by all
+# The head (daft_head_modules: by default the whole new decode and auxiliary heads; the zero
+# predictors daft_predictors are part of it) trains at daft_head_lr_mult = 10x the backbone LR
+# (integrated LP+FT): DAFTHook adds that to optim_wrapper.paramwise_cfg at start-up.
+# eta_min=0 keeps the ratio to the end (stock eta_min=1e-4 is absolute and shared by all
 # groups); `end` defaults to max_iters.
 param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, by_epoch=False)]

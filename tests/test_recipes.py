@@ -45,6 +45,12 @@ def test_daft_is_one_stage_with_conversion_zero_head_and_fast_head():
                    if n not in ('daft', 'daft-convert-only'))
 
 
+def test_daft_trains_every_new_module_at_the_head_lr_by_default():
+    assert get_recipe('daft').stages[0].head_scope == 'new_modules'
+    assert get_recipe('daft-no-convert').stages[0].head_scope == 'new_modules'
+    assert get_recipe('ft').stages[0].head_scope == 'predictors'
+
+
 def test_the_ablations_are_the_two_halves_of_daft():
     (no_convert,) = get_recipe('daft_no_convert').stages
     assert no_convert.zero_init_head and not no_convert.convert_bn

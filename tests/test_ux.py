@@ -105,15 +105,18 @@ def test_child_config_head_lr_mult_takes_effect_and_is_reported(trained):
     ckpt = torch.load(trained['work'] / 'iter_2.pth', map_location='cpu', weights_only=False)
     lrs = sorted({g['initial_lr'] for g in ckpt['optimizer']['param_groups']})
     assert lrs == pytest.approx([0.05, 1.0])  # base 0.05, predictors 20x
+    # the default head (new_modules): the whole decode and auxiliary heads at 20x
     assert re.search(r'DAFTHook: effective start LRs \(predictors: 20 from daft_head_lr_mult\): '
-                     r'auxiliary_head\.conv_seg 1, decode_head\.conv_seg 1, auxiliary_head 0\.05, '
-                     r'backbone 0\.05, decode_head 0\.05', trained['log']), trained['log'][-3000:]
+                     r'auxiliary_head 1, auxiliary_head\.conv_seg 1, decode_head 1, '
+                     r'decode_head\.conv_seg 1, backbone 0\.05', trained['log']), \
+        trained['log'][-3000:]
 
 
 def test_cfg_options_daft_settings_take_effect(daft_cfg, cityscapes_root, tmp_path):
     cfg = load_tiny(daft_cfg, tmp_path, cityscapes_root, **{
         'train_cfg.max_iters': 1, 'train_dataloader.batch_size': 2,
-        'daft_head_lr_mult': 5, 'daft_predictors': ['decode_head.conv_seg']})
+        'daft_head_lr_mult': 5, 'daft_predictors': ['decode_head.conv_seg'],
+        'daft_head_modules': 'predictors'})
     runner = Runner.from_cfg(cfg)
     probe = ProbeHook(lambda m: (m.model.decode_head.conv_seg.weight.abs().sum().item(),
                                  m.model.auxiliary_head.conv_seg.weight.abs().sum().item()))

@@ -7,9 +7,10 @@
 #                      (BN conversion), then the final predictors start at zero
 #   daft_predictors    the final predictor layers (module paths of the segmentor)
 #   daft_head_lr_mult  the head's LR over the backbone's ("far above": DAFT's integrated LP+FT)
-#   daft_head_modules  what "the head" is for that LR: 'predictors' (the layers above),
-#                      'new_modules' (every top-level module outside the backbone: the whole
-#                      decode and auxiliary heads, necks) or a list of module paths
+#   daft_head_modules  what "the head" is for that LR: 'new_modules' (default, the DAFT
+#                      recipe's: every top-level module outside the backbone, i.e. the whole
+#                      fresh decode and auxiliary heads), 'predictors' (the layers above only)
+#                      or a list of module paths; zero-init stays on the predictors
 #
 # DAFTHook reads daft_predictors and daft_head_lr_mult from the final config when training starts
 # and adds the multiplier to optim_wrapper.paramwise_cfg.custom_keys itself, so a child config or
@@ -43,7 +44,7 @@ custom_imports = dict(imports=['daft_mm'], allow_failed_imports=False)
 
 daft_predictors = ['decode_head.conv_seg', 'auxiliary_head.conv_seg']
 daft_head_lr_mult = 10.0
-daft_head_modules = 'predictors'
+daft_head_modules = 'new_modules'
 # Kept for configs written before DAFTHook derived it (optim_wrapper =
 # dict(paramwise_cfg={{_base_.daft_paramwise_cfg}})): computed here, when this file is parsed,
 # so it does NOT follow a child's daft_head_lr_mult; DAFTHook then stops with an error naming

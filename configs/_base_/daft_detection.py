@@ -36,6 +36,9 @@ daft_backbone = dict(
     frozen_stages=-1)
 
 daft_head_lr_mult = 10.0
+# The head LR goes to the final predictors only: the whole-new-head default of segmentation
+# ('new_modules': neck, RPN and RoI heads) has not been measured on detection.
+daft_head_modules = 'predictors'
 # Leaf names of the predictors in the head table, as mmengine custom_keys (substrings of parameter
 # names): '.fc_cls.' matches roi_head.bbox_head.fc_cls.weight and roi_head.bbox_head.0.fc_cls.bias
 # but no RPN layer. DAFTHook checks at start-up that every predictor it found trains above the

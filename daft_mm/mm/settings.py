@@ -10,9 +10,10 @@ The user-facing keys (top level of a config):
 
 * ``daft_predictors``   module paths of the final predictors (zero init, high LR)
 * ``daft_head_lr_mult`` the head's LR over the base LR
-* ``daft_head_modules`` what "the head" is for that LR: ``'predictors'`` (the final predictors,
-  default), ``'new_modules'`` (every top-level module outside the backbone: decode / auxiliary
-  heads, necks, detection heads) or a list of module paths. Zero-init stays on the predictors.
+* ``daft_head_modules`` what "the head" is for that LR: ``'predictors'`` (the final predictors),
+  ``'new_modules'`` (every top-level module outside the backbone: decode / auxiliary heads, necks,
+  detection heads; the DAFT recipe's default) or a list of module paths. Zero-init stays on the
+  predictors.
 
 Older configs that copy ``daft_paramwise_cfg`` into ``optim_wrapper.paramwise_cfg`` keep working
 as long as the values agree; when they disagree the error names both keys.
@@ -27,7 +28,7 @@ from torch import nn
 
 from daft_mm.core import resolve_modules
 from daft_mm.core.heads import new_modules
-from daft_mm.core.recipes import DAFT_HEAD_LR_MULT, HEAD_SCOPES
+from daft_mm.core.recipes import DAFT_HEAD_LR_MULT, DAFT_HEAD_SCOPE, HEAD_SCOPES
 
 __all__ = ['PREDICTORS_KEY', 'LR_MULT_KEY', 'HEAD_MODULES_KEY', 'unwrap', 'head_lr_mult',
            'head_modules', 'predictor_lr_cfg',
@@ -59,15 +60,19 @@ def head_lr_mult(cfg: Mapping[str, Any]) -> Tuple[float, str]:
 
 
 def head_modules(cfg: Mapping[str, Any], net: nn.Module, predictors: Sequence[str],
-                 pretrained: Sequence[str] = ('backbone', )) -> Tuple[List[str], str]:
-    """(module paths trained at the head LR, how they were chosen) from ``daft_head_modules``.
+                 pretrained: Sequence[str] = ('backbone', ),
+                 default: str = DAFT_HEAD_SCOPE) -> Tuple[List[str], str]:
+    """(module paths trained at the head LR, how they were chosen) from ``daft_head_modules``,
+    or ``default`` (the recipe's head scope) when it is not set.
 
-    ``'predictors'`` (or unset): the final predictors. ``'new_modules'``: every top-level module
+    ``'predictors'``: the final predictors. ``'new_modules'``: every top-level module
     with parameters outside ``pretrained`` (a fresh decode head is random as a whole, not only in
     its last layer). A list: those module paths, which must cover the predictors (a zero predictor
     at the backbone's LR would make the integrated LP phase crawl)."""
     value = cfg.get(HEAD_MODULES_KEY)
-    if value is None or value == 'predictors':
+    if value is None:
+        value = default
+    if value == 'predictors':
         return list(predictors), 'predictors'
     fix = (f"Fix: {HEAD_MODULES_KEY}='predictors', 'new_modules' or a list of module paths "
            "such as ['decode_head', 'auxiliary_head']")

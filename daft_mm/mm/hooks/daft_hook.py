@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from daft_mm.core import (VAR_MODES, convert_bn, find_batchnorms, flush_subnormals,
-                          resolve_modules, zero_init_predictors)
+                          get_recipe, resolve_modules, zero_init_predictors)
 
 from ..models.daft_model import (DAFTModel, check_predictors, mm_forward, predictor_names,
                                  predictor_priors, require_bn_train)
@@ -174,11 +174,15 @@ class DAFTHook(Hook):
         if self.zero_init:
             names = check_predictors(net, self._predictor_names(model, net),
                                      'custom_hooks[DAFTHook].predictors')
-            pretrained = (list(model.feature_extractor) if isinstance(model, DAFTModel)
-                          else ['backbone'])
+            if isinstance(model, DAFTModel):
+                pretrained, scope = list(model.feature_extractor), model.stage.head_scope
+            else:
+                pretrained, scope = ['backbone'], get_recipe('daft').stages[0].head_scope
             self._head_modules, self._head_scope = head_modules(runner.cfg, net, names,
-                                                                pretrained)
-            self._apply_head_lr_mult(runner, self._head_modules)
+                                                                pretrained, scope)
+            # the predictors too: a legacy per-predictor entry with another multiplier is a
+            # conflict to report, not a silent exception inside the head
+            self._apply_head_lr_mult(runner, list(dict.fromkeys(self._head_modules + names)))
             if self.check_lr:
                 self._check_lr(runner, model, net)
         if self.convert:
