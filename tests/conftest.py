@@ -80,3 +80,13 @@ def tiny_cfg(tmp_path: Path) -> Callable[..., Any]:
 def python() -> str:
     """The interpreter running the tests (the project's .venv), for tool subprocesses."""
     return sys.executable
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads; on a loaded shared CPU they cost a lot."""
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

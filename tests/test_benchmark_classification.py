@@ -28,13 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 ZERO_INIT = {m for m in METHODS if any(s.zero_init_head for s in get_recipe(m).stages)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads on a shared CPU (see test_classification)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 @pytest.fixture(scope='module')

@@ -10,13 +10,7 @@ from daft_mm.core import (freeze_feature_extractor, set_bn_eval, split_param_gro
                           zero_init_predictors)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads; on a loaded shared CPU they cost a lot."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 class TinyClassifier(nn.Module):

@@ -112,6 +112,14 @@ def _json_safe(value: object) -> object:
     return value
 
 
+def _write_json(path: Path | None, data: dict, what: str) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_json_safe(data), indent=1, allow_nan=False, default=str))
+    print(f'{what} written to {path}')
+
+
 def _loader(dataset: ImageFolder, args: argparse.Namespace, *, shuffle: bool) -> DataLoader:
     generator = torch.Generator().manual_seed(args.seed)
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, drop_last=shuffle
@@ -144,11 +152,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         raise SystemExit(f'--set: {error}') from None
     report = run_classification_benchmark(config, log=print)
     print(format_table(report))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(_json_safe(report), indent=1, allow_nan=False,
-                                       default=str))
-        print(f'report written to {args.out}')
+    _write_json(args.out, report, 'report')
     return report
 
 
@@ -209,11 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         'torch': torch.__version__,
         'results': results,
     }
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False,
-                                       default=str))
-        print(f'results written to {args.out}')
+    _write_json(args.out, summary, 'results')
     return summary
 
 
