@@ -157,7 +157,9 @@ def test_full_size_configs_resolve_with_bn_training(name):
     cfg = Config.fromfile(str(CONFIGS / name))
     backbone = cfg.model.backbone
     assert backbone.norm_eval is False and backbone.frozen_stages == -1
-    assert backbone.norm_cfg == dict(type='SyncBN', requires_grad=True)
+    norm = dict(backbone.norm_cfg)
+    assert norm.pop('eps', 1e-5) == 1e-5  # the fragment spells out torch's default
+    assert norm == dict(type='SyncBN', requires_grad=True)
     assert cfg.model.type == ('MaskRCNN' if 'mask-rcnn' in name else 'RetinaNet')
     hooks = [h['type'] for h in cfg.get('custom_hooks', [])]
     if name.startswith('detection/daft'):
