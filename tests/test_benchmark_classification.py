@@ -327,7 +327,9 @@ def test_select_settings_widens_down_to_ratio_one_breaks_ties_by_loss_and_reuses
     assert [p['widened'] for p in grid] == [p['settings']['head_lr_mult'] == 1.0
                                             or p['settings']['lr'] == 1.0 for p in grid]
     assert len(grid) == 6  # 2 x 2, lr 1 (worse) and ratio 1 (better) on the best point's lines
-    assert not chosen['on_edge']  # the best ratio is at its floor: nothing left to try
+    # the ratio is at its floor (nothing left to try), but the choice after the finalists,
+    # lr 0.01, is the lr grid's lower edge: said, not hidden
+    assert chosen['on_edge'] is True
     first = max(grid, key=lambda p: (p['id_val'], -p['id_val_loss']))
     assert first['settings'] == {'lr': 0.1, 'head_lr_mult': 1.0} and first['finalist']
     # finalists by seed 0: (0.1, 1), then (0.1, 10) before (0.01, 10) by loss; best mean:
