@@ -61,8 +61,12 @@ def load_tiny(config: Path, work_dir: Path, data_root: str, **options: Any):
             'default_hooks.logger.interval': 1}
     opts.update(options)
     cfg = load_config(str(config), opts, work_dir=str(work_dir))
-    # Several Runners share one process: mmengine keys loggers and visualizers by this name.
+    # Several Runners share one process: mmengine keys loggers and visualizers by name, and a
+    # visualizer built under the stock name 'visualizer' would be handed to every later Runner
+    # (writing into the first run's work dir).
     cfg.experiment_name = f'{Path(config).stem}_{os.getpid()}_{next(_RUN_IDS)}'
+    if cfg.get('visualizer') is not None:
+        cfg.visualizer['name'] = cfg.experiment_name
     cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
     cfg.default_hooks.pop('visualization', None)
     return cfg

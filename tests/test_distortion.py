@@ -329,6 +329,9 @@ def test_hook_logs_to_the_visualizer_after_before_train_changes(tiny_cfg_path, t
     cfg.default_hooks.checkpoint.interval = 2
     cfg.custom_hooks = [dict(type='DistortionHook', num_images=2),
                         dict(type='_ScaleStemInBeforeTrain')]
+    # its own visualizer: one named 'visualizer' by an earlier Runner in this process would
+    # write the scalars into that run's work dir
+    cfg.visualizer['name'] = cfg.experiment_name = f'distortion_hook_{tmp_path.name}'
     runner = Runner.from_cfg(cfg)
     runner.train()
 
