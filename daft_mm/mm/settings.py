@@ -81,9 +81,9 @@ def head_modules(cfg: Mapping[str, Any], net: nn.Module, predictors: Sequence[st
             return new_modules(net, list(pretrained)), 'new_modules'
         except (KeyError, ValueError) as exc:
             raise ValueError(f'{HEAD_MODULES_KEY}=\'new_modules\': {exc.args[0]}. {fix}') from None
-    if isinstance(value, str) and value not in HEAD_SCOPES:
+    if isinstance(value, str):  # a single path would read like a scope with a typo
         raise ValueError(f'{HEAD_MODULES_KEY}={value!r} is not one of {HEAD_SCOPES}. {fix}')
-    names = [value] if isinstance(value, str) else list(value)
+    names = list(value)
     try:
         resolved = resolve_modules(net, names)
     except (KeyError, TypeError, ValueError) as exc:
