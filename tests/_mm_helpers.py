@@ -53,14 +53,58 @@ def shrink_config(config: Path, out_dir: Path) -> Path:
     return out
 
 
-def load_tiny(config: Path, work_dir: Path, data_root: str, **options: Any):
+_PRETRAINED: Dict[str, str] = {}
+
+
+def pretrained_backbone(cfg: Any) -> str:
+    """A checkpoint of the config's backbone standing in for ImageNet weights (none can be
+    downloaded here): its own init with every BN layer's statistics and affine parameters drawn
+    at random (seeded), so that conversion has something to move. One file per backbone config
+    and process, loaded through ``init_cfg`` as users load pretrained weights."""
+    import json
+    import tempfile
+
+    from mmengine.registry import MODELS
+
+    from daft_mm.mm.settings import unwrap
+    model_cfg = cfg.model.get('model', cfg.model) if cfg.model.get('type') in (
+        'DAFTModel', 'daft_mm.DAFTModel') else cfg.model
+    key = json.dumps(model_cfg.get('backbone'), sort_keys=True, default=str)
+    if key not in _PRETRAINED:
+        torch.manual_seed(0)
+        built = dict(model_cfg)
+        if 'pretrained' in built:  # mmseg: the stock ImageNet path is not loaded here
+            built['pretrained'] = None
+        backbone = unwrap(MODELS.build(built)).backbone
+        with torch.no_grad():
+            for module in backbone.modules():
+                if isinstance(getattr(module, 'running_mean', None), torch.Tensor):
+                    module.running_mean.uniform_(-0.5, 0.5)
+                    module.running_var.uniform_(0.5, 2.0)
+                    module.weight.uniform_(0.5, 1.5)
+                    module.bias.uniform_(-0.2, 0.2)
+        path = Path(tempfile.mkdtemp(prefix='daft_pretrained_')) / 'backbone.pth'
+        torch.save({'state_dict': backbone.state_dict()}, path)
+        _PRETRAINED[key] = str(path)
+    return _PRETRAINED[key]
+
+
+def load_tiny(config: Path, work_dir: Path, data_root: str, pretrained: bool = True,
+              **options: Any):
     """Config ready for a Runner: data under ``data_root``, work_dir, no validation during
-    training (the tests evaluate with a separate test run), extra ``options`` merged."""
+    training (the tests evaluate with a separate test run), extra ``options`` merged.
+    ``pretrained``: the backbone loads :func:`pretrained_backbone` through its ``init_cfg``, as
+    a user's ImageNet backbone does (DAFT converts what was pretrained)."""
     from daft_mm.mm.cli import load_config
     opts = {'data_root': data_root, 'train_cfg.val_interval': 10**6,
             'default_hooks.logger.interval': 1}
     opts.update(options)
     cfg = load_config(str(config), opts, work_dir=str(work_dir))
+    if pretrained:
+        inner = cfg.model.model if cfg.model.get('type') in (
+            'DAFTModel', 'daft_mm.DAFTModel') else cfg.model
+        inner.backbone.init_cfg = dict(type='Pretrained', checkpoint=pretrained_backbone(cfg))
+        inner.pop('pretrained', None)
     # Several Runners share one process: mmengine keys loggers and visualizers by name, and a
     # visualizer built under the stock name 'visualizer' would be handed to every later Runner
     # (writing into the first run's work dir).

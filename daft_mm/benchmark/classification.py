@@ -256,13 +256,18 @@ def train_one(cfg: ClassificationBenchmarkConfig, method: str, settings: Mapping
                    lr=settings['lr'], lp_lr=settings.get('lp_lr'),
                    head_lr_mult=settings.get('head_lr_mult'), head_scope=cfg.head_scope,
                    momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                   schedule=cfg.schedule, seed=seed, on_step=on_step)
+                   schedule=cfg.schedule, seed=seed, on_step=on_step,
+                   # the statistics pass reads every training image once (the training loader
+                   # drops the last incomplete batch)
+                   bn_loader=train.loader(cfg.batch_size))
     record = {'stages': [{'name': s.name, 'iters': s.iters, 'lr': s.lr, 'head_lr': s.head_lr,
                           'head_scope': s.head_scope, 'head_modules': s.head_modules,
                           'trainable_params': s.trainable_params,
                           'final_loss': s.losses[-1] if s.losses else None}
                          for s in run.stages],
               'train_seconds': time.perf_counter() - start}
+    if run.bn_conversion is not None and run.bn_conversion.layers:
+        record['bn_images'] = run.bn_conversion.layers[0].num_samples
     return model, record
 
 
@@ -413,7 +418,8 @@ def run_classification_benchmark(
     for method in cfg.methods:
         settings = chosen[method]['settings']
         for seed, (model, record) in chosen[method]['runs'].items():
-            record = {k: v for k, v in record.items() if k in ('stages', 'train_seconds')}
+            record = {k: v for k, v in record.items()
+                      if k in ('stages', 'train_seconds', 'bn_images')}
             finals.append((method, seed, settings, model, record))
             if log is not None:
                 log(f'  final {method} seed {seed} ({record["train_seconds"]:.1f} s)')
@@ -467,6 +473,12 @@ def run_classification_benchmark(
     }
 
 
+def _bn_images(report: Mapping[str, Any]) -> str:
+    """How many images the conversions read (one pass over the training set each)."""
+    counts = sorted({r['bn_images'] for r in report['runs'] if 'bn_images' in r})
+    return '/'.join(str(c) for c in counts) or 'no'
+
+
 def format_table(report: Mapping[str, Any]) -> str:
     """Markdown table: mean +- std over seeds of ID test and each OOD set, plus the choices."""
     summary = report['summary']
@@ -485,7 +497,8 @@ def format_table(report: Mapping[str, Any]) -> str:
     lines.append('')
     lines.append(f'{len(config["seeds"])} seeds, {config["iters"]} iterations per method'
                  + (f' (LP-FT: {split})' if split else '') + ', accuracy in %, selection on '
-                 f'ID-val only; {report["seconds"]["total"]:.0f} s wall, '
+                 f'ID-val only; BN statistics from {_bn_images(report)} training images; '
+                 f'{report["seconds"]["total"]:.0f} s wall, '
                  f'{report["seconds"]["cpu_total"]:.0f} s CPU')
     return '\n'.join(lines)
 

@@ -24,7 +24,8 @@ from torch import nn
 from daft_mm.core import (HEAD_SCOPES, ConversionReport, FineTuneRecipe, FineTuneStage,
                           convert_bn, find_predictors, flush_subnormals,
                           freeze_feature_extractor, get_recipe, new_modules, resolve_modules,
-                          set_bn_eval, split_param_groups, zero_init_predictors)
+                          set_bn_eval, split_batchnorms, split_param_groups,
+                          zero_init_predictors)
 
 __all__ = ['SCHEDULES', 'StageLog', 'StepInfo', 'FineTuneRun', 'finetune', 'evaluate',
            'evaluate_loss', 'head_modules', 'default_pretrained']
@@ -178,7 +179,8 @@ def finetune(model: nn.Module, train_loader: Iterable[Any], *, method: str | Fin
              pretrained: str | Sequence[str] | None = None, lp_iters: int | None = None,
              lp_lr: float | None = None,
              momentum: float = 0.9, weight_decay: float = 0.0, schedule: str = 'cosine',
-             bn_max_batches: int | None = None, device: str | torch.device = 'cpu',
+             bn_max_batches: int | None = None, bn_loader: Iterable[Any] | None = None,
+             device: str | torch.device = 'cpu',
              seed: int | None = None, log: Callable[[str], None] | None = None,
              log_interval: int = 50,
              on_step: Callable[[StepInfo], None] | None = None) -> FineTuneRun:
@@ -195,12 +197,15 @@ def finetune(model: nn.Module, train_loader: Iterable[Any], *, method: str | Fin
         head_scope: overrides every stage's head scope (``'predictors'`` or
             ``'new_modules'``): which modules take the head LR and train alone under LP.
             Zero-init always touches ``head_names`` only.
-        pretrained: the pretrained modules, from which ``'new_modules'`` is derived
-            (default: :func:`default_pretrained`).
         lp_iters: iterations of the stages before the last (LP in LP-FT); default ``iters``.
         lp_lr: base LR of the stages before the last (LP-FT's probe); default ``lr``.
-        bn_max_batches: how many training batches DAFT's BN conversion measures
-            (default: one pass over ``train_loader``).
+        pretrained: the pretrained modules, from which ``'new_modules'`` is derived and whose
+            BN layers DAFT converts (default: :func:`default_pretrained`); BN layers outside
+            them stay as initialised (:func:`daft_mm.core.split_batchnorms`).
+        bn_max_batches: how many batches DAFT's BN conversion measures (default: one pass).
+        bn_loader: the batches of the statistics pass; default ``train_loader``. A training
+            loader with ``drop_last`` skips the last images: pass a loader over the whole
+            training set that does not drop them.
         seed: seeds torch's RNG first (shuffling, augmentation), for comparable runs.
         on_step: called every step after the backward pass, before the optimizer step.
     """
@@ -225,6 +230,10 @@ def finetune(model: nn.Module, train_loader: Iterable[Any], *, method: str | Fin
         resolve_modules(model, head_names)
     heads = {scope: head_modules(model, head_names, scope, pretrained)
              for scope in {stage.head_scope for stage in recipe.stages}}
+    pretrained_modules = (default_pretrained(model, head_names) if pretrained is None
+                          else [pretrained] if isinstance(pretrained, str) else list(pretrained))
+    if recipe.uses_bn_conversion:  # a wrong name fails before anything changed
+        split_batchnorms(model, pretrained_modules)
     model.to(device)
     run = FineTuneRun(model, recipe)
     batches = _forever(train_loader)
@@ -232,9 +241,13 @@ def finetune(model: nn.Module, train_loader: Iterable[Any], *, method: str | Fin
         last = len(recipe.stages) - 1
         for index, (stage, stage_iters) in enumerate(zip(recipe.stages, counts)):
             if stage.convert_bn:
+                converted, fresh = split_batchnorms(model, pretrained_modules,
+                                                    stage.convert_scope)
                 run.bn_conversion = convert_bn(
-                    model, train_loader, max_batches=bn_max_batches,
+                    model, train_loader if bn_loader is None else bn_loader,
+                    max_batches=bn_max_batches, modules=converted,
                     forward=lambda m, batch: m(_split_batch(batch, device)[0]))
+                run.bn_conversion.left_as_initialised = fresh
                 if log is not None:
                     log(run.bn_conversion.summary())
             if stage.zero_init_head:

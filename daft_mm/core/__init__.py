@@ -1,22 +1,22 @@
 """The framework-agnostic DAFT core: imports torch only, never mmengine."""
 from .conversion import (ConversionError, ConversionReport, LayerReport, convert_bn,
-                         default_forward, find_batchnorms)
+                         default_forward, find_batchnorms, split_batchnorms)
 from .distortion import (QUANTITIES, ChangeReport, FeatureSimilarity, LayerChange,
                          feature_similarity, pairwise_cosine, relative_change)
 from .heads import (PREDICTOR_TYPES, find_predictors, flush_subnormals, freeze_feature_extractor,
                     new_modules, resolve_modules, set_bn_eval, split_param_groups,
                     zero_init_predictors)
-from .recipes import (DAFT_HEAD_LR_MULT, HEAD_SCOPES, RECIPES, FineTuneRecipe, FineTuneStage,
+from .recipes import (CONVERT_SCOPES, DAFT_HEAD_LR_MULT, HEAD_SCOPES, RECIPES, FineTuneRecipe, FineTuneStage,
                       get_recipe)
 from .stats import VAR_MODES, ChannelAccumulator, ChannelMoments
 
 __all__ = [
     'ConversionError', 'ConversionReport', 'LayerReport', 'convert_bn', 'default_forward',
-    'find_batchnorms', 'VAR_MODES', 'ChannelAccumulator', 'ChannelMoments',
+    'find_batchnorms', 'split_batchnorms', 'VAR_MODES', 'ChannelAccumulator', 'ChannelMoments',
     'PREDICTOR_TYPES', 'find_predictors', 'flush_subnormals', 'freeze_feature_extractor',
     'new_modules', 'resolve_modules',
     'set_bn_eval', 'split_param_groups', 'zero_init_predictors',
     'QUANTITIES', 'ChangeReport', 'FeatureSimilarity', 'LayerChange', 'feature_similarity',
     'pairwise_cosine', 'relative_change',
-    'DAFT_HEAD_LR_MULT', 'HEAD_SCOPES', 'RECIPES', 'FineTuneRecipe', 'FineTuneStage', 'get_recipe',
+    'CONVERT_SCOPES', 'DAFT_HEAD_LR_MULT', 'HEAD_SCOPES', 'RECIPES', 'FineTuneRecipe', 'FineTuneStage', 'get_recipe',
 ]

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .recipes import CONVERT_SCOPES
 from .stats import VAR_MODES, ChannelAccumulator, ChannelMoments, all_reduce_accumulators
 
 ModuleSpec = Union[None, str, Iterable[Union[str, nn.Module]], Callable[[str, nn.Module], bool]]
@@ -53,6 +54,9 @@ class ConversionReport:
     world_size: int
     layers: List[LayerReport] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)  # layer name -> why it was left as is
+    #: BN layers outside the pretrained modules, not converted (see :func:`split_batchnorms`);
+    #: filled in by the caller that chose the layers
+    left_as_initialised: List[str] = field(default_factory=list)
 
     @property
     def converted(self) -> List[str]:
@@ -65,7 +69,9 @@ class ConversionReport:
         """A short table, largest shifts first: the layers where the target domain differs most."""
         lines = [f'BN conversion ({self.var_mode} variance): {len(self.layers)} layers converted '
                  f'from {self.num_batches} batches x {self.world_size} rank(s)'
-                 + (f', {len(self.skipped)} skipped' if self.skipped else '')]
+                 + (f', {len(self.skipped)} skipped' if self.skipped else '')
+                 + (f', {len(self.left_as_initialised)} new (left as initialised)'
+                    if self.left_as_initialised else '')]
         if self.layers:
             shifts = [layer.mean_shift for layer in self.layers]
             lines.append(f'mean shift in old std units: mean {sum(shifts) / len(shifts):.3f}, '
@@ -137,6 +143,35 @@ def find_batchnorms(model: nn.Module, modules: ModuleSpec = None) -> Dict[str, _
                          f'cannot be converted as BatchNorm ({listed}). Fix: exclude them with '
                          'modules=[...] (the BN layers or parents to convert)')
     return chosen
+
+
+def split_batchnorms(model: nn.Module, pretrained: Optional[Iterable[str]],
+                     scope: str = 'pretrained') -> Tuple[List[str], List[str]]:
+    """(BN layers to convert, BN layers left as initialised): DAFT's rule of which layers
+    conversion rewrites, in one place for every front end.
+
+    Conversion keeps a *pretrained* function while the statistics move to the target data, so it
+    rewrites the BN layers inside the ``pretrained`` modules (module paths; ``None`` or empty:
+    nothing was pretrained) and leaves every other one exactly as initialised: a fresh head's BN
+    has running statistics 0/1, and keeping "its function" would turn it into an identity on
+    unnormalised activations. ``scope='all'`` converts every BN layer (the rule switched off).
+    Layers are BN-like by :func:`find_batchnorms`'s test; both lists are in model order.
+    """
+    if scope not in CONVERT_SCOPES:
+        raise ValueError(f'scope must be one of {CONVERT_SCOPES}, got {scope!r}')
+    named = dict(model.named_modules())
+    all_bn = [name for name, m in named.items() if _has_running_stats(m)]
+    if scope == 'all':
+        return all_bn, []
+    inside = set()
+    for path in pretrained or ():
+        if path not in named:
+            close = difflib.get_close_matches(path, list(named), n=3)
+            hint = f'; did you mean {close}?' if close else ''
+            raise ValueError(f'pretrained modules: the model has no submodule {path!r}{hint}')
+        inside.update(id(sub) for sub in named[path].modules())
+    converted = [name for name in all_bn if id(named[name]) in inside]
+    return converted, [name for name in all_bn if id(named[name]) not in inside]
 
 
 def _select(named: Dict[str, nn.Module], all_bn: Dict[str, nn.Module],

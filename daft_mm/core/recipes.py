@@ -11,14 +11,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-__all__ = ['DAFT_HEAD_LR_MULT', 'DAFT_HEAD_SCOPE', 'HEAD_SCOPES', 'FineTuneStage', 'FineTuneRecipe', 'RECIPES',
-           'get_recipe']
+__all__ = ['DAFT_HEAD_LR_MULT', 'DAFT_HEAD_SCOPE', 'HEAD_SCOPES', 'CONVERT_SCOPES', 'FineTuneStage',
+           'FineTuneRecipe', 'RECIPES', 'get_recipe']
 
 #: Which modules train at the head LR: ``'predictors'``, the final predictor layers only (they
 #: are also what DAFT zeroes), or ``'new_modules'``, every module that is new to the pretrained
 #: model (with an ImageNet-style backbone: decode and auxiliary heads, necks, detection heads).
 #: Zero-init always applies to the final predictors only.
 HEAD_SCOPES = ('predictors', 'new_modules')
+#: Which BatchNorm layers BN conversion rewrites: ``'pretrained'``, those whose weights came from
+#: pretrained weights (conversion keeps a *pretrained* function; a fresh head's BN has none to
+#: keep, and "keeping" its 0/1 statistics would switch its normalisation off), or ``'all'``
+#: (every BN layer: the behaviour before the rule, kept for comparison).
+CONVERT_SCOPES = ('pretrained', 'all')
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,8 @@ class FineTuneStage:
         head_lr_mult: head learning rate = base learning rate x this.
         head_scope: which modules are the head for ``head_lr_mult`` and LP's freezing, one
             of :data:`HEAD_SCOPES`.
+        convert_scope: which BN layers ``convert_bn`` rewrites, one of :data:`CONVERT_SCOPES`;
+            the others stay exactly as initialised and train as in FT.
     """
 
     name: str
@@ -44,12 +51,16 @@ class FineTuneStage:
     bn_train: bool = True
     head_lr_mult: float = 1.0
     head_scope: str = 'predictors'
+    convert_scope: str = 'pretrained'
 
     def __post_init__(self) -> None:
         if not self.head_lr_mult > 0:
             raise ValueError(f'head_lr_mult must be > 0, got {self.head_lr_mult!r}')
         if self.head_scope not in HEAD_SCOPES:
             raise ValueError(f'head_scope must be one of {HEAD_SCOPES}, got {self.head_scope!r}')
+        if self.convert_scope not in CONVERT_SCOPES:
+            raise ValueError(f'convert_scope must be one of {CONVERT_SCOPES}, got '
+                             f'{self.convert_scope!r}')
 
 
 @dataclass(frozen=True)

@@ -15,28 +15,37 @@ The user-facing keys (top level of a config):
   detection heads; the DAFT recipe's default) or a list of module paths. Zero-init stays on the
   predictors.
 
+* ``daft_convert_modules`` which BN layers BN conversion rewrites: unset (default) the ones whose
+  weights came from pretrained weights (see :func:`conversion_plan`), ``'all'``, or a list of
+  module paths.
+
 Older configs that copy ``daft_paramwise_cfg`` into ``optim_wrapper.paramwise_cfg`` keep working
 as long as the values agree; when they disagree the error names both keys.
 """
 from __future__ import annotations
 
 import copy
+import re
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mmengine.model import BaseTTAModel, is_model_wrapper
 from torch import nn
 
-from daft_mm.core import resolve_modules
+from daft_mm.core import resolve_modules, split_batchnorms
 from daft_mm.core.heads import new_modules
 from daft_mm.core.recipes import DAFT_HEAD_LR_MULT, DAFT_HEAD_SCOPE, HEAD_SCOPES
 
-__all__ = ['PREDICTORS_KEY', 'LR_MULT_KEY', 'HEAD_MODULES_KEY', 'unwrap', 'head_lr_mult',
-           'head_modules', 'predictor_lr_cfg',
+__all__ = ['PREDICTORS_KEY', 'LR_MULT_KEY', 'HEAD_MODULES_KEY', 'CONVERT_MODULES_KEY', 'unwrap',
+           'head_lr_mult', 'head_modules', 'predictor_lr_cfg', 'ConversionPlan',
+           'init_cfg_pretrained', 'checkpoint_pretrained', 'conversion_override',
+           'conversion_plan',
            'is_daft_config', 'require_daft_hook']
 
 PREDICTORS_KEY = 'daft_predictors'
 LR_MULT_KEY = 'daft_head_lr_mult'
 HEAD_MODULES_KEY = 'daft_head_modules'
+CONVERT_MODULES_KEY = 'daft_convert_modules'
 _CUSTOM = 'optim_wrapper.paramwise_cfg.custom_keys'
 
 
@@ -226,3 +235,141 @@ def describe_lrs(groups: Dict[str, List[float]]) -> str:
         lo, hi = min(lrs), max(lrs)
         parts.append(f'{name} {lo:g}' if lo == hi else f'{name} {lo:g}..{hi:g}')
     return ', '.join(parts)
+
+
+# ------------------------------------------------------------------- what BN conversion rewrites
+@dataclass(frozen=True)
+class ConversionPlan:
+    """Which BN layers DAFT converts and why: decided once, before the statistics pass, from how
+    the weights were loaded (or an explicit override), logged and saved with the run.
+
+    Attributes:
+        converted: BN layers whose statistics and affine parameters conversion rewrites.
+        left_new: BN layers left exactly as initialised (new to the pretrained model).
+        pretrained: ``(module path, where its weights came from)`` for every module counted as
+            pretrained (or chosen by the override).
+        decided_by: ``'pretrained weights'`` or the key of the override that decided it.
+    """
+
+    converted: Tuple[str, ...]
+    left_new: Tuple[str, ...]
+    pretrained: Tuple[Tuple[str, str], ...]
+    decided_by: str
+
+    def summary(self) -> str:
+        where = '; '.join(f'{path} ({why})' for path, why in self.pretrained[:8]) or 'none'
+        if len(self.pretrained) > 8:
+            where += f'; ... {len(self.pretrained) - 8} more'
+        lines = [f'BN layers converted: {len(self.converted)}, left as initialised (new): '
+                 f'{len(self.left_new)}; decided by {self.decided_by}; pretrained: {where}']
+        if self.left_new:
+            shown = ', '.join(self.left_new[:6]) + (' ...' if len(self.left_new) > 6 else '')
+            lines.append(f'left as initialised: {shown}')
+        return '\n'.join(lines)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d['pretrained'] = dict(self.pretrained)
+        return d
+
+
+def _pretrained_checkpoint(init_cfg: Any) -> Optional[str]:
+    """The checkpoint of a ``Pretrained`` entry in an mmengine ``init_cfg`` (dict or list)."""
+    for entry in init_cfg if isinstance(init_cfg, (list, tuple)) else [init_cfg]:
+        if isinstance(entry, Mapping) and entry.get('type') in ('Pretrained', 'PretrainedInit'):
+            return str(entry.get('checkpoint'))
+    return None
+
+
+def init_cfg_pretrained(net: nn.Module) -> Dict[str, str]:
+    """Modules that load pretrained weights through their ``init_cfg`` (``model.pretrained`` of
+    mmseg / mmdet becomes the backbone's ``init_cfg``): ``{module path: why}``, outermost only."""
+    found: Dict[str, str] = {}
+    for path, module in net.named_modules():
+        if any(path == p or path.startswith(f'{p}.') for p in found) and path:
+            continue
+        checkpoint = _pretrained_checkpoint(getattr(module, 'init_cfg', None))
+        if checkpoint is not None:
+            found[path] = f'init_cfg Pretrained {checkpoint}'
+    return found
+
+
+def checkpoint_pretrained(net: nn.Module, state_dict: Mapping[str, Any],
+                          source: str) -> Dict[str, str]:
+    """Modules whose every weight and buffer a checkpoint's ``state_dict`` holds with the same
+    shape (what ``load_from`` loads into them): ``{module path: why}``, outermost only. A head
+    whose predictor has another number of classes is not whole; its other layers still count."""
+    shapes = {re.sub(r'^module\.', '', k): tuple(getattr(v, 'shape', ()))
+              for k, v in state_dict.items()}
+    own = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    found: Dict[str, str] = {}
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        keys = [k for k in own if k.startswith(prefix) and not k.endswith('num_batches_tracked')]
+        if not keys:
+            return
+        if all(shapes.get(k) == own[k] for k in keys):
+            found[prefix[:-1]] = f'load_from {source}'
+            return
+        for name, child in module.named_children():
+            visit(f'{prefix}{name}.', child)
+
+    for name, child in net.named_children():
+        visit(f'{name}.', child)
+    return found
+
+
+def conversion_override(cfg: Mapping[str, Any], net: nn.Module,
+                        hook_modules: Optional[Sequence[str]],
+                        feature_extractor: Optional[Sequence[str]]
+                        ) -> Optional[Tuple[Optional[List[str]], str]]:
+    """An explicit choice of the converted modules, checked: ``(module paths or None for all,
+    the key that set it)``, or None when the pretrained weights decide. The hook's ``modules``
+    wins over ``daft_convert_modules`` (both set differently is an error naming both), which wins
+    over an explicitly configured ``DAFTModel.feature_extractor``."""
+    value = cfg.get(CONVERT_MODULES_KEY)
+    fix = (f"Fix: {CONVERT_MODULES_KEY}='all' or a list of module paths such as ['backbone'], or "
+           'leave it unset (the pretrained weights decide)')
+    if isinstance(value, str) and value != 'all':
+        raise ValueError(f"{CONVERT_MODULES_KEY}={value!r} is neither 'all' nor a list of module "
+                         f'paths. {fix}')
+    hook_key = 'custom_hooks[DAFTHook].modules'
+    if hook_modules is not None and value is not None and (
+            value == 'all' or sorted(value) != sorted(hook_modules)):
+        raise ValueError(f'the BN layers to convert are set twice with different values: '
+                         f'{hook_key}={list(hook_modules)} and {CONVERT_MODULES_KEY}={value!r}. '
+                         f'Fix: set them in one place ({CONVERT_MODULES_KEY})')
+    chosen: Optional[Tuple[Optional[List[str]], str]] = None
+    if hook_modules is not None:
+        chosen = list(hook_modules), hook_key
+    elif value == 'all':
+        return None, CONVERT_MODULES_KEY
+    elif value is not None:
+        chosen = list(value), CONVERT_MODULES_KEY
+    elif feature_extractor is not None:
+        chosen = list(feature_extractor), 'model.feature_extractor'
+    if chosen is None:
+        return None
+    try:
+        split_batchnorms(net, chosen[0])
+    except ValueError as exc:
+        raise ValueError(f'{chosen[1]}: {exc.args[0]}. {fix}') from None
+    return chosen
+
+
+def conversion_plan(net: nn.Module, override: Optional[Tuple[Optional[List[str]], str]],
+                    pretrained: Mapping[str, str], scope: str = 'pretrained') -> ConversionPlan:
+    """DAFT's rule (:func:`daft_mm.core.split_batchnorms`) applied to what was loaded: the BN
+    layers of the ``pretrained`` modules are converted, the rest stay as initialised; an
+    ``override`` (:func:`conversion_override`) or ``scope='all'`` replaces the pretrained set."""
+    if override is not None:
+        modules, key = override
+        if modules is None:
+            converted, fresh = split_batchnorms(net, None, 'all')
+            return ConversionPlan(tuple(converted), (), (('', f'{key}=all'), ), key)
+        converted, fresh = split_batchnorms(net, modules)
+        return ConversionPlan(tuple(converted), tuple(fresh),
+                              tuple((m, key) for m in modules), key)
+    converted, fresh = split_batchnorms(net, list(pretrained), scope)
+    return ConversionPlan(tuple(converted), tuple(fresh), tuple(pretrained.items()),
+                          'pretrained weights' if scope == 'pretrained' else f'recipe {scope}')

@@ -34,8 +34,9 @@ from daft_mm.core import (VAR_MODES, convert_bn, find_batchnorms, flush_subnorma
 
 from ..models.daft_model import (DAFTModel, check_predictors, mm_forward, predictor_names,
                                  predictor_priors, require_bn_train)
-from ..settings import (PREDICTORS_KEY, describe_lrs, head_lr_mult, head_modules,
-                        predictor_lr_cfg, resolve_predictors, unwrap)
+from ..settings import (PREDICTORS_KEY, ConversionPlan, checkpoint_pretrained, conversion_override,
+                        conversion_plan, describe_lrs, head_lr_mult, head_modules,
+                        init_cfg_pretrained, predictor_lr_cfg, resolve_predictors, unwrap)
 
 __all__ = ['DAFTHook', 'one_pass_loader', 'count_batches']
 
@@ -69,7 +70,11 @@ class DAFTHook(Hook):
             training loader's ``InfiniteSampler`` never ends).
         num_batches: at most this many batches per rank (default: one pass over the data).
         var_mode: ``'batch'`` or ``'population'``, see :func:`daft_mm.core.convert_bn`.
-        modules: which BN layers to convert (module paths); default all.
+        modules: which BN layers to convert (module paths); default: those whose weights came
+            from pretrained weights (a backbone's ``init_cfg`` / ``model.pretrained``, and every
+            module ``load_from`` holds with the same shapes); the BN layers of new modules (a
+            fresh decode head) stay as initialised. The config key ``daft_convert_modules``
+            (a list, or ``'all'``) sets the same; see :func:`daft_mm.mm.settings.conversion_plan`.
         forward_mode: model mode of the statistics pass: ``'loss'`` (every module a training step
             runs, auxiliary heads included) or ``'tensor'``.
         skip_incompatible: leave BN layers without affine/running stats as they are.
@@ -130,6 +135,12 @@ class DAFTHook(Hook):
         self._state: Dict[str, Any] = {}  # what is done; saved with every checkpoint
         self._loaded_state: Optional[Dict[str, Any]] = None
         self._loaded_checkpoint = False
+        # what BN conversion rewrites: an explicit override (before_run), else the modules that
+        # loaded pretrained weights (init_cfg: before_run; load_from: after_load_checkpoint)
+        self._convert_override: Optional[Tuple[Optional[List[str]], str]] = None
+        self._pretrained: Dict[str, str] = {}
+        self._convert_scope = 'pretrained'
+        self.conversion_plan: Optional[ConversionPlan] = None
 
     # ----------------------------------------------------------------------- model access
     @staticmethod
@@ -186,10 +197,19 @@ class DAFTHook(Hook):
             if self.check_lr:
                 self._check_lr(runner, model, net)
         if self.convert:
-            try:
-                find_batchnorms(net, self.modules)
-            except ValueError as exc:
-                raise ValueError(f'custom_hooks[DAFTHook].modules: {exc}') from None
+            feature_extractor = (model.feature_extractor if isinstance(model, DAFTModel)
+                                 and model.feature_extractor_configured else None)
+            self._convert_override = conversion_override(runner.cfg, net, self.modules,
+                                                         feature_extractor)
+            if self._convert_override is not None:
+                modules, where = self._convert_override
+                try:
+                    find_batchnorms(net, modules)
+                except ValueError as exc:
+                    raise ValueError(f'{where}: {exc}') from None
+            self._convert_scope = (model.stage if isinstance(model, DAFTModel)
+                                   else get_recipe('daft').stages[0]).convert_scope
+            self._pretrained = init_cfg_pretrained(net)
             require_bn_train(net, key, 'DAFT (on the converted statistics)')
 
     def _resolve_predictors(self, runner: Any, model: nn.Module, net: nn.Module) -> None:
@@ -297,6 +317,13 @@ class DAFTHook(Hook):
         self._refuse_non_daft_resume(runner, checkpoint)
         self._loaded_checkpoint = True
         self._loaded_state = checkpoint.get(_CKPT_KEY)
+        if self.convert and not getattr(runner, '_resume', False) and isinstance(
+                getattr(runner, '_train_loop', None), BaseLoop):
+            # load_from a whole model: every module it holds (same shapes) is pretrained
+            state_dict = checkpoint.get('state_dict', checkpoint)
+            source = runner.cfg.get('load_from') if hasattr(runner, 'cfg') else None
+            self._pretrained.update(checkpoint_pretrained(self._models(runner)[1], state_dict,
+                                                          str(source or 'checkpoint')))
 
     @staticmethod
     def _refuse_non_daft_resume(runner: Any, checkpoint: dict) -> None:
@@ -338,22 +365,38 @@ class DAFTHook(Hook):
         self._refuse_second_preparation(runner)
 
         state: Dict[str, Any] = {'done': False}
+        plan = None
         if self.convert:
+            plan = self.conversion_plan = conversion_plan(net, self._convert_override,
+                                                          self._pretrained, self._convert_scope)
+            runner.logger.info('DAFTHook: ' + plan.summary())
+            state['conversion_plan'] = plan.to_dict()
+        if plan is not None and not plan.converted:
+            runner.logger.warning(
+                'DAFTHook: no BatchNorm layer is converted: no module with BN loaded pretrained '
+                'weights (no Pretrained init_cfg / model.pretrained, no load_from holding them). '
+                'BN conversion keeps a *pretrained* function; from random weights there is none, '
+                'and the run is integrated LP+FT alone. Fix: load the pretrained weights '
+                "(model.backbone.init_cfg=dict(type='Pretrained', checkpoint=...) or load_from), "
+                'or daft_convert_modules=[...] to convert chosen modules anyway')
+            state['converted_layers'] = 0
+        elif plan is not None:
             loader, total = self._build_loader(runner)
             bar = ProgressBar(total) if is_main_process() and total else None
             report = convert_bn(
                 net, loader, forward=_naming_files(mm_forward(self.forward_mode)),
                 max_batches=total or None,  # a rank with no batch still joins the pooling
-                var_mode=self.var_mode, modules=self.modules,
+                var_mode=self.var_mode, modules=list(plan.converted),
                 skip_incompatible=self.skip_incompatible,
                 progress=(lambda _: bar.update()) if bar is not None else None)
             if bar is not None:
                 bar.file.write('\n')
+            report.left_as_initialised = list(plan.left_new)
             runner.logger.info('DAFTHook: ' + report.summary())
             self._visualize(runner, report)
             if is_main_process():
                 with open(osp.join(runner.log_dir, 'daft_bn_conversion.json'), 'w') as f:
-                    json.dump(report.to_dict(), f, indent=1)
+                    json.dump(dict(report.to_dict(), plan=plan.to_dict()), f, indent=1)
             state['converted_layers'] = len(report.layers)
             state['num_batches'] = report.num_batches
         if self.zero_init:

@@ -270,7 +270,9 @@ class DAFTModel(BaseModel):
             the head table of :mod:`daft_mm.mm.predictors`; a dict ``{head class: [layers]}``
             adds entries to that table. Their LR multiplier is the config's
             ``daft_head_lr_mult``, applied by DAFTHook at start-up.
-        feature_extractor: the pretrained part, frozen under LP (module paths); default backbone.
+        feature_extractor: the pretrained part, frozen under LP (module paths); default
+            backbone. Set explicitly, DAFT converts the BN layers in it and no others (default:
+            those that loaded pretrained weights, see :func:`daft_mm.mm.settings.conversion_plan`).
         data_preprocessor: used only if the wrapped model's config has none (the Runner passes a
             config's top-level ``data_preprocessor`` here).
         init_cfg: kept for the BaseModel interface; the wrapped model initialises itself.
@@ -283,7 +285,7 @@ class DAFTModel(BaseModel):
                  model: Union[dict, nn.Module],
                  method: str = 'daft',
                  predictors: PredictorSpec = None,
-                 feature_extractor: Sequence[str] = ('backbone', ),
+                 feature_extractor: Optional[Sequence[str]] = None,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None,
                  **model_overrides: Any) -> None:
@@ -311,6 +313,11 @@ class DAFTModel(BaseModel):
         # give way to it.
         self.predictors_configured = predictors is not None
         self.predictors = tuple(predictor_names(inner, predictors, 'model.predictors'))
+        # Set explicitly, it also names the pretrained part whose BN layers DAFT converts
+        # (otherwise that follows from how the weights were loaded: DAFTHook).
+        self.feature_extractor_configured = feature_extractor is not None
+        if feature_extractor is None:
+            feature_extractor = ('backbone', )
         try:
             self.feature_extractor = tuple(resolve_modules(inner, list(feature_extractor)))
         except (KeyError, ValueError, TypeError) as exc:
