@@ -40,6 +40,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
     p.add_argument('--search', action='store_true',
                    help='choose every method\'s setting on the ID-val split (grids widened at '
                    'their edges, finalists re-run with every seed), then report')
+    p.add_argument('--search-methods', nargs='+', metavar='METHOD', default=None,
+                   help='with --search: search only these methods (e.g. DAFT "conversion only") '
+                   'and keep the recorded choices (and search runs) of the others')
     p.add_argument('--protocol', choices=('grid', 'paper'), default='grid',
                    help='DAFT\'s search with --search: the joint grid (lr x ratio x head scope), '
                    'or the paper\'s two stages (lr at ratio 1 without conversion, then ratio)')
@@ -53,11 +56,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f'--workers must be >= 1, got {args.workers}')
+    if args.search_methods and not args.search:
+        p.error('--search-methods needs --search')
     if args.seeds is not None and args.seeds < 1:
         p.error(f'--seeds must be >= 1, got {args.seeds}')
     return Options(quick=args.quick, search=args.search, protocol=args.protocol,
                    seeds=args.seeds, work_dir=args.work_dir, recorded=args.recorded,
-                   verbose=args.verbose, workers=args.workers)
+                   verbose=args.verbose, workers=args.workers,
+                   search_methods=args.search_methods)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

@@ -93,10 +93,13 @@ def _space(spec: MethodSpec, spaces: Dict[str, List[Axis]],
 
 
 def search(pool: RunPool, spaces: Dict[str, List[Axis]], seeds: Sequence[int],
-           progress: Progress, protocol: str = 'grid'
+           progress: Progress, protocol: str = 'grid', kept: Optional[Dict[str, Point]] = None
            ) -> tuple[Dict[str, Point], Dict[str, SearchResult], List[Dict[str, Any]]]:
-    """Choose every method's setting on ID-val; returns the choices, the searches and every run."""
+    """Choose every method's setting on ID-val; returns the choices, the searches and every run.
+    ``kept``: methods not searched again, with their recorded choice (their searches and runs
+    are then not among those returned)."""
     ctx = pool.ctx
+    kept = kept or {}
     chosen: Dict[str, Point] = {}
     searches: Dict[str, SearchResult] = {}
     runs: List[Dict[str, Any]] = []
@@ -115,6 +118,11 @@ def search(pool: RunPool, spaces: Dict[str, List[Axis]], seeds: Sequence[int],
 
     def search_chain(names: Sequence[str]) -> None:
         for name in names:
+            if name in kept:
+                chosen[name] = kept[name]
+                if name == 'LP':
+                    ctx.lp_setting = chosen['LP']
+                continue
             spec = get_method(name)
             axes = _space(spec, spaces, chosen)
             if protocol == 'paper' and name == 'DAFT':
@@ -135,7 +143,7 @@ def search(pool: RunPool, spaces: Dict[str, List[Axis]], seeds: Sequence[int],
     with ThreadPoolExecutor(len(CHAINS)) as threads:
         for future in [threads.submit(search_chain, chain) for chain in CHAINS]:
             future.result()
-    return {m: chosen[m] for m in ORDER}, {m: searches[m] for m in ORDER}, runs
+    return {m: chosen[m] for m in ORDER}, {m: searches[m] for m in ORDER if m in searches}, runs
 
 
 def paper_protocol(spec: MethodSpec, axes: List[Axis], seeds: Sequence[int],
@@ -163,6 +171,8 @@ class Options:
     recorded: str = str(RECORDED)
     verbose: bool = False
     workers: int = 2  # runs side by side, one torch thread each
+    #: with ``search``: search only these methods, keep the recorded choices of the others
+    search_methods: Optional[Sequence[str]] = None
 
 
 def run_benchmark(opts: Options) -> Dict[str, Any]:
@@ -180,8 +190,11 @@ def run_benchmark(opts: Options) -> Dict[str, Any]:
     spaces = QUICK_SEARCH_SPACES if opts.quick else SEARCH_SPACES
     n_runs = len(COMPARED) * len(seeds)
     if opts.search:
-        grid = sum(_grid_size(spaces[m.name]) for m in COMPARED)
-        n_runs = grid + 2 * (len(seeds) - 1) * len(COMPARED)
+        searched = [m for m in COMPARED
+                    if not opts.search_methods or m.name in opts.search_methods]
+        grid = sum(_grid_size(spaces[m.name]) for m in searched)
+        n_runs = (grid + 2 * (len(seeds) - 1) * len(searched)
+                  + (len(COMPARED) - len(searched)) * len(seeds))  # kept: table runs only
         minutes = n_runs * (0.25 * s.budget + 8) / 60 / max(1, opts.workers)
         print(f'search: about {n_runs} fine-tuning runs (grids of {grid} points, finalists '
               f'with {len(seeds)} seeds, more if a grid widens): roughly {minutes:.0f} minutes '
@@ -199,15 +212,22 @@ def run_benchmark(opts: Options) -> Dict[str, Any]:
 
     with RunPool(ctx, opts.workers) as pool:
         if opts.search:
-            chosen, searches, search_runs = search(pool, spaces, seeds, progress, opts.protocol)
+            kept, earlier = _kept(opts)
+            chosen, searches, search_runs = search(pool, spaces, seeds, progress, opts.protocol,
+                                                   kept)
+            searched = f' --search-methods {" / ".join(searches)}' if kept else ''
             record = dict(
                 chosen={m: p.to_dict() for m, p in chosen.items()},
-                search={m: r.to_dict() for m, r in searches.items()},
-                runs=[_brief(r) for r in search_runs],
+                search={m: (searches[m].to_dict() if m in searches else earlier['search'][m])
+                        for m in chosen},
+                runs=[r for r in earlier.get('runs', []) if r['method'] in kept]
+                + [_brief(r) for r in search_runs],
                 protocol=opts.protocol, seeds=list(seeds),
                 source=f'tools/demo.py --search{" --quick" if opts.quick else ""} --protocol '
-                       f'{opts.protocol}, {time.strftime("%Y-%m-%d")}: best mean ID-val mIoU '
-                       'of the finalists (never OOD data)',
+                       f'{opts.protocol}{searched}, {time.strftime("%Y-%m-%d")}: best mean '
+                       'ID-val mIoU of the finalists (never OOD data)'
+                       + (f'; {", ".join(kept)}: kept from {earlier.get("source", "?")}'
+                          if kept else ''),
                 settings=asdict(s))
             atomic_write_json(str(work_dir / 'search.json'), record, indent=1, default=str)
             source = f'--search (written to {work_dir / "search.json"})'
@@ -231,6 +251,18 @@ def run_benchmark(opts: Options) -> Dict[str, Any]:
     report = _report(opts, s, seeds, chosen, source, record, results, ctx, t_start)
     _write(report, work_dir)
     return report
+
+
+def _kept(opts: Options) -> tuple[Dict[str, Point], Dict[str, Any]]:
+    """With ``search_methods``: the recorded choices of the other methods, and the record."""
+    if not opts.search_methods:
+        return {}, {}
+    unknown = [m for m in opts.search_methods if m not in ORDER]
+    if unknown:
+        raise ValueError(f'--search-methods: unknown {unknown}; choose among {list(ORDER)}')
+    earlier = load_recorded(Path(opts.recorded))
+    return ({m: Point.from_dict(p) for m, p in earlier['chosen'].items()
+             if m not in opts.search_methods}, earlier)
 
 
 def _grid_size(axes: Sequence[Axis]) -> int:

@@ -2,12 +2,13 @@
 
 Runs are cached: a run's ``result.json`` is written (atomically) only after training and
 evaluation, keyed by everything the run depends on (settings, method, setting, seed, budget, the
-demo configs, the bytes of its start checkpoint), so a rerun, or the default run after a search,
+demo configs, the sources of the packages it executes, the bytes of its start checkpoint), so a rerun, or the default run after a search,
 reuses finished runs instead of repeating them.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
@@ -262,9 +263,22 @@ def _cached(path: Path, key: str) -> Optional[Dict[str, Any]]:
     return cached['result'] if cached and cached.get('key') == key else None
 
 
+#: The packages a run executes: a cached run is reused only if their sources are unchanged
+#: (a change of the conversion rule must not hand back runs made under the old one).
+_CODE = ('core', 'mm', 'benchmark', 'utils')
+
+
+@functools.lru_cache(maxsize=None)
+def code_hash() -> str:
+    """One hash over the sources of :data:`_CODE`, taken once per process."""
+    package = Path(__file__).resolve().parents[1]
+    files = sorted(p for sub in _CODE for p in (package / sub).rglob('*.py'))
+    return stable_hash([(str(p.relative_to(package)), file_hash(p)) for p in files])
+
+
 def _configs_hash(spec: MethodSpec) -> List[str]:
     return [file_hash(DEMO_CONFIGS / spec.config),
-            file_hash(DEMO_CONFIGS / '_base_' / 'demo_common.py')]
+            file_hash(DEMO_CONFIGS / '_base_' / 'demo_common.py'), code_hash()]
 
 
 def lp_stage(ctx: Context, seed: int, iters: int) -> str:
