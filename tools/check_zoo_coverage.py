@@ -18,7 +18,11 @@ two-frame clips, semi-supervised ones the same images in every branch):
    max(1, |output|), <= 1e-4). Where float32 misses that, the check is redone in float64 on a
    copy: the conversion is exact in real arithmetic, but a discontinuous step in the eval path
    (SOLO's exact local-maximum test, DINO's top-k query selection) can turn its float32
-   rounding into a visible change; in float64 the rounding is 1e-16 and a real error stays;
+   rounding into a visible change; in float64 the rounding is 1e-16 and a real error stays.
+   This check takes every BN layer, so that every layer type is proven convertible; a DAFT run
+   converts only the BN layers of what was pretrained (:func:`daft_mm.core.split_batchnorms`):
+   the table's "DAFT converts / leaves new" column gives that split for the stock config's
+   pretrained modules (its ``init_cfg`` Pretrained / ``pretrained``);
 4. **priors**: after DAFT's zero-init every predictor has weight 0 and, where the model's own
    ``init_weights`` gives its bias a constant non-zero value (focal / sigmoid classifiers, ...),
    exactly that bias;
@@ -70,7 +74,11 @@ class FolderResult:
     predictors: List[str] = field(default_factory=list)
     priors: Dict[str, float] = field(default_factory=dict)  # path -> first prior value
     bn_layers: int = 0
-    converted: int = 0
+    converted: int = 0  # by the mechanical check: every BN-like layer, function kept
+    # DAFT's rule (convert what was pretrained): the stock config's pretrained modules
+    pretrained: List[str] = field(default_factory=list)
+    rule_converted: List[str] = field(default_factory=list)
+    rule_left_new: List[str] = field(default_factory=list)
     function_diff: Optional[float] = None
     function_diff_float32: Optional[float] = None  # set where the check was redone in float64
     train_step: str = ''
@@ -166,21 +174,29 @@ def _cwd(path: str) -> Iterator[None]:
         os.chdir(old)
 
 
-def _no_downloads(node: Any) -> Any:
-    """Drop pretrained checkpoints anywhere in a model config (nothing can be downloaded)."""
+def _no_downloads(node: Any, path: str = '') -> List[str]:
+    """Drop pretrained checkpoints anywhere in a model config (nothing can be downloaded); returns
+    the module paths that would have loaded them (``model.pretrained`` is the backbone's), the
+    modules whose BN layers DAFT converts under its rule."""
+    found: List[str] = []
     if isinstance(node, dict):
         for key in list(node):
             value = node[key]
-            if key in ('pretrained', 'teacher_ckpt'):
+            if key == 'teacher_ckpt':
+                node[key] = None
+            elif key == 'pretrained':
+                if value:
+                    found.append(f'{path}backbone' if 'backbone' in node else path.rstrip('.'))
                 node[key] = None
             elif key == 'init_cfg' and 'Pretrained' in str(value):
+                found.append(path.rstrip('.'))
                 node[key] = None
             else:
-                _no_downloads(value)
+                found += _no_downloads(value, f'{path}{key}.')
     elif isinstance(node, list):
         for item in node:
-            _no_downloads(item)
-    return node
+            found += _no_downloads(item, path)
+    return found
 
 
 def daft_backbone(package: str) -> dict:
@@ -196,7 +212,7 @@ def prepare_cfg(package: str, path: str, backbone_fix: dict) -> Any:
     from mmengine.config import Config
     cfg = Config.fromfile(path)
     model = cfg.model
-    _no_downloads(model)
+    cfg.daft_zoo_pretrained = [p for p in dict.fromkeys(_no_downloads(model)) if p]
     backbone = _backbone(model)
     backbone.merge_from_dict(backbone_fix) if hasattr(backbone, 'merge_from_dict') else \
         backbone.update(backbone_fix)
@@ -400,7 +416,7 @@ def check_folder(package: str, folder: str, train_step: bool = True,
     """All checks of one folder; ``static``: predictors, BN train and priors only (no forward)."""
     from mmengine.model import revert_sync_batchnorm
 
-    from daft_mm.core import convert_bn, find_batchnorms, zero_init_predictors
+    from daft_mm.core import convert_bn, find_batchnorms, split_batchnorms, zero_init_predictors
     from daft_mm.mm.models.daft_model import (check_predictors, mm_forward, predictor_priors,
                                               require_bn_train)
     from daft_mm.mm.predictors import default_predictors
@@ -440,6 +456,9 @@ def check_folder(package: str, folder: str, train_step: bool = True,
             result.stays_frozen = require_bn_train(model, 'model.', 'DAFT')
         stage = 'conversion'
         result.bn_layers = len(find_batchnorms(model))
+        modules = dict(model.named_modules())
+        result.pretrained = [p for p in cfg.daft_zoo_pretrained if p in modules]
+        result.rule_converted, result.rule_left_new = split_batchnorms(model, result.pretrained)
         if static:
             priors = predictor_priors(model, names)
             zero_init_predictors(model, names, priors)
@@ -547,8 +566,8 @@ def _train_step(model: torch.nn.Module, batch: dict, names: Sequence[str]) -> st
 
 # ------------------------------------------------------------------------------------ report
 def table(results: Sequence[FolderResult]) -> str:
-    lines = ['| folder | config | status | predictors | priors | BN conv. | max diff | note |',
-             '|---|---|---|---|---|---|---|---|']
+    lines = ['| folder | config | status | predictors | priors | BN conv. | DAFT converts / leaves '
+             'new | max diff | note |', '|---|---|---|---|---|---|---|---|---|']
     for r in results:
         if r.status == 'skipped':
             continue
@@ -558,13 +577,15 @@ def table(results: Sequence[FolderResult]) -> str:
         if r.function_diff_float32 is not None:
             diff = f'{diff} (float64; float32: {r.function_diff_float32:.1e})'
         conv = f'{r.converted}/{r.bn_layers}' if r.bn_layers else '—'
+        rule = (f'{len(r.rule_converted)} ({", ".join(r.pretrained) or "nothing pretrained"}) / '
+                f'{len(r.rule_left_new)}' if r.bn_layers else '—')
         note = r.note or r.train_step
         if r.refusal:
             note = f'refused as shipped ({_short_refusal(r.refusal)}); with that fix: ' + note
         if r.stays_frozen:
             note = f'stem frozen ({len(r.stays_frozen)} BN); ' + note
         lines.append(f'| {r.folder} | {r.config} | {r.status} | {preds} | {priors} | {conv} | '
-                     f'{diff} | {note} |')
+                     f'{rule} | {diff} | {note} |')
     return '\n'.join(lines)
 
 

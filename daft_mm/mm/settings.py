@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mmengine.model import BaseTTAModel, is_model_wrapper
@@ -268,9 +268,8 @@ class ConversionPlan:
         return '\n'.join(lines)
 
     def to_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d['pretrained'] = dict(self.pretrained)
-        return d
+        return {'converted': list(self.converted), 'left_new': list(self.left_new),
+                'pretrained': dict(self.pretrained), 'decided_by': self.decided_by}
 
 
 def _pretrained_checkpoint(init_cfg: Any) -> Optional[str]:

@@ -1,0 +1,204 @@
+"""DAFT converts what was pretrained, and only that (real Runner, the shipped DAFT configs shrunk,
+tiny generated data): fresh heads keep their BatchNorm exactly as initialised; ``load_from`` a
+whole model converts every module it holds; the overrides win and conflict loudly."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+pytest.importorskip('mmseg')
+
+import daft_mm  # noqa: E402,F401  (registers DAFTHook / DAFTModel)
+from mmengine.hooks import Hook  # noqa: E402
+from mmengine.registry import MODELS  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+from daft_mm.mm.hooks import DAFTHook  # noqa: E402
+from _mm_helpers import CONFIGS, ProbeHook, load_tiny, shrink_config, state_copy  # noqa: E402
+
+torch.set_num_threads(1)
+BN_TENSORS = ('weight', 'bias', 'running_mean', 'running_var')
+
+
+@pytest.fixture(scope='module')
+def cfg_path(tmp_path_factory) -> Path:
+    return shrink_config(CONFIGS / 'daft_deeplabv3_cityscapes.py',
+                         tmp_path_factory.mktemp('configs'))
+
+
+def _bn_paths(net: torch.nn.Module) -> List[str]:
+    return [name for name, m in net.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def _train(cfg: Any) -> Dict[str, Any]:
+    """Train 1 step; the inner model's state right before and right after DAFT's preparation."""
+    runner = Runner.from_cfg(cfg)
+    before = ProbeHook(lambda model: state_copy(model.model))
+    after = ProbeHook(lambda model: state_copy(model.model))
+    runner.register_hook(before, priority='VERY_HIGH')
+    runner.register_hook(after, priority='VERY_LOW')
+    runner.train()
+    hook = next(h for h in runner.hooks if isinstance(h, DAFTHook))
+    return dict(before=before.records[0], after=after.records[0], hook=hook,
+                net=runner.model.model, runner=runner)
+
+
+def _changed(run: Dict[str, Any], layer: str) -> bool:
+    return not torch.equal(run['before'][f'{layer}.running_mean'],
+                           run['after'][f'{layer}.running_mean'])
+
+
+def _untouched(run: Dict[str, Any], layer: str) -> bool:
+    return all(torch.equal(run['before'][f'{layer}.{t}'], run['after'][f'{layer}.{t}'])
+               for t in BN_TENSORS)
+
+
+def test_pretrained_backbone_is_converted_fresh_heads_stay_as_initialised(
+        cityscapes_root, cfg_path, tmp_path):
+    run = _train(load_tiny(cfg_path, tmp_path, cityscapes_root, **{
+        'train_cfg.max_iters': 1, 'train_dataloader.batch_size': 2}))
+    bns = _bn_paths(run['net'])
+    backbone = [n for n in bns if n.startswith('backbone.')]
+    heads = [n for n in bns if not n.startswith('backbone.')]
+    assert backbone and heads
+    assert all(_changed(run, n) for n in backbone)
+    # bit-identical to their initialisation: statistics 0/1, weight 1, bias 0
+    assert all(_untouched(run, n) for n in heads)
+    assert all(torch.equal(run['after'][f'{n}.running_var'],
+                           torch.ones_like(run['after'][f'{n}.running_var'])) for n in heads)
+    plan = run['hook'].conversion_plan
+    assert list(plan.converted) == backbone and list(plan.left_new) == heads
+    assert plan.decided_by == 'pretrained weights'
+    assert [p for p, _ in plan.pretrained] == ['backbone']
+    assert dict(plan.pretrained)['backbone'].startswith('init_cfg Pretrained ')
+    # the same in converted.pth's meta and in every checkpoint's DAFT state
+    meta = torch.load(tmp_path / 'converted.pth', map_location='cpu',
+                      weights_only=False)['meta']['daft']
+    assert meta['converted_layers'] == len(backbone)
+    assert meta['conversion_plan']['left_new'] == heads
+    assert meta['conversion_plan']['pretrained'] == dict(plan.pretrained)
+    report = next(tmp_path.glob('*/daft_bn_conversion.json')).read_text()
+    assert '"left_as_initialised"' in report and heads[0] in report
+
+
+def test_load_from_a_whole_model_converts_every_module_it_holds(cityscapes_root, cfg_path,
+                                                                tmp_path):
+    """A Cityscapes DeepLabV3 fine-tuned on other data: the checkpoint holds the decode head too.
+    A module the checkpoint lacks (here one ASPP branch) or holds with other shapes (the
+    auxiliary predictor: another number of classes) is new; the rest of its head is not."""
+    cfg = load_tiny(cfg_path, tmp_path, cityscapes_root, pretrained=False, **{
+        'train_cfg.max_iters': 1, 'train_dataloader.batch_size': 2})
+    torch.manual_seed(1)
+    source = MODELS.build(cfg.model).model
+    with torch.no_grad():
+        for m in source.modules():
+            if isinstance(m, _BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    state = {k: v for k, v in source.state_dict().items()
+             if not k.startswith('decode_head.aspp_modules.1.')}
+    state['auxiliary_head.conv_seg.weight'] = torch.zeros(5, *state[
+        'auxiliary_head.conv_seg.weight'].shape[1:])
+    state['auxiliary_head.conv_seg.bias'] = torch.zeros(5)
+    torch.save({'state_dict': state, 'meta': {}}, tmp_path / 'cityscapes_model.pth')
+    cfg.load_from = str(tmp_path / 'cityscapes_model.pth')
+    run = _train(cfg)
+    plan = run['hook'].conversion_plan
+    assert list(plan.left_new) == ['decode_head.aspp_modules.1.bn']
+    assert _untouched(run, 'decode_head.aspp_modules.1.bn')
+    for layer in ('backbone.layer1.0.bn1', 'decode_head.aspp_modules.0.bn',
+                  'decode_head.bottleneck.bn', 'auxiliary_head.convs.0.bn'):
+        assert layer in plan.converted and _changed(run, layer), layer
+    reasons = dict(plan.pretrained)
+    assert reasons['backbone'] == f'load_from {cfg.load_from}'
+    assert 'decode_head.aspp_modules.0' in reasons and 'decode_head' not in reasons
+    assert 'auxiliary_head.convs' in reasons and 'auxiliary_head.conv_seg' not in reasons
+
+
+@pytest.mark.parametrize('options,converted', [
+    # an old config's DAFTHook(modules=...) wins over the pretrained weights
+    ({'custom_hooks': [dict(type='DAFTHook', modules=['backbone.layer1'])]},
+     lambda n: n.startswith('backbone.layer1.')),
+    ({'daft_convert_modules': 'all'}, lambda n: True),
+    ({'daft_convert_modules': ['backbone', 'auxiliary_head']},
+     lambda n: not n.startswith('decode_head.')),
+    ({'model.feature_extractor': ['backbone', 'decode_head']},
+     lambda n: not n.startswith('auxiliary_head.')),
+])
+def test_explicit_choices_override_the_pretrained_weights(cityscapes_root, cfg_path, tmp_path,
+                                                          options, converted):
+    run = _train(load_tiny(cfg_path, tmp_path, cityscapes_root, **{
+        'train_cfg.max_iters': 1, 'train_dataloader.batch_size': 2, **options}))
+    bns = _bn_paths(run['net'])
+    assert list(run['hook'].conversion_plan.converted) == [n for n in bns if converted(n)]
+    for name in bns:
+        assert _changed(run, name) if converted(name) else _untouched(run, name), name
+
+
+@pytest.mark.parametrize('options,pattern', [
+    ({'daft_convert_modules': ['decode_hed']},
+     r"daft_convert_modules: .*no submodule 'decode_hed'.*decode_head"),
+    ({'daft_convert_modules': 'backbone'}, r"daft_convert_modules='backbone' is neither 'all'"),
+    ({'daft_convert_modules': ['backbone'],
+      'custom_hooks': [dict(type='DAFTHook', modules=['backbone.layer1'])]},
+     r"set twice.*custom_hooks\[DAFTHook\]\.modules=\['backbone\.layer1'\] and "
+     r"daft_convert_modules=\['backbone'\]"),
+])
+def test_a_wrong_choice_fails_at_start_up_naming_the_key(cityscapes_root, cfg_path, tmp_path,
+                                                         options, pattern):
+    stepped = []
+
+    class NoStep(Hook):
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            stepped.append(batch_idx)
+
+    runner = Runner.from_cfg(load_tiny(cfg_path, tmp_path, cityscapes_root, **{
+        'train_cfg.max_iters': 1, 'train_dataloader.batch_size': 2, **options}))
+    runner.register_hook(NoStep(), priority='LOWEST')
+    with pytest.raises(ValueError, match=pattern):
+        runner.train()
+    assert not stepped
+
+
+def test_nothing_pretrained_converts_nothing_and_says_so(cityscapes_root, cfg_path, tmp_path):
+    run = _train(load_tiny(cfg_path, tmp_path, cityscapes_root, pretrained=False, **{
+        'train_cfg.max_iters': 1, 'train_dataloader.batch_size': 2}))
+    assert not run['hook'].conversion_plan.converted
+    assert all(_untouched(run, n) for n in _bn_paths(run['net']))
+    log = next(tmp_path.glob('*/*.log')).read_text()
+    assert 'no BatchNorm layer is converted' in log and 'init_cfg' in log
+    # integrated LP+FT still ran: the predictors started at zero and trained
+    assert not run['after']['decode_head.conv_seg.weight'].any()
+    assert run['net'].decode_head.conv_seg.weight.any()
+
+
+@pytest.mark.parametrize('config', ['daft_faster-rcnn_r50_fpn_voc.py',
+                                    'daft_retinanet_r50_fpn_voc.py'])
+def test_detection_converts_the_pretrained_backbone_only(voc_det_root, tmp_path, config):
+    """ImageNet backbone, new FPN and heads: only the backbone's BN layers are converted, and a
+    head with BN (given here to the RetinaNet head) stays as initialised."""
+    path = shrink_config(CONFIGS / 'detection' / config, tmp_path)
+    options = {'train_cfg.max_iters': 1, 'train_dataloader.batch_size': 2}
+    if 'retinanet' in config:
+        options['model.bbox_head.norm_cfg'] = dict(type='BN', requires_grad=True)
+    cfg = load_tiny(path, tmp_path, voc_det_root, **options)
+    runner = Runner.from_cfg(cfg)
+    before = ProbeHook(state_copy)
+    after = ProbeHook(state_copy)
+    runner.register_hook(before, priority='VERY_HIGH')
+    runner.register_hook(after, priority='VERY_LOW')
+    runner.train()
+    run = dict(before=before.records[0], after=after.records[0])
+    plan = next(h for h in runner.hooks if isinstance(h, DAFTHook)).conversion_plan
+    net = runner.model
+    bns = _bn_paths(net)
+    assert list(plan.converted) == [n for n in bns if n.startswith('backbone.')]
+    assert list(plan.left_new) == [n for n in bns if not n.startswith('backbone.')]
+    assert all(_changed(run, n) for n in plan.converted)
+    assert all(_untouched(run, n) for n in plan.left_new)
+    if 'retinanet' in config:
+        assert plan.left_new  # the head's BN layers
