@@ -263,12 +263,19 @@ def test_train_cls_benchmark_end_to_end(tmp_path):
         assert best['chosen'] and best['settings'] == runs[0]['settings']
         assert all(0 <= p['id_val'] <= 1 and 'ood_mean' in p['accuracy'] for p in grid)
         assert all(r['stages'][-1]['head_modules'] == ['fc'] for r in runs)
+        # every conversion read the whole training set once (the training loader drops the
+        # last incomplete batch; the statistics pass does not)
+        converts = any(s.convert_bn for s in get_recipe(method).stages)
+        train_images = len(report['config']['target_classes']) * report['config'][
+            'train_per_class']  # one style, 'id'
+        assert all(r.get('bn_images') == (train_images if converts else None) for r in runs)
     # lr 0.1 is a grid end; with widen=1 a best point there adds 0.1 * 0.1 / 0.01 = 1.0
     ft_grid = report['selection']['grid']['ft']
     if next(p for p in ft_grid if p['chosen'])['settings']['lr'] in (0.01, 0.1):
         assert any(p['widened'] for p in ft_grid)
     assert report['selection']['chosen']['lp-ft']['settings']['lp_lr'] == (
         report['selection']['chosen']['lp']['settings']['lr'])
+    assert f'BN statistics from {train_images} training images' in proc.stdout
 
 
 def test_search_axes_step_by_the_grid_spacing_and_the_ratio_not_below_one():

@@ -223,3 +223,33 @@ def test_train_cls_end_to_end_all_methods(tmp_path):
     assert [s['name'] for s in results['lp-ft']['stages']] == ['lp', 'ft']
     assert results['daft']['bn_conversion']['layers']
     assert results['ft']['bn_conversion'] is None
+
+
+def test_daft_leaves_a_new_head_batchnorm_as_initialised():
+    """The rule of every front end: a new module's BN has no pretrained function to keep, so
+    conversion leaves it exactly as initialised (here a fresh neck in front of ``fc``)."""
+    model = tiny_resnet()
+    model.fc = nn.Sequential(nn.BatchNorm1d(model.fc.in_features), nn.Linear(model.fc.in_features, 3))
+    head_bn = snapshot(model.fc[0])
+    backbone = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    loader = colour_loader()
+    run = finetune(model, loader, method='daft', iters=1, lr=0.0, head_names=['fc.1'],
+                   pretrained=['conv1', 'bn1', 'layer1', 'layer2', 'layer3', 'layer4'],
+                   bn_max_batches=1)
+    assert run.bn_conversion.converted == backbone
+    assert run.bn_conversion.left_as_initialised == ['fc.0']
+    # lr 0: after conversion nothing but the train-mode statistics of fc.0 moved; its
+    # affine parameters are its initialisation
+    assert torch.equal(model.fc[0].weight, head_bn['weight'])
+    assert torch.equal(model.fc[0].bias, head_bn['bias'])
+
+
+def test_statistics_pass_reads_the_whole_training_set_when_given_its_loader():
+    """A training loader with drop_last skips the last images; bn_loader reads every one."""
+    data = colour_loader(n=40, batch_size=16).dataset
+    train = DataLoader(data, batch_size=16, shuffle=True, drop_last=True)
+    dropped = finetune(tiny_resnet(), train, method='daft', iters=1, lr=0.0)
+    whole = finetune(tiny_resnet(), train, method='daft', iters=1, lr=0.0,
+                     bn_loader=DataLoader(data, batch_size=16))
+    assert dropped.bn_conversion.layers[0].num_samples == 32
+    assert whole.bn_conversion.layers[0].num_samples == 40

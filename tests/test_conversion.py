@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from daft_mm.core import ConversionError, convert_bn, find_batchnorms
+from daft_mm.core import ConversionError, convert_bn, find_batchnorms, split_batchnorms
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -174,6 +174,34 @@ def test_modules_selection_and_unknown_name():
     assert report.converted == ['4']
     with pytest.raises(ValueError, match="no submodule '44'.*did you mean"):
         convert_bn(net, [torch.randn(4, 3, 9, 9)], modules=['44'])
+
+
+
+def test_split_batchnorms_converts_what_was_pretrained_only():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+            self.neck = nn.Sequential(nn.Conv2d(4, 4, 1), nn.InstanceNorm2d(4,
+                                                                         track_running_stats=True))
+            self.head = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.neck(self.backbone(x)))
+
+    net = Net()
+    assert split_batchnorms(net, ['backbone']) == (['backbone.1'], ['neck.1', 'head.1'])
+    assert split_batchnorms(net, ['backbone.1', 'head']) == (['backbone.1', 'head.1'], ['neck.1'])
+    assert split_batchnorms(net, None) == ([], ['backbone.1', 'neck.1', 'head.1'])
+    assert split_batchnorms(net, ['backbone'], 'all') == (['backbone.1', 'neck.1', 'head.1'], [])
+    with pytest.raises(ValueError, match="no submodule 'backbon'.*did you mean"):
+        split_batchnorms(net, ['backbon'])
+    with pytest.raises(ValueError, match='scope must be one of'):
+        split_batchnorms(net, ['backbone'], 'some')
+    # the InstanceNorm outside the pretrained part is not convertible, and not asked to be
+    converted, _ = split_batchnorms(net, ['backbone', 'head'])
+    report = convert_bn(net, [torch.randn(2, 3, 6, 6)], modules=converted)
+    assert report.converted == ['backbone.1', 'head.1']
 
 
 def test_dataloader_tuples_and_custom_forward():

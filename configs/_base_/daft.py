@@ -3,8 +3,13 @@
 # It adds (keys no stock mmseg/mmdet base defines, so it merges with any of them):
 #   custom_imports     registers daft_mm (DAFTHook, DAFTModel)
 #   custom_hooks       DAFTHook: before the first step, one eval-mode pass over the training data
-#                      re-centres every BatchNorm on the target data without changing the function
-#                      (BN conversion), then the final predictors start at zero
+#                      re-centres the pretrained BatchNorm layers on the target data without
+#                      changing the function (BN conversion), then the final predictors start at
+#                      zero. "Pretrained" follows from how the weights are loaded: the backbone of
+#                      model.pretrained / a Pretrained init_cfg, and every module that load_from
+#                      holds with the same shapes. The BN layers of new modules (a fresh decode
+#                      head) stay exactly as initialised and train as in FT; the start-up log lists
+#                      both. Override: daft_convert_modules = 'all' or ['backbone', ...]
 #   daft_predictors    the final predictor layers (module paths of the segmentor)
 #   daft_head_lr_mult  the head's LR over the backbone's ("far above": DAFT's integrated LP+FT)
 #   daft_head_modules  what "the head" is for that LR: 'new_modules' (default, the DAFT
@@ -35,7 +40,8 @@
 #   num_batches=None         statistics pass length per rank; default one pass over the train set
 #   dataloader=None          a dataloader config for the pass; default the training set + pipeline
 #   var_mode='batch'         or 'population' (see daft_mm.core.convert_bn)
-#   modules=None             BN layers to convert (module paths); default all
+#   modules=None             BN layers to convert (module paths); default the pretrained ones
+#                            (same as daft_convert_modules, which new configs use)
 #   forward_mode='loss'      'loss' reaches every BN a training step uses (auxiliary heads too)
 #   convert=True, zero_init=True   ablations: either part alone
 #   check_lr=True            start-up check of the LR ratio and of eta_min

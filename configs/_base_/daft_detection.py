@@ -3,7 +3,9 @@
 #
 # It adds (keys no stock mmdet base defines, so it merges with any of them):
 #   custom_imports      registers daft_mm (DAFTHook, DAFTModel)
-#   custom_hooks        DAFTHook: BN conversion on the target training data, then the final
+#   custom_hooks        DAFTHook: BN conversion of the pretrained BN layers (the backbone's; with
+#                       load_from a whole detector, every module it holds) on the target training
+#                       data (new necks and heads keep their BN as initialised), then the final
 #                       predictors start at weight 0 and the bias their head's own init gives (the
 #                       prior: p = 0.01 for focal / sigmoid classifiers such as RetinaNet's; 0 for
 #                       softmax ones). The predictors come from the head table
