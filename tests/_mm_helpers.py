@@ -64,7 +64,7 @@ def pretrained_backbone(cfg: Any) -> str:
     import json
     import tempfile
 
-    from mmengine.registry import MODELS
+    from mmengine.registry import MODELS, DefaultScope
 
     from daft_mm.mm.settings import unwrap
     model_cfg = cfg.model.get('model', cfg.model) if cfg.model.get('type') in (
@@ -75,7 +75,8 @@ def pretrained_backbone(cfg: Any) -> str:
         built = dict(model_cfg)
         if 'pretrained' in built:  # mmseg: the stock ImageNet path is not loaded here
             built['pretrained'] = None
-        backbone = unwrap(MODELS.build(built)).backbone
+        with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+            backbone = unwrap(MODELS.build(built)).backbone
         with torch.no_grad():
             for module in backbone.modules():
                 if isinstance(getattr(module, 'running_mean', None), torch.Tensor):
@@ -87,6 +88,14 @@ def pretrained_backbone(cfg: Any) -> str:
         torch.save({'state_dict': backbone.state_dict()}, path)
         _PRETRAINED[key] = str(path)
     return _PRETRAINED[key]
+
+
+def pretrained_options(config: Path) -> List[str]:
+    """``--cfg-options`` entries that load :func:`pretrained_backbone` into the config's backbone
+    (``model.backbone`` reaches the wrapped model of a ``DAFTModel`` too)."""
+    from mmengine.config import Config
+    path = pretrained_backbone(Config.fromfile(str(config)))
+    return ['model.backbone.init_cfg.type=Pretrained', f'model.backbone.init_cfg.checkpoint={path}']
 
 
 def load_tiny(config: Path, work_dir: Path, data_root: str, pretrained: bool = True,

@@ -117,7 +117,7 @@ import daft_mm  # noqa: E402,F401  (registers DAFTHook / DAFTModel)
 from mmengine.hooks import Hook  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from _mm_helpers import CONFIGS, load_tiny, shrink_config  # noqa: E402
+from _mm_helpers import CONFIGS, ProbeHook, load_tiny, shrink_config  # noqa: E402
 
 
 class LrAndWeights(Hook):
@@ -154,9 +154,11 @@ def _train(cfg_path: Path, tmp_path: Path, root: str, **options: Any):
     runner = Runner.from_cfg(cfg)
     probe = LrAndWeights()
     runner.register_hook(probe)
-    bn_start = runner.model.model.backbone.layer1[0].bn1.running_mean.detach().clone()
+    # the pretrained statistics: after the weights are loaded, before DAFTHook
+    start = ProbeHook(lambda m: m.model.backbone.layer1[0].bn1.running_mean.detach().clone())
+    runner.register_hook(start, priority='VERY_HIGH')
     runner.train()
-    return runner, probe, bn_start
+    return runner, probe, start.records[0]
 
 
 @pytest.mark.parametrize('scope', ['predictors', 'new_modules'])

@@ -22,7 +22,7 @@ from mmengine.hooks import Hook  # noqa: E402
 from mmengine.registry import MODELS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from _mm_helpers import (CONFIGS, REPO, TINY, ProbeHook, cpu_env, load_tiny,  # noqa: E402
+from _mm_helpers import (CONFIGS, REPO, TINY, ProbeHook, cpu_env, load_tiny, pretrained_options,  # noqa: E402
                          shrink_config)
 
 torch.set_num_threads(1)
@@ -71,7 +71,7 @@ def trained(daft_cfg, cfgdir, cityscapes_root, tmp_path_factory) -> Dict[str, An
     run = _tool('train', child, '--work-dir', work, '--cfg-options',
                 f'data_root={cityscapes_root}', 'train_cfg.max_iters=2',
                 'train_cfg.val_interval=100', 'default_hooks.checkpoint.interval=2',
-                'train_dataloader.batch_size=2')
+                'train_dataloader.batch_size=2', *pretrained_options(child))
     assert run.returncode == 0, run.stderr[-4000:]
     return dict(config=child, work=work, log=run.stdout + run.stderr)
 
@@ -366,7 +366,10 @@ def test_pure_python_config_end_to_end(cityscapes_root, tmp_path):
     shutil.copytree(CONFIGS / '_base_', configs / '_base_')
     shutil.copytree(CONFIGS / 'new_style', configs / 'new_style')
     user = configs / 'new_style' / 'my_daft.py'
-    user.write_text(_TINY_NEW_STYLE)
+    # the tiny backbone of configs/_tiny_ is the one the user's edits make
+    checkpoint = pretrained_options(TINY / 'tiny_deeplabv3_cityscapes.py')[1].split('=', 1)[1]
+    user.write_text(_TINY_NEW_STYLE + 'model.model.backbone.init_cfg = dict(type=\'Pretrained\', '
+                    f'checkpoint={checkpoint!r})\n')
     work = tmp_path / 'work'
     run = _tool('train', user, '--work-dir', work, '--cfg-options',
                 f'data_root={cityscapes_root}', 'train_cfg.max_iters=2', 'train_cfg.val_interval=2',
