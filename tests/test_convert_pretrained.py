@@ -202,3 +202,61 @@ def test_detection_converts_the_pretrained_backbone_only(voc_det_root, tmp_path,
     assert all(_untouched(run, n) for n in plan.left_new)
     if 'retinanet' in config:
         assert plan.left_new  # the head's BN layers
+
+
+# ------------------------------------------------------------ what each shipped config converts
+def shipped_conversion(name: str) -> Dict[str, Any]:
+    """The conversion plan of a shipped DAFT config at full size, nothing downloaded: the
+    pretrained modules its ``init_cfg`` names, plus, for a ``load_from`` config, what that
+    checkpoint holds, emulated by the same model built with the source task's class counts
+    (COCO: 80)."""
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+
+    from daft_mm.mm.settings import (checkpoint_pretrained, conversion_plan,
+                                     init_cfg_pretrained, unwrap)
+    cfg = Config.fromfile(str(CONFIGS / name))
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        model = unwrap(MODELS.build(cfg.model))
+        net = model.model if hasattr(model, 'stage') else model
+        pretrained = init_cfg_pretrained(net)
+        if cfg.get('load_from') and 'coco' in cfg.load_from:
+            source = cfg.model.copy()
+            for head in ('bbox_head', 'roi_head'):
+                if head in source:
+                    source[head] = _with_classes(source[head], 80)
+            state = MODELS.build(source).state_dict()
+            pretrained.update(checkpoint_pretrained(net, state, cfg.load_from))
+    return dict(plan=conversion_plan(net, None, pretrained), net=net, cfg=cfg)
+
+
+def _with_classes(node: Any, n: int) -> Any:
+    if isinstance(node, dict):
+        return {k: n if k == 'num_classes' else _with_classes(v, n) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_with_classes(v, n) for v in node]
+    return node
+
+
+SHIPPED = ['daft_deeplabv3_cityscapes.py', 'daft_deeplabv3_voc.py',
+           'new_style/daft_deeplabv3_r50_d8_cityscapes.py', 'demo/daft_demo.py'] + sorted(
+    f'detection/{p.name}' for p in (CONFIGS / 'detection').glob('daft_*.py'))
+
+
+@pytest.mark.parametrize('name', SHIPPED)
+def test_every_shipped_daft_config_converts_what_it_loads(name):
+    found = shipped_conversion(name)
+    plan, net, cfg = found['plan'], found['net'], found['cfg']
+    bns = _bn_paths(net)
+    backbone = [n for n in bns if n.startswith('backbone.')]
+    if name == 'demo/daft_demo.py':
+        # the benchmark passes its pretrained backbone as init_cfg; as shipped nothing is
+        assert not plan.converted and plan.left_new
+    elif cfg.get('load_from'):
+        # the whole COCO detector: backbone, FPN and heads, all but the class predictors
+        assert 'neck' in dict(plan.pretrained) and backbone
+        assert set(backbone) <= set(plan.converted) and not plan.left_new
+    else:  # ImageNet backbone: only its BN layers; necks and heads are new
+        assert [p for p, _ in plan.pretrained] == ['backbone']
+        assert list(plan.converted) == backbone
+        assert list(plan.left_new) == [n for n in bns if not n.startswith('backbone.')]
