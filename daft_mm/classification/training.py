@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from daft_mm.core import (HEAD_SCOPES, ConversionReport, FineTuneRecipe, FineTuneStage,
-                          convert_bn, find_predictors, flush_subnormals,
-                          freeze_feature_extractor, get_recipe, new_modules, resolve_modules,
-                          set_bn_eval, split_batchnorms, split_param_groups,
-                          zero_init_predictors)
+from daft_mm.core import (ConversionReport, FineTuneRecipe, FineTuneStage, convert_bn,
+                          find_predictors, flush_subnormals, freeze_feature_extractor, get_recipe,
+                          kept_modes, resolve_modules, set_bn_eval, split_batchnorms,
+                          split_param_groups, zero_init_predictors)
+from daft_mm.core import head_modules as core_head_modules
 
 __all__ = ['SCHEDULES', 'StageLog', 'StepInfo', 'FineTuneRun', 'finetune', 'evaluate',
            'evaluate_loss', 'head_modules', 'default_pretrained']
@@ -115,13 +115,9 @@ def default_pretrained(model: nn.Module, head_names: str | Sequence[str]) -> lis
 def head_modules(model: nn.Module, head_names: str | Sequence[str], scope: str,
                  pretrained: str | Sequence[str] | None = None) -> list[str]:
     """The modules that form the head under ``scope`` (see ``HEAD_SCOPES``)."""
-    if scope not in HEAD_SCOPES:
-        raise ValueError(f'head_scope must be one of {HEAD_SCOPES}, got {scope!r}')
-    if scope == 'predictors':
-        return list(resolve_modules(model, head_names))
-    if pretrained is None:
+    if pretrained is None and scope == 'new_modules':
         pretrained = default_pretrained(model, head_names)
-    return new_modules(model, pretrained)
+    return core_head_modules(model, head_names, scope, pretrained or ())
 
 
 def _stage_iters(recipe: FineTuneRecipe, iters: int, lp_iters: int | None) -> list[int]:
@@ -273,20 +269,16 @@ def evaluate_loss(model: nn.Module, loader: Iterable[Any], *,
     """``(top-1 accuracy, mean cross-entropy)``: the loss breaks accuracy ties in a selection
     on a small validation split. Module modes are restored as by :func:`evaluate`."""
     device = torch.device(device)
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
     correct = total = 0
     loss = 0.0
-    try:
+    with kept_modes(model):
+        model.eval()
         for batch in loader:
             inputs, targets = _split_batch(batch, device)
             logits = model(inputs)
             correct += int((logits.argmax(dim=1) == targets).sum())
             loss += float(F.cross_entropy(logits, targets, reduction='sum'))
             total += int(targets.numel())
-    finally:
-        for module, mode in modes:
-            module.training = mode
     if total == 0:
         raise ValueError('the evaluation loader yielded no sample')
     return correct / total, loss / total

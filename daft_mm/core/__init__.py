@@ -4,19 +4,21 @@ from .conversion import (ConversionError, ConversionReport, LayerReport, convert
 from .distortion import (QUANTITIES, ChangeReport, FeatureSimilarity, LayerChange,
                          feature_similarity, pairwise_cosine, relative_change)
 from .heads import (PREDICTOR_TYPES, find_predictors, flush_subnormals, freeze_feature_extractor,
-                    new_modules, resolve_modules, set_bn_eval, split_param_groups,
+                    head_modules, new_modules, resolve_modules, set_bn_eval, split_param_groups,
                     zero_init_predictors)
-from .recipes import (CONVERT_SCOPES, DAFT_HEAD_LR_MULT, HEAD_SCOPES, RECIPES, FineTuneRecipe, FineTuneStage,
-                      get_recipe)
+from .modules import has_running_stats, is_batchnorm, kept_modes
+from .recipes import (CONVERT_SCOPES, DAFT_HEAD_LR_MULT, HEAD_SCOPES, RECIPES, FineTuneRecipe,
+                      FineTuneStage, get_recipe)
 from .stats import VAR_MODES, ChannelAccumulator, ChannelMoments
 
 __all__ = [
     'ConversionError', 'ConversionReport', 'LayerReport', 'convert_bn', 'default_forward',
     'find_batchnorms', 'split_batchnorms', 'VAR_MODES', 'ChannelAccumulator', 'ChannelMoments',
+    'has_running_stats', 'is_batchnorm', 'kept_modes',
     'PREDICTOR_TYPES', 'find_predictors', 'flush_subnormals', 'freeze_feature_extractor',
-    'new_modules', 'resolve_modules',
-    'set_bn_eval', 'split_param_groups', 'zero_init_predictors',
+    'head_modules', 'new_modules', 'resolve_modules', 'set_bn_eval', 'split_param_groups', 'zero_init_predictors',
     'QUANTITIES', 'ChangeReport', 'FeatureSimilarity', 'LayerChange', 'feature_similarity',
     'pairwise_cosine', 'relative_change',
-    'CONVERT_SCOPES', 'DAFT_HEAD_LR_MULT', 'HEAD_SCOPES', 'RECIPES', 'FineTuneRecipe', 'FineTuneStage', 'get_recipe',
+    'CONVERT_SCOPES', 'DAFT_HEAD_LR_MULT', 'HEAD_SCOPES', 'RECIPES', 'FineTuneRecipe',
+    'FineTuneStage', 'get_recipe',
 ]

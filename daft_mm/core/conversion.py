@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .modules import has_running_stats, kept_modes, not_batchnorm_reason
 from .recipes import CONVERT_SCOPES
 from .stats import VAR_MODES, ChannelAccumulator, ChannelMoments, all_reduce_accumulators
 
@@ -89,36 +90,6 @@ class ConversionReport:
 
 
 # ------------------------------------------------------------------------------ layer selection
-#: What a BN-like layer needs for the conversion: per-channel running statistics over dim 1, an
-#: ``eps``, a channel count and (possibly absent) affine weight and bias.
-_BN_INTERFACE = ('running_mean', 'running_var', 'eps', 'num_features', 'affine', 'weight', 'bias')
-
-
-def _has_running_stats(module: nn.Module) -> bool:
-    return isinstance(module, _BatchNorm) or (
-        isinstance(getattr(module, 'running_mean', None), torch.Tensor)
-        and isinstance(getattr(module, 'running_var', None), torch.Tensor))
-
-
-def _not_bn_like(module: nn.Module) -> Optional[str]:
-    """Why a layer with running statistics cannot be converted as a BatchNorm, or None.
-
-    Duck-typed: mmcv's ``MMSyncBN`` is not a ``_BatchNorm`` subclass but is one in all that
-    matters here; skipping it silently would leave its statistics on the source domain.
-    """
-    if isinstance(module, _BatchNorm):
-        return None
-    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
-        return ('an InstanceNorm normalises each sample by its own statistics in train mode; its '
-                'running statistics are not what fine-tuning uses')
-    missing = [attr for attr in _BN_INTERFACE if not hasattr(module, attr)]
-    if missing:
-        return f'it keeps running statistics but has no {missing}'
-    if module.running_mean.dim() != 1 or module.running_mean.numel() != module.num_features:
-        return 'its running statistics are not one value per channel'
-    return None
-
-
 def find_batchnorms(model: nn.Module, modules: ModuleSpec = None) -> Dict[str, _BatchNorm]:
     """The BN layers to convert, by name. Found by type (mmengine/torch variants subclass
     ``_BatchNorm``) and by duck type: any layer with per-channel running statistics and the
@@ -127,7 +98,7 @@ def find_batchnorms(model: nn.Module, modules: ModuleSpec = None) -> Dict[str, _
     source statistics. ``modules`` narrows the search: module names (a BN layer, or a parent whose
     BN layers are all taken), module objects, or a predicate ``(name, module) -> bool``."""
     named = dict(model.named_modules())
-    all_bn = {name: m for name, m in named.items() if _has_running_stats(m)}
+    all_bn = {name: m for name, m in named.items() if has_running_stats(m)}
     if modules is None:
         chosen: Dict[str, _BatchNorm] = all_bn
     elif callable(modules) and not isinstance(modules, nn.Module):
@@ -135,7 +106,7 @@ def find_batchnorms(model: nn.Module, modules: ModuleSpec = None) -> Dict[str, _
     else:
         chosen = _select(named, all_bn, [modules] if isinstance(modules, (str, nn.Module))
                          else modules)
-    refused = {name: why for name, m in chosen.items() if (why := _not_bn_like(m))}
+    refused = {name: why for name, m in chosen.items() if (why := not_batchnorm_reason(m))}
     if refused:
         listed = '; '.join(f'{name} ({type(chosen[name]).__name__}): {why}'
                            for name, why in refused.items())
@@ -160,7 +131,7 @@ def split_batchnorms(model: nn.Module, pretrained: Optional[Iterable[str]],
     if scope not in CONVERT_SCOPES:
         raise ValueError(f'scope must be one of {CONVERT_SCOPES}, got {scope!r}')
     named = dict(model.named_modules())
-    all_bn = [name for name, m in named.items() if _has_running_stats(m)]
+    all_bn = [name for name, m in named.items() if has_running_stats(m)]
     if scope == 'all':
         return all_bn, []
     inside = set()
@@ -235,19 +206,6 @@ def _collect_inputs(layers: Mapping[str, _BatchNorm],
     finally:
         for handle in handles:
             handle.remove()
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the pass, then every module's own train/eval flag back (not just the root's:
-    hooks such as ``norm_eval`` leave submodules in eval mode on purpose)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _distributed_world(group: Optional[dist.ProcessGroup]) -> int:
@@ -366,7 +324,10 @@ def convert_bn(model: nn.Module,
     num_batches = 0
     error: Optional[BaseException] = None
     try:
-        with torch.no_grad(), _eval_mode(model), _collect_inputs(layers, accumulators):
+        with torch.no_grad(), kept_modes(model), _collect_inputs(layers, accumulators):
+            # the pretrained function; every module's own flag comes back afterwards (not just
+            # the root's: norm_eval leaves submodules in eval mode on purpose)
+            model.eval()
             for batch in batches:
                 forward(model, batch)
                 num_batches += 1

@@ -20,11 +20,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .modules import is_batchnorm
+from .recipes import HEAD_SCOPES
+
 __all__ = [
     'PREDICTOR_TYPES',
     'resolve_modules',
     'find_predictors',
     'new_modules',
+    'head_modules',
     'zero_init_predictors',
     'split_param_groups',
     'freeze_feature_extractor',
@@ -178,6 +182,18 @@ def new_modules(model: nn.Module, pretrained: str | Iterable[str] = ('backbone',
     return names
 
 
+def head_modules(model: nn.Module, predictors: str | Iterable[str], scope: str,
+                 pretrained: str | Iterable[str] = ('backbone', )) -> list[str]:
+    """The modules trained at the head LR (and alone under LP) under a head ``scope``, one of
+    :data:`~daft_mm.core.recipes.HEAD_SCOPES`: the ``predictors`` themselves, or every module new
+    to the ``pretrained`` ones (:func:`new_modules`). The one definition every front end calls."""
+    if scope == 'predictors':
+        return list(resolve_modules(model, predictors))
+    if scope == 'new_modules':
+        return new_modules(model, pretrained)
+    raise ValueError(f'head_scope must be one of {HEAD_SCOPES}, got {scope!r}')
+
+
 def _params_by_side(
     model: nn.Module, head_names: str | Iterable[str],
 ) -> list[tuple[str, nn.Parameter, bool]]:
@@ -276,7 +292,7 @@ def set_bn_eval(model: nn.Module) -> int:
     """
     count = 0
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if is_batchnorm(module):  # mmcv's MMSyncBN too
             module.eval()
             count += 1
     return count

@@ -33,7 +33,7 @@ from mmengine.model import BaseTTAModel, is_model_wrapper
 from torch import nn
 
 from daft_mm.core import resolve_modules, split_batchnorms
-from daft_mm.core.heads import new_modules
+from daft_mm.core import head_modules as core_head_modules
 from daft_mm.core.recipes import DAFT_HEAD_LR_MULT, DAFT_HEAD_SCOPE, HEAD_SCOPES
 
 __all__ = ['PREDICTORS_KEY', 'LR_MULT_KEY', 'HEAD_MODULES_KEY', 'CONVERT_MODULES_KEY', 'unwrap',
@@ -81,15 +81,13 @@ def head_modules(cfg: Mapping[str, Any], net: nn.Module, predictors: Sequence[st
     value = cfg.get(HEAD_MODULES_KEY)
     if value is None:
         value = default
-    if value == 'predictors':
-        return list(predictors), 'predictors'
     fix = (f"Fix: {HEAD_MODULES_KEY}='predictors', 'new_modules' or a list of module paths "
            "such as ['decode_head', 'auxiliary_head']")
-    if value == 'new_modules':
+    if value in HEAD_SCOPES:
         try:
-            return new_modules(net, list(pretrained)), 'new_modules'
+            return core_head_modules(net, list(predictors), value, list(pretrained)), value
         except (KeyError, ValueError) as exc:
-            raise ValueError(f'{HEAD_MODULES_KEY}=\'new_modules\': {exc.args[0]}. {fix}') from None
+            raise ValueError(f'{HEAD_MODULES_KEY}={value!r}: {exc.args[0]}. {fix}') from None
     if isinstance(value, str):  # a single path would read like a scope with a typo
         raise ValueError(f'{HEAD_MODULES_KEY}={value!r} is not one of {HEAD_SCOPES}. {fix}')
     names = list(value)

@@ -14,11 +14,13 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import torch
 from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from torch import nn
 
+from daft_mm.core import kept_modes
 from daft_mm.core.distortion import feature_similarity, relative_change
+
+from ..settings import unwrap
 
 __all__ = ['DistortionHook', 'backbone_inputs', 'as_feature_tuple', 'resolve_levels',
            'FeatureStats', 'compare_backbones']
@@ -62,15 +64,10 @@ def resolve_levels(levels: Sequence[int], num_outputs: int) -> List[int]:
 def eval_mode(*modules: nn.Module) -> Iterator[None]:
     """Eval mode inside, every submodule's own flag restored after (some are kept eval on purpose,
     e.g. by ``norm_eval``), and no autograd."""
-    saved = [(m, m.training) for module in modules for m in module.modules()]
-    for module in modules:
-        module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in saved:
-            m.training = mode
+    with kept_modes(modules), torch.no_grad():
+        for module in modules:
+            module.eval()
+        yield
 
 
 def one_minus_cosine_edges(num_log_bins: int = 100) -> torch.Tensor:
@@ -176,11 +173,6 @@ def compare_backbones(model: nn.Module,
     if seen == 0:
         raise ValueError('no images: the dataloader yielded nothing to compare features on')
     return stats, seen
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP/FSDP wrappers."""
-    return model.module if is_model_wrapper(model) else model
 
 
 # ------------------------------------------------------------------------------------- hook

@@ -19,10 +19,9 @@ import torch
 from mmengine.model import BaseModel
 from mmengine.registry import MODELS
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from daft_mm.core import (ConversionReport, FineTuneStage, convert_bn, get_recipe,
-                          resolve_modules, set_bn_eval, zero_init_predictors)
+from daft_mm.core import (ConversionReport, FineTuneStage, convert_bn, get_recipe, is_batchnorm,
+                          kept_modes, resolve_modules, set_bn_eval, zero_init_predictors)
 from daft_mm.core.heads import PREDICTOR_TYPES
 from daft_mm.mm.compat import register_load_state_dict_pre_hook, register_state_dict_post_hook
 
@@ -98,16 +97,7 @@ def norm_eval_modules(model: nn.Module) -> List[str]:
     """Paths of modules whose ``norm_eval=True`` keeps their BatchNorm layers in eval mode."""
     return [name for name, m in model.named_modules()
             if getattr(m, 'norm_eval', False) is True
-            and any(_is_bn(sub) for sub in m.modules())]
-
-
-def _is_bn(module: nn.Module) -> bool:
-    """BatchNorm, or BN-like with running statistics (mmcv's MMSyncBN is no ``_BatchNorm``)."""
-    if isinstance(module, _BatchNorm):
-        return True
-    return (not isinstance(module, nn.modules.instancenorm._InstanceNorm)
-            and isinstance(getattr(module, 'running_mean', None), torch.Tensor)
-            and isinstance(getattr(module, 'running_var', None), torch.Tensor))
+            and any(is_batchnorm(sub) for sub in m.modules())]
 
 
 _STEM = ('stem', 'conv1', 'bn1', 'norm1')
@@ -133,13 +123,12 @@ def frozen_batchnorms(model: nn.Module) -> Dict[str, Tuple[List[str], bool]]:
     one frozen layer a user may keep on purpose. Every module's train/eval flag is restored.
     """
     modules = dict(model.named_modules())
-    modes = [(m, m.training) for m in modules.values()]
-    try:
+    with kept_modes(model):
         model.train()
         found: Dict[str, Tuple[List[str], bool]] = {}
         for path, bn in modules.items():
             # a teacher (semi-supervised EMA, distillation) is frozen by design
-            if not _is_bn(bn) or path.split('.', 1)[0].startswith('teacher'):
+            if not is_batchnorm(bn) or path.split('.', 1)[0].startswith('teacher'):
                 continue
             in_eval = not bn.training
             grad_off = any(not p.requires_grad for p in bn.parameters(recurse=False))
@@ -170,9 +159,6 @@ def frozen_batchnorms(model: nn.Module) -> Dict[str, Tuple[List[str], bool]]:
                 causes.append(f'{path} (in eval mode after model.train())')
             found[path] = (causes, stem_only and len(causes) == 1)
         return found
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 _FIXES = {'norm_eval': 'False', 'frozen_stages': '-1', 'requires_grad': 'True'}
@@ -242,17 +228,14 @@ def mm_forward(mode: str = 'loss') -> Callable[[nn.Module, Any], Any]:
 
     def forward(model: nn.Module, data_batch: Any) -> Any:
         data = model.data_preprocessor(data_batch, True)
-        modes = [(m, m.training) for m in model.modules()] if mode == 'loss' else []
-        try:
-            for m, _ in modes:
-                if not _is_bn(m):
-                    m.training = True
+        with kept_modes(model):
+            if mode == 'loss':
+                for m in model.modules():
+                    if not is_batchnorm(m):
+                        m.training = True
             if isinstance(data, dict):
                 return model(**data, mode=mode)
             return model(*data, mode=mode)
-        finally:
-            for m, flag in modes:
-                m.training = flag
 
     return forward
 
