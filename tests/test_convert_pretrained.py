@@ -79,8 +79,9 @@ def test_pretrained_backbone_is_converted_fresh_heads_stay_as_initialised(
     meta = torch.load(tmp_path / 'converted.pth', map_location='cpu',
                       weights_only=False)['meta']['daft']
     assert meta['converted_layers'] == len(backbone)
-    assert meta['conversion_plan']['left_new'] == heads
-    assert meta['conversion_plan']['pretrained'] == dict(plan.pretrained)
+    assert meta['plan']['conversion']['left_new'] == heads
+    assert meta['plan']['conversion']['pretrained'] == dict(plan.pretrained)
+    assert meta['plan']['head_lr_mult'] == 10.0 and meta['plan']['method'] == 'daft'
     report = next(tmp_path.glob('*/daft_bn_conversion.json')).read_text()
     assert '"left_as_initialised"' in report and heads[0] in report
 

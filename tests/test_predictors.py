@@ -15,7 +15,8 @@ from torch import nn
 
 from _mm_helpers import REPO, TINY
 from daft_mm.core import ConversionError, convert_bn, find_batchnorms, zero_init_predictors
-from daft_mm.mm.models.daft_model import DAFTModel, require_bn_train
+from daft_mm.mm.models import DAFTModel
+from daft_mm.mm.preparation import require_bn_train
 from daft_mm.mm.predictors import (default_predictors, find_heads, predictor_priors,
                                    register_head_predictors, registered_heads)
 

@@ -370,7 +370,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     import daft_mm  # noqa: F401  (registers daft-mm modules)
     from daft_mm.core import convert_bn, relative_change
     from daft_mm.mm.cli import apply_cfg_options
-    from daft_mm.mm.hooks.daft_hook import count_batches, one_pass_loader
+    from daft_mm.mm.preparation import count_batches, one_pass_loader
     from daft_mm.mm.hooks.distortion_hook import backbone_inputs, compare_backbones
 
     cfg = Config.fromfile(args.config)

@@ -338,7 +338,7 @@ def _flatten(out: Any) -> List[torch.Tensor]:
 def eval_outputs(model: torch.nn.Module, batches: Sequence[dict]) -> Tuple[str, List[torch.Tensor]]:
     """Eval-mode outputs: ``tensor`` mode, else the predictions, else the losses (fixed seeds:
     RoI and point sampling)."""
-    from daft_mm.mm.models.daft_model import mm_forward
+    from daft_mm.mm.preparation import mm_forward
     model.eval()
     for mode in ('tensor', 'predict', 'loss'):
         outs: List[torch.Tensor] = []
@@ -390,7 +390,7 @@ def float64_function_diff(model: torch.nn.Module, unconverted_state: Dict[str, t
     import copy
 
     from daft_mm.core import convert_bn
-    from daft_mm.mm.models.daft_model import mm_forward
+    from daft_mm.mm.preparation import mm_forward
     copied = copy.deepcopy(model)
     copied.load_state_dict(unconverted_state)
     batches = copy.deepcopy(batches)  # their data samples are cast to float64 in place
@@ -417,9 +417,8 @@ def check_folder(package: str, folder: str, train_step: bool = True,
     from mmengine.model import revert_sync_batchnorm
 
     from daft_mm.core import convert_bn, find_batchnorms, split_batchnorms, zero_init_predictors
-    from daft_mm.mm.models.daft_model import (check_predictors, mm_forward, predictor_priors,
-                                              require_bn_train)
-    from daft_mm.mm.predictors import default_predictors
+    from daft_mm.mm.predictors import check_predictors, default_predictors, predictor_priors
+    from daft_mm.mm.preparation import mm_forward, require_bn_train
 
     from mmengine.logging import MessageHub
     start = time.time()
@@ -541,7 +540,7 @@ def check_folder(package: str, folder: str, train_step: bool = True,
 
 
 def _train_step(model: torch.nn.Module, batch: dict, names: Sequence[str]) -> str:
-    from daft_mm.mm.models.daft_model import mm_forward
+    from daft_mm.mm.preparation import mm_forward
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)

@@ -26,6 +26,7 @@ from .recipes import HEAD_SCOPES
 __all__ = [
     'PREDICTOR_TYPES',
     'resolve_modules',
+    'is_predictor_leaf',
     'find_predictors',
     'new_modules',
     'head_modules',
@@ -81,6 +82,13 @@ def resolve_modules(model: nn.Module, names: str | Iterable[str]) -> dict[str, n
     return {path: module for path, module in available.items() if path in matched}
 
 
+def is_predictor_leaf(module: nn.Module) -> bool:
+    """An affine map from features to outputs with nothing below it: the only kind of layer DAFT
+    may zero (see :func:`zero_init_predictors`)."""
+    return (isinstance(module, PREDICTOR_TYPES) and not any(True for _ in module.children())
+            and isinstance(getattr(module, 'weight', None), torch.Tensor))
+
+
 def find_predictors(model: nn.Module, names: str | Iterable[str]) -> dict[str, nn.Module]:
     """Resolve ``names`` to final-predictor-like leaves, or raise without touching anything.
 
@@ -88,13 +96,8 @@ def find_predictors(model: nn.Module, names: str | Iterable[str]) -> dict[str, n
     other irreversible steps (BN conversion) run.
     """
     modules = resolve_modules(model, names)
-    refused = [
-        f'{path} ({type(module).__name__})'
-        for path, module in modules.items()
-        if not isinstance(module, PREDICTOR_TYPES)
-        or any(True for _ in module.children())
-        or not isinstance(getattr(module, 'weight', None), torch.Tensor)
-    ]
+    refused = [f'{path} ({type(module).__name__})' for path, module in modules.items()
+               if not is_predictor_leaf(module)]
     if refused:
         allowed = ', '.join(t.__name__ for t in PREDICTOR_TYPES)
         raise TypeError(

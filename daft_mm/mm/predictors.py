@@ -34,10 +34,11 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from daft_mm.core.heads import PREDICTOR_TYPES
+from daft_mm.core.heads import PREDICTOR_TYPES, is_predictor_leaf, resolve_modules
 
 __all__ = ['HeadPredictors', 'register_head_predictors', 'registered_heads', 'find_heads',
-           'default_predictors', 'predictor_priors', 'SKIPPED_PREFIXES']
+           'default_predictors', 'predictor_priors', 'SKIPPED_PREFIXES', 'PredictorSpec',
+           'predictor_names', 'check_predictors']
 
 #: head class name -> layers (relative to the head); () = the head has no final predictor of its own
 _TABLE: Dict[str, Tuple[str, ...]] = {}
@@ -169,19 +170,15 @@ def _entry(module: nn.Module, extra: Mapping[str, Sequence[str]]) -> Optional[Tu
     return None
 
 
-def _leaf_predictor(module: nn.Module) -> bool:
-    return isinstance(module, PREDICTOR_TYPES) and not any(True for _ in module.children())
-
-
 def _expand(path: str, module: nn.Module) -> List[str]:
     """A predictor leaf -> itself; ModuleList -> each element; any other container (Sequential,
     mmdet's MLP) -> its last predictor leaf."""
-    if _leaf_predictor(module):
+    if is_predictor_leaf(module):
         return [path]
     if isinstance(module, nn.ModuleList):
         return [p for i, sub in enumerate(module) for p in _expand(f'{path}.{i}', sub)]
     leaves = [name for name, m in module.named_modules(remove_duplicate=False)
-              if name and _leaf_predictor(m)]
+              if name and is_predictor_leaf(m)]
     if leaves:
         return [f'{path}.{leaves[-1]}']
     raise TypeError(f'{path} ({type(module).__name__}) is neither a final predictor layer '
@@ -339,3 +336,49 @@ def predictor_priors(model: nn.Module, names: Sequence[str],
                 path = f'{owner.path}.{rel}'
                 priors[path] = bias.to(modules[path].bias.device)
     return priors
+
+
+# ------------------------------------------------------------------ predictors from a config value
+PredictorSpec = Union[None, Sequence[str], Mapping[str, Sequence[str]]]
+
+
+def predictor_names(model: nn.Module, spec: PredictorSpec, key: str) -> List[str]:
+    """Predictor paths from a config value: ``None`` (the head table), a list of module paths /
+    globs, or ``{head class: [layers]}`` (the head table plus these entries); checked."""
+    if spec is None or isinstance(spec, Mapping):
+        try:
+            names = default_predictors(model, extra=spec)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f'{key}: {exc}') from None
+    else:
+        names = [spec] if isinstance(spec, str) else list(spec)
+    return check_predictors(model, names, key)
+
+
+def check_predictors(model: nn.Module, names: Sequence[str], key: str) -> List[str]:
+    """Resolve predictor names and check each is a predictor leaf, before any weight changes.
+
+    Errors name the config ``key`` to fix.
+    """
+    try:
+        resolved = resolve_modules(model, list(names))
+    except (KeyError, ValueError, TypeError) as exc:
+        msg = exc.args[0] if exc.args else str(exc)
+        raise ValueError(f'{key}: {msg}. Fix: list module paths of the final predictor layers as '
+                         f'in model.named_modules(), e.g. {default_predictors_or_hint(model)}'
+                         ) from None
+    bad = [f'{path} ({type(m).__name__})' for path, m in resolved.items()
+           if not is_predictor_leaf(m)]
+    if bad:
+        raise ValueError(f'{key}: {bad} are not final predictor layers (a leaf Linear/ConvNd/'
+                         'ConvTransposeNd). '
+                         f'Fix: name the last layer of each head, e.g. '
+                         f'{default_predictors_or_hint(model)}')
+    return list(resolved)
+
+
+def default_predictors_or_hint(model: nn.Module) -> Union[List[str], str]:
+    try:
+        return default_predictors(model)
+    except (ValueError, TypeError):
+        return "['decode_head.conv_seg']"

@@ -26,20 +26,22 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mmengine.model import BaseTTAModel, is_model_wrapper
 from torch import nn
 
-from daft_mm.core import resolve_modules, split_batchnorms
+from daft_mm.core import FineTuneStage, get_recipe, resolve_modules, split_batchnorms
 from daft_mm.core import head_modules as core_head_modules
 from daft_mm.core.recipes import DAFT_HEAD_LR_MULT, DAFT_HEAD_SCOPE, HEAD_SCOPES
+
+from .predictors import check_predictors, predictor_names
 
 __all__ = ['PREDICTORS_KEY', 'LR_MULT_KEY', 'HEAD_MODULES_KEY', 'CONVERT_MODULES_KEY', 'unwrap',
            'head_lr_mult', 'head_modules', 'predictor_lr_cfg', 'ConversionPlan',
            'init_cfg_pretrained', 'checkpoint_pretrained', 'conversion_override',
-           'conversion_plan',
+           'conversion_plan', 'DAFTPlan', 'decide_plan', 'resolve_stage',
            'is_daft_config', 'require_daft_hook']
 
 PREDICTORS_KEY = 'daft_predictors'
@@ -177,12 +179,28 @@ def is_daft_config(cfg: Mapping[str, Any]) -> Optional[str]:
             return f'it sets {key} (configs/_base_/daft*.py)'
     model = cfg.get('model') or {}
     if isinstance(model, Mapping) and model.get('type') in ('DAFTModel', 'daft_mm.DAFTModel'):
-        from .models.daft_model import resolve_stage
         method = model.get('method', 'daft')
         stage = resolve_stage(method)
         if stage.convert_bn or stage.zero_init_head:
             return f'model.method={method!r}'
     return None
+
+
+def resolve_stage(method: str) -> FineTuneStage:
+    """The single-stage core recipe for ``method`` ('daft', 'ft', 'lp').
+
+    A run of an mm config is one stage: LP-FT is two runs (the second starts from the first's
+    checkpoint through ``load_from``) because mmengine builds the optimizer once, before training,
+    and leaves out parameters that do not require grad at that moment.
+    """
+    recipe = get_recipe(method)
+    if len(recipe.stages) != 1:
+        names = [stage.name for stage in recipe.stages]
+        raise ValueError(
+            f'method={method!r} has {len(recipe.stages)} stages {names}; an mm config runs one '
+            'stage. Run LP-FT as two configs: method=\'lp\', then method=\'ft\' with '
+            "load_from='<work_dir of the LP run>/iter_<N>.pth' (see configs/baselines/lpft_*.py)")
+    return recipe.stages[0]
 
 
 def require_daft_hook(cfg: Mapping[str, Any], hooks: Optional[Sequence[Any]] = None) -> None:
@@ -370,3 +388,136 @@ def conversion_plan(net: nn.Module, override: Optional[Tuple[Optional[List[str]]
     converted, fresh = split_batchnorms(net, list(pretrained), scope)
     return ConversionPlan(tuple(converted), tuple(fresh), tuple(pretrained.items()),
                           'pretrained weights' if scope == 'pretrained' else f'recipe {scope}')
+
+
+# --------------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class DAFTPlan:
+    """Everything DAFT decides about a run, decided once when training starts (``DAFTHook``'s
+    ``before_run``) from the config, the model and the hook's arguments; logged, saved with every
+    checkpoint, and read everywhere after. The one thing known later is what a ``load_from``
+    checkpoint holds: :meth:`with_checkpoint` adds it to the conversion when it loads.
+
+    Attributes:
+        method: the fine-tuning stage (``'daft'`` or an ablation, ``DAFTModel.method``).
+        convert, zero_init: the two parts of DAFT this run does.
+        predictors: the final predictors (zeroed; always inside the head).
+        predictors_from: the key that named them (or the head table).
+        head_modules: the modules trained at ``head_lr_mult`` x the base LR.
+        head_scope: ``'predictors'``, ``'new_modules'`` or the key of an explicit list.
+        head_lr_mult, head_lr_mult_from: the head/backbone LR ratio and where it came from.
+        conversion: which BN layers are converted and which stay as initialised (None without
+            conversion).
+    """
+
+    method: str
+    convert: bool
+    zero_init: bool
+    predictors: Tuple[str, ...]
+    predictors_from: str
+    head_modules: Tuple[str, ...]
+    head_scope: str
+    head_lr_mult: float
+    head_lr_mult_from: str
+    conversion: Optional[ConversionPlan]
+    #: what decides the conversion: an explicit override, else the pretrained modules
+    convert_override: Optional[Tuple[Optional[Tuple[str, ...]], str]] = None
+    pretrained: Tuple[Tuple[str, str], ...] = ()
+    convert_scope: str = 'pretrained'
+
+    def with_checkpoint(self, net: nn.Module, loaded: Mapping[str, str]) -> 'DAFTPlan':
+        """The plan once ``load_from`` loaded: every module it holds counts as pretrained."""
+        if not self.convert or not loaded:
+            return self
+        pretrained = dict(self.pretrained)
+        pretrained.update(loaded)
+        return replace(self, pretrained=tuple(pretrained.items()),
+                       conversion=_conversion(net, self.convert_override, pretrained,
+                                              self.convert_scope))
+
+    def summary(self) -> str:
+        """The start-up block: what is converted, what is head, at which LR ratio."""
+        parts = ['convert BN' if self.convert else None, 'zero predictors'
+                 if self.zero_init else None]
+        lines = [f'DAFT plan ({self.method}: {" + ".join(p for p in parts if p)})']
+        if self.zero_init:
+            lines.append(f'  predictors ({self.predictors_from}): {", ".join(self.predictors)}')
+            lines.append(f'  head ({self.head_scope}) at {self.head_lr_mult:g}x the base LR '
+                         f'({self.head_lr_mult_from}): {", ".join(self.head_modules)}')
+        if self.conversion is not None:
+            lines += ['  ' + line for line in self.conversion.summary().split('\n')]
+        return '\n'.join(lines)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {'method': self.method, 'convert': self.convert, 'zero_init': self.zero_init,
+                'predictors': list(self.predictors), 'predictors_from': self.predictors_from,
+                'head_modules': list(self.head_modules), 'head_scope': self.head_scope,
+                'head_lr_mult': self.head_lr_mult, 'head_lr_mult_from': self.head_lr_mult_from,
+                'conversion': None if self.conversion is None else self.conversion.to_dict()}
+
+
+def _conversion(net: nn.Module, override: Optional[Tuple[Optional[Sequence[str]], str]],
+                pretrained: Mapping[str, str], scope: str) -> ConversionPlan:
+    listed = None if override is None else (
+        None if override[0] is None else list(override[0]), override[1])
+    return conversion_plan(net, listed, pretrained, scope)
+
+
+def decide_plan(cfg: Mapping[str, Any], model: nn.Module, net: nn.Module, *,
+                predictors: Any = None, convert: bool = True, zero_init: bool = True,
+                modules: Optional[Sequence[str]] = None) -> DAFTPlan:
+    """The :class:`DAFTPlan` of a run. ``model`` is the Runner's model (a ``DAFTModel`` or the
+    segmentor / detector ``net`` itself); ``predictors``, ``convert``, ``zero_init`` and
+    ``modules`` are ``DAFTHook``'s arguments. Every mistake is an error naming the key to fix,
+    raised before anything changed."""
+    wrapped = getattr(model, 'model', None) is net and hasattr(model, 'stage')
+    stage = model.stage if wrapped else get_recipe('daft').stages[0]
+    if wrapped:
+        if not (stage.convert_bn or stage.zero_init_head):
+            raise ValueError(
+                f"DAFTHook is configured but model.method={model.method!r} does not use "
+                "DAFT's preparation. Fix: set model.method='daft', or remove DAFTHook from "
+                'custom_hooks')
+        # the wrapper's method names the ablation: the hook does the parts it uses, no more
+        convert, zero_init = convert and stage.convert_bn, zero_init and stage.zero_init_head
+        if not (convert or zero_init):
+            raise ValueError(
+                f'DAFTHook(convert=False / zero_init=False) with model.method={model.method!r} '
+                'leaves nothing to do. Fix: use the method alone (DAFTHook() follows it) or '
+                'drop the hook')
+    # the predictors: the hook's argument, daft_predictors, an explicit DAFTModel.predictors
+    hook_key = 'custom_hooks[DAFTHook].predictors'
+    candidates = [(hook_key, predictors), (PREDICTORS_KEY, cfg.get(PREDICTORS_KEY))]
+    if wrapped and model.predictors_configured:
+        candidates.append(('model.predictors', list(model.predictors)))
+    if zero_init:  # a typo is reported under its own key before the values are compared
+        candidates = [(k, None if v is None else predictor_names(net, v, k))
+                      for k, v in candidates]
+    names, names_from = resolve_predictors(candidates)
+    if names is None:
+        names = list(model.predictors) if wrapped else predictor_names(net, None, hook_key)
+        names_from = 'the head table (daft_mm/mm/predictors.py)'
+    heads: List[str] = []
+    scope, mult, mult_from = 'predictors', 1.0, 'no zero predictors'
+    if zero_init:
+        names = check_predictors(net, names, names_from)
+        pretrained_part = list(model.feature_extractor) if wrapped else ['backbone']
+        heads, scope = head_modules(cfg, net, names, pretrained_part, stage.head_scope)
+        mult, mult_from = head_lr_mult(cfg)
+    if wrapped:
+        model.predictors = tuple(names)
+    conversion = override = None
+    pretrained: Dict[str, str] = {}
+    if convert:
+        feature_extractor = (model.feature_extractor if wrapped
+                             and model.feature_extractor_configured else None)
+        override = conversion_override(cfg, net, modules, feature_extractor)
+        pretrained = init_cfg_pretrained(net)
+        conversion = _conversion(net, override, pretrained, stage.convert_scope)
+    return DAFTPlan(
+        method=stage.name, convert=convert, zero_init=zero_init, predictors=tuple(names),
+        predictors_from=names_from, head_modules=tuple(heads), head_scope=scope,
+        head_lr_mult=mult, head_lr_mult_from=mult_from, conversion=conversion,
+        convert_override=None if override is None else (
+            None if override[0] is None else tuple(override[0]), override[1]),
+        pretrained=tuple(pretrained.items()), convert_scope=stage.convert_scope)

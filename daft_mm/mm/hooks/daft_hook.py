@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os.path as osp
 from contextlib import ExitStack
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from mmengine.dataset import DefaultSampler, InfiniteSampler
-from mmengine.dist import get_dist_info, is_main_process
+from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from mmengine.runner import BaseLoop
@@ -29,16 +27,14 @@ from mmengine.utils import ProgressBar
 from torch import nn
 from torch.utils.data import DataLoader
 
-from daft_mm.core import (VAR_MODES, convert_bn, find_batchnorms, flush_subnormals,
-                          get_recipe, resolve_modules, zero_init_predictors)
+from daft_mm.core import VAR_MODES, find_batchnorms, flush_subnormals, resolve_modules
 
-from ..models.daft_model import (DAFTModel, check_predictors, mm_forward, predictor_names,
-                                 predictor_priors, require_bn_train)
-from ..settings import (PREDICTORS_KEY, ConversionPlan, checkpoint_pretrained, conversion_override,
-                        conversion_plan, describe_lrs, head_lr_mult, head_modules,
-                        init_cfg_pretrained, predictor_lr_cfg, resolve_predictors, unwrap)
+from ..models.daft_model import DAFTModel
+from ..preparation import count_batches, mm_forward, one_pass_loader, prepare, require_bn_train
+from ..settings import (DAFTPlan, checkpoint_pretrained, decide_plan, describe_lrs,
+                        predictor_lr_cfg, unwrap)
 
-__all__ = ['DAFTHook', 'one_pass_loader', 'count_batches']
+__all__ = ['DAFTHook']
 
 _CKPT_KEY = 'daft'
 #: written to the work dir once the preparation is done: the start of a DAFT run, the reference
@@ -126,21 +122,13 @@ class DAFTHook(Hook):
         self.check_lr = check_lr
         self.flush_subnormals = flush_subnormals
         self.save_converted = save_converted
-        self._configured_predictors = self.predictors  # as given, for the conflict check
         self.effective_lrs: Dict[str, List[float]] = {}  # start-up LR per predictor / module
-        self._lr_mult_source: Optional[str] = None
-        self._head_modules: List[str] = []  # trained at the head LR (predictors, or more)
-        self._head_scope = 'predictors'
+        #: what this run does, decided in before_run (settings.DAFTPlan); None before
+        self.plan: Optional[DAFTPlan] = None
         self._during_training = ExitStack()  # settings held from before_train to after_train
         self._state: Dict[str, Any] = {}  # what is done; saved with every checkpoint
         self._loaded_state: Optional[Dict[str, Any]] = None
         self._loaded_checkpoint = False
-        # what BN conversion rewrites: an explicit override (before_run), else the modules that
-        # loaded pretrained weights (init_cfg: before_run; load_from: after_load_checkpoint)
-        self._convert_override: Optional[Tuple[Optional[List[str]], str]] = None
-        self._pretrained: Dict[str, str] = {}
-        self._convert_scope = 'pretrained'
-        self.conversion_plan: Optional[ConversionPlan] = None
 
     # ----------------------------------------------------------------------- model access
     @staticmethod
@@ -151,10 +139,10 @@ class DAFTHook(Hook):
             return model, model.model, 'model.model.'
         return model, model, 'model.'
 
-    def _predictor_names(self, model: nn.Module, net: nn.Module) -> List[str]:
-        if self.predictors is None and isinstance(model, DAFTModel):
-            return list(model.predictors)
-        return predictor_names(net, self.predictors, 'custom_hooks[DAFTHook].predictors')
+    @property
+    def conversion_plan(self):
+        """The plan's BN conversion (which layers are converted, which left as new)."""
+        return None if self.plan is None else self.plan.conversion
 
     # ----------------------------------------------------------------------- start-up checks
     def before_run(self, runner: Any) -> None:
@@ -166,69 +154,25 @@ class DAFTHook(Hook):
         if not isinstance(getattr(runner, '_train_loop', None), BaseLoop):
             return
         model, net, key = self._models(runner)
-        if isinstance(model, DAFTModel):
-            if not (model.stage.convert_bn or model.stage.zero_init_head):
-                raise ValueError(
-                    f"DAFTHook is configured but model.method={model.method!r} does not use "
-                    "DAFT's preparation. Fix: set model.method='daft', or remove DAFTHook from "
-                    'custom_hooks')
-            # The wrapper's method names the ablation ('daft-no-convert', 'daft-convert-only'):
-            # the hook does the parts that method uses, and no more.
-            self.convert = self.convert and model.stage.convert_bn
-            self.zero_init = self.zero_init and model.stage.zero_init_head
-            if not (self.convert or self.zero_init):
-                raise ValueError(
-                    f'DAFTHook(convert={self.convert}, zero_init={self.zero_init}) with '
-                    f'model.method={model.method!r} leaves nothing to do. Fix: use the method '
-                    'alone (DAFTHook() follows it) or drop the hook')
-        self._resolve_predictors(runner, model, net)
-        if self.zero_init:
-            names = check_predictors(net, self._predictor_names(model, net),
-                                     'custom_hooks[DAFTHook].predictors')
-            if isinstance(model, DAFTModel):
-                pretrained, scope = list(model.feature_extractor), model.stage.head_scope
-            else:
-                pretrained, scope = ['backbone'], get_recipe('daft').stages[0].head_scope
-            self._head_modules, self._head_scope = head_modules(runner.cfg, net, names,
-                                                                pretrained, scope)
+        plan = self.plan = decide_plan(runner.cfg, model, net, predictors=self.predictors,
+                                       convert=self.convert, zero_init=self.zero_init,
+                                       modules=self.modules)
+        if plan.zero_init:
             # the predictors too: a legacy per-predictor entry with another multiplier is a
             # conflict to report, not a silent exception inside the head
-            self._apply_head_lr_mult(runner, list(dict.fromkeys(self._head_modules + names)))
+            self._apply_head_lr_mult(runner, list(dict.fromkeys(plan.head_modules
+                                                                + plan.predictors)))
             if self.check_lr:
-                self._check_lr(runner, model, net)
-        if self.convert:
-            feature_extractor = (model.feature_extractor if isinstance(model, DAFTModel)
-                                 and model.feature_extractor_configured else None)
-            self._convert_override = conversion_override(runner.cfg, net, self.modules,
-                                                         feature_extractor)
-            if self._convert_override is not None:
-                modules, where = self._convert_override
+                self._check_lr(runner, net)
+        if plan.convert:
+            if plan.convert_override is not None:
+                modules, where = plan.convert_override
                 try:
-                    find_batchnorms(net, modules)
+                    find_batchnorms(net, None if modules is None else list(modules))
                 except ValueError as exc:
                     raise ValueError(f'{where}: {exc}') from None
-            self._convert_scope = (model.stage if isinstance(model, DAFTModel)
-                                   else get_recipe('daft').stages[0]).convert_scope
-            self._pretrained = init_cfg_pretrained(net)
             require_bn_train(net, key, 'DAFT (on the converted statistics)')
-
-    def _resolve_predictors(self, runner: Any, model: nn.Module, net: nn.Module) -> None:
-        """The predictors from the hook's own argument, the config's ``daft_predictors`` or an
-        explicitly configured ``DAFTModel.predictors`` (all must agree); else the defaults."""
-        candidates = [('custom_hooks[DAFTHook].predictors', self._configured_predictors),
-                      (PREDICTORS_KEY, runner.cfg.get(PREDICTORS_KEY))]
-        if isinstance(model, DAFTModel) and getattr(model, 'predictors_configured', False):
-            candidates.append(('model.predictors', list(model.predictors)))
-        if self.zero_init:  # a typo is reported as one, under its own key, before comparing
-            # (a dict extends the head table: predictor_names resolves it to layer paths)
-            candidates = [(k, None if v is None else predictor_names(net, v, k))
-                          for k, v in candidates]
-        names, _ = resolve_predictors(candidates)
-        if names is None:
-            return
-        self.predictors = names
-        if isinstance(model, DAFTModel):
-            model.predictors = tuple(check_predictors(net, names, 'daft_predictors'))
+        runner.logger.info('DAFTHook: ' + plan.summary())
 
     def _apply_head_lr_mult(self, runner: Any, names: Sequence[str]) -> None:
         """Give the predictors ``daft_head_lr_mult`` through ``paramwise_cfg.custom_keys``: when
@@ -238,8 +182,7 @@ class DAFTHook(Hook):
         optim_cfg = runner.cfg.get('optim_wrapper')
         if not isinstance(optim_cfg, Mapping) or 'optimizer' not in optim_cfg:
             return  # a Runner built without a config, or several optimizers: checked only
-        mult, source = head_lr_mult(runner.cfg)
-        self._lr_mult_source = f'{mult:g} from {source}'
+        mult, source = self.plan.head_lr_mult, self.plan.head_lr_mult_from
         new_cfg = predictor_lr_cfg(optim_cfg, names, mult, source)
         if new_cfg is None:
             return
@@ -248,25 +191,25 @@ class DAFTHook(Hook):
         if runner.param_schedulers is not None and runner.cfg.get('param_scheduler') is not None:
             runner.param_schedulers = runner.build_param_scheduler(
                 copy.deepcopy(runner.cfg.param_scheduler))
-        runner.logger.info(f'DAFTHook: {list(names)} ({self._head_scope}) train at {mult:g}x '
+        runner.logger.info(f'DAFTHook: {list(names)} ({self.plan.head_scope}) train at {mult:g}x '
                            f'the base LR ({source}): added to '
                            'optim_wrapper.paramwise_cfg.custom_keys')
 
-    def _check_lr(self, runner: Any, model: nn.Module, net: nn.Module) -> None:
+    def _check_lr(self, runner: Any, net: nn.Module) -> None:
         """Predictors above the rest, no absolute ``eta_min`` erasing the ratio; logs the start LR
         of each predictor and of each top-level module's other parameters."""
         optim_wrapper = runner.optim_wrapper
         optimizer = getattr(optim_wrapper, 'optimizer', None)
         if optimizer is None:  # OptimWrapperDict (several optimizers): no single ratio to check
             return
-        names = self._predictor_names(model, net)
+        names = list(self.plan.predictors)
         owner: Dict[int, str] = {}
         for top, module in net.named_children():
             for p in module.parameters():
                 owner[id(p)] = top
         # Most specific last: a predictor inside a head module is reported under its own name.
         head_names = set()
-        for group in (self._head_modules, names):
+        for group in (list(self.plan.head_modules), names):
             for name, module in (resolve_modules(net, list(group)).items() if group else ()):
                 head_names.add(name)
                 for p in module.parameters():
@@ -302,9 +245,8 @@ class DAFTHook(Hook):
                     'predictor/backbone LR ratio by the end of training. Fix: eta_min=0 (the '
                     'ratio then holds at every step; DAFT configs use it), or eta_min_ratio for '
                     'schedulers that have it (CosineAnnealingLR)')
-        source = self._lr_mult_source
-        runner.logger.info('DAFTHook: effective start LRs'
-                           + (f' (predictors: {source})' if source else '') + ': '
+        source = f'{self.plan.head_lr_mult:g} from {self.plan.head_lr_mult_from}'
+        runner.logger.info(f'DAFTHook: effective start LRs (predictors: {source}): '
                            + describe_lrs(self.effective_lrs))
 
     # ----------------------------------------------------------------------- checkpoint state
@@ -317,13 +259,12 @@ class DAFTHook(Hook):
         self._refuse_non_daft_resume(runner, checkpoint)
         self._loaded_checkpoint = True
         self._loaded_state = checkpoint.get(_CKPT_KEY)
-        if self.convert and not getattr(runner, '_resume', False) and isinstance(
-                getattr(runner, '_train_loop', None), BaseLoop):
+        if self.plan is not None and not getattr(runner, '_resume', False):
             # load_from a whole model: every module it holds (same shapes) is pretrained
-            state_dict = checkpoint.get('state_dict', checkpoint)
+            net = self._models(runner)[1]
             source = runner.cfg.get('load_from') if hasattr(runner, 'cfg') else None
-            self._pretrained.update(checkpoint_pretrained(self._models(runner)[1], state_dict,
-                                                          str(source or 'checkpoint')))
+            self.plan = self.plan.with_checkpoint(net, checkpoint_pretrained(
+                net, checkpoint.get('state_dict', checkpoint), str(source or 'checkpoint')))
 
     @staticmethod
     def _refuse_non_daft_resume(runner: Any, checkpoint: dict) -> None:
@@ -344,8 +285,9 @@ class DAFTHook(Hook):
     # ----------------------------------------------------------------------- the preparation
     def before_train(self, runner: Any) -> None:
         model, net, _ = self._models(runner)
+        plan = self.plan
         on_cpu = next(net.parameters()).device.type == 'cpu'
-        if self.flush_subnormals and self.zero_init and on_cpu:
+        if self.flush_subnormals and plan.zero_init and on_cpu:
             self._during_training.enter_context(flush_subnormals())
         resumed = runner.iter > 0 or runner.epoch > 0
         if resumed:
@@ -364,14 +306,11 @@ class DAFTHook(Hook):
             return
         self._refuse_second_preparation(runner)
 
-        state: Dict[str, Any] = {'done': False}
-        plan = None
-        if self.convert:
-            plan = self.conversion_plan = conversion_plan(net, self._convert_override,
-                                                          self._pretrained, self._convert_scope)
-            runner.logger.info('DAFTHook: ' + plan.summary())
-            state['conversion_plan'] = plan.to_dict()
-        if plan is not None and not plan.converted:
+        loader = bar = None
+        if plan.convert and plan.conversion.converted:
+            loader, total = self._build_loader(runner)
+            bar = ProgressBar(total) if is_main_process() and total else None
+        elif plan.convert:
             runner.logger.warning(
                 'DAFTHook: no BatchNorm layer is converted: no module with BN loaded pretrained '
                 'weights (no Pretrained init_cfg / model.pretrained, no load_from holding them). '
@@ -379,32 +318,26 @@ class DAFTHook(Hook):
                 'and the run is integrated LP+FT alone. Fix: load the pretrained weights '
                 "(model.backbone.init_cfg=dict(type='Pretrained', checkpoint=...) or load_from), "
                 'or daft_convert_modules=[...] to convert chosen modules anyway')
+        done = prepare(net, loader, plan, num_batches=self.num_batches, var_mode=self.var_mode,
+                       forward_mode=self.forward_mode, skip_incompatible=self.skip_incompatible,
+                       progress=(lambda _: bar.update()) if bar is not None else None)
+        if bar is not None:
+            bar.file.write('\n')
+        state: Dict[str, Any] = {'done': True, 'plan': plan.to_dict()}
+        if plan.convert:
             state['converted_layers'] = 0
-        elif plan is not None:
-            loader, total = self._build_loader(runner)
-            bar = ProgressBar(total) if is_main_process() and total else None
-            report = convert_bn(
-                net, loader, forward=_naming_files(mm_forward(self.forward_mode)),
-                max_batches=total or None,  # a rank with no batch still joins the pooling
-                var_mode=self.var_mode, modules=list(plan.converted),
-                skip_incompatible=self.skip_incompatible,
-                progress=(lambda _: bar.update()) if bar is not None else None)
-            if bar is not None:
-                bar.file.write('\n')
-            report.left_as_initialised = list(plan.left_new)
-            runner.logger.info('DAFTHook: ' + report.summary())
-            self._visualize(runner, report)
+        if done.report is not None:
+            runner.logger.info('DAFTHook: ' + done.report.summary())
+            self._visualize(runner, done.report)
             if is_main_process():
                 with open(osp.join(runner.log_dir, 'daft_bn_conversion.json'), 'w') as f:
-                    json.dump(dict(report.to_dict(), plan=plan.to_dict()), f, indent=1)
-            state['converted_layers'] = len(report.layers)
-            state['num_batches'] = report.num_batches
-        if self.zero_init:
-            names = self._predictor_names(model, net)
-            zeroed = zero_init_predictors(net, names, predictor_priors(net, names))
-            runner.logger.info(f'DAFTHook: zero-initialised predictors {zeroed}')
-            state['zeroed'] = zeroed
-        state['done'] = True
+                    json.dump(dict(done.report.to_dict(), plan=plan.conversion.to_dict()), f,
+                              indent=1)
+            state['converted_layers'] = len(done.report.layers)
+            state['num_batches'] = done.report.num_batches
+        if plan.zero_init:
+            runner.logger.info(f'DAFTHook: zero-initialised predictors {done.zeroed}')
+            state['zeroed'] = done.zeroed
         self._state = state
         if isinstance(model, DAFTModel):
             model.prepared = True
@@ -445,7 +378,7 @@ class DAFTHook(Hook):
         source = runner.cfg.get('load_from') if hasattr(runner, 'cfg') else None
         done = (f"converted {state.get('converted_layers', '?')} BN layers, zeroed "
                 f"{state.get('zeroed', '?')}")
-        if self.zero_init:
+        if self.plan.zero_init:
             raise RuntimeError(
                 f'DAFTHook: load_from={source} is a checkpoint that already went through DAFT '
                 f'({done}) and was trained since; preparing it again would zero its trained '
@@ -478,65 +411,3 @@ class DAFTHook(Hook):
         # no forward but still take part in pooling the statistics (core.convert_bn sums them).
         return loader, total
 
-
-def one_pass_loader(train: DataLoader, seed: Optional[int] = None) -> DataLoader:
-    """A finite loader over a training loader's dataset, pipeline and batch size: the loader of
-    DAFT's statistics pass (DAFTHook, ``tools/analyze_distortion.py --convert``).
-
-    Why not the training loader itself: its ``InfiniteSampler`` never ends and, with persistent
-    workers, iterating it would reset the iterator the training loop already holds. mmdet trains
-    with a batch sampler (``AspectRatioBatchSampler``): the loader's own ``batch_size`` is None
-    then, and the sampler's is the one that counts.
-    """
-    dataset = train.dataset
-    batch_size = train.batch_size or getattr(train.batch_sampler, 'batch_size', None) or 1
-    return DataLoader(
-        dataset, batch_size=batch_size, num_workers=train.num_workers,
-        sampler=DefaultSampler(dataset, shuffle=True, seed=seed, round_up=False),
-        collate_fn=train.collate_fn, worker_init_fn=train.worker_init_fn,
-        persistent_workers=False)
-
-
-def count_batches(loader: Any, num_batches: Optional[int] = None) -> int:
-    """Batches this rank runs: one pass over the data (shared by the ranks when the loader's
-    sampler is infinite), at most ``num_batches``."""
-    _, world_size = get_dist_info()
-    sampler = getattr(loader, 'sampler', None)
-    batch_sampler = getattr(loader, 'batch_sampler', None)
-    infinite = isinstance(sampler, InfiniteSampler) or isinstance(
-        getattr(batch_sampler, 'sampler', None), InfiniteSampler)
-    if infinite:
-        batch_size = loader.batch_size or getattr(batch_sampler, 'batch_size', 1)
-        one_pass = math.ceil(len(loader.dataset) / (batch_size * world_size))
-    else:
-        one_pass = len(loader)
-    return min(one_pass, num_batches) if num_batches else one_pass
-
-
-def _batch_files(data_batch: Any) -> List[str]:
-    """The image / annotation files of an mmengine data batch, as far as its samples say."""
-    samples = data_batch.get('data_samples', []) if isinstance(data_batch, dict) else []
-    files = []
-    for sample in samples or []:
-        meta = getattr(sample, 'metainfo', {}) or {}
-        files += [str(meta[k]) for k in ('img_path', 'seg_map_path') if meta.get(k)]
-    return files
-
-
-def _naming_files(forward: Any) -> Any:
-    """``forward`` whose errors name the files of the failing batch: a bad annotation (a label id
-    out of range, a corrupt image) otherwise fails deep in the statistics pass, naming nothing."""
-    def run(model: nn.Module, data_batch: Any) -> Any:
-        try:
-            return forward(model, data_batch)
-        except Exception as exc:
-            files = _batch_files(data_batch)
-            if not files:
-                raise
-            hint = ''
-            if 'out of bounds' in str(exc) or 'out of range' in str(exc):
-                hint = (' A label id is outside [0, num_classes) and is not the ignore_index: '
-                        'check these annotations (label conversion, reduce_zero_label).')
-            raise RuntimeError(f'{type(exc).__name__}: {exc} -- in the batch of '
-                               f'{", ".join(files)}.{hint}') from exc
-    return run

@@ -13,231 +13,21 @@ All DAFT operations come from :mod:`daft_mm.core`; this file only adapts them to
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from mmengine.model import BaseModel
 from mmengine.registry import MODELS
 from torch import nn
 
-from daft_mm.core import (ConversionReport, FineTuneStage, convert_bn, get_recipe, is_batchnorm,
-                          kept_modes, resolve_modules, set_bn_eval, zero_init_predictors)
-from daft_mm.core.heads import PREDICTOR_TYPES
+from daft_mm.core import resolve_modules, set_bn_eval
 from daft_mm.mm.compat import register_load_state_dict_pre_hook, register_state_dict_post_hook
 
-from ..predictors import default_predictors, predictor_priors
+from ..predictors import PredictorSpec, predictor_names
+from ..preparation import require_bn_train
+from ..settings import resolve_stage
 
-__all__ = ['DAFTModel', 'default_predictors', 'mm_forward', 'resolve_stage', 'norm_eval_modules',
-           'require_bn_train', 'frozen_batchnorms', 'check_predictors', 'predictor_names',
-           'predictor_priors']
-
-def resolve_stage(method: str) -> FineTuneStage:
-    """The single-stage core recipe for ``method`` ('daft', 'ft', 'lp').
-
-    A run of an mm config is one stage: LP-FT is two runs (the second starts from the first's
-    checkpoint through ``load_from``) because mmengine builds the optimizer once, before training,
-    and leaves out parameters that do not require grad at that moment.
-    """
-    recipe = get_recipe(method)
-    if len(recipe.stages) != 1:
-        names = [stage.name for stage in recipe.stages]
-        raise ValueError(
-            f'method={method!r} has {len(recipe.stages)} stages {names}; an mm config runs one '
-            'stage. Run LP-FT as two configs: method=\'lp\', then method=\'ft\' with '
-            "load_from='<work_dir of the LP run>/iter_<N>.pth' (see configs/baselines/lpft_*.py)")
-    return recipe.stages[0]
-
-
-PredictorSpec = Union[None, Sequence[str], Mapping[str, Sequence[str]]]
-
-
-def predictor_names(model: nn.Module, spec: PredictorSpec, key: str) -> List[str]:
-    """Predictor paths from a config value: ``None`` (the head table), a list of module paths /
-    globs, or ``{head class: [layers]}`` (the head table plus these entries); checked."""
-    if spec is None or isinstance(spec, Mapping):
-        try:
-            names = default_predictors(model, extra=spec)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f'{key}: {exc}') from None
-    else:
-        names = [spec] if isinstance(spec, str) else list(spec)
-    return check_predictors(model, names, key)
-
-
-def check_predictors(model: nn.Module, names: Sequence[str], key: str) -> List[str]:
-    """Resolve predictor names and check each is a predictor leaf, before any weight changes.
-
-    Errors name the config ``key`` to fix.
-    """
-    try:
-        resolved = resolve_modules(model, list(names))
-    except (KeyError, ValueError, TypeError) as exc:
-        msg = exc.args[0] if exc.args else str(exc)
-        raise ValueError(f'{key}: {msg}. Fix: list module paths of the final predictor layers as '
-                         f'in model.named_modules(), e.g. {default_predictors_or_hint(model)}'
-                         ) from None
-    bad = [f'{path} ({type(m).__name__})' for path, m in resolved.items()
-           if not isinstance(m, PREDICTOR_TYPES) or any(True for _ in m.children())]
-    if bad:
-        raise ValueError(f'{key}: {bad} are not final predictor layers (a leaf Linear/ConvNd/'
-                         'ConvTransposeNd). '
-                         f'Fix: name the last layer of each head, e.g. '
-                         f'{default_predictors_or_hint(model)}')
-    return list(resolved)
-
-
-def default_predictors_or_hint(model: nn.Module) -> Union[List[str], str]:
-    try:
-        return default_predictors(model)
-    except (ValueError, TypeError):
-        return "['decode_head.conv_seg']"
-
-
-def norm_eval_modules(model: nn.Module) -> List[str]:
-    """Paths of modules whose ``norm_eval=True`` keeps their BatchNorm layers in eval mode."""
-    return [name for name, m in model.named_modules()
-            if getattr(m, 'norm_eval', False) is True
-            and any(is_batchnorm(sub) for sub in m.modules())]
-
-
-_STEM = ('stem', 'conv1', 'bn1', 'norm1')
-
-
-def _in_frozen_stage(rel: str, frozen_stages: int) -> Optional[bool]:
-    """For a ResNet-style backbone (``stem``/``conv1``+``bn1``, ``layer1``..): whether ``rel``
-    lies in a stage ``frozen_stages`` freezes; None if the naming is not ResNet's."""
-    first = rel.split('.', 1)[0]
-    if first in _STEM:
-        return True
-    if first.startswith('layer') and first[5:].isdigit():
-        return int(first[5:]) <= frozen_stages
-    return None
-
-
-def frozen_batchnorms(model: nn.Module) -> Dict[str, Tuple[List[str], bool]]:
-    """BN layers that would not train in ``model.train()``: ``{path: (causes, stem_only)}``.
-
-    Causes are the settings responsible, as ``<module path>.<key>``: ``norm_eval`` (BN in eval
-    mode), ``frozen_stages`` (the stage is in eval mode and frozen), ``norm_cfg.requires_grad``
-    (weight and bias frozen). ``stem_only`` marks a stem BN frozen by ``frozen_stages=0``: the
-    one frozen layer a user may keep on purpose. Every module's train/eval flag is restored.
-    """
-    modules = dict(model.named_modules())
-    with kept_modes(model):
-        model.train()
-        found: Dict[str, Tuple[List[str], bool]] = {}
-        for path, bn in modules.items():
-            # a teacher (semi-supervised EMA, distillation) is frozen by design
-            if not is_batchnorm(bn) or path.split('.', 1)[0].startswith('teacher'):
-                continue
-            in_eval = not bn.training
-            grad_off = any(not p.requires_grad for p in bn.parameters(recurse=False))
-            if not (in_eval or grad_off):
-                continue
-            parts = path.split('.')
-            ancestors = [('.'.join(parts[:i]), modules['.'.join(parts[:i])])
-                         for i in range(len(parts))]
-            causes: List[str] = []
-            stem_only = False
-            for apath, anc in ancestors:
-                key = f'{apath}.' if apath else ''
-                if in_eval and getattr(anc, 'norm_eval', False) is True:
-                    causes.append(f'{key}norm_eval')
-                stages = getattr(anc, 'frozen_stages', None)
-                if isinstance(stages, int) and not isinstance(stages, bool) and stages >= 0:
-                    inside = _in_frozen_stage(path[len(key):], stages)
-                    if inside or (inside is None and in_eval and not causes):
-                        causes.append(f'{key}frozen_stages')
-                        stem_only = stages == 0 and bool(inside)
-            if grad_off and not any(c.endswith('frozen_stages') for c in causes):
-                # the outermost module that passes its norm_cfg down (the backbone), not a block
-                owner = next((apath for apath, anc in ancestors
-                              if apath and isinstance(getattr(anc, 'norm_cfg', None), dict)), None)
-                causes.append(f'{owner}.norm_cfg.requires_grad' if owner
-                              else f'{path}.requires_grad')
-            if not causes:
-                causes.append(f'{path} (in eval mode after model.train())')
-            found[path] = (causes, stem_only and len(causes) == 1)
-        return found
-
-
-_FIXES = {'norm_eval': 'False', 'frozen_stages': '-1', 'requires_grad': 'True'}
-
-
-def require_bn_train(model: nn.Module, key_prefix: str, who: str) -> List[str]:
-    """Refuse BatchNorm layers that would not train where the method trains BN: ``norm_eval=True``,
-    ``frozen_stages >= 0`` (the stage stays in eval mode and frozen) and ``requires_grad=False``
-    norms. The error names each config key (``key_prefix`` + module path) and its fix.
-
-    ``frozen_stages=0`` (stem only) is what a user sets to keep the stem frozen on purpose: it is
-    allowed, logged, and returned (the stem BN layers that stay frozen).
-    """
-    frozen = frozen_batchnorms(model)
-    kept = [path for path, (_, stem_only) in frozen.items() if stem_only]
-    refused = {path: causes for path, (causes, stem_only) in frozen.items() if not stem_only}
-    if refused:
-        keys: Dict[str, List[str]] = {}
-        for path, causes in refused.items():
-            for cause in causes:
-                keys.setdefault(cause, []).append(path)
-        listed = '; '.join(f'{key_prefix}{cause}' + ('=True' if cause.endswith('norm_eval') else '')
-                           + f' ({len(paths)} BN layers, e.g. {paths[0]})'
-                           for cause, paths in keys.items())
-        fixes = ' '.join(f'{key_prefix}{cause}={_FIXES[cause.rsplit(".", 1)[-1]]}'
-                         for cause in keys if cause.rsplit('.', 1)[-1] in _FIXES)
-        raise ValueError(
-            f'{listed} keep BatchNorm from training, but {who} fine-tunes with BatchNorm in train '
-            f'mode. Fix: --cfg-options {fixes or "(make those layers trainable)"} '
-            '(configs/_base_/daft_detection.py sets all three for a backbone: '
-            'model = dict(backbone={{_base_.daft_backbone}}); frozen_stages=0 keeps only the '
-            'stem frozen)')
-    zero_eps = [path for path, m in model.named_modules()
-                if path not in kept and getattr(m, 'running_mean', None) is not None
-                and isinstance(getattr(m, 'eps', None), (int, float)) and not m.eps > 0]
-    if zero_eps:
-        raise ValueError(
-            f'{len(zero_eps)} BatchNorm layers have eps=0 (e.g. {key_prefix}{zero_eps[0]}; stock '
-            'NAS-FCOS sets it in the backbone\'s norm_cfg): frozen BN can use it, but BatchNorm '
-            f'in train mode cannot (torch needs eps > 0), and {who} trains BN. Fix: --cfg-options '
-            f'{key_prefix}backbone.norm_cfg.eps=1e-5 (configs/_base_/daft_detection.py\'s '
-            'daft_backbone sets it)')
-    if kept:
-        from mmengine.logging import print_log
-        print_log(f'{who}: frozen_stages=0 keeps the stem frozen; these BatchNorm layers stay in '
-                  f'eval mode with their statistics and affine parameters fixed: {kept}',
-                  logger='current')
-    return kept
-
-
-def mm_forward(mode: str = 'loss') -> Callable[[nn.Module, Any], Any]:
-    """``forward(model, data_batch)`` for :func:`daft_mm.core.convert_bn` on an mmengine model.
-
-    The batch goes through the model's own ``data_preprocessor`` exactly as in a training step
-    (``training=True``: same normalisation, padding and batch augments), then through the model in
-    ``mode``. ``'loss'`` (default) runs every module a training step runs, auxiliary heads included;
-    ``'tensor'`` only the inference path (mmseg's ``'tensor'`` mode skips auxiliary heads).
-
-    In ``'loss'`` mode every module except the BatchNorm layers runs in train mode (the BN layers
-    keep whatever mode the caller set: eval in the conversion pass, so the function is the
-    pretrained one): heads that branch on ``self.training`` must give what their loss expects
-    (K-Net's decode head returns only its last stage in eval mode, and its loss then fails), and
-    the BN layers see their inputs exactly as in a training step. Every flag is restored after.
-    """
-    if mode not in ('loss', 'tensor', 'predict'):
-        raise ValueError(f"forward mode must be 'loss', 'tensor' or 'predict', got {mode!r}")
-
-    def forward(model: nn.Module, data_batch: Any) -> Any:
-        data = model.data_preprocessor(data_batch, True)
-        with kept_modes(model):
-            if mode == 'loss':
-                for m in model.modules():
-                    if not is_batchnorm(m):
-                        m.training = True
-            if isinstance(data, dict):
-                return model(**data, mode=mode)
-            return model(*data, mode=mode)
-
-    return forward
+__all__ = ['DAFTModel']
 
 
 @MODELS.register_module()
@@ -357,22 +147,6 @@ class DAFTModel(BaseModel):
             for module in self._feature_modules():
                 set_bn_eval(module)
         return self
-
-    # ------------------------------------------------------------------ DAFT operations
-    def convert_bn(self, batches: Iterable[Any], *, forward_mode: str = 'loss',
-                   **kwargs: Any) -> ConversionReport:
-        """Core :func:`~daft_mm.core.convert_bn` on the wrapped model over mmengine data batches
-        (dataloader outputs); ``kwargs`` go to the core function. Layer names in the report are
-        the wrapped model's (the stock names)."""
-        return convert_bn(self.model, batches, forward=mm_forward(forward_mode), **kwargs)
-
-    def zero_init_predictors(self) -> List[str]:
-        """Zero this stage's predictors, each biased by its head's prior (core
-        :func:`~daft_mm.core.zero_init_predictors`,
-        :func:`~daft_mm.mm.predictors.predictor_priors`).
-        """
-        names = list(self.predictors)
-        return zero_init_predictors(self.model, names, predictor_priors(self.model, names))
 
     def _feature_modules(self) -> List[nn.Module]:
         modules = dict(self.model.named_modules())
