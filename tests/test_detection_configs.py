@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.registry import MODELS
 from mmengine.runner import Runner
 from PIL import Image
 
@@ -166,13 +167,53 @@ def test_full_size_configs_resolve_with_bn_training(name):
     hooks = [h['type'] for h in cfg.get('custom_hooks', [])]
     if name.startswith('detection/daft'):
         assert hooks == ['DAFTHook']
-        keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
-        wanted = ['.conv_logits.', '.fc_cls.'] if 'mask' in name else ['.retina_cls.',
-                                                                         '.retina_reg.']
-        assert all(keys[k] == dict(lr_mult=10.0) for k in wanted)
-        assert '.rpn_cls.' not in keys  # the RPN keeps the backbone's LR
+        # no substring keys copied into the config: DAFTHook derives the entries at start-up
+        assert not cfg.optim_wrapper.get('paramwise_cfg')
     else:
         assert 'DAFTHook' not in hooks and not cfg.optim_wrapper.get('paramwise_cfg')
     if 'cityscapes' in name:
         head = cfg.model.roi_head.bbox_head if 'mask' in name else cfg.model.bbox_head
         assert head.num_classes == 8
+
+
+@pytest.mark.parametrize('config,predictors,untouched', [
+    # GA-RPN's rpn_head has conv_cls / conv_reg, which the old substring keys matched; it is a
+    # proposal generator, not a predictor of the task, and keeps the backbone's LR
+    ('guided_anchoring/ga-faster-rcnn_r50-caffe_fpn_1x_coco.py',
+     ['roi_head.bbox_head.fc_cls', 'roi_head.bbox_head.fc_reg'], ['rpn_head.conv_cls']),
+    # DETR-type MLP branches: only each branch's last Linear is a predictor; the layers inside
+    # the branch (reg_branches.{i}.0 / .2) train at the backbone's LR
+    ('deformable_detr/deformable-detr_r50_16xb2-50e_coco.py',
+     [f'bbox_head.cls_branches.{i}' for i in range(6)]
+     + [f'bbox_head.reg_branches.{i}.4' for i in range(6)],
+     [f'bbox_head.reg_branches.{i}.{j}' for i in range(6) for j in (0, 2)]),
+])
+def test_the_head_lr_reaches_exactly_the_predictors(config, predictors, untouched):
+    """The LR groups the hook derives for a stock detector + the detection fragment, through
+    mmengine's own optimizer constructor: each predictor at 10x, every other parameter at 1x."""
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import DefaultScope
+
+    from daft_mm.mm.settings import decide_plan, predictor_lr_cfg
+    import mmdet
+    cfg = Config.fromfile(str(Path(mmdet.__file__).parent / '.mim' / 'configs' / config))
+    cfg.merge_from_dict(dict(model=dict(backbone=dict(
+        norm_cfg=dict(type='BN', requires_grad=True), norm_eval=False, frozen_stages=-1,
+        init_cfg=None))))
+    daft = Config.fromfile(str(CONFIGS / '_base_' / 'daft_detection.py'))
+    cfg.merge_from_dict(dict(daft_head_lr_mult=daft.daft_head_lr_mult,
+                             daft_head_modules=daft.daft_head_modules))
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg.model)
+    plan = decide_plan(cfg, model, model)
+    assert list(plan.predictors) == predictors and list(plan.head_modules) == predictors
+    optim_cfg = predictor_lr_cfg(dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.01)),
+                                 list(plan.predictors), plan.head_lr_mult, 'test')
+    optim = build_optim_wrapper(model, optim_cfg)
+    lr = {id(p): g['lr'] for g in optim.param_groups for p in g['params']}
+    inside = {id(p) for name in predictors for p in model.get_submodule(name).parameters()}
+    for name, param in model.named_parameters():
+        assert lr[id(param)] == pytest.approx(0.1 if id(param) in inside else 0.01), name
+    for name in untouched:
+        assert all(lr[id(p)] == pytest.approx(0.01)
+                   for p in model.get_submodule(name).parameters()), name

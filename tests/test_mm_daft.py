@@ -429,3 +429,32 @@ def test_fragment_works_with_read_base_style(tmp_path):
     assert cfg.custom_hooks[0]['type'] == 'DAFTHook'
     assert cfg.optim_wrapper.paramwise_cfg.custom_keys['decode_head.conv_seg'] == dict(
         lr_mult=10.0)
+
+
+def test_lp_keeps_mmcv_syncbn_in_eval_mode(tmp_path):
+    """mmcv's MMSyncBN is no ``_BatchNorm``: LP's BN freezing, conversion and the checks share one
+    BN-like test (``daft_mm.core.is_batchnorm``), so LP keeps it in eval mode after ``train()``
+    like any BN (it stayed in train mode before, its statistics drifting under a frozen LP)."""
+    import socket
+
+    import torch.distributed as dist
+    from mmcv.ops import SyncBatchNorm as MMSyncBN
+
+    from daft_mm.core import is_batchnorm, split_batchnorms
+    with socket.socket() as sock:  # a free port on this machine for a one-rank gloo group
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1)
+    try:
+        cfg = Config.fromfile(str(TINY / 'tiny_deeplabv3_cityscapes.py'))
+        cfg.model.backbone.norm_cfg = dict(type='MMSyncBN', requires_grad=True)
+        model = DAFTModel(model=cfg.model, method='lp')
+        bns = [m for m in model.model.backbone.modules() if isinstance(m, MMSyncBN)]
+        assert bns and all(is_batchnorm(m) for m in bns)
+        model.train()
+        assert not any(m.training for m in bns)  # frozen statistics under LP
+        assert model.model.decode_head.training
+        converted, _ = split_batchnorms(model.model, ['backbone'])
+        assert len(converted) == len(bns)
+    finally:
+        dist.destroy_process_group()

@@ -15,14 +15,20 @@
 #                       proposals must be informative from the first step.
 #   daft_backbone       what DAFT needs of the backbone; stock mmdet configs freeze BN
 #                       (norm_eval=True, frozen_stages=1, caffe-style norm_cfg requires_grad=False)
-#   daft_paramwise_cfg  10x LR on the predictors (param names containing these keys)
+#   daft_head_lr_mult   the predictors' LR over the backbone's; DAFTHook adds it to
+#                       optim_wrapper.paramwise_cfg.custom_keys at start-up, one entry per
+#                       predictor the head table found (exact module paths: no RPN layer, no inner
+#                       layer of a DETR MLP branch), and logs the effective LRs
 #
 # Your config sets the keys the stock bases own:
 #
 #   _base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py',
 #             'path/to/configs/_base_/daft_detection.py']
 #   model = dict(backbone={{_base_.daft_backbone}})
-#   optim_wrapper = dict(paramwise_cfg={{_base_.daft_paramwise_cfg}})
+#
+# Your own optim_wrapper.paramwise_cfg (custom_keys for other modules, norm_decay_mult, ...) keeps
+# working: DAFTHook adds the predictors' entries to it; an entry of yours for a predictor with
+# another lr_mult is an error naming both keys.
 #
 # SyncBN: detection trains with 1-2 images per GPU, too few for BatchNorm's batch statistics
 # (and for the converted statistics to stay meaningful); SyncBN computes them over the global
@@ -41,22 +47,4 @@ daft_head_lr_mult = 10.0
 # The head LR goes to the final predictors only: the whole-new-head default of segmentation
 # ('new_modules': neck, RPN and RoI heads) has not been measured on detection.
 daft_head_modules = 'predictors'
-# Leaf names of the predictors in the head table, as mmengine custom_keys (substrings of parameter
-# names): '.fc_cls.' matches roi_head.bbox_head.fc_cls.weight and roi_head.bbox_head.0.fc_cls.bias
-# but no RPN layer. DAFTHook checks at start-up that every predictor it found trains above the
-# backbone's LR and names the key to add otherwise.
-daft_predictor_keys = [
-    # RoI heads (Faster / Mask / Cascade R-CNN, HTC, MS R-CNN, Grid R-CNN, PointRend, Sparse R-CNN)
-    'fc_cls', 'fc_reg', 'conv_logits', 'fc_logits', 'fc_mask_iou', 'deconv2',
-    # dense heads
-    'retina_cls', 'retina_reg', 'conv_cls', 'conv_reg', 'conv_centerness', 'atss_cls',
-    'atss_reg', 'atss_centerness', 'atss_iou', 'gfl_cls', 'gfl_reg', 'vfnet_cls', 'vfnet_reg',
-    'vfnet_reg_refine', 'tood_cls', 'tood_reg', 'cls_score', 'bbox_pred', 'object_pred',
-    'reppoints_cls_out', 'reppoints_pts_init_out', 'reppoints_pts_refine_out', 'conv_loc',
-    'conv_shape', 'controller', 'conv_coeff', 'conv_kernel', 'conv_mask_list',
-    'conv_mask_list_x', 'conv_mask_list_y', 'cls_branches', 'cls_embed',
-]
-daft_paramwise_cfg = dict(
-    custom_keys={f'.{name}.': dict(lr_mult=daft_head_lr_mult) for name in daft_predictor_keys})
-
 custom_hooks = [dict(type='DAFTHook')]

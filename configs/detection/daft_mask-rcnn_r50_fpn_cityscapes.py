@@ -7,4 +7,3 @@ _base_ = [
     '../_base_/daft_detection.py',
 ]
 model = dict(backbone={{_base_.daft_backbone}})
-optim_wrapper = dict(paramwise_cfg={{_base_.daft_paramwise_cfg}})
