@@ -55,7 +55,7 @@ def main(argv: Sequence[str] = None) -> Dict[str, Any]:
 
     import daft_mm.mm  # noqa: F401
     from daft_mm.benchmark.data import DEFAULT, make_data
-    from daft_mm.benchmark.experiment import Progress, load_recorded, RECORDED
+    from daft_mm.benchmark.experiment import Progress
     from daft_mm.benchmark.runs import Context, RunPool, pretrain
     init_default_scope('mmseg')
     work_dir = Path(args.work_dir).resolve()
@@ -66,7 +66,6 @@ def main(argv: Sequence[str] = None) -> Dict[str, Any]:
     roots = make_data(work_dir / 'data' / DEFAULT.data_key(), DEFAULT, progress.step)
     ctx = Context(settings=DEFAULT, work_dir=work_dir, roots=roots, step=progress.step)
     pretrain(ctx)
-    ctx.lp_setting = Point.from_dict(load_recorded(RECORDED)['chosen']['LP'])
     with RunPool(ctx, args.workers) as pool:
         results = pool.run(tasks, lambda t, r: progress.step(
             f'{t[0]} {t[1].label()} seed {t[2]}: ID {r["id"]:.2f} OOD mean {r["ood_mean"]:.2f}'

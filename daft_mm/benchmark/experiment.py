@@ -98,7 +98,6 @@ def search(pool: RunPool, spaces: Dict[str, List[Axis]], seeds: Sequence[int],
     """Choose every method's setting on ID-val; returns the choices, the searches and every run.
     ``kept``: methods not searched again, with their recorded choice (their searches and runs
     are then not among those returned)."""
-    ctx = pool.ctx
     kept = kept or {}
     chosen: Dict[str, Point] = {}
     searches: Dict[str, SearchResult] = {}
@@ -112,7 +111,8 @@ def search(pool: RunPool, spaces: Dict[str, List[Axis]], seeds: Sequence[int],
 
     def scorer(spec: MethodSpec) -> BatchScore:
         def score(pairs: List[tuple[Point, int]]) -> List[float]:
-            results = pool.run([(spec.name, point, seed) for point, seed in pairs], done)
+            results = pool.run([(spec.name, point, seed) for point, seed in pairs], done,
+                               probe=chosen.get('LP'))  # LP-FT: after LP in its chain
             return [r['id_val'] for r in results]
         return score
 
@@ -120,8 +120,6 @@ def search(pool: RunPool, spaces: Dict[str, List[Axis]], seeds: Sequence[int],
         for name in names:
             if name in kept:
                 chosen[name] = kept[name]
-                if name == 'LP':
-                    ctx.lp_setting = chosen['LP']
                 continue
             spec = get_method(name)
             axes = _space(spec, spaces, chosen)
@@ -130,8 +128,6 @@ def search(pool: RunPool, spaces: Dict[str, List[Axis]], seeds: Sequence[int],
             else:
                 searches[name] = grid_search(scorer(spec), axes, seeds=seeds)
             chosen[name] = searches[name].chosen
-            if name == 'LP':
-                ctx.lp_setting = chosen['LP']
             progress.note(f'{name}: chose {chosen[name].label()} (mean ID-val '
                           f'{searches[name].mean(chosen[name]):.2f} over {len(seeds)} seeds)'
                           + (f'; still best at the edge of {searches[name].on_edge}'
@@ -235,7 +231,6 @@ def run_benchmark(opts: Options) -> Dict[str, Any]:
             record = load_recorded(Path(opts.recorded))
             chosen = {m: Point.from_dict(p) for m, p in record['chosen'].items()}
             source = f'{opts.recorded} ({record.get("source", "?")})'
-        ctx.lp_setting = chosen['LP']
         progress.note(f'settings from {source}')
 
         def done(task: Task, r: Dict[str, Any]) -> None:
@@ -246,7 +241,7 @@ def run_benchmark(opts: Options) -> Dict[str, Any]:
 
         tasks = [(spec.name, chosen[spec.name], seed) for seed in seeds for spec in COMPARED]
         results: Dict[str, List[Dict[str, Any]]] = {m.name: [] for m in COMPARED}
-        for task, r in zip(tasks, pool.run(tasks, done)):
+        for task, r in zip(tasks, pool.run(tasks, done, probe=chosen['LP'])):
             results[task[0]].append(r)
     report = _report(opts, s, seeds, chosen, source, record, results, ctx, t_start)
     _write(report, work_dir)

@@ -41,7 +41,6 @@ class Context:
     id_val_batches: List[Any] = field(default_factory=list)
     backbone_checkpoint: str = ''
     pretrained_backbone: Any = None
-    lp_setting: Optional[Point] = None  # LP-FT's probe stage: the LP method's chosen setting
     runs: int = 0
     trained: int = 0  # runs trained (not reused) in this process
 
@@ -281,33 +280,36 @@ def _configs_hash(spec: MethodSpec) -> List[str]:
             file_hash(DEMO_CONFIGS / '_base_' / 'demo_common.py'), code_hash()]
 
 
-def lp_stage(ctx: Context, seed: int, iters: int) -> str:
-    """LP-FT's probe stage (the LP method at its chosen setting for ``iters``): its checkpoint."""
-    if ctx.lp_setting is None:
-        raise RuntimeError('LP-FT needs the LP setting chosen first (ctx.lp_setting)')
+def lp_stage(ctx: Context, seed: int, iters: int, probe: Point) -> str:
+    """LP-FT's probe stage (the LP method at ``probe``, LP's chosen setting, for ``iters``): its
+    checkpoint."""
     spec = get_method('LP')
-    key = stable_hash(dict(settings=asdict(ctx.settings), stage='lp', point=ctx.lp_setting
-                           .to_dict(), seed=seed, iters=iters, configs=_configs_hash(spec),
+    key = stable_hash(dict(settings=asdict(ctx.settings), stage='lp', point=probe.to_dict(),
+                           seed=seed, iters=iters, configs=_configs_hash(spec),
                            start=file_hash(Path(ctx.backbone_checkpoint))))
     work = ctx.work_dir / 'runs' / 'LP-FT_stage1' / key
     ckpt = work / f'iter_{iters}.pth'
     if _cached(work / 'done.json', key) is not None and ckpt.is_file():
         return str(ckpt)
     _, last = train(spec.config, ctx, work, iters=iters, seed=seed, data_root=ctx.roots.id,
-                    options=dict(run_options(spec, ctx.lp_setting), **backbone_options(ctx)))
+                    options=dict(run_options(spec, probe), **backbone_options(ctx)))
     atomic_write_json(str(work / 'done.json'), dict(key=key, result={'checkpoint': last}))
     return last
 
 
-def run_point(ctx: Context, spec: MethodSpec, point: Point, seed: int) -> Dict[str, Any]:
+def run_point(ctx: Context, spec: MethodSpec, point: Point, seed: int,
+              probe: Optional[Point] = None) -> Dict[str, Any]:
     """Train ``spec`` at ``point`` with ``seed`` for the budget and evaluate it (or reuse a
-    finished run with the same key). The result says whether it was reused."""
+    finished run with the same key). LP-FT's probe stage trains at ``probe`` (LP's chosen
+    setting). The result says whether it was reused."""
     s = ctx.settings
     budgets = stage_budgets(spec, s.budget, s.lp_fraction)
     start = ctx.backbone_checkpoint
     lp_setting = None
     if spec.lp_first:
-        lp_setting = ctx.lp_setting.to_dict() if ctx.lp_setting else None
+        if probe is None:
+            raise ValueError(f'{spec.name} needs the setting of its probe stage (LP\'s choice)')
+        lp_setting = probe.to_dict()
     key = stable_hash(dict(settings=asdict(s), method=spec.name, recipe=spec.recipe,
                            point=point.to_dict(), seed=seed, budgets=budgets, lp=lp_setting,
                            configs=_configs_hash(spec), start=file_hash(Path(start))))
@@ -318,7 +320,7 @@ def run_point(ctx: Context, spec: MethodSpec, point: Point, seed: int) -> Dict[s
     t0 = time.time()
     options = dict(run_options(spec, point), **backbone_options(ctx))
     if spec.lp_first:  # the second stage starts from the whole probed model
-        options['load_from'] = lp_stage(ctx, seed, budgets['lp'])
+        options['load_from'] = lp_stage(ctx, seed, budgets['lp'], probe)
     iters = budgets['ft' if spec.lp_first else spec.recipe]
     model, last = train(spec.config, ctx, work, iters=iters, seed=seed, data_root=ctx.roots.id,
                         options=options)
@@ -354,14 +356,14 @@ def _init_worker(settings: Settings, work_dir: Path, roots: DataRoots, verbose: 
     _WORKER['ctx'] = ctx
 
 
-def _work(name: str, point: Point, seed: int, lp_setting: Optional[Point],
-          lp_only: bool = False) -> Dict[str, Any]:
+def _work(name: str, point: Point, seed: int, probe: Optional[Point]) -> Dict[str, Any]:
+    return run_point(_WORKER['ctx'], get_method(name), point, seed, probe)
+
+
+def _probe_stage(seed: int, probe: Point) -> str:
     ctx = _WORKER['ctx']
-    ctx.lp_setting = lp_setting
-    if lp_only:
-        return {'checkpoint': lp_stage(ctx, seed, stage_budgets(
-            get_method('LP-FT'), ctx.settings.budget, ctx.settings.lp_fraction)['lp'])}
-    return run_point(ctx, get_method(name), point, seed)
+    return lp_stage(ctx, seed, stage_budgets(get_method('LP-FT'), ctx.settings.budget,
+                                             ctx.settings.lp_fraction)['lp'], probe)
 
 
 class RunPool:
@@ -394,25 +396,25 @@ class RunPool:
         return self._pool
 
     def run(self, tasks: List[Task],
-            done: Optional[Callable[[Task, Dict[str, Any]], None]] = None) -> List[Dict[str, Any]]:
+            done: Optional[Callable[[Task, Dict[str, Any]], None]] = None,
+            probe: Optional[Point] = None) -> List[Dict[str, Any]]:
         """Results of ``tasks`` in order (each distinct task runs once); ``done`` is called as
-        each finishes. LP-FT's probe stages run first, once per seed, so no two workers train
-        the same one."""
+        each finishes. ``probe``: LP's chosen setting, the probe stage of LP-FT tasks; those
+        stages run first, once per seed, so no two workers train the same one."""
         unique = list(dict.fromkeys(tasks))
         results: Dict[Task, Dict[str, Any]] = {}
         if self.workers <= 1:
             for task in unique:
-                results[task] = run_point(self.ctx, get_method(task[0]), task[1], task[2])
+                results[task] = run_point(self.ctx, get_method(task[0]), task[1], task[2], probe)
                 if done is not None:
                     done(task, results[task])
             return [results[t] for t in tasks]
         from concurrent.futures import as_completed
         pool = self._executor()
         lp_seeds = sorted({seed for name, _, seed in unique if get_method(name).lp_first})
-        for future in [pool.submit(_work, 'LP-FT', Point(lr=0.0), seed, self.ctx.lp_setting,
-                                   True) for seed in lp_seeds]:
+        for future in [pool.submit(_probe_stage, seed, probe) for seed in lp_seeds]:
             future.result()
-        futures = {pool.submit(_work, *task, self.ctx.lp_setting): task for task in unique}
+        futures = {pool.submit(_work, *task, probe): task for task in unique}
         for future in as_completed(futures):
             task = futures[future]
             results[task] = future.result()
