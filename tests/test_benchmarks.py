@@ -1,5 +1,5 @@
 """The benchmarks run end to end in --quick mode and write valid JSON (no speed targets here:
-timings on shared machines are noise; the figures live in the README's Performance section)."""
+timings on shared machines are noise; the figures live in docs/performance.md)."""
 from __future__ import annotations
 
 import json

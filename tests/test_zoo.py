@@ -1,6 +1,6 @@
 """Model-zoo coverage, fast subset: tools/check_zoo_coverage.py on a few representative stock
 folders of the installed mmseg / mmdet (small ResNet, random batches, nothing downloaded). The full
-table (every folder, ~1-2 h on 2 busy cores) is `python tools/check_zoo_coverage.py`; the README
+table (every folder, ~1-2 h on 2 busy cores) is `python tools/check_zoo_coverage.py`; docs/zoo_coverage.md
 shows it.
 """
 from __future__ import annotations

@@ -110,7 +110,7 @@ def torch_finding() -> tuple[Finding, object | None]:
 def mmcv_install_command(torch: object | None) -> str:
     """The command that installs an mmcv 2.1.0 with ops matching the installed torch."""
     if torch is None:
-        return 'install torch first, then mmcv 2.1.0 built for it (README, "Install modes")'
+        return 'install torch first, then mmcv 2.1.0 built for it (docs/install.md)'
     release = torch.__version__.split('+')[0]
     cuda = torch.version.cuda
     if release.startswith('2.1.') and (cuda is None or cuda in PREBUILT_CUDA):

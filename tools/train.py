@@ -179,7 +179,7 @@ def _empty_dataset(exc: BaseException) -> str | None:
             where = {k: getattr(dataset, k, None) for k in ('data_root', 'data_prefix', 'ann_file')}
             return (f'{type(dataset).__name__} found no samples ({where}): the dataset is empty. '
                     'Fix: point data_root (--cfg-options data_root=...) at the data, and check '
-                    'the folder layout the dataset expects (see the README\'s data layout)')
+                    'the folder layout the dataset expects (see docs/usage.md, "Data layout")')
         tb = tb.tb_next
     return None
 

@@ -85,8 +85,9 @@ _FT = FineTuneStage('ft')
 
 #: DAFT's default head LR multiplier. The method only needs it "far above" the
 #: backbone's: the zero head must fit quickly (the LP part) while the backbone moves
-#: slowly (the FT part). Tune it per task like any LR: the embedded benchmarks chose 10
-#: (classification) and 1 (segmentation, 300 iterations) on ID-val (README, "Results").
+#: slowly (the FT part). Tune it per task like any LR: both embedded benchmarks chose 10 on
+#: ID-val (classification; segmentation at 300 iterations, once DAFT converted only the
+#: pretrained BN layers: docs/benchmark.md).
 DAFT_HEAD_LR_MULT = 10.0
 #: DAFT's default head: every module new to the pretrained backbone. On the embedded
 #: segmentation benchmark it beat the final predictors alone at every backbone LR / ratio that
