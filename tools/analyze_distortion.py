@@ -21,25 +21,20 @@ Example::
 from __future__ import annotations
 
 import argparse
-import copy
-import difflib
 import json
 import math
 import os
 import os.path as osp
 import sys
-from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 
-PRETRAINED = 'pretrained'
-CONVERTED = 'converted'
-REFERENCE_DOC = {
-    PRETRAINED: 'the pretrained backbone (--pretrained)',
-    CONVERTED: 'the model right after DAFT BN conversion (the start of a DAFT run)',
-}
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if REPO not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, REPO)
+
+from daft_mm.mm.distortion import CONVERTED, PRETRAINED  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------ args
@@ -103,85 +98,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-# ------------------------------------------------------------------------------ checkpoints
-def backbone_state(path: str, backbone: nn.Module, what: str) -> Dict[str, torch.Tensor]:
-    """The backbone part of a checkpoint, checked against the backbone the config builds.
-
-    Accepts whole-model checkpoints (keys ``backbone.*``, an optional ``state_dict`` wrapper and
-    ``module.`` prefix) and bare backbone checkpoints. Missing keys and shape mismatches are errors
-    (they mean the checkpoint belongs to another architecture); extra keys of a bare backbone
-    checkpoint (a classifier, say) are ignored.
-    """
-    from mmengine.runner import CheckpointLoader
-
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'{what} checkpoint {path!r} does not exist')
-    ckpt = CheckpointLoader.load_checkpoint(path, map_location='cpu')
-    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, Mapping) else None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor)
-                                                 for v in state.values()):
-        raise ValueError(f'{what} checkpoint {path!r} holds no state dict of tensors')
-    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
-    if any(k.startswith('backbone.') for k in state):
-        state = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
-
-    expected = backbone.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith('num_batches_tracked')]
-    if missing:
-        close = difflib.get_close_matches(missing[0], list(state), n=3)
-        raise KeyError(
-            f'{what} checkpoint {path!r} lacks {len(missing)} of the {len(expected)} backbone '
-            f'entries the config builds (first: {missing[:4]})'
-            + (f'; similar names in the checkpoint: {close}' if close else '')
-            + '. Is it a checkpoint of this architecture (depth, stem type)? Use the config the '
-            'checkpoint was trained with, or fix the key names.')
-    wrong = [f'{k}: config {tuple(v.shape)} vs checkpoint {tuple(state[k].shape)}'
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if wrong:
-        raise ValueError(f'{what} checkpoint {path!r} does not match the backbone the config '
-                         f'builds ({len(wrong)} shape mismatches, first: {wrong[:3]}). Use the '
-                         'config the checkpoint was trained with.')
-    return {k: state[k] for k in expected if k in state}
-
-
-def load_backbone(template: nn.Module, path: str, what: str, device: str) -> nn.Module:
-    backbone = copy.deepcopy(template)
-    backbone.load_state_dict(backbone_state(path, template, what), strict=False)
-    backbone.to(device)
-    backbone.requires_grad_(False)
-    backbone.eval()  # mmseg's ResNet.train() returns None: no chaining
-    return backbone
-
-
-# ------------------------------------------------------------------------------------- data
-def build_loader(cfg: Any, split: str, num_workers: int, shuffle: Optional[bool] = None,
-                 seed: Optional[int] = None):
-    from mmengine.runner import Runner
-
-    key = f'{split}_dataloader'
-    if not cfg.get(key):
-        raise KeyError(f'the config has no {key}; pick another --split')
-    loader_cfg = copy.deepcopy(cfg[key])
-    loader_cfg['num_workers'] = num_workers
-    if num_workers == 0:
-        loader_cfg['persistent_workers'] = False
-    if shuffle is not None and isinstance(loader_cfg.get('sampler'), Mapping):
-        loader_cfg['sampler'] = dict(loader_cfg['sampler'], shuffle=shuffle)
-    return Runner.build_dataloader(loader_cfg, seed=seed)
-
-
 # ---------------------------------------------------------------------------------- results
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf -> None (strict JSON has no NaN), tuples -> lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
 def _fmt(value: Optional[float]) -> str:
     return 'n/a' if value is None or (isinstance(value, float) and math.isnan(value)) \
         else f'{value:.6g}'
@@ -364,104 +281,20 @@ def plot_parameters(result: Mapping[str, Any], path: str) -> Dict[str, str]:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     from mmengine.config import Config
-    from mmengine.registry import MODELS, init_default_scope
-    from mmengine.utils import ProgressBar
 
-    import daft_mm  # noqa: F401  (registers daft-mm modules)
-    from daft_mm.core import convert_bn, relative_change
     from daft_mm.mm.cli import apply_cfg_options
-    from daft_mm.mm.preparation import count_batches, one_pass_loader
-    from daft_mm.mm.hooks.distortion_hook import backbone_inputs, compare_backbones
+    from daft_mm.mm.distortion import analyze_distortion
 
     cfg = Config.fromfile(args.config)
     # The tools' shared way: data_root=PATH reaches every dataloader (tools/train.py, test.py,
     # test_robustness.py do the same).
     apply_cfg_options(cfg, _parse_cfg_options(args.cfg_options or []))
-    init_default_scope(cfg.get('default_scope', 'mmseg'))
-    model = MODELS.build(cfg.model)  # no init_weights: weights come from the checkpoints
-    model.to(args.device)
-    model.eval()
-    if not isinstance(getattr(model, 'backbone', None), nn.Module):
-        raise SystemExit(f'{type(model).__name__} has no .backbone to analyse')
-    template = model.backbone
-
-    backbones: Dict[str, nn.Module] = OrderedDict()
-    ref_ckpt: Dict[str, str] = {}
-    backbones[PRETRAINED] = load_backbone(template, args.pretrained, 'pretrained', args.device)
-    for name, path in args.finetuned:
-        backbones[name] = load_backbone(template, path, f'run {name!r}', args.device)
-    for name, path in args.reference_converted:
-        backbones[f'{CONVERTED}:{name}'] = load_backbone(template, path,
-                                                         f'converted reference of {name!r}',
-                                                         args.device)
-        ref_ckpt[name] = path
-    conversion_reports = {}
-    if args.convert:
-        converted = copy.deepcopy(backbones[PRETRAINED])
-        # DAFTHook's statistics loader: one finite pass (the training split's InfiniteSampler
-        # never ends), at most --convert-batches, with its progress bar.
-        loader = one_pass_loader(build_loader(cfg, args.convert_split, args.num_workers),
-                                 seed=args.seed)
-        total = count_batches(loader, args.convert_batches)
-        print(f'converting BN of the pretrained backbone on the {args.convert_split} split: '
-              f'{total} batches', flush=True)
-        bar = ProgressBar(total)
-        report = convert_bn(converted, loader, max_batches=total,
-                            var_mode=args.convert_var_mode,
-                            forward=lambda m, batch: m(backbone_inputs(model, batch, True)),
-                            progress=lambda _: bar.update())
-        bar.file.write('\n')
-        print(report.summary(max_rows=5))
-        desc = (f'pretrained converted here with convert_bn on the {args.convert_split} split '
-                f'({report.num_batches} batches, {args.convert_var_mode} variance)')
-        for name in args.convert:
-            backbones[f'{CONVERTED}:{name}'] = converted
-            ref_ckpt[name] = desc
-        conversion_reports = {'description': desc, 'report': report.to_dict()}
-
-    # Which reference each run is compared against.
-    comparisons: Dict[str, List[Tuple[str, str]]] = {}  # run -> [(ref kind, backbone key)]
-    for name, _ in args.finetuned:
-        comparisons[name] = [(PRETRAINED, PRETRAINED)]
-        if name in ref_ckpt:
-            comparisons[name].append((CONVERTED, f'{CONVERTED}:{name}'))
-    pairs = sorted({(key, run) for run, refs in comparisons.items() for _, key in refs})
-
-    loader = build_loader(cfg, args.split, args.num_workers, shuffle=False)
-    stats, num_images = compare_backbones(model, backbones, pairs, loader,
-                                          max_images=args.max_images, levels=args.levels)
-    levels = sorted(next(iter(stats.values())))
-
-    states = {key: {k: v.detach().cpu() for k, v in b.state_dict().items()}
-              for key, b in backbones.items()}
-    result: Dict[str, Any] = {
-        'config': args.config, 'split': args.split, 'num_images': num_images,
-        'feature_levels': levels,
-        'reference_kinds': {kind: REFERENCE_DOC[kind] for kind in
-                            ([PRETRAINED] + ([CONVERTED] if ref_ckpt else []))},
-        'notes': {
-            'cosine': 'cosine of globally average-pooled backbone features, per image',
-            'l2': 'Euclidean distance of the pooled features, per image',
-            'pixel_cosine': 'channel cosine per spatial position; mean is pixel-weighted',
-            'relative': '||theta - theta_ref|| / ||theta_ref|| per tensor; null where the '
-                        'reference tensor is zero and it moved (see abs_change, zero_reference)',
-            'means': 'unweighted means over layers, null rows skipped',
-        },
-        'runs': {},
-    }
-    if conversion_reports:
-        result['conversion'] = conversion_reports
-    for run, path in args.finetuned:
-        entry: Dict[str, Any] = {'checkpoint': path, 'comparisons': {}}
-        for kind, key in comparisons[run]:
-            change = relative_change(states[key], states[run])
-            entry['comparisons'][kind] = {
-                'reference_checkpoint': args.pretrained if kind == PRETRAINED else ref_ckpt[run],
-                'features': {str(level): stats[(key, run)][level].to_dict() for level in levels},
-                'parameters': change.to_dict(),
-            }
-        result['runs'][run] = entry
-    result = _clean(result)
+    result = analyze_distortion(
+        cfg, args.pretrained, args.finetuned, reference_converted=args.reference_converted,
+        convert=args.convert, split=args.split, max_images=args.max_images, levels=args.levels,
+        device=args.device, num_workers=args.num_workers, seed=args.seed,
+        convert_split=args.convert_split, convert_batches=args.convert_batches,
+        convert_var_mode=args.convert_var_mode)
 
     out_dir = args.out_dir or osp.join('work_dirs', 'distortion',
                                        osp.splitext(osp.basename(args.config))[0])
