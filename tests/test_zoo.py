@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from _mm_helpers import REPO
+from daft_mm.mm.doctor import _to_float64, float64_function_diff
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning', 'ignore::DeprecationWarning')
 PRIOR = round(-math.log(99), 3)
@@ -88,12 +89,32 @@ def test_zoo_float64_check_machinery(zoo):
     model = zoo.build_model('mmdet', cfg)
     batches = [zoo.det_batch(seed, model) for seed in (1, 2)]
     state = copy.deepcopy(model.state_dict())
-    assert zoo.float64_function_diff(model, state, batches) < 1e-12
+    assert float64_function_diff(model, state, batches) < 1e-12
     assert all(t.dtype == torch.float32 for t in model.state_dict().values()
                if t.is_floating_point())  # the model itself stays as it was
     sample = DetDataSample(gt_instances=InstanceData(bboxes=torch.zeros(2, 4),
                                                      labels=torch.zeros(2, dtype=torch.long)))
-    out = zoo._to_float64({'inputs': [torch.zeros(3)], 'data_samples': [sample]})
+    out = _to_float64({'inputs': [torch.zeros(3)], 'data_samples': [sample]})
     assert out['inputs'][0].dtype == torch.float64
     assert out['data_samples'][0].gt_instances.bboxes.dtype == torch.float64
     assert out['data_samples'][0].gt_instances.labels.dtype == torch.long
+
+
+def test_check_model_in_two_lines_and_the_stage_of_a_failure(zoo):
+    """daft_mm.mm.doctor.check_model on a user's model: the zoo tool's checks without the tool;
+    a failure names the stage it stopped at and keeps what was found before."""
+    from daft_mm.mm.doctor import ModelCheckError, check_model
+    cfg = zoo.prepare_cfg('mmseg', zoo.pick_config('mmseg', 'deeplabv3'), {})
+    model = zoo.build_model('mmseg', cfg)
+    batches = [zoo.seg_batch(seed, model) for seed in (1, 2)]
+    check = check_model(model, batches, pretrained=['backbone'])
+    assert check.stage == 'train-step' and check.converted == check.bn_layers > 0
+    assert check.function_diff < 1e-4 and check.train_step.endswith('2/2 predictors got gradient')
+    assert set(check.rule_converted) | set(check.rule_left_new) == set(
+        n for n, m in model.named_modules() if hasattr(m, 'running_mean'))
+    assert all(n.startswith('backbone.') for n in check.rule_converted) and check.rule_left_new
+    frozen = zoo.build_model('mmseg', zoo.prepare_cfg('mmseg', zoo.pick_config(
+        'mmseg', 'deeplabv3'), {'norm_eval': True}))
+    with pytest.raises(ModelCheckError, match=r'\[bn-train\].*norm_eval') as info:
+        check_model(frozen, batches)
+    assert info.value.stage == 'bn-train' and info.value.check.predictors == check.predictors

@@ -41,7 +41,6 @@ import argparse
 import contextlib
 import glob
 import json
-import math
 import os
 import os.path as osp
 import sys
@@ -320,107 +319,13 @@ def seg_batch(seed: int, model: torch.nn.Module, size: int = IMG) -> dict:
     return dict(inputs=inputs, data_samples=samples)
 
 
-def _flatten(out: Any) -> List[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out.detach().double()]  # float64: the float64 check's residual stays visible
-    if hasattr(out, 'seg_logits'):  # mmseg predictions
-        return _flatten(out.seg_logits.data)
-    if hasattr(out, 'pred_instances'):  # mmdet predictions: scores and boxes
-        pred = out.pred_instances
-        return _flatten([getattr(pred, k) for k in ('scores', 'bboxes') if k in pred])
-    if isinstance(out, dict):
-        return [t for key in sorted(out) for t in _flatten(out[key])]
-    if isinstance(out, (list, tuple)):
-        return [t for item in out for t in _flatten(item)]
-    return []
-
-
-def eval_outputs(model: torch.nn.Module, batches: Sequence[dict]) -> Tuple[str, List[torch.Tensor]]:
-    """Eval-mode outputs: ``tensor`` mode, else the predictions, else the losses (fixed seeds:
-    RoI and point sampling)."""
-    from daft_mm.mm.preparation import mm_forward
-    model.eval()
-    for mode in ('tensor', 'predict', 'loss'):
-        outs: List[torch.Tensor] = []
-        try:
-            with torch.no_grad():
-                for batch in batches:
-                    torch.manual_seed(0)
-                    outs += _flatten(mm_forward(mode)(model, batch))
-        except Exception:  # noqa: BLE001 - not every model has every mode
-            if mode == 'loss':
-                raise
-            continue
-        if outs:
-            return mode, outs
-    return 'loss', []
-
-
-def _max_diff(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> float:
-    """Max abs difference relative to each output's magnitude (max(1, |a|)): float32 rounding of
-    large logits is not a change of function."""
-    return max((float((a - b).abs().max()) / max(1.0, float(a.abs().max()))
-                for a, b in zip(before, after) if a.numel()), default=0.0)
-
-
-def _to_float64(x: Any) -> Any:
-    """Floating tensors to float64, in tensors, lists, dicts and data samples (boxes, ...)."""
-    from mmengine.structures import BaseDataElement
-    if isinstance(x, torch.Tensor):
-        return x.double() if x.is_floating_point() else x
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_float64(t) for t in x)
-    if isinstance(x, dict):
-        return {k: _to_float64(v) for k, v in x.items()}
-    if isinstance(x, BaseDataElement):
-        for key in list(x.keys()):
-            setattr(x, key, _to_float64(getattr(x, key)))
-    return x
-
-
-def _inputs_to_float64(module: torch.nn.Module, args: Any, out: Any) -> Any:
-    """Forward hook on the data preprocessor: what it gives the model, in float64."""
-    return _to_float64(out)
-
-
-def float64_function_diff(model: torch.nn.Module, unconverted_state: Dict[str, torch.Tensor],
-                          batches: Sequence[dict]) -> float:
-    """The function check redone in float64 on a copy of the model as it was before conversion:
-    eval outputs, ``convert_bn``, eval outputs again."""
-    import copy
-
-    from daft_mm.core import convert_bn
-    from daft_mm.mm.preparation import mm_forward
-    copied = copy.deepcopy(model)
-    copied.load_state_dict(unconverted_state)
-    batches = copy.deepcopy(batches)  # their data samples are cast to float64 in place
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # tensors the model makes on the fly (coordinates)
-    handle = copied.data_preprocessor.register_forward_hook(_inputs_to_float64)
-    try:
-        copied.double()
-        _, before = eval_outputs(copied, batches)
-        convert_bn(copied, batches, forward=mm_forward('loss'))
-        _, after = eval_outputs(copied, batches)
-    finally:
-        handle.remove()
-        torch.set_default_dtype(default)
-    if len(before) != len(after):
-        return math.inf
-    return _max_diff(before, after)
-
-
-# ---------------------------------------------------------------------------------- the checks
 def check_folder(package: str, folder: str, train_step: bool = True,
                  static: bool = False) -> FolderResult:
-    """All checks of one folder; ``static``: predictors, BN train and priors only (no forward)."""
-    from mmengine.model import revert_sync_batchnorm
-
-    from daft_mm.core import convert_bn, find_batchnorms, split_batchnorms, zero_init_predictors
-    from daft_mm.mm.predictors import check_predictors, default_predictors, predictor_priors
-    from daft_mm.mm.preparation import mm_forward, require_bn_train
-
+    """All checks of one folder (:func:`daft_mm.mm.doctor.check_model` on its model and two
+    random batches); ``static``: predictors, BN train and priors only (no forward)."""
     from mmengine.logging import MessageHub
+
+    from daft_mm.mm.doctor import ModelCheckError, check_model
     start = time.time()
     # what the Runner's RuntimeInfoHook provides before training (BoxInst's loss reads the
     # iteration, TOOD's the epoch)
@@ -434,97 +339,33 @@ def check_folder(package: str, folder: str, train_step: bool = True,
     result.config = osp.basename(path)
     stage = 'build'
     try:
-        fix = daft_backbone('mmdet')
         cfg = prepare_cfg(package, path, daft_backbone(package))
         model = build_model(package, cfg)
         make_batch = seg_batch if package == 'mmseg' else (
             track_batch if _is_video(model) else semi_batch if _is_semi(model) else det_batch)
         size = IMG_FOR.get(result.folder, IMG)
         batches = [make_batch(seed, model, size) for seed in (1, 2)]
-
-        stage = 'predictors'
-        names = check_predictors(model, default_predictors(model), 'predictors')
-        result.predictors = names
-        stage = 'bn-train'
+        options = dict(pretrained=cfg.daft_zoo_pretrained, train_step=train_step, static=static)
         try:
-            result.stays_frozen = require_bn_train(model, 'model.', 'DAFT')
-        except ValueError as exc:
+            check = check_model(model, batches, **options)
+        except ModelCheckError as exc:
+            if exc.stage != 'bn-train' or not isinstance(exc.cause, ValueError):
+                raise
             # refused with the fix named; apply that fix (daft_backbone) and check the rest
-            result.refusal = f'{exc}'.replace('\n', ' ')
-            model = build_model(package, prepare_cfg(package, path, fix))
-            result.stays_frozen = require_bn_train(model, 'model.', 'DAFT')
-        stage = 'conversion'
-        result.bn_layers = len(find_batchnorms(model))
-        modules = dict(model.named_modules())
-        result.pretrained = [p for p in cfg.daft_zoo_pretrained if p in modules]
-        result.rule_converted, result.rule_left_new = split_batchnorms(model, result.pretrained)
-        if static:
-            priors = predictor_priors(model, names)
-            zero_init_predictors(model, names, priors)
-            result.priors = {n: round(float(v.flatten()[0]), 3) for n, v in priors.items()}
-            result.status = 'fix named' if result.refusal else 'ok'
-            result.train_step = 'static checks only'
-            result.seconds = round(time.time() - start, 1)
-            return result
-        mode, before = eval_outputs(model, batches)
-        fresh = {n: m.bias.detach().clone()
-                 for n, m in model.named_modules(remove_duplicate=False)
-                 if n in names and getattr(m, 'bias', None) is not None}
-        unconverted_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        report = convert_bn(model, batches, forward=mm_forward('loss'))
-        result.converted = len(report.layers)
-        unconverted = {n: why for n, why in report.skipped.items()}
-        if unconverted:
-            raise AssertionError(f'BN layers left unconverted: {unconverted}')
-        _, after = eval_outputs(model, batches)
-        diff = _max_diff(before, after)
-        result.function_diff = diff
-        if len(before) == len(after) and not diff <= 1e-4:
-            # The conversion is exact in real arithmetic, but its float32 rounding (~1e-7) can be
-            # amplified by a discontinuous step in the eval path (SOLO keeps a class score only
-            # where it equals its 2x2 local maximum, exactly): redo the check in float64, where
-            # the rounding is 1e-16. A real error of the conversion stays as large there.
-            result.function_diff_float32 = diff
-            try:
-                diff = result.function_diff = float64_function_diff(model, unconverted_state,
-                                                                    batches)
-            except Exception as exc:  # noqa: BLE001 - a model that cannot run in float64
-                raise AssertionError(f'conversion changed the function ({mode} outputs differ by '
-                                     f'{diff:.3g}, relative, in float32) and the float64 check '
-                                     f'could not run ({type(exc).__name__}: {exc})') from exc
-        if len(before) != len(after) or not diff <= 1e-4:
-            raise AssertionError(f'conversion changed the function ({mode} outputs differ by '
-                                 f'{diff:.3g}, relative)')
-
-        stage = 'priors'
-        priors = predictor_priors(model, names)
-        zero_init_predictors(model, names, priors)
-        modules = dict(model.named_modules(remove_duplicate=False))
-        for name in names:
-            layer = modules[name]
-            assert not layer.weight.any(), f'{name}: weight not zero'
-            if layer.bias is None:
-                continue
-            init = fresh[name]
-            constant = bool((init == init.flatten()[0]).all()) and bool(init.ne(0).any())
-            if name in priors:
-                result.priors[name] = round(float(priors[name].flatten()[0]), 3)
-                if not torch.equal(layer.bias, init.to(layer.bias)):
-                    raise AssertionError(f'{name}: prior {priors[name]} differs from the '
-                                         f"model's init {init}")
-            elif constant:
-                raise AssertionError(f'{name}: prior bias {float(init.flatten()[0]):.3f} erased')
-            elif layer.bias.any():
-                raise AssertionError(f'{name}: bias not zero')
-
-        stage = 'train-step'
-        if train_step:
-            result.train_step = _train_step(revert_sync_batchnorm(model), batches[0], names)
+            result.refusal = f'{exc.cause}'.replace('\n', ' ')
+            model = build_model(package, prepare_cfg(package, path, daft_backbone('mmdet')))
+            check = check_model(model, [make_batch(seed, model, size) for seed in (1, 2)],
+                                **options)
+        _copy(check, result)
         result.status = 'fix named' if result.refusal else 'ok'
     except Exception as exc:  # noqa: BLE001 - every failure is a row of the table
-        message = f'{type(exc).__name__}: {exc}'.replace('\n', ' ')
+        cause = exc
+        if isinstance(exc, ModelCheckError):
+            stage, cause = exc.stage, exc.cause
+            _copy(exc.check, result)
+        message = f'{type(cause).__name__}: {cause}'.replace('\n', ' ')
         result.status = 'refused' if stage in ('predictors', 'bn-train') and isinstance(
-            exc, (ValueError, TypeError)) else 'fail'
+            cause, (ValueError, TypeError)) else 'fail'
         if 'implementation for device cpu not found' in message:
             result.status = 'needs GPU'  # an mmcv op without a CPU kernel: checked up to here
         elif any(k in message for k in ('mim install', 'pip install', 'urlopen error',
@@ -539,28 +380,10 @@ def check_folder(package: str, folder: str, train_step: bool = True,
     return result
 
 
-def _train_step(model: torch.nn.Module, batch: dict, names: Sequence[str]) -> str:
-    from daft_mm.mm.preparation import mm_forward
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-    try:
-        losses = mm_forward('loss')(model, batch)
-    except (RuntimeError, NotImplementedError, AssertionError) as exc:
-        if 'cuda' in str(exc).lower() or 'gpu' in str(exc).lower():
-            return 'needs CUDA'
-        raise
-    total = sum(v.sum() if isinstance(v, torch.Tensor) else sum(t.sum() for t in v)
-                for k, v in losses.items() if 'loss' in k)
-    if not math.isfinite(float(total)):
-        raise AssertionError(f'non-finite loss {float(total)}')
-    optimizer.zero_grad()
-    total.backward()
-    optimizer.step()
-    modules = dict(model.named_modules(remove_duplicate=False))
-    grads = [n for n in names if modules[n].weight.grad is not None
-             and bool(modules[n].weight.grad.any())]
-    return f'loss {float(total):.3g}, {len(grads)}/{len(names)} predictors got gradient'
+def _copy(check: Any, result: FolderResult) -> None:
+    for name, value in asdict(check).items():
+        if hasattr(result, name) and name != 'stage':
+            setattr(result, name, value)
 
 
 # ------------------------------------------------------------------------------------ report
