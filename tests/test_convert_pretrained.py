@@ -261,3 +261,30 @@ def test_every_shipped_daft_config_converts_what_it_loads(name):
         assert [p for p, _ in plan.pretrained] == ['backbone']
         assert list(plan.converted) == backbone
         assert list(plan.left_new) == [n for n in bns if not n.startswith('backbone.')]
+
+
+def test_prepare_without_a_runner(cityscapes_root, cfg_path, tmp_path):
+    """The preparation as functions: decide the plan from a config, build the model and a loader
+    yourself, ``prepare`` -- what DAFTHook does before the first step, no Runner involved."""
+    from mmengine.registry import DefaultScope
+    from mmengine.runner import Runner as R
+
+    from daft_mm.mm.preparation import one_pass_loader, prepare
+    from daft_mm.mm.settings import decide_plan
+    cfg = load_tiny(cfg_path, tmp_path, cityscapes_root, **{'train_dataloader.batch_size': 2})
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = MODELS.build(cfg.model)
+        model.init_weights()  # loads the pretrained backbone (init_cfg)
+        loader = one_pass_loader(R.build_dataloader(cfg.train_dataloader, seed=0), seed=0)
+    net = model.model
+    plan = decide_plan(cfg, model, net)
+    before = state_copy(net)
+    done = prepare(net, loader, plan)
+    assert done.zeroed == ['decode_head.conv_seg', 'auxiliary_head.conv_seg']
+    assert done.report.converted == list(plan.conversion.converted)
+    assert done.report.layers[0].num_samples == 4  # every training image, once
+    after = state_copy(net)
+    run = dict(before=before, after=after)
+    assert all(_changed(run, n) for n in plan.conversion.converted)
+    assert all(_untouched(run, n) for n in plan.conversion.left_new)
+    assert not after['decode_head.conv_seg.weight'].any()

@@ -217,3 +217,13 @@ def test_the_head_lr_reaches_exactly_the_predictors(config, predictors, untouche
     for name in untouched:
         assert all(lr[id(p)] == pytest.approx(0.01)
                    for p in model.get_submodule(name).parameters()), name
+    # a user's own paramwise_cfg: other modules' entries are kept, a predictor's entry with
+    # another multiplier is an error naming both keys
+    own = dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.01), paramwise_cfg=dict(
+        custom_keys={'neck': dict(lr_mult=0.5), predictors[0]: dict(lr_mult=3.0)}))
+    with pytest.raises(ValueError, match=r"set twice.*10 from daft_head_lr_mult and "
+                       r"optim_wrapper\.paramwise_cfg\.custom_keys\['" + predictors[0]):
+        predictor_lr_cfg(own, list(plan.predictors), plan.head_lr_mult, 'daft_head_lr_mult')
+    del own['paramwise_cfg']['custom_keys'][predictors[0]]
+    merged = predictor_lr_cfg(own, list(plan.predictors), plan.head_lr_mult, 'daft_head_lr_mult')
+    assert merged['paramwise_cfg']['custom_keys']['neck'] == dict(lr_mult=0.5)
