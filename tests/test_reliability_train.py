@@ -18,7 +18,8 @@ import torch.multiprocessing as mp
 pytest.importorskip('mmseg')
 
 import daft_mm  # noqa: E402,F401  (registers DAFTHook / DAFTModel)
-from _mm_helpers import CONFIGS, REPO, TINY, cpu_env, load_tiny, shrink_config  # noqa: E402
+from _mm_helpers import (CONFIGS, REPO, TINY, cpu_env, load_tiny, pretrained_options,  # noqa: E402
+                         shrink_config)
 from _tools import load_tool  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import MODELS, init_default_scope  # noqa: E402
@@ -202,7 +203,8 @@ def _train_rank(rank: int, port: int, config: str, work_dir: str, data_root: str
     torch.set_num_threads(1)
     load_tool('train').main([config, '--launcher', 'pytorch', '--work-dir', work_dir,
                              '--cfg-options', f'data_root={data_root}', 'train_cfg.max_iters=1',
-                             'train_cfg.val_interval=1', 'train_dataloader.batch_size=2'])
+                             'train_cfg.val_interval=1', 'train_dataloader.batch_size=2',
+                             *pretrained_options(Path(config))])
     torch.save({'initialized_after': dist.is_initialized()}, os.path.join(out_dir, f'{rank}.pt'))
 
 
@@ -230,7 +232,8 @@ def test_torchrun_two_process_training_exits_zero_every_time(cityscapes_root, tm
             ['bash', str(REPO / 'tools' / 'dist_train.sh'), str(shrunk), str(WORLD),
              '--work-dir', str(tmp_path / f'run{run}'), '--cfg-options',
              f'data_root={cityscapes_root}', 'train_cfg.max_iters=1', 'train_cfg.val_interval=1',
-             'train_dataloader.batch_size=2', 'default_hooks.checkpoint.interval=1'],
+             'train_dataloader.batch_size=2', 'default_hooks.checkpoint.interval=1',
+             *pretrained_options(shrunk)],  # the user's path: both ranks pool the statistics
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         codes.append(proc.returncode)
         assert proc.returncode == 0, (codes, proc.stderr[-3000:])
