@@ -3,7 +3,8 @@
 # DeepLabV3, 64x128 images, short schedule). Run by tools/demo.py; by hand:
 #   python tools/train.py configs/demo/lpft_demo.py --cfg-options \
 #       data_root=<work_dir>/data/<key>/id \
-#       "model.model.backbone.init_cfg=dict(type='Pretrained',prefix='backbone.',checkpoint='<work_dir>/pretrain/<key>/backbone.pth')"
+#       model.model.backbone.init_cfg.type=Pretrained model.model.backbone.init_cfg.prefix=backbone. \
+#       model.model.backbone.init_cfg.checkpoint=<work_dir>/pretrain/<key>/backbone.pth
 _base_ = ['../baselines/lpft_deeplabv3_cityscapes.py', './_base_/demo_common.py']
 model = dict(model={{_base_.demo_model}})
 train_dataloader = {{_base_.demo_train_dataloader}}
