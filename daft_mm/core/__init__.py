@@ -4,8 +4,8 @@ from .conversion import (ConversionError, ConversionReport, LayerReport, convert
 from .distortion import (QUANTITIES, ChangeReport, FeatureSimilarity, LayerChange,
                          feature_similarity, pairwise_cosine, relative_change)
 from .heads import (PREDICTOR_TYPES, find_predictors, flush_subnormals, freeze_feature_extractor,
-                    head_modules, is_predictor_leaf, new_modules, resolve_modules, set_bn_eval, split_param_groups,
-                    zero_init_predictors)
+                    head_modules, is_predictor_leaf, new_modules, resolve_modules, set_bn_eval,
+                    split_param_groups, zero_init_predictors)
 from .modules import has_running_stats, is_batchnorm, kept_modes
 from .recipes import (CONVERT_SCOPES, DAFT_HEAD_LR_MULT, HEAD_SCOPES, RECIPES, FineTuneRecipe,
                       FineTuneStage, get_recipe)
@@ -15,8 +15,9 @@ __all__ = [
     'ConversionError', 'ConversionReport', 'LayerReport', 'convert_bn', 'default_forward',
     'find_batchnorms', 'split_batchnorms', 'VAR_MODES', 'ChannelAccumulator', 'ChannelMoments',
     'has_running_stats', 'is_batchnorm', 'kept_modes',
-    'PREDICTOR_TYPES', 'is_predictor_leaf', 'find_predictors', 'flush_subnormals', 'freeze_feature_extractor',
-    'head_modules', 'new_modules', 'resolve_modules', 'set_bn_eval', 'split_param_groups', 'zero_init_predictors',
+    'PREDICTOR_TYPES', 'is_predictor_leaf', 'find_predictors', 'flush_subnormals',
+    'freeze_feature_extractor', 'head_modules', 'new_modules', 'resolve_modules', 'set_bn_eval',
+    'split_param_groups', 'zero_init_predictors',
     'QUANTITIES', 'ChangeReport', 'FeatureSimilarity', 'LayerChange', 'feature_similarity',
     'pairwise_cosine', 'relative_change',
     'CONVERT_SCOPES', 'DAFT_HEAD_LR_MULT', 'HEAD_SCOPES', 'RECIPES', 'FineTuneRecipe',

@@ -334,10 +334,13 @@ def checkpoint_pretrained(net: nn.Module, state_dict: Mapping[str, Any],
     return found
 
 
+#: an explicit choice of what conversion rewrites: (module paths, or None for all; the key)
+Override = Tuple[Optional[Tuple[str, ...]], str]
+
+
 def conversion_override(cfg: Mapping[str, Any], net: nn.Module,
                         hook_modules: Optional[Sequence[str]],
-                        feature_extractor: Optional[Sequence[str]]
-                        ) -> Optional[Tuple[Optional[List[str]], str]]:
+                        feature_extractor: Optional[Sequence[str]]) -> Optional[Override]:
     """An explicit choice of the converted modules, checked: ``(module paths or None for all,
     the key that set it)``, or None when the pretrained weights decide. The hook's ``modules``
     wins over ``daft_convert_modules`` (both set differently is an error naming both), which wins
@@ -354,15 +357,15 @@ def conversion_override(cfg: Mapping[str, Any], net: nn.Module,
         raise ValueError(f'the BN layers to convert are set twice with different values: '
                          f'{hook_key}={list(hook_modules)} and {CONVERT_MODULES_KEY}={value!r}. '
                          f'Fix: set them in one place ({CONVERT_MODULES_KEY})')
-    chosen: Optional[Tuple[Optional[List[str]], str]] = None
+    chosen: Optional[Override] = None
     if hook_modules is not None:
-        chosen = list(hook_modules), hook_key
+        chosen = tuple(hook_modules), hook_key
     elif value == 'all':
         return None, CONVERT_MODULES_KEY
     elif value is not None:
-        chosen = list(value), CONVERT_MODULES_KEY
+        chosen = tuple(value), CONVERT_MODULES_KEY
     elif feature_extractor is not None:
-        chosen = list(feature_extractor), 'model.feature_extractor'
+        chosen = tuple(feature_extractor), 'model.feature_extractor'
     if chosen is None:
         return None
     try:
@@ -372,16 +375,16 @@ def conversion_override(cfg: Mapping[str, Any], net: nn.Module,
     return chosen
 
 
-def conversion_plan(net: nn.Module, override: Optional[Tuple[Optional[List[str]], str]],
-                    pretrained: Mapping[str, str], scope: str = 'pretrained') -> ConversionPlan:
+def conversion_plan(net: nn.Module, override: Optional[Override], pretrained: Mapping[str, str],
+                    scope: str = 'pretrained') -> ConversionPlan:
     """DAFT's rule (:func:`daft_mm.core.split_batchnorms`) applied to what was loaded: the BN
     layers of the ``pretrained`` modules are converted, the rest stay as initialised; an
     ``override`` (:func:`conversion_override`) or ``scope='all'`` replaces the pretrained set."""
     if override is not None:
         modules, key = override
         if modules is None:
-            converted, fresh = split_batchnorms(net, None, 'all')
-            return ConversionPlan(tuple(converted), (), (('', f'{key}=all'), ), key)
+            converted, _ = split_batchnorms(net, None, 'all')
+            return ConversionPlan(tuple(converted), (), (('*', f'{key}=all'), ), key)
         converted, fresh = split_batchnorms(net, modules)
         return ConversionPlan(tuple(converted), tuple(fresh),
                               tuple((m, key) for m in modules), key)
@@ -421,7 +424,7 @@ class DAFTPlan:
     head_lr_mult_from: str
     conversion: Optional[ConversionPlan]
     #: what decides the conversion: an explicit override, else the pretrained modules
-    convert_override: Optional[Tuple[Optional[Tuple[str, ...]], str]] = None
+    convert_override: Optional[Override] = None
     pretrained: Tuple[Tuple[str, str], ...] = ()
     convert_scope: str = 'pretrained'
 
@@ -432,8 +435,8 @@ class DAFTPlan:
         pretrained = dict(self.pretrained)
         pretrained.update(loaded)
         return replace(self, pretrained=tuple(pretrained.items()),
-                       conversion=_conversion(net, self.convert_override, pretrained,
-                                              self.convert_scope))
+                       conversion=conversion_plan(net, self.convert_override, pretrained,
+                                                  self.convert_scope))
 
     def summary(self) -> str:
         """The start-up block: what is converted, what is head, at which LR ratio."""
@@ -454,13 +457,6 @@ class DAFTPlan:
                 'head_modules': list(self.head_modules), 'head_scope': self.head_scope,
                 'head_lr_mult': self.head_lr_mult, 'head_lr_mult_from': self.head_lr_mult_from,
                 'conversion': None if self.conversion is None else self.conversion.to_dict()}
-
-
-def _conversion(net: nn.Module, override: Optional[Tuple[Optional[Sequence[str]], str]],
-                pretrained: Mapping[str, str], scope: str) -> ConversionPlan:
-    listed = None if override is None else (
-        None if override[0] is None else list(override[0]), override[1])
-    return conversion_plan(net, listed, pretrained, scope)
 
 
 def decide_plan(cfg: Mapping[str, Any], model: nn.Module, net: nn.Module, *,
@@ -513,11 +509,10 @@ def decide_plan(cfg: Mapping[str, Any], model: nn.Module, net: nn.Module, *,
                              and model.feature_extractor_configured else None)
         override = conversion_override(cfg, net, modules, feature_extractor)
         pretrained = init_cfg_pretrained(net)
-        conversion = _conversion(net, override, pretrained, stage.convert_scope)
+        conversion = conversion_plan(net, override, pretrained, stage.convert_scope)
     return DAFTPlan(
         method=stage.name, convert=convert, zero_init=zero_init, predictors=tuple(names),
         predictors_from=names_from, head_modules=tuple(heads), head_scope=scope,
         head_lr_mult=mult, head_lr_mult_from=mult_from, conversion=conversion,
-        convert_override=None if override is None else (
-            None if override[0] is None else tuple(override[0]), override[1]),
-        pretrained=tuple(pretrained.items()), convert_scope=stage.convert_scope)
+        convert_override=override, pretrained=tuple(pretrained.items()),
+        convert_scope=stage.convert_scope)
