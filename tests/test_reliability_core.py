@@ -117,7 +117,11 @@ def _failure_worker(rank: int, init_file: str, out_dir: str, exc_name: str) -> N
         while time.monotonic() < deadline and not os.path.exists(
                 os.path.join(out_dir, 'rank0.pt')):
             time.sleep(0.1)
-    dist.destroy_process_group()
+    # No destroy_process_group: right after a collective on a Python tensor, torch 2.1's gloo
+    # can deadlock in it (its destructor joins a worker thread, holding the GIL, while that
+    # thread waits for the GIL to free the tensor; 1 of 5 runs hung here on the torch 2.1 lane,
+    # never on torch 2.13). The result is on disk; leave without running any destructor.
+    os._exit(0)
 
 
 @pytest.mark.parametrize('exc_name', ['KeyboardInterrupt', 'SystemExit'])
