@@ -118,6 +118,8 @@ def test_load_from_a_whole_model_converts_every_module_it_holds(cityscapes_root,
     assert reasons['backbone'] == f'load_from {cfg.load_from}'
     assert 'decode_head.aspp_modules.0' in reasons and 'decode_head' not in reasons
     assert 'auxiliary_head.convs' in reasons and 'auxiliary_head.conv_seg' not in reasons
+    log = next(tmp_path.glob('*/*.log')).read_text()
+    assert 'DAFTHook: with load_from, BN layers converted: ' in log
 
 
 @pytest.mark.parametrize('options,converted', [

@@ -263,8 +263,11 @@ class DAFTHook(Hook):
             # load_from a whole model: every module it holds (same shapes) is pretrained
             net = self._models(runner)[1]
             source = runner.cfg.get('load_from') if hasattr(runner, 'cfg') else None
-            self.plan = self.plan.with_checkpoint(net, checkpoint_pretrained(
-                net, checkpoint.get('state_dict', checkpoint), str(source or 'checkpoint')))
+            loaded = checkpoint_pretrained(net, checkpoint.get('state_dict', checkpoint),
+                                           str(source or 'checkpoint'))
+            if loaded and self.plan.convert:  # the start-up block could not know this yet
+                self.plan = self.plan.with_checkpoint(net, loaded)
+                runner.logger.info('DAFTHook: with load_from, ' + self.plan.conversion.summary())
 
     @staticmethod
     def _refuse_non_daft_resume(runner: Any, checkpoint: dict) -> None:
