@@ -4,67 +4,27 @@ config runs with its stock base swapped for a tiny stand-in (tests/_mm_helpers.S
 data: two training iterations, then an evaluation from the saved checkpoint."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
 from mmengine.registry import MODELS
 from mmengine.runner import Runner
-from PIL import Image
 
 from _mm_helpers import CONFIGS, ProbeHook, load_tiny, shrink_config
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning', 'ignore::DeprecationWarning')
 
-#: mmdet's Cityscapes instance categories (ids of cityscapesscripts' labels) and the train ids of
-#: the generated scenes that are instances (person, car)
-_CATEGORIES = [(24, 'person'), (25, 'rider'), (26, 'car'), (27, 'truck'), (28, 'bus'),
-               (31, 'train'), (32, 'motorcycle'), (33, 'bicycle')]
-_THINGS = {11: 24, 13: 26}
 _PRIOR = -math.log((1 - 0.01) / 0.01)  # focal-loss prior, p = 0.01
-
-
-def _write_instances(root: Path, split: str) -> None:
-    """COCO-format instance annotations as mmdet's cityscapes converter writes them, from the
-    generated label maps: one instance per connected region of a thing class."""
-    images, annotations = [], []
-    labels = sorted((root / 'gtFine' / split).rglob('*_gtFine_labelTrainIds.png'))
-    for image_id, png in enumerate(labels):
-        lab = np.array(Image.open(png))
-        stem = png.name[:-len('_gtFine_labelTrainIds.png')]
-        images.append(dict(id=image_id, file_name=f'{png.parent.name}/{stem}_leftImg8bit.png',
-                           height=int(lab.shape[0]), width=int(lab.shape[1])))
-        for train_id, category in _THINGS.items():
-            count, comp, stats, _ = cv2.connectedComponentsWithStats(
-                (lab == train_id).astype(np.uint8))
-            for k in range(1, count):
-                x, y, w, h, area = (int(v) for v in stats[k])
-                contours, _ = cv2.findContours((comp == k).astype(np.uint8), cv2.RETR_EXTERNAL,
-                                               cv2.CHAIN_APPROX_SIMPLE)
-                polygons = [c.flatten().tolist() for c in contours if len(c) >= 3]
-                if area < 16 or not polygons:
-                    continue
-                annotations.append(dict(id=len(annotations) + 1, image_id=image_id,
-                                        category_id=category, bbox=[x, y, w, h], area=area,
-                                        segmentation=polygons, iscrowd=0))
-    out = root / 'annotations' / f'instancesonly_filtered_gtFine_{split}.json'
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(dict(images=images, annotations=annotations, categories=[
-        dict(id=i, name=n) for i, n in _CATEGORIES])))
 
 
 @pytest.fixture(scope='module')
 def cs_det_root(tmp_path_factory) -> str:
     from daft_mm.mm.datasets import make_cityscapes
     root = tmp_path_factory.mktemp('cityscapes_det')
-    make_cityscapes(root, num_train=4, num_val=2, size=(128, 256), seed=0)
-    for split in ('train', 'val'):
-        _write_instances(root, split)
+    make_cityscapes(root, num_train=4, num_val=2, size=(128, 256), seed=0, instances=True)
     return str(root) + '/'
 
 

@@ -335,8 +335,6 @@ def _hook_only_cfg(data, cfgdir, tmp_path, **options):
      ValueError, r"custom_hooks\[DAFTHook\]\.modules.*layer9"),
     ('hook', {'model.backbone.norm_eval': True},
      ValueError, r"model\.backbone\.norm_eval.*norm_eval=False"),
-    ('hook', {'param_scheduler': [dict(type='PolyLR', eta_min=1e-4, power=0.9, by_epoch=False)]},
-     ValueError, r"param_scheduler\[0\].*eta_min=0"),
     ('hook', {'optim_wrapper.paramwise_cfg': None, 'daft_head_lr_mult': 1.0},
      ValueError, r"not above the rest.*daft_head_lr_mult=10"),
     ('wrapper', {'custom_hooks': []}, RuntimeError, r"DAFTHook.*custom_hooks"),

@@ -4,6 +4,7 @@ checkpoint as load_from, one live run per work dir, and clean exits of distribut
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -134,17 +135,26 @@ def test_load_from_a_finished_daft_checkpoint_is_refused(cityscapes_root, tmp_pa
 
     again = load_tiny(shrunk, tmp_path / 'again', cityscapes_root, **opts)
     again.load_from = str(daft_ckpt)
-    with pytest.raises(RuntimeError, match=r'already went through DAFT.*--resume.*zero_init=False'):
+    with pytest.raises(RuntimeError, match=r'already went through DAFT.*--resume') as refused:
         Runner.from_cfg(again).train()
 
-    # The documented way on: keep the trained predictors.
-    keep = load_tiny(shrunk, tmp_path / 'keep', cityscapes_root, **opts)
+    # The way on the message gives, as it gives it (a --cfg-options key that works): the trained
+    # predictors are kept and the head keeps its LR multiplier (issue 22 item 5).
+    option = re.search(r'--cfg-options (custom_hooks\.\d+\.zero_init)=False',
+                       str(refused.value)).group(1)
+    keep = load_tiny(shrunk, tmp_path / 'keep', cityscapes_root, **opts, **{option: False})
     keep.load_from = str(daft_ckpt)
-    keep.custom_hooks = [dict(type='DAFTHook', predictors=PREDICTORS, zero_init=False)]
     runner = Runner.from_cfg(keep)
     runner.train()
-    head = runner.model.model.decode_head.conv_seg.weight
+    net = runner.model.model
+    head = net.decode_head.conv_seg.weight
     assert head.abs().sum() > 0
+    lr_of = {id(p): g.get('initial_lr', g['lr']) for g in runner.optim_wrapper.param_groups
+             for p in g['params']}
+    base = lr_of[id(next(net.backbone.parameters()))]
+    assert lr_of[id(head)] == pytest.approx(10 * base)
+    hook = next(h for h in runner.hooks if type(h).__name__ == 'DAFTHook')
+    assert hook.plan.head_lr and not hook.plan.zero_init
 
 
 # ------------------------------------------------------------------------ item 10: live work dir

@@ -43,7 +43,9 @@
 #   modules=None             BN layers to convert (module paths); default the pretrained ones
 #                            (same as daft_convert_modules, which new configs use)
 #   forward_mode='loss'      'loss' reaches every BN a training step uses (auxiliary heads too)
-#   convert=True, zero_init=True   ablations: either part alone
+#   convert=True             False: no BN conversion (an ablation)
+#   zero_init=True           False: keep the predictors (fine-tune further from a trained DAFT
+#                            checkpoint; the head keeps daft_head_lr_mult)
 #   check_lr=True            start-up check of the LR ratio and of eta_min
 #   save_converted=True      <work_dir>/converted.pth: the model right after the preparation
 custom_imports = dict(imports=['daft_mm'], allow_failed_imports=False)

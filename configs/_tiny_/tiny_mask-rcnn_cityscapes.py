@@ -8,7 +8,7 @@ _base_ = [
     'mmdet::_base_/datasets/cityscapes_instance.py',
     'mmdet::_base_/default_runtime.py',
 ]
-data_root = 'data/cityscapes/'
+data_root = 'data/synthetic/cityscapes/'
 num_classes = 8
 
 model = dict(

@@ -6,4 +6,4 @@ _base_ = [
     'mmdet::cityscapes/faster-rcnn_r50_fpn_1x_cityscapes.py',
     '../_base_/daft_detection.py',
 ]
-model = dict(backbone={{_base_.daft_backbone}})
+model = dict(backbone=_base_.daft_backbone)

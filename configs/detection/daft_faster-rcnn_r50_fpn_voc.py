@@ -6,4 +6,4 @@ _base_ = [
     'mmdet::pascal_voc/faster-rcnn_r50_fpn_1x_voc0712.py',
     '../_base_/daft_detection.py',
 ]
-model = dict(backbone={{_base_.daft_backbone}})
+model = dict(backbone=_base_.daft_backbone)

@@ -6,4 +6,4 @@ _base_ = [
     './_base_/retinanet_r50_fpn_1x_cityscapes.py',
     '../_base_/daft_detection.py',
 ]
-model = dict(backbone={{_base_.daft_backbone}})
+model = dict(backbone=_base_.daft_backbone)

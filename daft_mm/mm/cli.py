@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from mmengine.config import Config
 
-__all__ = ['TASKS', 'detect_task', 'set_data_root', 'load_config', 'format_metrics',
+__all__ = ['TASKS', 'detect_task', 'set_data_root', 'dataset_roots', 'load_config', 'format_metrics',
            'apply_cfg_options', 'distributed_on_cpu', 'close_distributed']
 
 #: default_scope -> task name
@@ -49,29 +49,77 @@ def _retarget(dataset: Any, data_root: str, old: str | None) -> int:
     return n
 
 
+def dataset_roots(cfg: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``(config key, value)`` of every ``data_root`` inside the dataloaders' datasets."""
+    found: list[tuple[str, Any]] = []
+
+    def visit(dataset: Any, key: str) -> None:
+        if not isinstance(dataset, Mapping):
+            return
+        if 'data_root' in dataset:
+            found.append((f'{key}.data_root', dataset['data_root']))
+        visit(dataset.get('dataset'), f'{key}.dataset')
+        for i, sub in enumerate(dataset.get('datasets') or ()):
+            visit(sub, f'{key}.datasets.{i}')
+
+    for loader in _DATALOADERS:
+        if isinstance(cfg.get(loader), Mapping):
+            visit(cfg[loader].get('dataset'), f'{loader}.dataset')
+    return found
+
+
 def set_data_root(cfg: Config, data_root: str, old: str | None = None) -> int:
     """Point the config's dataloaders at ``data_root``; return how many datasets changed.
 
     Why: configs resolve ``data_root`` into each dataloader when they are parsed, so overriding
     the top-level ``data_root`` alone (``--cfg-options data_root=...``) would change nothing.
     Only datasets whose root equals ``old`` (default: the config's own ``data_root``) are
-    retargeted, so a config that mixes datasets from several roots keeps the others.
+    retargeted, so a config that mixes datasets from several roots keeps the others; an
+    evaluator's ``ann_file`` under ``old`` follows as well.
     """
     old = cfg.get('data_root') if old is None else old
     changed = sum(_retarget(cfg.get(key), data_root, old) for key in _DATALOADERS
                   if cfg.get(key) is not None)
+    # Evaluators that read annotations (COCO-style detection metrics) resolved their path as
+    # data_root + 'annotations/...' when the config was parsed: they follow too.
+    if isinstance(old, str) and old:
+        for key in ('val_evaluator', 'test_evaluator'):
+            evaluators = cfg.get(key)
+            for ev in evaluators if isinstance(evaluators, (list, tuple)) else [evaluators]:
+                ann = ev.get('ann_file') if isinstance(ev, Mapping) else None
+                if isinstance(ann, str) and ann.startswith(old):
+                    ev['ann_file'] = osp.join(data_root, ann[len(old):].lstrip('/'))
     cfg.data_root = data_root
     return changed
 
 
 def apply_cfg_options(cfg: Config, cfg_options: Mapping[str, Any] | None) -> Config:
     """``--cfg-options`` as every daft-mm tool applies them: mmengine's merge, plus
-    ``data_root=PATH`` rewritten into every dataloader (see :func:`set_data_root`)."""
+    ``data_root=PATH`` rewritten into every dataloader (see :func:`set_data_root`).
+
+    A ``data_root`` that reaches no dataloader is an error, not a run on the old data: a config
+    that sets its own top-level ``data_root`` without passing it to its dataloaders (they keep
+    the value their base resolved) would otherwise train, convert BN and validate on the base's
+    folder while its dumped config shows the new one."""
     if cfg_options:
         old_root = cfg.get('data_root')
         cfg.merge_from_dict(dict(cfg_options))
         if 'data_root' in cfg_options:
-            set_data_root(cfg, cfg_options['data_root'], old=old_root)
+            new_root = cfg_options['data_root']
+            changed = set_data_root(cfg, new_root, old=old_root)
+            stale = [(key, value) for key, value in dataset_roots(cfg)
+                     if value != new_root and key not in cfg_options]
+            if changed == 0 and stale:
+                listed = ', '.join(f'{key}={value!r}' for key, value in stale)
+                keys = ' '.join(f'{key}={new_root}' for key, _ in stale)
+                raise ValueError(
+                    f'--cfg-options data_root={new_root} reaches no dataloader: the config\'s '
+                    f'own data_root ({old_root!r}) is not the root its datasets read ({listed}); '
+                    'they were resolved from a base config when it was parsed. Training, the BN '
+                    'statistics pass and validation would read the old folders. Fix: set the '
+                    f'datasets\' roots: --cfg-options {keys} (or make the config pass data_root '
+                    'to its dataloaders: train_dataloader = dict(dataset=dict(data_root='
+                    'data_root)), and the same for val / test)')
     return cfg
 
 
@@ -140,6 +188,8 @@ def load_config(path: str, cfg_options: Mapping[str, Any] | None = None, *,
     cfg = Config.fromfile(path)
     cfg.launcher = launcher
     apply_cfg_options(cfg, cfg_options)
+    from .settings import check_daft_keys
+    check_daft_keys(cfg)  # before any work: a misspelt key would silently keep its default
     if launcher != 'none':
         distributed_on_cpu(cfg)
     if work_dir is not None:

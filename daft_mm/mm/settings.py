@@ -42,13 +42,34 @@ __all__ = ['PREDICTORS_KEY', 'LR_MULT_KEY', 'HEAD_MODULES_KEY', 'CONVERT_MODULES
            'head_lr_mult', 'head_modules', 'predictor_lr_cfg', 'ConversionPlan',
            'init_cfg_pretrained', 'checkpoint_pretrained', 'conversion_override',
            'conversion_plan', 'DAFTPlan', 'decide_plan', 'resolve_stage',
-           'is_daft_config', 'require_daft_hook']
+           'is_daft_config', 'require_daft_hook', 'KNOWN_KEYS', 'check_daft_keys']
 
 PREDICTORS_KEY = 'daft_predictors'
 LR_MULT_KEY = 'daft_head_lr_mult'
 HEAD_MODULES_KEY = 'daft_head_modules'
 CONVERT_MODULES_KEY = 'daft_convert_modules'
+#: every top-level ``daft_*`` key the project reads or ships; any other is a typo
+KNOWN_KEYS = (PREDICTORS_KEY, LR_MULT_KEY, HEAD_MODULES_KEY, CONVERT_MODULES_KEY,
+              'daft_paramwise_cfg', 'daft_backbone')
 _CUSTOM = 'optim_wrapper.paramwise_cfg.custom_keys'
+
+
+def check_daft_keys(cfg: Mapping[str, Any]) -> None:
+    """Refuse an unknown top-level ``daft_*`` key, naming the closest known one: a misspelt
+    ``daft_head_lr_mul=20`` would otherwise train at the default 10x without a word."""
+    import difflib
+    unknown = [key for key in cfg.keys() if isinstance(key, str) and key.startswith('daft_')
+               and key not in KNOWN_KEYS]
+    if not unknown:
+        return
+    hints = []
+    for key in sorted(unknown):
+        close = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.6)
+        hints.append(f'{key} (did you mean {close[0]}?)' if close else key)
+    raise ValueError(f'unknown DAFT config key(s): {", ".join(hints)}; daft-mm reads '
+                     f'{", ".join(KNOWN_KEYS)}. Fix: correct the spelling (configs/_base_/daft.py '
+                     'documents each key), or rename a key of your own so it does not start with '
+                     '"daft_"')
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -404,6 +425,8 @@ class DAFTPlan:
     Attributes:
         method: the fine-tuning stage (``'daft'`` or an ablation, ``DAFTModel.method``).
         convert, zero_init: the two parts of DAFT this run does.
+        head_lr: the head trains at ``head_lr_mult`` x the base LR (the method's choice, kept
+            when ``zero_init=False`` continues from a trained DAFT checkpoint).
         predictors: the final predictors (zeroed; always inside the head).
         predictors_from: the key that named them (or the head table).
         head_modules: the modules trained at ``head_lr_mult`` x the base LR.
@@ -416,6 +439,7 @@ class DAFTPlan:
     method: str
     convert: bool
     zero_init: bool
+    head_lr: bool
     predictors: Tuple[str, ...]
     predictors_from: str
     head_modules: Tuple[str, ...]
@@ -445,6 +469,7 @@ class DAFTPlan:
         lines = [f'DAFT plan ({self.method}: {" + ".join(p for p in parts if p)})']
         if self.zero_init:
             lines.append(f'  predictors ({self.predictors_from}): {", ".join(self.predictors)}')
+        if self.head_lr:
             lines.append(f'  head ({self.head_scope}) at {self.head_lr_mult:g}x the base LR '
                          f'({self.head_lr_mult_from}): {", ".join(self.head_modules)}')
         if self.conversion is not None:
@@ -453,6 +478,7 @@ class DAFTPlan:
 
     def to_dict(self) -> Dict[str, Any]:
         return {'method': self.method, 'convert': self.convert, 'zero_init': self.zero_init,
+                'head_lr': self.head_lr,
                 'predictors': list(self.predictors), 'predictors_from': self.predictors_from,
                 'head_modules': list(self.head_modules), 'head_scope': self.head_scope,
                 'head_lr_mult': self.head_lr_mult, 'head_lr_mult_from': self.head_lr_mult_from,
@@ -466,6 +492,7 @@ def decide_plan(cfg: Mapping[str, Any], model: nn.Module, net: nn.Module, *,
     segmentor / detector ``net`` itself); ``predictors``, ``convert``, ``zero_init`` and
     ``modules`` are ``DAFTHook``'s arguments. Every mistake is an error naming the key to fix,
     raised before anything changed."""
+    check_daft_keys(cfg)
     wrapped = getattr(model, 'model', None) is net and hasattr(model, 'stage')
     stage = model.stage if wrapped else get_recipe('daft').stages[0]
     if wrapped:
@@ -486,7 +513,10 @@ def decide_plan(cfg: Mapping[str, Any], model: nn.Module, net: nn.Module, *,
     candidates = [(hook_key, predictors), (PREDICTORS_KEY, cfg.get(PREDICTORS_KEY))]
     if wrapped and model.predictors_configured:
         candidates.append(('model.predictors', list(model.predictors)))
-    if zero_init:  # a typo is reported under its own key before the values are compared
+    # The head's LR follows the method, not the zero_init switch: zero_init=False (continuing
+    # from a finished DAFT checkpoint) keeps the trained predictors, and the head keeps its LR.
+    head_lr = stage.zero_init_head or stage.head_lr_mult != 1.0
+    if head_lr:  # a typo is reported under its own key before the values are compared
         candidates = [(k, None if v is None else predictor_names(net, v, k))
                       for k, v in candidates]
     names, names_from = resolve_predictors(candidates)
@@ -494,8 +524,8 @@ def decide_plan(cfg: Mapping[str, Any], model: nn.Module, net: nn.Module, *,
         names = list(model.predictors) if wrapped else predictor_names(net, None, hook_key)
         names_from = 'the head table (daft_mm/mm/predictors.py)'
     heads: List[str] = []
-    scope, mult, mult_from = 'predictors', 1.0, 'no zero predictors'
-    if zero_init:
+    scope, mult, mult_from = 'predictors', 1.0, f'method {stage.name} (one LR)'
+    if head_lr:
         names = check_predictors(net, names, names_from)
         pretrained_part = list(model.feature_extractor) if wrapped else ['backbone']
         heads, scope = head_modules(cfg, net, names, pretrained_part, stage.head_scope)
@@ -511,7 +541,8 @@ def decide_plan(cfg: Mapping[str, Any], model: nn.Module, net: nn.Module, *,
         pretrained = init_cfg_pretrained(net)
         conversion = conversion_plan(net, override, pretrained, stage.convert_scope)
     return DAFTPlan(
-        method=stage.name, convert=convert, zero_init=zero_init, predictors=tuple(names),
+        method=stage.name, convert=convert, zero_init=zero_init, head_lr=head_lr,
+        predictors=tuple(names),
         predictors_from=names_from, head_modules=tuple(heads), head_scope=scope,
         head_lr_mult=mult, head_lr_mult_from=mult_from, conversion=conversion,
         convert_override=override, pretrained=tuple(pretrained.items()),

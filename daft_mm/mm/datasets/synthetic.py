@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -28,7 +29,8 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    'Style', 'make_cityscapes', 'make_voc', 'CITYSCAPES_CLASSES', 'VOC_CLASSES',
+    'Style', 'make_cityscapes', 'make_voc', 'write_cityscapes_instances',
+    'CITYSCAPES_INSTANCE_CATEGORIES', 'CITYSCAPES_CLASSES', 'VOC_CLASSES',
     'CITYSCAPES_SCENE_CLASSES', 'VOC_DEFAULT_CLASSES', 'IGNORE_INDEX'
 ]
 
@@ -289,7 +291,8 @@ def _render_cityscapes(lab: np.ndarray, style: Style, tex_rng: np.random.Generat
 def make_cityscapes(root: str | Path, *, num_train: int, num_val: int,
                     size: Sequence[int] = (64, 128), seed: int = 0,
                     style: Style | Mapping[str, Any] | None = None,
-                    cities: Mapping[str, Sequence[str]] | None = None) -> Path:
+                    cities: Mapping[str, Sequence[str]] | None = None,
+                    instances: bool = False) -> Path:
     """Write a tiny Cityscapes-layout dataset under ``root`` and return ``root``.
 
     Layout (what mmseg's ``CityscapesDataset`` reads with ``data_root=root``)::
@@ -306,6 +309,8 @@ def make_cityscapes(root: str | Path, *, num_train: int, num_val: int,
         seed: generation seed; same seed -> same files.
         style: a :class:`Style` (or a dict of its fields) for domain-shifted variants.
         cities: split -> city names images are spread over (round robin).
+        instances: also write the COCO-format instance annotations of mmdet's Cityscapes
+            configs (:func:`write_cityscapes_instances`).
     """
     h, w = _check_common(num_train, num_val, size, seed)
     style = Style.coerce(style)
@@ -328,7 +333,53 @@ def make_cityscapes(root: str | Path, *, num_train: int, num_val: int,
             _write(cv2.imwrite(str(img_dir / f'{stem}_leftImg8bit.png'), _to_uint8_bgr(img)),
                    img_dir / f'{stem}_leftImg8bit.png')
             Image.fromarray(lab, mode='L').save(ann_dir / f'{stem}_gtFine_labelTrainIds.png')
+    if instances:
+        for split, num in (('train', num_train), ('val', num_val)):
+            if num:
+                write_cityscapes_instances(root, split)
     return root
+
+
+#: mmdet's Cityscapes instance categories (ids of cityscapesscripts' labels, as its converter
+#: writes them) and, of the generated scenes' train ids, those that are instances (person, car)
+CITYSCAPES_INSTANCE_CATEGORIES = ((24, 'person'), (25, 'rider'), (26, 'car'), (27, 'truck'),
+                                  (28, 'bus'), (31, 'train'), (32, 'motorcycle'), (33, 'bicycle'))
+_INSTANCE_CATEGORY_OF_TRAIN_ID = {11: 24, 13: 26}
+
+
+def write_cityscapes_instances(root: str | Path, split: str) -> Path:
+    """``root/annotations/instancesonly_filtered_gtFine_<split>.json``: COCO-format instances in
+    the form mmdet's Cityscapes converter writes (what its Cityscapes detection / instance
+    configs read), one instance per connected region of a thing class in the label maps."""
+    root = Path(root)
+    images, annotations = [], []
+    labels = sorted((root / 'gtFine' / split).rglob('*_gtFine_labelTrainIds.png'))
+    if not labels:
+        raise FileNotFoundError(f'no *_gtFine_labelTrainIds.png under {root / "gtFine" / split}; '
+                                'write the scenes first (make_cityscapes)')
+    for image_id, png in enumerate(labels):
+        lab = np.array(Image.open(png))
+        stem = png.name[:-len('_gtFine_labelTrainIds.png')]
+        images.append(dict(id=image_id, file_name=f'{png.parent.name}/{stem}_leftImg8bit.png',
+                           height=int(lab.shape[0]), width=int(lab.shape[1])))
+        for train_id, category in _INSTANCE_CATEGORY_OF_TRAIN_ID.items():
+            count, comp, stats, _ = cv2.connectedComponentsWithStats(
+                (lab == train_id).astype(np.uint8))
+            for k in range(1, count):
+                x, y, w, h, area = (int(v) for v in stats[k])
+                contours, _ = cv2.findContours((comp == k).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                               cv2.CHAIN_APPROX_SIMPLE)
+                polygons = [c.flatten().tolist() for c in contours if len(c) >= 3]
+                if area < 16 or not polygons:
+                    continue
+                annotations.append(dict(id=len(annotations) + 1, image_id=image_id,
+                                        category_id=category, bbox=[x, y, w, h], area=area,
+                                        segmentation=polygons, iscrowd=0))
+    out = root / 'annotations' / f'instancesonly_filtered_gtFine_{split}.json'
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(images=images, annotations=annotations, categories=[
+        dict(id=i, name=n) for i, n in CITYSCAPES_INSTANCE_CATEGORIES])))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,9 +462,10 @@ def _voc_void_border(inst: np.ndarray) -> np.ndarray:
     return border
 
 
-def _voc_xml(stem: str, h: int, w: int, objects: list[dict]) -> ET.ElementTree:
+def _voc_xml(stem: str, h: int, w: int, objects: list[dict],
+             year: str = '2012') -> ET.ElementTree:
     ann = ET.Element('annotation')
-    ET.SubElement(ann, 'folder').text = 'VOC2012'
+    ET.SubElement(ann, 'folder').text = f'VOC{year}'
     ET.SubElement(ann, 'filename').text = f'{stem}.jpg'
     src = ET.SubElement(ann, 'source')
     ET.SubElement(src, 'database').text = 'daft-mm synthetic'
@@ -438,10 +490,11 @@ def _voc_xml(stem: str, h: int, w: int, objects: list[dict]) -> ET.ElementTree:
 def make_voc(root: str | Path, *, num_train: int, num_val: int, size: Sequence[int] = (96, 128),
              seed: int = 0, style: Style | Mapping[str, Any] | None = None,
              classes: Sequence[str] = VOC_DEFAULT_CLASSES, max_objects: int = 3,
-             difficult_visible_fraction: float = 0.35) -> Path:
-    """Write a tiny PASCAL VOC 2012-layout dataset under ``root`` and return ``root``.
+             difficult_visible_fraction: float = 0.35, year: str = '2012') -> Path:
+    """Write a tiny PASCAL VOC-layout dataset under ``root`` and return ``root``.
 
-    Layout (``root/VOCdevkit/VOC2012``)::
+    Layout (``root/VOCdevkit/VOC<year>``; the VOC0712 detection configs read VOC2007 and
+    VOC2012)::
 
         JPEGImages/<id>.jpg                  images
         SegmentationClass/<id>.png           palette PNG, 0 = background, 1..20 classes, 255 void
@@ -460,6 +513,8 @@ def make_voc(root: str | Path, *, num_train: int, num_val: int, size: Sequence[i
     Args:
         classes: VOC object class names to draw (each has its own shape, texture and colour).
         max_objects: at most this many objects per image (at least one).
+        year: ``'2012'`` or ``'2007'``: the folder, the image ids' prefix and a different scene
+            stream (the two years hold different images).
         difficult_visible_fraction: an object whose visible area is below this fraction of its
             full area (occluded or cut by the border) is written with ``<difficult>1``.
         Others: as in :func:`make_cityscapes`.
@@ -473,7 +528,10 @@ def make_voc(root: str | Path, *, num_train: int, num_val: int, size: Sequence[i
     if max_objects < 1:
         raise ValueError(f'max_objects must be >= 1, got {max_objects}')
     class_ids = [VOC_CLASSES.index(c) for c in classes]
-    base = Path(root) / 'VOCdevkit' / 'VOC2012'
+    if year not in ('2007', '2012'):
+        raise ValueError(f"year must be '2007' or '2012', got {year!r}")
+    base = Path(root) / 'VOCdevkit' / f'VOC{year}'
+    seed = seed if year == '2012' else seed + 2007
     dirs = {k: base / k for k in ('JPEGImages', 'SegmentationClass', 'SegmentationClassAug',
                                    'Annotations', 'ImageSets/Segmentation', 'ImageSets/Main')}
     for d in dirs.values():
@@ -483,7 +541,7 @@ def make_voc(root: str | Path, *, num_train: int, num_val: int, size: Sequence[i
     for split, num in (('train', num_train), ('val', num_val)):
         ids[split] = []
         for i in range(num):
-            stem = f'2012_{_SPLIT_CODE[split]}{i:05d}'
+            stem = f'{year}_{_SPLIT_CODE[split]}{i:05d}'
             inst, objects = _voc_scene(h, w, class_ids, max_objects,
                                        _rng(seed, split, i, _STREAM_LAYOUT))
             tex_rng = _rng(seed, split, i, _STREAM_TEXTURE)
@@ -517,7 +575,7 @@ def make_voc(root: str | Path, *, num_train: int, num_val: int, size: Sequence[i
             png.save(dirs['SegmentationClass'] / f'{stem}.png')
             if split == 'train':
                 Image.fromarray(sem, mode='L').save(dirs['SegmentationClassAug'] / f'{stem}.png')
-            _voc_xml(stem, h, w, kept).write(dirs['Annotations'] / f'{stem}.xml')
+            _voc_xml(stem, h, w, kept, year).write(dirs['Annotations'] / f'{stem}.xml')
             ids[split].append(stem)
     for name, split in (('ImageSets/Segmentation/train.txt', 'train'),
                         ('ImageSets/Segmentation/val.txt', 'val'),
@@ -546,8 +604,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     root = Path(args.root)
     if args.which in ('cityscapes', 'both'):
         out = make_cityscapes(root / 'cityscapes', num_train=args.num_train,
-                              num_val=args.num_val, seed=args.seed)
-        print(f'cityscapes layout: {out}')
+                              num_val=args.num_val, seed=args.seed, instances=True)
+        print(f'cityscapes layout (segmentation, and annotations/ for detection): {out}')
     if args.which in ('voc', 'both'):
-        make_voc(root, num_train=args.num_train, num_val=args.num_val, seed=args.seed)
-        print(f'VOC layout: {root / "VOCdevkit"}')
+        for year in ('2012', '2007'):  # VOC0712 detection configs read both
+            make_voc(root, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
+                     year=year)
+        print(f'VOC layout (VOC2012 and VOC2007): {root / "VOCdevkit"}')

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from daft_mm.core import VAR_MODES, find_batchnorms, flush_subnormals, resolve_modules
 
 from ..models.daft_model import DAFTModel
+from ..schedules import keep_lr_ratio
 from ..preparation import count_batches, mm_forward, one_pass_loader, prepare, require_bn_train
 from ..settings import (DAFTPlan, checkpoint_pretrained, decide_plan, describe_lrs,
                         predictor_lr_cfg, unwrap)
@@ -60,7 +61,9 @@ class DAFTHook(Hook):
             table. Each starts at weight 0 and the bias its head's own init gives (the prior of a
             sigmoid/focal classifier), else 0.
         convert: run the BN conversion (``False``: zero-init only, an ablation).
-        zero_init: zero the predictors (``False``: conversion only, an ablation).
+        zero_init: zero the predictors (``False``: keep them, to fine-tune further from a trained
+            DAFT checkpoint; the head keeps its LR multiplier. The conversion-only ablation is
+            ``DAFTModel(method='daft-convert-only')``).
         dataloader: a dataloader config for the statistics pass; default: the training dataset
             with its training pipeline and batch size, one pass, as a finite loader (the
             training loader's ``InfiniteSampler`` never ends).
@@ -157,11 +160,12 @@ class DAFTHook(Hook):
         plan = self.plan = decide_plan(runner.cfg, model, net, predictors=self.predictors,
                                        convert=self.convert, zero_init=self.zero_init,
                                        modules=self.modules)
-        if plan.zero_init:
+        if plan.head_lr:
             # the predictors too: a legacy per-predictor entry with another multiplier is a
             # conflict to report, not a silent exception inside the head
             self._apply_head_lr_mult(runner, list(dict.fromkeys(plan.head_modules
                                                                 + plan.predictors)))
+            self._keep_lr_ratio(runner)
             if self.check_lr:
                 self._check_lr(runner, net)
         if plan.convert:
@@ -195,9 +199,20 @@ class DAFTHook(Hook):
                            f'the base LR ({source}): added to '
                            'optim_wrapper.paramwise_cfg.custom_keys')
 
+    @staticmethod
+    def _keep_lr_ratio(runner: Any) -> None:
+        """Stock schedules (PolyLR ``eta_min=1e-4``) keep the head/backbone ratio down to their
+        floor (:func:`daft_mm.mm.schedules.keep_lr_ratio`); a floor that cannot be kept per group
+        is refused."""
+        schedulers = runner.param_schedulers or []
+        if isinstance(schedulers, dict):
+            schedulers = [s for group in schedulers.values() for s in group]
+        for note in keep_lr_ratio(schedulers):
+            runner.logger.info(f'DAFTHook: {note}')
+
     def _check_lr(self, runner: Any, net: nn.Module) -> None:
-        """Predictors above the rest, no absolute ``eta_min`` erasing the ratio; logs the start LR
-        of each predictor and of each top-level module's other parameters."""
+        """Predictors above the rest; logs the start LR of each predictor and of each top-level
+        module's other parameters."""
         optim_wrapper = runner.optim_wrapper
         optimizer = getattr(optim_wrapper, 'optimizer', None)
         if optimizer is None:  # OptimWrapperDict (several optimizers): no single ratio to check
@@ -231,20 +246,6 @@ class DAFTHook(Hook):
                 f"backbone's. Effective LRs: {describe_lrs(self.effective_lrs)}. Fix: "
                 'daft_head_lr_mult=10 (DAFTHook derives optim_wrapper.paramwise_cfg from it), or '
                 'DAFTHook(check_lr=False) to train them at one LR')
-        schedulers = runner.param_schedulers or []
-        if isinstance(schedulers, dict):
-            schedulers = [s for group in schedulers.values() for s in group]
-        for i, sched in enumerate(schedulers):
-            eta_min = getattr(sched, 'eta_min', None)
-            if (getattr(sched, 'param_name', None) == 'lr' and eta_min
-                    and getattr(sched, 'eta_min_ratio', None) is None and len(set(head_lr)
-                                                                            | set(rest_lr)) > 1):
-                raise ValueError(
-                    f'param_scheduler[{i}] ({type(sched).__name__}, eta_min={eta_min:g}) decays '
-                    f'every param group to the same absolute lr {eta_min:g}, which erases the '
-                    'predictor/backbone LR ratio by the end of training. Fix: eta_min=0 (the '
-                    'ratio then holds at every step; DAFT configs use it), or eta_min_ratio for '
-                    'schedulers that have it (CosineAnnealingLR)')
         source = f'{self.plan.head_lr_mult:g} from {self.plan.head_lr_mult_from}'
         runner.logger.info(f'DAFTHook: effective start LRs (predictors: {source}): '
                            + describe_lrs(self.effective_lrs))
@@ -382,12 +383,16 @@ class DAFTHook(Hook):
         done = (f"converted {state.get('converted_layers', '?')} BN layers, zeroed "
                 f"{state.get('zeroed', '?')}")
         if self.plan.zero_init:
+            hooks = list(runner.cfg.get('custom_hooks') or []) if hasattr(runner, 'cfg') else []
+            index = next((i for i, h in enumerate(hooks) if isinstance(h, Mapping)
+                          and str(h.get('type', '')).split('.')[-1] == 'DAFTHook'), 0)
             raise RuntimeError(
                 f'DAFTHook: load_from={source} is a checkpoint that already went through DAFT '
                 f'({done}) and was trained since; preparing it again would zero its trained '
                 'predictors. Fix: --resume (or resume=True) to continue that run where it '
-                'stopped, or custom_hooks=[dict(type=\'DAFTHook\', zero_init=False)] to fine-tune '
-                'further from its weights (BN is then re-centred on this data, the function kept)')
+                f'stopped, or --cfg-options custom_hooks.{index}.zero_init=False to fine-tune '
+                'further from its weights (the predictors are kept and the head keeps its LR; BN '
+                'is re-centred on this data, the function kept)')
         runner.logger.warning(
             f'DAFTHook: load_from={source} already went through DAFT ({done}); zero_init=False '
             'keeps its trained predictors, and BN is re-centred on this data (function kept)')

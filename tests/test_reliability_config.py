@@ -1,0 +1,78 @@
+"""Config mistakes that used to pass in silence (issue 22): a ``data_root`` override that reaches
+no dataloader, a misspelt ``daft_*`` key, the head LR multiplier lost with ``zero_init=False``,
+stock LR schedules with an absolute floor, and a DAFT backbone fragment users can extend."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mmengine.config import Config
+
+from daft_mm.mm.cli import dataset_roots, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SEG = REPO / 'configs' / '_tiny_' / 'tiny_deeplabv3_cityscapes.py'
+
+
+def _own_root_config(tmp_path: Path) -> Path:
+    """A user's config that sets its own top-level data_root (the OpenMMLab habit) without passing
+    it to the dataloaders, which keep the root their base resolved."""
+    path = tmp_path / 'my_config.py'
+    path.write_text(f"_base_ = ['{TINY_SEG}']\ndata_root = 'data/my_cityscapes/'\n")
+    return path
+
+
+def test_data_root_override_that_reaches_no_dataloader_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r'reaches no dataloader.*train_dataloader\.dataset\.'
+                       r'data_root=.*Fix: .*train_dataloader\.dataset\.data_root=/new/root'):
+        load_config(str(_own_root_config(tmp_path)), {'data_root': '/new/root'})
+
+
+def test_data_root_override_with_explicit_dataloader_keys_is_applied(tmp_path):
+    options = {'data_root': '/new/root'}
+    options.update({f'{k}_dataloader.dataset.data_root': '/new/root'
+                    for k in ('train', 'val', 'test')})
+    cfg = load_config(str(_own_root_config(tmp_path)), options)
+    assert {value for _, value in dataset_roots(cfg)} == {'/new/root'}
+
+
+def test_data_root_override_follows_a_config_that_passes_it_on(tmp_path):
+    cfg = load_config(str(TINY_SEG), {'data_root': '/new/root'})
+    assert {value for _, value in dataset_roots(cfg)} == {'/new/root'}
+    mixed = Config(dict(data_root='a', train_dataloader=dict(dataset=dict(
+        type='ConcatDataset', datasets=[dict(data_root='a'), dict(data_root='other')]))))
+    from daft_mm.mm.cli import apply_cfg_options
+    apply_cfg_options(mixed, {'data_root': 'b'})  # one dataset follows: a mix is kept
+    assert [d['data_root'] for d in mixed.train_dataloader.dataset.datasets] == ['b', 'other']
+
+
+# ------------------------------------------------------------ item 6: a misspelt daft_* key
+def test_misspelt_daft_key_is_refused_with_the_closest_key(tmp_path):
+    with pytest.raises(ValueError, match=r'daft_head_lr_mul \(did you mean daft_head_lr_mult\?\)'):
+        load_config(str(REPO / 'configs' / '_tiny_' / 'tiny_daft_deeplabv3_cityscapes.py'),
+                    {'daft_head_lr_mul': 20})
+
+
+def test_misspelt_daft_key_is_refused_by_the_hook_too(cityscapes_root, tmp_path):
+    """A Runner built without daft-mm's tools (a user's own script) meets the same check."""
+    from mmengine.runner import Runner
+
+    from _mm_helpers import load_tiny
+    cfg = load_tiny(REPO / 'configs' / '_tiny_' / 'tiny_daft_deeplabv3_cityscapes.py',
+                    tmp_path / 'work', cityscapes_root, **{'train_cfg.max_iters': 1})
+    cfg.daft_convert_module = ['backbone']
+    with pytest.raises(ValueError, match=r'did you mean daft_convert_modules'):
+        Runner.from_cfg(cfg).train()
+
+
+# ----------------------------------------------- item 12: the backbone fragment can be extended
+def test_daft_backbone_fragment_extends_in_a_users_config(tmp_path):
+    config = tmp_path / 'my_detector.py'
+    config.write_text(
+        "_base_ = ['mmdet::pascal_voc/retinanet_r50_fpn_1x_voc0712.py',\n"
+        f"          '{REPO / 'configs' / '_base_' / 'daft_detection.py'}']\n"
+        "model = dict(backbone=dict(_base_.daft_backbone, depth=18,\n"
+        "                           init_cfg=dict(type='Pretrained', checkpoint='r18.pth')))\n")
+    backbone = Config.fromfile(str(config)).model.backbone
+    assert backbone.depth == 18 and backbone.norm_eval is False and backbone.frozen_stages == -1
+    assert backbone.norm_cfg.type == 'SyncBN' and backbone.init_cfg.checkpoint == 'r18.pth'
