@@ -195,6 +195,82 @@ def test_work_dir_lock_takes_over_a_dead_owner(tmp_path):
     assert not (tmp_path / WorkDirLock.NAME).exists()
 
 
+# ------------------------------------------- issue 22 item 3: a fresh run into a finished work dir
+def test_fresh_run_into_a_finished_work_dir_is_refused(cityscapes_root, tmp_path):
+    from daft_mm.utils import file_digest
+    _pretrained(tmp_path / 'pretrained.pth')
+    config = _write_config(tmp_path, tmp_path / 'pretrained.pth', [])
+    work = tmp_path / 'work'
+    args = [str(config), '--work-dir', str(work), '--cfg-options', f'data_root={cityscapes_root}',
+            'train_cfg.max_iters=1', 'train_cfg.val_interval=1000',
+            'train_dataloader.batch_size=2', 'default_hooks.checkpoint.interval=1']
+    load_tool('train').main(args)
+    kept = {p.name: file_digest(str(p)) for p in work.iterdir() if p.is_file()}
+    assert {'converted.pth', 'iter_1.pth', 'last_checkpoint'} <= set(kept)
+    with pytest.raises(FileExistsError, match=r'holds an earlier run.*--resume.*--work-dir'):
+        load_tool('train').main(args)
+    assert {p.name: file_digest(str(p)) for p in work.iterdir() if p.is_file()} == kept
+
+
+# --------------------------------------------------- issue 22 item 4: locks do not outlive runs
+def test_sigterm_releases_the_work_dir_lock(cityscapes_root, tmp_path):
+    _pretrained(tmp_path / 'pretrained.pth')
+    release, ready = tmp_path / 'release', tmp_path / 'ready'
+    config = _write_config(tmp_path, tmp_path / 'pretrained.pth', [
+        f"dict(type='PauseUntilFile', path='{release}', ready='{ready}')"])
+    work = tmp_path / 'work'
+    run = subprocess.Popen(_train_cmd(config, work, cityscapes_root), cwd=REPO,
+                           env=_env(DAFT_TEST_PAUSE='1'), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ready.exists(), 'the run never started training'
+        assert (work / WorkDirLock.NAME).exists()
+        run.terminate()  # SIGTERM, as a timeout or Slurm preemption sends it
+        out, _ = run.communicate(timeout=60)
+    finally:
+        release.touch()
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 128 + 15, out[-2000:]
+    assert not (work / WorkDirLock.NAME).exists(), 'the lock outlived its run'
+
+
+def test_a_lock_whose_heartbeat_stopped_is_taken_over_from_any_host(tmp_path):
+    lock_file = tmp_path / WorkDirLock.NAME
+    lock_file.write_text('{"pid": 4242, "host": "another-node", "started": "x"}')
+    with pytest.raises(WorkDirBusyError, match=r'another-node.*heartbeat.*--break-lock'):
+        WorkDirLock(str(tmp_path)).acquire()  # fresh heartbeat: a live run elsewhere
+    old = time.time() - WorkDirLock.STALE_AFTER - 60
+    os.utime(lock_file, (old, old))
+    with WorkDirLock(str(tmp_path)) as lock:  # a requeue on another node after a kill
+        assert lock.taken_over['host'] == 'another-node'
+        lock.HEARTBEAT = 0.05
+        lock._stop.set()
+        lock._start_heartbeat()
+        os.utime(lock_file, (old, old))
+        time.sleep(0.5)
+        assert time.time() - lock_file.stat().st_mtime < 5, 'the heartbeat keeps the lock fresh'
+    assert not lock_file.exists()
+
+
+def test_garbage_in_a_lock_file_is_reported_and_break_lock_clears_it(tmp_path):
+    lock_file = tmp_path / WorkDirLock.NAME
+    lock_file.write_text('\x00\x00 not a lock')
+    with pytest.raises(WorkDirBusyError, match=r'no readable owner.*--break-lock'):
+        WorkDirLock(str(tmp_path)).acquire()
+    assert lock_file.read_text() == '\x00\x00 not a lock'  # not silently taken over
+    assert load_tool('train').parse_args(['x.py', '--break-lock']).break_lock
+    lock = WorkDirLock(str(tmp_path)).acquire(force=True)
+    try:
+        assert 'not a lock' in lock.broken and lock_file.exists()
+    finally:
+        lock.release()
+    assert not lock_file.exists()
+
+
 # --------------------------------------------------------------------- item 5: distributed exits
 WORLD = 2
 

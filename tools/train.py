@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import os.path as osp
+import signal
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -44,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
         help='job launcher')
+    parser.add_argument(
+        '--break-lock', action='store_true',
+        help='remove the work dir\'s lock file (.daft_mm.lock) before starting: for a lock left '
+        'by a run you know is gone (a lock whose heartbeat stopped 5 minutes ago is taken over '
+        'without it)')
     # torch.distributed.launch passes --local-rank (torch >= 2.0) or --local_rank (older).
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args(argv)
@@ -96,14 +103,50 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = load_config(args.config, args.cfg_options, work_dir=args.work_dir,
                       launcher=args.launcher)
+    if args.resume is None:
+        refuse_finished_work_dir(cfg.work_dir)  # every rank: each must stop, not wait for rank 0
     # One live run per work dir (rank 0 holds the lock for all ranks of a distributed run).
     lock = WorkDirLock(osp.abspath(cfg.work_dir), 'training')
-    if launch_rank(args.launcher) == 0:
-        lock.acquire()
+    # SIGTERM (a timeout, Slurm preemption, torchrun stopping the other ranks) ends the run
+    # through the finally below, like Ctrl-C, so the lock does not outlive it.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try:
+        if launch_rank(args.launcher) == 0:
+            lock.acquire(force=args.break_lock)
         _train(args, cfg, lock)
     finally:
         lock.release()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+#: what a run leaves in its work dir that a second, fresh run would overwrite
+_RUN_FILES = ('last_checkpoint', 'converted.pth')
+
+
+def refuse_finished_work_dir(work_dir: str) -> None:
+    """A fresh run (no ``--resume``) into a work dir that holds another run's checkpoints would
+    overwrite ``converted.pth`` and ``iter_N.pth`` and move ``last_checkpoint`` back, leaving a
+    folder that mixes two runs. Refused, naming the ways on."""
+    if not osp.isdir(work_dir):
+        return
+    found = [name for name in _RUN_FILES if osp.exists(osp.join(work_dir, name))]
+    found += sorted(name for name in os.listdir(work_dir)
+                    if name.endswith('.pth') and name.split('_')[0] in ('iter', 'epoch'))
+    if not found:
+        return
+    shown = ', '.join(found[:5]) + (f' and {len(found) - 5} more' if len(found) > 5 else '')
+    raise FileExistsError(
+        f'work dir {work_dir!r} holds an earlier run ({shown}); a fresh run there would '
+        'overwrite its checkpoints and mix the two runs. Fix: --resume to continue it, '
+        '--work-dir <another folder> to start a separate run, or, to start over in this one, '
+        f'move or delete its checkpoints first (e.g. rm {osp.join(work_dir, "*.pth")} '
+        f'{osp.join(work_dir, "last_checkpoint")})')
 
 
 def launch_rank(launcher: str) -> int:

@@ -3,7 +3,8 @@
 - ``atomic_write``: write to a temporary file in the same folder, fsync, then ``os.replace``;
   a kill at any point leaves either the old file or the new one, never a truncated mix.
 - ``file_digest``: what a result depends on (a checkpoint's bytes), as a short hash.
-- ``WorkDirLock``: one live run per work dir; a lock file holding the owner's pid and host.
+- ``WorkDirLock``: one live run per work dir; a lock file holding the owner's pid and host,
+  kept fresh by a heartbeat so that a lock left by a killed run is recognised anywhere.
 
 Standard library only: the tools and the OpenMMLab layer use it, ``daft_mm.core`` does not.
 """
@@ -17,6 +18,7 @@ import os
 import os.path as osp
 import socket
 import tempfile
+import threading
 import time
 from typing import IO, Any, Callable, Iterator, Optional
 
@@ -91,48 +93,77 @@ class WorkDirLock:
 
     Why: mmengine names its log folder by the start second and saves ``iter_N.pth`` by iteration,
     so two runs in one work dir interleave logs and overwrite each other's checkpoints without a
-    word. A lock left by a dead process (a kill, a crash) on this host is taken over; one from
-    another host cannot be checked and is refused, naming the file to delete.
+    word. While held, a thread touches the file every ``HEARTBEAT`` seconds. A lock is stale, and
+    taken over with a note, when its process is gone (same host) or its heartbeat stopped more
+    than ``STALE_AFTER`` seconds ago (any host: a run killed on another node, a Slurm requeue).
+    A file that holds no readable owner is reported, not taken over; ``force=True``
+    (``tools/train.py --break-lock``) removes any lock.
     """
 
     NAME = '.daft_mm.lock'
+    HEARTBEAT = 30.0
+    STALE_AFTER = 300.0
 
     def __init__(self, work_dir: str, what: str = 'run') -> None:
         self.work_dir = work_dir
         self.path = osp.join(work_dir, self.NAME)
         self.what = what
         self.taken_over: Optional[dict] = None
+        self.broken: Optional[str] = None  # what --break-lock removed
         self._held = False
+        self._stop: Optional[threading.Event] = None
 
-    def _read(self) -> Optional[dict]:
+    def _read(self) -> tuple[Optional[dict], str]:
+        """(owner, raw text); owner is None when the file is unreadable or not an owner record."""
         try:
-            with open(self.path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+            with open(self.path, errors='replace') as f:
+                text = f.read()
+        except OSError:
+            return None, ''
+        try:
+            owner = json.loads(text)
+        except ValueError:
+            return None, text
+        return (owner if isinstance(owner, dict) and 'pid' in owner else None), text
 
-    def acquire(self) -> 'WorkDirLock':
+    def _age(self) -> float:
+        """Seconds since the owner's last heartbeat (the file's modification time)."""
+        try:
+            return time.time() - os.stat(self.path).st_mtime
+        except OSError:
+            return 0.0
+
+    def acquire(self, force: bool = False) -> 'WorkDirLock':
         os.makedirs(self.work_dir, exist_ok=True)
         me = {'pid': os.getpid(), 'host': socket.gethostname(), 'what': self.what,
               'started': time.strftime('%Y-%m-%d %H:%M:%S')}
+        if force and osp.exists(self.path):
+            self.broken = self._read()[1][:200]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = self._read()
+                owner, text = self._read()
                 if owner is None:
-                    # half-written by a process that was just starting, or garbage: look again
-                    time.sleep(0.2)
-                    owner = self._read()
-                if owner is not None and not self._stale(owner):
+                    time.sleep(0.5)  # a process that is just writing its record: look again
+                    owner, text = self._read()
+                if owner is None and osp.exists(self.path):
+                    raise WorkDirBusyError(
+                        f'the lock file {self.path} holds no readable owner ({text[:80]!r}): it '
+                        'cannot tell whether a run still uses this work dir. Fix: if none does, '
+                        'run again with --break-lock (tools/train.py) or delete the file')
+                if owner is not None and not self._stale(owner, self._age()):
                     raise WorkDirBusyError(
                         f'work dir {self.work_dir!r} is in use by another '
                         f'{owner.get("what", "run")} (pid {owner.get("pid")} on '
-                        f'{owner.get("host")}, started {owner.get("started")}): two runs in one '
-                        'work dir would mix their logs and overwrite each other\'s checkpoints. '
-                        'Fix: wait for it to finish, or '
-                        'pass another --work-dir. If no such process exists (e.g. it ran on '
-                        f'another machine and was killed), delete {self.path}')
+                        f'{owner.get("host")}, started {owner.get("started")}, last heartbeat '
+                        f'{self._age():.0f}s ago): two runs in one work dir would mix their logs '
+                        'and overwrite each other\'s checkpoints. Fix: wait for it to finish, or '
+                        'pass another --work-dir. A lock whose heartbeat stopped more than '
+                        f'{self.STALE_AFTER:.0f}s ago is taken over by itself; if you know the '
+                        'run is gone, --break-lock (tools/train.py) removes it now')
                 self.taken_over = owner
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)
@@ -140,21 +171,37 @@ class WorkDirLock:
             with os.fdopen(fd, 'w') as f:
                 json.dump(me, f)
             self._held = True
+            self._start_heartbeat()
             return self
         raise WorkDirBusyError(f'could not take the lock {self.path}: other processes keep '
                                'creating it; is another run starting in the same work dir?')
 
-    @staticmethod
-    def _stale(owner: dict) -> bool:
+    def _start_heartbeat(self) -> None:
+        stop = self._stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.HEARTBEAT):
+                with contextlib.suppress(OSError):
+                    os.utime(self.path)
+
+        threading.Thread(target=beat, name='daft-mm-lock-heartbeat', daemon=True).start()
+
+    @classmethod
+    def _stale(cls, owner: dict, age: float) -> bool:
         pid = owner.get('pid')
-        if owner.get('host') != socket.gethostname() or not isinstance(pid, int):
-            return False
-        return pid != os.getpid() and not _pid_alive(pid)
+        if owner.get('host') == socket.gethostname() and isinstance(pid, int):
+            if pid == os.getpid():
+                return False
+            if not _pid_alive(pid):
+                return True
+        return age > cls.STALE_AFTER
 
     def release(self) -> None:
         if not self._held:
             return
-        owner = self._read()
+        if self._stop is not None:
+            self._stop.set()
+        owner = self._read()[0]
         if owner is not None and owner.get('pid') == os.getpid():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
