@@ -50,3 +50,9 @@ def test_bench_gpu_quick_on_cpu(tmp_path):
     assert [c['num_batches'] for c in result['conversion']] == [2]
     assert math.isfinite(result['conversion'][0]['time_ratio'])
     assert math.isfinite(result['train_step']['step_ratio'])
+
+
+def test_bench_agreement_quick(tmp_path):
+    result = run_bench('bench_agreement.py', tmp_path / 'agreement.json')
+    assert result['world'] == 2 and len(result['us_per_batch_laps']) == 5
+    assert result['us_per_batch_median'] > 0 and result['tiny_forward_us'] > 0

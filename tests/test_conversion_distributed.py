@@ -92,10 +92,12 @@ def test_two_ranks_match_single_process(tmp_path, sync, var_mode):
     results = run_two_ranks(tmp_path, sync, var_mode)
     expected = single_process(sync, var_mode)
     assert results[0]['samples'] == results[1]['samples'] == sum(SIZES[0]) + sum(SIZES[1])
-    # communication once at the end, whatever the number of batches (rank 0 runs three): one
-    # all-reduce to agree on failure and batch count, one of all layers' flattened sums; SyncBN's
-    # global-batch variance adds the longest pass and one all-reduce of the per-batch rows
-    expected_calls = ['c10d::allreduce_'] * (4 if sync and var_mode == 'batch' else 2)
+    # the ranks agree after every batch (three numbers), in as many rounds as the longest pass
+    # has batches plus the round that finds every rank done (rank 0 runs three: 4 rounds); then
+    # one all-reduce of all layers' flattened sums; SyncBN's global-batch variance adds the
+    # longest pass and one all-reduce of the per-batch rows
+    rounds = max(len(n) for n in SIZES.values()) + 1
+    expected_calls = ['c10d::allreduce_'] * (rounds + (3 if sync and var_mode == 'batch' else 1))
     assert results[0]['collectives'] == results[1]['collectives'] == expected_calls
     for k in expected:
         assert torch.equal(results[0]['state'][k], results[1]['state'][k]), k  # identical ranks
@@ -111,3 +113,51 @@ def test_failure_on_one_rank_leaves_every_rank_untouched(tmp_path):
     assert all(r['unchanged'] for r in results)
     assert 'The model is unchanged' in results[1]['error']
     assert 'another rank' in results[0]['error']
+
+
+# ------------------------------------------- issue 22 item 2: a failing rank stops its peers
+SLOW_BATCHES, SECONDS_PER_BATCH = 40, 0.5  # rank 0's whole pass: 20 s
+
+
+def _slow_forward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    import time
+    time.sleep(SECONDS_PER_BATCH)
+    return model(batch)
+
+
+def _interrupted_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import signal
+    import time
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
+                            world_size=WORLD)
+    net = make_net(False)
+    batches = [torch.randn(2, 3, 8, 8, dtype=torch.float64) for _ in range(SLOW_BATCHES)]
+
+    def progress(done: int) -> None:
+        if rank == 1 and done == 2:  # Ctrl-C on rank 1 alone, as a user's or a scheduler's
+            with open(os.path.join(out_dir, 'interrupted'), 'w') as f:
+                f.write(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGINT)
+
+    outcome = 'finished'
+    try:
+        convert_bn(net, batches, forward=_slow_forward, progress=progress)
+    except KeyboardInterrupt:
+        outcome = 'KeyboardInterrupt'
+    except ConversionError as exc:
+        outcome = f'ConversionError: {exc}'
+    torch.save({'outcome': outcome, 'at': time.time()}, os.path.join(out_dir, f'rank{rank}.pt'))
+    os._exit(0)
+
+
+def test_a_failing_rank_stops_its_peers_within_seconds(tmp_path):
+    """Before, rank 0 learnt of rank 1's Ctrl-C only at the end of its own pass (here 20 s; a pass
+    longer than the process-group timeout became a timeout)."""
+    mp.spawn(_interrupted_worker, args=(str(tmp_path / 'init'), str(tmp_path)), nprocs=WORLD,
+             join=True)
+    results = [torch.load(tmp_path / f'rank{r}.pt') for r in range(WORLD)]
+    assert results[1]['outcome'] == 'KeyboardInterrupt'  # Ctrl-C stays Ctrl-C
+    assert 'another rank' in results[0]['outcome']
+    interrupted = float((tmp_path / 'interrupted').read_text())
+    # within a few batches of rank 0 (0.5 s each), far from its 20 s pass
+    assert results[0]['at'] - interrupted < 5.0, results[0]['at'] - interrupted

@@ -214,40 +214,47 @@ def _distributed_world(group: Optional[dist.ProcessGroup]) -> int:
     return 1
 
 
-def _agree(error: Optional[BaseException], num_batches: int, world_size: int,
-           group: Optional[dist.ProcessGroup], device: torch.device) -> int:
-    """Ranks agree on failure and on the total number of batches before any statistics move.
+def _step_together(error: Optional[BaseException], active: bool, num_batches: int,
+                   world_size: int, group: Optional[dist.ProcessGroup],
+                   device: torch.device) -> Tuple[bool, bool, int]:
+    """One round of the ranks' agreement, after every batch: ``(failed anywhere, any rank still
+    has batches, batches over all ranks so far)``.
 
-    A rank that failed must not leave the others waiting in the all-reduce: all ranks learn of
-    any failure and raise together. That holds for every kind of failure: a KeyboardInterrupt or
-    SystemExit on one rank still takes part in this one all-reduce (then propagates as itself, so
-    Ctrl-C stays Ctrl-C); skipping it would leave the peers blocked until the process-group
-    timeout (30 min by default). Returns the number of batches over all ranks.
+    Why after every batch, not once at the end: a rank that fails (an error, Ctrl-C, SIGTERM)
+    stops its peers at their next batch instead of after their whole pass (or, for a pass longer
+    than the process-group timeout, a timeout). A rank whose data ran out keeps taking part with
+    ``active=False`` until every rank is done, so every rank runs the same number of rounds. One
+    all-reduce of three numbers per batch (its cost: docs/reliability.md). A peer that died
+    outright makes the all-reduce itself fail within seconds; that is raised as this rank's error.
     """
-    failed_elsewhere = False
-    if world_size > 1:
-        status = torch.tensor([1.0 if error is not None else 0.0, float(num_batches)],
-                              dtype=torch.float64, device=device)
-        try:
-            dist.all_reduce(status, group=group)
-        except BaseException:
-            if error is not None and not isinstance(error, Exception):
-                raise error from None
-            raise
-        failed_elsewhere = error is None and status[0].item() > 0
-        num_batches = int(status[1].item())
+    if world_size == 1:
+        return error is not None, active, num_batches
+    status = torch.tensor([1.0 if error is not None else 0.0, 1.0 if active else 0.0,
+                           float(num_batches)], dtype=torch.float64, device=device)
+    try:
+        dist.all_reduce(status, group=group)
+    except BaseException as exc:  # noqa: BLE001 - a dead peer, or an interrupt here
+        if error is not None and not isinstance(error, Exception):
+            raise error from None
+        raise ConversionError(f'BN conversion stopped: the ranks could not agree ({exc}); a peer '
+                              'has probably failed (see its error). The model is unchanged.'
+                              ) from exc
+    return status[0].item() > 0, status[1].item() > 0, int(status[2].item())
+
+
+def _raise_failure(error: Optional[BaseException], failed: bool, total_batches: int) -> None:
+    """Every rank raises together: its own error, or that another rank failed."""
     if error is not None and not isinstance(error, Exception):
         raise error  # KeyboardInterrupt, SystemExit...: the model is unchanged, the peers told
     if error is not None:
         raise ConversionError(f'BN conversion failed during the statistics pass: {error}. '
                               'The model is unchanged.') from error
-    if failed_elsewhere:
+    if failed:
         raise ConversionError('BN conversion failed on another rank (see its error); the model '
                               'is unchanged on every rank')
-    if num_batches == 0:
+    if total_batches == 0:
         raise ConversionError('batches is empty: BN conversion needs at least one batch of '
                               'target-domain inputs. The model is unchanged.')
-    return num_batches
 
 
 def convert_bn(model: nn.Module,
@@ -279,8 +286,9 @@ def convert_bn(model: nn.Module,
         progress: called with the number of batches done after each batch.
         process_group: the group whose ranks pool their statistics; default the world.
 
-    Under ``torch.distributed`` every rank must call this; statistics are pooled with one
-    all-reduce at the end and every rank ends with identical BN parameters.
+    Under ``torch.distributed`` every rank must call this; the ranks agree after every batch (a
+    failing rank stops the others at their next batch), statistics are pooled with one all-reduce
+    at the end and every rank ends with identical BN parameters.
     """
     if var_mode not in VAR_MODES:
         raise ValueError(f'var_mode must be one of {VAR_MODES}, got {var_mode!r}')
@@ -323,21 +331,32 @@ def convert_bn(model: nn.Module,
 
     num_batches = 0
     error: Optional[BaseException] = None
-    try:
-        with torch.no_grad(), kept_modes(model), _collect_inputs(layers, accumulators):
-            # the pretrained function; every module's own flag comes back afterwards (not just
-            # the root's: norm_eval leaves submodules in eval mode on purpose)
-            model.eval()
-            for batch in batches:
-                forward(model, batch)
-                num_batches += 1
-                if progress is not None:
-                    progress(num_batches)
-                if max_batches is not None and num_batches >= max_batches:
-                    break
-    except BaseException as exc:  # noqa: BLE001 - any kind, re-raised after the ranks agree
-        error = exc
-    _agree(error, num_batches, world_size, process_group, device)
+    failed, total = False, 0
+    with torch.no_grad(), kept_modes(model), _collect_inputs(layers, accumulators):
+        # the pretrained function; every module's own flag comes back afterwards (not just
+        # the root's: norm_eval leaves submodules in eval mode on purpose)
+        model.eval()
+        iterator: Optional[Iterator[Any]] = None
+        while True:
+            active = False
+            if error is None and (max_batches is None or num_batches < max_batches):
+                try:
+                    iterator = iter(batches) if iterator is None else iterator
+                    batch = next(iterator)
+                    forward(model, batch)
+                    num_batches += 1
+                    active = True
+                    if progress is not None:
+                        progress(num_batches)
+                except StopIteration:
+                    pass
+                except BaseException as exc:  # noqa: BLE001 - any kind, re-raised together
+                    error = exc
+            failed, more, total = _step_together(error, active, num_batches, world_size,
+                                                 process_group, device)
+            if failed or not more:
+                break
+    _raise_failure(error, failed, total)
     if world_size > 1:
         all_reduce_accumulators(list(accumulators.values()), group=process_group)
 
