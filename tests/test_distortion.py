@@ -240,6 +240,17 @@ def test_tool_writes_figures_and_json_matching_the_summary(tiny_cfg_path, tmp_pa
         assert (out_dir / name).stat().st_size > 0, name
     result = json.loads((out_dir / 'distortion.json').read_text())
     assert result['num_images'] == 2 and result['feature_levels'] == [3]
+    # issue 22 item 8: the user's umask, not mkstemp's 0600; another analysis is not written over
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (out_dir / 'distortion.json').stat().st_mode & 0o777 == 0o666 & ~mask
+    other = cmd[:cmd.index('--finetuned') + 2] + ['--max-images', '1', '--device', 'cpu',
+                                                   '--out-dir', str(out_dir)]
+    refused = subprocess.run(other, capture_output=True, text=True, cwd=REPO, timeout=300,
+                             env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1'))
+    assert refused.returncode != 0 and 'holds an analysis of other inputs' in refused.stderr
+    assert '--overwrite' in refused.stderr
+    assert json.loads((out_dir / 'distortion.json').read_text()) == result
 
     same = result['runs']['same']['comparisons']
     assert list(same) == ['pretrained']

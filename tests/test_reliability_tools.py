@@ -166,3 +166,43 @@ def test_demo_rerun_after_kill_reuses_finished_runs_and_redoes_a_truncated_cache
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     assert 'cannot be read' in again.stdout and 'pretraining again' in again.stdout
     assert torch.load(ckpt, weights_only=True)['state_dict']
+
+
+# ----------------------------------- issue 22 item 7: tools/test.py with a checkpoint that misfits
+def test_tools_test_refuses_a_checkpoint_that_does_not_fit(cityscapes_root, tmp_path):
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+    init_default_scope('mmseg')
+    torch.manual_seed(0)
+    state = MODELS.build(Config.fromfile(TINY_SEG).model).state_dict()
+    ckpt = tmp_path / 'ckpt.pth'
+    torch.save({'state_dict': state, 'meta': {}}, ckpt)
+    test = load_tool('test')
+    base = [TINY_SEG, str(ckpt), '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+            f'data_root={cityscapes_root}']
+    other_classes = ['model.decode_head.num_classes=8', 'model.auxiliary_head.num_classes=8']
+    with pytest.raises(ValueError, match=r'does not fit.*4 with another shape.*'
+                       r'decode_head\.conv_seg\.weight.*--allow-partial-checkpoint'):
+        test.main(base + other_classes)
+    missing = tmp_path / 'missing.pth'
+    torch.save({'state_dict': {k: v for k, v in state.items() if 'layer4' not in k}}, missing)
+    with pytest.raises(ValueError, match=r'weights missing \(backbone\.layer4'):
+        test.main([TINY_SEG, str(missing)] + base[2:])
+    # intended: the flag lets it through; a checkpoint that fits passes without it
+    assert 'mIoU' in test.main(base + other_classes + ['--allow-partial-checkpoint'])
+    assert 'mIoU' in test.main(base)
+
+
+# --------------------------------------------- issue 22 item 8: outputs keep the user's umask
+def test_atomic_writes_keep_the_users_umask(tmp_path):
+    """test_robustness and convert_checkpoint write through these: teammates must read them."""
+    from daft_mm.utils import atomic_save
+    old = os.umask(0o027)
+    try:
+        with atomic_write(str(tmp_path / 'a.json')) as f:
+            f.write('{}')
+        atomic_save(lambda f: torch.save({'x': 1}, f), str(tmp_path / 'b.pth'))
+    finally:
+        os.umask(old)
+    for name in ('a.json', 'b.pth'):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name

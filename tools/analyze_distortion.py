@@ -76,7 +76,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--seed', type=int, default=0, help='seed for the conversion dataloader')
     parser.add_argument('--out-dir', default=None,
-                        help='default work_dirs/distortion/<config name>')
+                        help='default work_dirs/distortion/<config name>/<run names>-<digest of '
+                        'the inputs>: each analysis its own folder')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace an analysis of other inputs in --out-dir (without it, '
+                        'that is an error; the same inputs again always replace it)')
     parser.add_argument('--cfg-options', nargs='+', default=None, metavar='KEY=VALUE',
                         help='override config settings, as in tools/train.py')
     args = parser.parse_args(argv)
@@ -277,6 +281,53 @@ def plot_parameters(result: Mapping[str, Any], path: str) -> Dict[str, str]:
     return scales
 
 
+# ------------------------------------------------------------------------------------- output
+def analysis_inputs(args: argparse.Namespace) -> Dict[str, Any]:
+    """What an analysis depends on: the config, the checkpoints' paths and bytes, the options."""
+    from daft_mm.utils import file_digest
+
+    def digest(path: str) -> str:
+        return file_digest(path) if osp.isfile(path) else 'missing'
+
+    return {
+        'config': osp.abspath(args.config), 'cfg_options': list(args.cfg_options or []),
+        'pretrained': [osp.abspath(args.pretrained), digest(args.pretrained)],
+        'finetuned': {name: [osp.abspath(p), digest(p)] for name, p in args.finetuned},
+        'reference_converted': {name: [osp.abspath(p), digest(p)]
+                                for name, p in args.reference_converted},
+        'convert': sorted(args.convert), 'convert_split': args.convert_split,
+        'convert_batches': args.convert_batches, 'convert_var_mode': args.convert_var_mode,
+        'split': args.split, 'max_images': args.max_images, 'levels': list(args.levels),
+        'seed': args.seed}
+
+
+def default_out_dir(args: argparse.Namespace, inputs: Dict[str, Any]) -> str:
+    import hashlib
+    key = hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:8]
+    runs = '_'.join(name for name, _ in args.finetuned)[:60]
+    return osp.join('work_dirs', 'distortion', osp.splitext(osp.basename(args.config))[0],
+                    f'{runs}-{key}')
+
+
+def refuse_other_analysis(out_dir: str, inputs: Dict[str, Any], overwrite: bool) -> None:
+    """An earlier analysis of other inputs in ``out_dir`` is not replaced without --overwrite."""
+    path = osp.join(out_dir, 'distortion.json')
+    if overwrite or not osp.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            earlier = json.load(f).get('inputs')
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    if earlier == inputs:
+        return
+    raise FileExistsError(
+        f'{path} holds an analysis of other inputs (runs '
+        f'{sorted((earlier or {}).get("finetuned", {})) or "unknown"}); writing here would '
+        'replace it. Fix: another --out-dir (the default gives every analysis its own folder), '
+        'or --overwrite to replace it')
+
+
 # ------------------------------------------------------------------------------------- main
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
@@ -289,18 +340,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     # The tools' shared way: data_root=PATH reaches every dataloader (tools/train.py, test.py,
     # test_robustness.py do the same).
     apply_cfg_options(cfg, _parse_cfg_options(args.cfg_options or []))
+    inputs = analysis_inputs(args)
+    out_dir = args.out_dir or default_out_dir(args, inputs)
+    refuse_other_analysis(out_dir, inputs, args.overwrite)
     result = analyze_distortion(
         cfg, args.pretrained, args.finetuned, reference_converted=args.reference_converted,
         convert=args.convert, split=args.split, max_images=args.max_images, levels=args.levels,
         device=args.device, num_workers=args.num_workers, seed=args.seed,
         convert_split=args.convert_split, convert_batches=args.convert_batches,
         convert_var_mode=args.convert_var_mode)
+    result['inputs'] = inputs
 
-    out_dir = args.out_dir or osp.join('work_dirs', 'distortion',
-                                       osp.splitext(osp.basename(args.config))[0])
+    from daft_mm.utils import atomic_write_json
     os.makedirs(out_dir, exist_ok=True)
-    with open(osp.join(out_dir, 'distortion.json'), 'w') as f:
-        json.dump(result, f, indent=1)
+    atomic_write_json(osp.join(out_dir, 'distortion.json'), result, indent=1)
     plot_features(result, osp.join(out_dir, 'feature_similarity.png'))
     plot_parameters(result, osp.join(out_dir, 'parameter_change.png'))
     print(format_summary(result))

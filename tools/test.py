@@ -15,6 +15,7 @@ import os
 import warnings
 
 from mmengine.config import ConfigDict, DictAction
+from mmengine.hooks import Hook
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
         help='job launcher')
     parser.add_argument('--tta', action='store_true', help='test-time augmentation')
+    parser.add_argument(
+        '--allow-partial-checkpoint', action='store_true',
+        help='evaluate even when weights of the model are missing from the checkpoint or have '
+        'other shapes (they keep their initial values); without it that is an error')
     # torch.distributed.launch passes --local-rank (torch >= 2.0) or --local_rank (older).
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args(argv)
@@ -96,6 +101,29 @@ def enable_tta(cfg, task: str) -> None:
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
 
 
+class CheckpointMustFit(Hook):
+    """Refuses, before any weight is loaded, a checkpoint that lacks weights of the model or
+    holds them with other shapes: mmengine loads it non-strictly, the missing weights keep their
+    random init, and the test reports a meaningless score with only a warning in the log."""
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, checkpoint: str) -> None:
+        self.checkpoint = checkpoint
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        from daft_mm.mm.cli import checkpoint_mismatch
+        from daft_mm.mm.settings import unwrap
+        problem = checkpoint_mismatch(unwrap(runner.model), checkpoint.get('state_dict',
+                                                                            checkpoint))
+        if problem:
+            raise ValueError(
+                f'checkpoint {self.checkpoint} does not fit the model of this config: {problem}. '
+                'The test would score weights left at their random init. Fix: pass the config the '
+                'checkpoint was trained with (or --cfg-options that make the model match, e.g. '
+                'the number of classes), or --allow-partial-checkpoint if this is intended')
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
 
@@ -124,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f'--out for detection must be a .pkl/.pickle file, got {args.out!r}')
 
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    if not args.allow_partial_checkpoint:
+        runner.register_hook(CheckpointMustFit(args.checkpoint), priority='VERY_HIGH')
     if args.out is not None and task == 'det':
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))

@@ -8,8 +8,9 @@ from typing import Any, Mapping
 
 from mmengine.config import Config
 
-__all__ = ['TASKS', 'detect_task', 'set_data_root', 'dataset_roots', 'load_config', 'format_metrics',
-           'apply_cfg_options', 'distributed_on_cpu', 'close_distributed']
+__all__ = ['TASKS', 'detect_task', 'set_data_root', 'load_config', 'format_metrics',
+           'apply_cfg_options', 'distributed_on_cpu', 'close_distributed', 'checkpoint_mismatch',
+           'dataset_roots']
 
 #: default_scope -> task name
 TASKS = {'mmseg': 'seg', 'mmdet': 'det'}
@@ -197,6 +198,27 @@ def load_config(path: str, cfg_options: Mapping[str, Any] | None = None, *,
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
     return cfg
+
+
+def checkpoint_mismatch(model: Any, state_dict: Mapping[str, Any]) -> str | None:
+    """What of ``model``'s weights a checkpoint's ``state_dict`` lacks or holds with another shape
+    (keys as mmengine loads them: a leading ``module.`` dropped), or None when every weight fits.
+    Extra keys in the checkpoint are fine (a head the test config leaves out)."""
+    import re
+    shapes = {re.sub(r'^module\.', '', k): tuple(getattr(v, 'shape', ()))
+              for k, v in state_dict.items()}
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()
+           if not k.endswith('num_batches_tracked')}
+    missing = [k for k in own if k not in shapes]
+    misshaped = [f'{k} {shapes[k]} vs {own[k]}' for k in own if k in shapes and shapes[k] != own[k]]
+    parts = []
+    if missing:
+        parts.append(f'{len(missing)} of {len(own)} weights missing ({", ".join(missing[:3])}'
+                     + (' ...' if len(missing) > 3 else '') + ')')
+    if misshaped:
+        parts.append(f'{len(misshaped)} with another shape ({"; ".join(misshaped[:3])}'
+                     + (' ...' if len(misshaped) > 3 else '') + ')')
+    return ', '.join(parts) or None
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:

@@ -26,6 +26,12 @@ __all__ = ['atomic_write', 'atomic_write_json', 'atomic_save', 'file_digest', 's
            'WorkDirLock', 'WorkDirBusyError']
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = 'w') -> Iterator[IO[Any]]:
     """``with atomic_write(path) as f: ...``: ``path`` appears with its full content or not at
@@ -36,6 +42,9 @@ def atomic_write(path: str, mode: str = 'w') -> Iterator[IO[Any]]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}.', suffix='.tmp', dir=folder)
     try:
+        # mkstemp creates 0600; the file gets the mode open() would give it (0666 less the
+        # user's umask), so teammates can read results as they can any other file of the user's
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
