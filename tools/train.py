@@ -82,8 +82,18 @@ def resolve_resume(cfg: Any, resume: str | None) -> str | None:
                 f'--resume: {osp.join(cfg.work_dir, "last_checkpoint")} names {latest}, which does '
                 'not exist (moved or deleted?). Fix: --resume PATH with the checkpoint to resume, '
                 'or delete that last_checkpoint file to start over')
+        chosen, skipped = newest_whole_checkpoint(cfg.work_dir, latest)
+        if chosen is None:
+            raise RuntimeError(
+                f'--resume: no checkpoint in {cfg.work_dir} is whole ({", ".join(skipped)} are '
+                'truncated or corrupt). Fix: --resume PATH with a good copy, or start over in '
+                'another --work-dir')
         cfg.resume = True
-        cfg.load_from = latest
+        cfg.load_from = chosen
+        if skipped:
+            return (f'--resume: the latest checkpoint {latest} is truncated or corrupt (a save '
+                    f'cut off?); skipped {", ".join(skipped)} and resuming from the newest whole '
+                    f'one, {chosen}')
         return f'--resume: resuming from the latest checkpoint of the work dir, {latest}'
     cfg.resume = False
     load_from = cfg.get('load_from')
@@ -92,6 +102,36 @@ def resolve_resume(cfg: Any, resume: str | None) -> str | None:
                 f'save), so this run starts over from load_from={load_from}, as the first one did')
     return (f'--resume: no checkpoint in {cfg.work_dir} yet and no load_from, so this run starts '
             'over from the initial weights (init_cfg), as the first one did')
+
+
+def _is_whole(path: str) -> bool:
+    """A torch checkpoint (a zip archive) whose central directory, written last, is there."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def newest_whole_checkpoint(work_dir: str, latest: str) -> tuple[str | None, list[str]]:
+    """``latest`` if it is whole, else the newest whole ``iter_N`` / ``epoch_N`` checkpoint of
+    the work dir; and the names of the ones skipped on the way."""
+    import re
+
+    def number(name: str) -> int:
+        match = re.match(r'(?:iter|epoch)_(\d+)\.pth$', name)
+        return int(match.group(1)) if match else -1
+
+    others = sorted((n for n in os.listdir(work_dir) if number(n) >= 0), key=number, reverse=True)
+    candidates = [latest] + [osp.join(work_dir, n) for n in others
+                             if not osp.samefile(osp.join(work_dir, n), latest)]
+    skipped = []
+    for path in candidates:
+        if _is_whole(path):
+            return path, skipped
+        skipped.append(osp.basename(path))
+    return None, skipped
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,7 +230,8 @@ def _train(args: argparse.Namespace, cfg: Any, lock: 'WorkDirLock') -> None:
         runner.logger.warning(f'work dir lock {lock.path} was left by a process that no longer '
                               f'runs (pid {lock.taken_over.get("pid")}); taken over')
     if resume_note:  # a fresh start under --resume is worth a warning: the user asked to resume
-        (runner.logger.info if cfg.resume else runner.logger.warning)(resume_note)
+        warn = not cfg.resume or "truncated" in resume_note
+        (runner.logger.warning if warn else runner.logger.info)(resume_note)
     try:
         runner.train()
     except ValueError as exc:

@@ -331,11 +331,15 @@ def _refused(source: str, err: pickle.UnpicklingError) -> pickle.UnpicklingError
     else:  # torch puts the specific reason after "WeightsUnpickler error:"
         reason = text.rsplit('WeightsUnpickler error:', 1)[-1].strip().splitlines()
         what = f'an object the weights_only unpickler refused ({reason[0] if reason else text})'
+        name = None
+    allow = (f'`torch.serialization.add_safe_globals([{name}])` (import it first; torch >= 2.6)'
+             if name else '`torch.serialization.add_safe_globals([...])` with the class the '
+             'error names (torch >= 2.6)')
     return pickle.UnpicklingError(
         f'{source} holds {what}. If you trust this file, opt in to full unpickling (it can '
         f'run arbitrary code) with `{TRUST_ENV}=1` in the environment or '
-        '`daft_mm.mm.compat.trust_checkpoints()` in Python; or allow just that class with '
-        '`torch.serialization.add_safe_globals([...])` (torch >= 2.6).')
+        f'`daft_mm.mm.compat.trust_checkpoints()` in Python; or allow just that class with '
+        f'{allow}.')
 
 
 def load_checkpoint_file(filename: str, map_location: Any = None) -> Any:
@@ -358,6 +362,14 @@ def load_checkpoint_file(filename: str, map_location: Any = None) -> Any:
                           pickle_module=RESTRICTED_PICKLE)
     except pickle.UnpicklingError as err:
         raise _refused(filename, err) from err
+    except (RuntimeError, EOFError) as err:
+        if isinstance(err, EOFError) or 'zip archive' in str(err) or 'central directory' in str(err):
+            raise RuntimeError(
+                f'{filename} is not a complete checkpoint (truncated or corrupt: '
+                f'{str(err).splitlines()[0] if str(err) else type(err).__name__}), e.g. a save '
+                'or a copy that was cut off. Fix: use an earlier checkpoint of the run (--resume '
+                'falls back to the newest one that is whole), or copy the file again') from err
+        raise
 
 
 def route_local_checkpoints_through_allow_list() -> None:

@@ -25,7 +25,7 @@ from daft_mm.core import (ConversionReport, convert_bn, is_batchnorm, kept_modes
 from .predictors import predictor_priors
 from .settings import DAFTPlan
 
-__all__ = ['mm_forward', 'one_pass_loader', 'count_batches', 'naming_files', 'Preparation',
+__all__ = ['mm_forward', 'one_pass_loader', 'count_batches', 'naming_files', 'bad_samples', 'Preparation',
            'prepare', 'norm_eval_modules', 'frozen_batchnorms', 'require_bn_train']
 
 
@@ -105,22 +105,58 @@ def batch_files(data_batch: Any) -> List[str]:
     return files
 
 
+def bad_samples(model: nn.Module, data_batch: Any) -> List[str]:
+    """Segmentation samples of a batch whose label map cannot be right, each named by its file:
+    a label map of another size than its image (the pipeline then crops and pads the two apart
+    and training runs on misaligned labels without an error), or label ids outside
+    ``[0, num_classes)`` that are not the ``ignore_index`` (the loss fails on them, naming no
+    file)."""
+    if not isinstance(data_batch, dict):
+        return []
+    samples = data_batch.get('data_samples') or []
+    inputs = data_batch.get('inputs')
+    head = getattr(model, 'decode_head', None)
+    num_classes = getattr(head, 'num_classes', None)
+    ignore = getattr(head, 'ignore_index', 255)
+    found = []
+    for i, sample in enumerate(samples):
+        seg = getattr(sample, 'gt_sem_seg', None)
+        data = getattr(seg, 'data', None)
+        if data is None:
+            continue
+        meta = getattr(sample, 'metainfo', {}) or {}
+        where = meta.get('seg_map_path') or meta.get('img_path') or f'sample {i}'
+        image = inputs[i] if isinstance(inputs, (list, tuple)) and i < len(inputs) else None
+        if image is not None and tuple(image.shape[-2:]) != tuple(data.shape[-2:]):
+            found.append(f'{where}: the label map does not match its image '
+                         f'({meta.get("img_path", "?")}): after the pipeline the image is '
+                         f'{tuple(image.shape[-2:])} and the label {tuple(data.shape[-2:])}, so '
+                         'the two files have different sizes')
+        if isinstance(num_classes, int):
+            bad = data[(data >= num_classes) & (data != ignore)]
+            if bad.numel():
+                ids = sorted(set(int(v) for v in bad.unique()[:8]))
+                found.append(f'{where}: label ids {ids} are outside [0, {num_classes}) and not '
+                             f'the ignore_index {ignore} (label conversion? reduce_zero_label?)')
+    return found
+
+
 def naming_files(forward: Any) -> Any:
-    """``forward`` whose errors name the files of the failing batch: a bad annotation (a label id
-    out of range, a corrupt image) otherwise fails deep in the statistics pass, naming nothing."""
+    """``forward`` that checks each segmentation sample's label map first (:func:`bad_samples`)
+    and whose errors name the files of the failing batch: a bad annotation otherwise fails deep
+    in the statistics pass naming nothing, or, for a label of another size, not at all."""
     def run(model: nn.Module, data_batch: Any) -> Any:
+        found = bad_samples(model, data_batch)
+        if found:
+            raise ValueError('bad annotation(s) in the training data: ' + '; '.join(found))
         try:
             return forward(model, data_batch)
         except Exception as exc:
             files = batch_files(data_batch)
             if not files:
                 raise
-            hint = ''
-            if 'out of bounds' in str(exc) or 'out of range' in str(exc):
-                hint = (' A label id is outside [0, num_classes) and is not the ignore_index: '
-                        'check these annotations (label conversion, reduce_zero_label).')
             raise RuntimeError(f'{type(exc).__name__}: {exc} -- in the batch of '
-                               f'{", ".join(files)}.{hint}') from exc
+                               f'{", ".join(files)}') from exc
     return run
 
 

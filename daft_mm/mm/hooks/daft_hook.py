@@ -31,7 +31,8 @@ from daft_mm.core import VAR_MODES, find_batchnorms, flush_subnormals, resolve_m
 
 from ..models.daft_model import DAFTModel
 from ..schedules import keep_lr_ratio
-from ..preparation import count_batches, mm_forward, one_pass_loader, prepare, require_bn_train
+from ..preparation import (bad_samples, count_batches, mm_forward, one_pass_loader, prepare,
+                           require_bn_train)
 from ..settings import (DAFTPlan, checkpoint_pretrained, decide_plan, describe_lrs,
                         predictor_lr_cfg, unwrap)
 
@@ -396,6 +397,14 @@ class DAFTHook(Hook):
         runner.logger.warning(
             f'DAFTHook: load_from={source} already went through DAFT ({done}); zero_init=False '
             'keeps its trained predictors, and BN is re-centred on this data (function kept)')
+
+    def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
+        """Name the file of a bad label map before the loss meets it: mmseg fails on it with
+        "Target 25 is out of bounds" or "stack expects each tensor to be equal size", naming no
+        file (the statistics pass checks every batch it reads the same way)."""
+        found = bad_samples(self._models(runner)[1], data_batch)
+        if found:
+            raise ValueError('bad annotation(s) in the training data: ' + '; '.join(found))
 
     def after_train(self, runner: Any) -> None:
         self._during_training.close()
