@@ -440,3 +440,38 @@ def test_distortion_plots_stay_readable(tmp_path):
     assert first == 'DAFT vs pretrained'
     assert second == 'DAFT vs converted (identical to DAFT vs pretrained)'
     assert w0 > w1  # the earlier curve shows as a band around the later one
+
+
+# ------------------------------------- issue 22 item 14: the launch scripts find their Python
+def _chosen_python(tools: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(['/bin/bash', '-c', f'TOOLS={tools}; source {TOOLS / "_python.sh"}; '
+                           'echo "$PYTHON"'], env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_launch_scripts_choose_python_without_an_activated_environment(tmp_path):
+    bare = {'PATH': str(tmp_path / 'empty_bin'), 'HOME': str(tmp_path)}  # no python on PATH
+    (tmp_path / 'empty_bin').mkdir()
+    project = tmp_path / 'checkout'
+    (project / 'tools').mkdir(parents=True)
+    missing = _chosen_python(project / 'tools', bare)
+    assert missing.returncode == 2 and 'Fix: make install' in missing.stderr
+    assert 'PYTHON=/path/to/python' in missing.stderr
+    venv_python = project / '.venv' / 'bin' / 'python'
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text('#!/bin/sh\n')
+    venv_python.chmod(0o755)
+    assert _chosen_python(project / 'tools', bare).stdout.strip() == \
+        str(project / 'tools' / '..' / '.venv' / 'bin' / 'python')
+    assert _chosen_python(project / 'tools', dict(bare, PYTHON='/opt/py')).stdout.strip() == \
+        '/opt/py'
+
+
+@pytest.mark.skipif(not (REPO / '.venv' / 'bin' / 'python').exists(),
+                    reason='needs the project .venv (make install)')
+def test_dist_train_runs_with_no_python_on_path(tmp_path):
+    env = dict(cpu_env(), PATH='/usr/bin:/bin', PORT=str(29700 + os.getpid() % 200))
+    env.pop('PYTHON', None)
+    run = subprocess.run(['bash', str(TOOLS / 'dist_train.sh'), 'any_config.py', '1', '--help'],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert '--break-lock' in run.stdout  # tools/train.py's help, through torchrun

@@ -19,7 +19,8 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CPUS_PER_TASK=${CPUS_PER_TASK:-5}
 SRUN_ARGS=${SRUN_ARGS:-""}
 TOOLS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON=${PYTHON:-python}
+# shellcheck source=tools/_python.sh
+source "$TOOLS/_python.sh"
 
 # SRUN_ARGS is split on purpose: it holds several srun options.
 # shellcheck disable=SC2086
