@@ -76,3 +76,24 @@ def test_daft_backbone_fragment_extends_in_a_users_config(tmp_path):
     backbone = Config.fromfile(str(config)).model.backbone
     assert backbone.depth == 18 and backbone.norm_eval is False and backbone.frozen_stages == -1
     assert backbone.norm_cfg.type == 'SyncBN' and backbone.init_cfg.checkpoint == 'r18.pth'
+
+
+# ------------------------------------------- issue 22 item 15: the DAFT summary stands out
+def test_daft_startup_block_is_the_last_word_before_training(cityscapes_root, tmp_path):
+    from mmengine.runner import Runner
+
+    from _mm_helpers import load_tiny
+    cfg = load_tiny(REPO / 'configs' / '_tiny_' / 'tiny_daft_deeplabv3_cityscapes.py',
+                    tmp_path / 'work', cityscapes_root, **{'train_cfg.max_iters': 1})
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    log = next(Path(runner.log_dir).glob('*.log')).read_text().splitlines()
+    start = next(i for i, line in enumerate(log) if 'DAFT start-up' in line)
+    block = log[start:start + 8]
+    config_dump = max(i for i, line in enumerate(log) if line.startswith('daft_head_lr_mult = '))
+    assert start > config_dump  # after the config dump and the per-part lines
+    text = '\n'.join(block)
+    for part in ('method daft', 'BN converted:', 'left as initialised', 'predictors zeroed: '
+                 'decode_head.conv_seg', 'head (new_modules', 'effective start LRs: '):
+        assert part in text, (part, text)
+    assert not any('DAFTHook' in line for line in log[start:]), 'nothing of DAFT after the block'

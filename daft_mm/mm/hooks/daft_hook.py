@@ -348,6 +348,36 @@ class DAFTHook(Hook):
             model.prepared = True
         if self.save_converted and is_main_process():
             self._save_converted(runner, net, state)
+        runner.logger.info(self.startup_block(done))
+
+    def startup_block(self, done: Any) -> str:
+        """The run's DAFT settings as one framed block, logged last before the first step: the
+        start-up log holds the config dump (hundreds of lines) and the per-part lines above; this
+        is the part to read."""
+        plan = self.plan
+        lines = [f'method {plan.method}: ' + ', '.join(
+            part for part, on in (('BN conversion', plan.convert),
+                                  ('zero predictors', plan.zero_init),
+                                  (f'head at {plan.head_lr_mult:g}x the base LR', plan.head_lr))
+            if on)]
+        if plan.conversion is not None:
+            conv = plan.conversion
+            pretrained = ', '.join(path or '(whole model)' for path, _ in conv.pretrained[:4])
+            batches = (f' over {done.report.num_batches} batch(es) per rank'
+                       if done.report is not None else '')
+            lines.append(f'BN converted: {len(conv.converted)} layer(s){batches} (pretrained: '
+                         f'{pretrained or "none"}; decided by {conv.decided_by}); left as '
+                         f'initialised: {len(conv.left_new)}')
+        if plan.zero_init:
+            lines.append(f'predictors zeroed: {", ".join(done.zeroed)}')
+        if plan.head_lr:
+            lines.append(f'head ({plan.head_scope}, {plan.head_lr_mult_from}): '
+                         f'{", ".join(plan.head_modules)}')
+        if self.effective_lrs:
+            lines.append(f'effective start LRs: {describe_lrs(self.effective_lrs)}')
+        rule = '=' * 30
+        return '\n'.join([f'{rule} DAFT start-up {rule}'] + [f'  {line}' for line in lines]
+                         + ['=' * (len(rule) * 2 + 14)])
 
     @staticmethod
     def _visualize(runner: Any, report: Any) -> None:
