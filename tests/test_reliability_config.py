@@ -97,3 +97,27 @@ def test_daft_startup_block_is_the_last_word_before_training(cityscapes_root, tm
                  'decode_head.conv_seg', 'head (new_modules', 'effective start LRs: '):
         assert part in text, (part, text)
     assert not any('DAFTHook' in line for line in log[start:]), 'nothing of DAFT after the block'
+
+
+# ------------------------------ issue 22 item 16: package configs, and a wrong import named
+def test_package_config_imports_from_any_folder_and_a_wrong_one_is_named(tmp_path):
+    import subprocess
+    import sys
+    good = tmp_path / 'good.py'
+    good.write_text('from mmengine.config import read_base\nwith read_base():\n'
+                    '    from daft_mm.configs.daft_deeplabv3_r50_d8_cityscapes import *\n'
+                    'daft_head_lr_mult = 20.0\n')
+    bad = tmp_path / 'bad.py'
+    bad.write_text('from mmengine.config import read_base\nwith read_base():\n'
+                   '    from daft_mm.configs.daft_deeplabv3_cityscapes import *\n')
+    script = ('import sys; from daft_mm.mm.cli import load_config\n'
+              'cfg = load_config(sys.argv[1]); print(cfg.daft_head_lr_mult, cfg.model.type)\n')
+    run = subprocess.run([sys.executable, '-c', script, str(good)], cwd=tmp_path, text=True,
+                         capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ['20.0', 'DAFTModel']
+    run = subprocess.run([sys.executable, '-c', script, str(bad)], cwd=tmp_path, text=True,
+                         capture_output=True, timeout=120)
+    assert run.returncode != 0
+    assert 'names no config file' in run.stderr
+    assert 'daft_mm.configs.daft_deeplabv3_r50_d8_cityscapes' in run.stderr

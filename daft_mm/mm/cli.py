@@ -3,6 +3,7 @@ detection (mmdet) configs, told apart by the config's registry scope.
 """
 from __future__ import annotations
 
+import os
 import os.path as osp
 from typing import Any, Mapping
 
@@ -176,6 +177,21 @@ def distributed_on_cpu(cfg: Config) -> None:
             'DDP needs for a CPU model, is set for you)')
 
 
+def shipped_configs() -> str:
+    """The pure-Python configs daft-mm ships, as a ``read_base`` user imports them."""
+    import daft_mm.configs
+    root = osp.dirname(daft_mm.configs.__file__)
+    names = []
+    for folder, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            if name.endswith('.py') and name != '__init__.py':
+                rel = osp.relpath(osp.join(folder, name[:-3]), root).replace(os.sep, '.')
+                names.append(f'daft_mm.configs.{rel}')
+    return ('Configs shipped in the package (`from <module> import *` inside `with read_base():` '
+            'from any folder; relative imports are relative to the importing file): '
+            + ', '.join(names))
+
+
 def load_config(path: str, cfg_options: Mapping[str, Any] | None = None, *,
                 work_dir: str | None = None, launcher: str = 'none') -> Config:
     """Load a config the way the upstream tools do, plus the ``data_root`` override, plus
@@ -186,7 +202,14 @@ def load_config(path: str, cfg_options: Mapping[str, Any] | None = None, *,
     if not osp.isfile(path):
         raise FileNotFoundError(f'config file {path!r} does not exist; pass the path of a .py '
                                 'config, e.g. configs/_tiny_/tiny_deeplabv3_cityscapes.py')
-    cfg = Config.fromfile(path)
+    try:
+        cfg = Config.fromfile(path)
+    except Exception as exc:  # mmengine's ConfigParsingError for a read_base import not found
+        if 'not found!' not in str(exc) or 'read_base' not in str(exc):
+            raise
+        raise FileNotFoundError(f'{path}: a `with read_base():` import names no config file '
+                                f'({str(exc).split(" not found!")[0]}). {shipped_configs()}'
+                                ) from exc
     cfg.launcher = launcher
     apply_cfg_options(cfg, cfg_options)
     from .settings import check_daft_keys

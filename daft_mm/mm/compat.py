@@ -7,6 +7,7 @@ and how the need is detected (by probing the feature, never by a list of version
 2. Checkpoints load with ``weights_only`` semantics and an allow-list on every torch, explicit opt-in.
 3. ``--launcher pytorch`` on a machine without an accelerator (gloo), on any torch build.
 4. Module state-dict hooks: public on torch 2.13, private only on torch 2.1 (helpers, not patches).
+5. ``read_base()`` imports of ``daft_mm.configs`` from an editable install (``pip install -e .``).
 
 Checkpoint trust (fix 2). Two problems, one policy:
 
@@ -490,6 +491,33 @@ def register_load_state_dict_pre_hook(module: Any, hook: Callable[..., None]) ->
     return module._register_load_state_dict_pre_hook(hook, with_module=True)
 
 
+def find_configs_of_editable_installs() -> None:
+    """Let ``with read_base(): from daft_mm.configs.x import *`` find the file when daft-mm is
+    installed editable.
+
+    What breaks: mmengine 0.10.7 resolves the package of an absolute ``read_base`` import with
+    ``get_installed_path``, i.e. its distribution's location joined with the package name. An
+    editable install by pip >= 21.3 / setuptools >= 64 (PEP 660) puts only a path finder in
+    site-packages, so that folder does not exist and the config is "not found". Detected by the
+    path missing: then the folder Python imports the package from (``find_spec``) is used.
+    """
+    import mmengine.config.config as config_module
+    original = config_module.get_installed_path
+    if getattr(original, '_daft_mm_fallback', False):
+        return
+
+    def get_installed_path(package: str) -> str:
+        path = original(package)
+        if not osp.isdir(path):
+            spec = importlib.util.find_spec(package)
+            if spec is not None and spec.origin is not None:
+                return osp.dirname(spec.origin)
+        return path
+
+    get_installed_path._daft_mm_fallback = True  # type: ignore[attr-defined]
+    config_module.get_installed_path = get_installed_path
+
+
 def apply_all() -> None:
     """Apply every fix once (idempotent). Called on import."""
     require_pkg_resources()
@@ -498,6 +526,7 @@ def apply_all() -> None:
     route_local_checkpoints_through_allow_list()
     load_urls_weights_only()
     allow_cpu_pytorch_launcher()
+    find_configs_of_editable_installs()
 
 
 apply_all()
