@@ -253,3 +253,48 @@ def test_statistics_pass_reads_the_whole_training_set_when_given_its_loader():
                      bn_loader=DataLoader(data, batch_size=16))
     assert dropped.bn_conversion.layers[0].num_samples == 32
     assert whole.bn_conversion.layers[0].num_samples == 40
+
+
+def test_train_cls_as_a_researcher_uses_it(tmp_path):
+    """Issue 22 item 17: an ID-val set, equal budgets for LP-FT, a probe LR of its own, models
+    saved (and read back as --checkpoint), one weight-decay default, a warm-up option."""
+    import inspect
+    data = tmp_path / 'demo'
+    generate_demo_datasets(data, train_per_class=8, test_per_class=4)
+    out, saved = tmp_path / 'run.json', tmp_path / 'models'
+    common = ['--train', str(data / 'train'), '--arch', 'resnet10', '--width', '4',
+              '--small-input', '--image-size', '32', '--batch-size', '8', '--lr', '0.01']
+    _run_tool(*common, '--val', str(data / 'test'), '--method', 'ft', 'lp-ft', 'daft',
+              '--iters', '4', '--warmup-iters', '2', '--save-dir', str(saved), '--out', str(out))
+    summary = json.loads(out.read_text())
+    for method, result in summary['results'].items():
+        assert set(result['accuracy']) == {'id_val'}, method  # not called "id"
+        assert sum(stage['iters'] for stage in result['stages']) == 4, method  # equal budgets
+    probe = summary['results']['lp-ft']['stages'][0]
+    assert probe['name'] == 'lp' and probe['lr'] == pytest.approx(0.1)  # 10 x --lr by default
+    # one default for the command line and the API
+    tool = _load_train_cls()
+    assert tool.parse_args(['--train', 'a', '--test', 'b']).weight_decay == \
+        inspect.signature(finetune).parameters['weight_decay'].default
+    # a saved model is what --checkpoint reads: the same classes, nothing dropped
+    meta = torch.load(saved / 'ft.pth', weights_only=True)['meta']
+    assert meta['method'] == 'ft' and meta['classes'] == ['circle', 'square', 'triangle']
+    proc = _run_tool(*common, '--test', str(data / 'test'), '--checkpoint', str(saved / 'ft.pth'),
+                     '--method', 'ft', '--iters', '1')
+    assert 'new head' not in proc.stdout and 'loaded' in proc.stdout
+
+
+def _load_train_cls():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('train_cls', REPO / 'tools' / 'train_cls.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_warmup_ramps_the_learning_rate_from_zero():
+    lrs = []
+    finetune(tiny_resnet(), colour_loader(), method='daft', iters=6, lr=0.1, warmup_iters=4,
+             schedule='constant', bn_max_batches=1,
+             on_step=lambda info: lrs.append(info.optimizer.param_groups[0]['lr']))
+    assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])

@@ -4,13 +4,18 @@
     python tools/train_cls.py --benchmark --out cls_benchmark.json   # the fair experiment
     python tools/train_cls.py --benchmark --quick                    # seconds, smoke test
     python tools/train_cls.py --generate-demo data/demo
-    python tools/train_cls.py --train data/demo/train --test data/demo/test \\
+    python tools/train_cls.py --train data/demo/train --val data/demo/val --test data/demo/test \\
         --ood stripes=data/demo/ood_stripes --ood noise=data/demo/ood_noise \\
-        --method ft lp lp-ft daft --arch resnet10 --small-input --iters 100 --out results.json
+        --method ft lp lp-ft daft --arch resnet10 --small-input --iters 100 --out results.json \\
+        --save-dir work_dirs/cls          # <method>.pth: each fine-tuned model
+    python tools/train_cls.py --train imagenette/train --val imagenette/val --method ft \\
+        --arch resnet18 --iters 5000 --save-dir work_dirs/pretrain   # pretraining from scratch
 
 Several methods in one call all start from the same initial (or --checkpoint) weights,
 so their numbers are comparable. --checkpoint takes a torchvision-layout ResNet state
-dict; its classifier is dropped when the class count differs.
+dict; its classifier is dropped when the class count differs. --iters is every method's whole
+budget: LP-FT's probe stage takes --lp-iters of it (default half). Choose settings on --val
+(reported as "id_val"), never on --test or the OOD sets.
 
 --benchmark runs daft_mm.benchmark.classification (source-task pretraining, a fresh fc for
 every method, equal budgets, ID-val selection, then ID test and OOD) and prints its table;
@@ -30,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from daft_mm.classification import (ARCHS, ImageFolder, build_resnet, evaluate, finetune,
                                     generate_demo_datasets, load_torchvision_state_dict)
-from daft_mm.core import HEAD_SCOPES, RECIPES
+from daft_mm.core import HEAD_SCOPES, RECIPES, get_recipe
 
 
 def _named_path(text: str) -> tuple[str, Path]:
@@ -56,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar='KEY=VALUE', help='with --benchmark: a config field (repeatable)')
 
     parser.add_argument('--train', type=Path, help='ID training set (root/<class>/<image>)')
-    parser.add_argument('--test', type=Path, help='ID test set')
+    parser.add_argument('--val', type=Path,
+                        help='ID validation set (reported as "id_val"): choose settings on it')
+    parser.add_argument('--test', type=Path, help='ID test set (reported as "id")')
     parser.add_argument('--ood', type=_named_path, action='append', default=[],
                         metavar='NAME=PATH', help='an OOD test set (repeatable)')
     parser.add_argument('--method', nargs='+', default=['daft'], choices=sorted(RECIPES))
@@ -76,14 +83,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     parser.add_argument('--image-size', type=int, default=224)
     parser.add_argument('--batch-size', type=int, default=32)
-    parser.add_argument('--iters', type=int, default=1000, help='iterations (of the FT stage)')
-    parser.add_argument('--lp-iters', type=int, help='LP iterations of LP-FT (default --iters)')
-    parser.add_argument('--lp-lr', type=float, help='LR of LP-FT\'s probe stage (default --lr)')
+    parser.add_argument('--iters', type=int, default=1000,
+                        help='iterations of every method, LP-FT\'s two stages together (the '
+                        'equal-budget rule)')
+    parser.add_argument('--lp-iters', type=int,
+                        help='iterations of LP-FT\'s probe stage, out of --iters (default half)')
+    parser.add_argument('--lp-lr', type=float,
+                        help='LR of LP-FT\'s probe stage (default 10 x --lr: a probe trains the '
+                        'head alone, at a far higher LR than fine-tuning)')
     parser.add_argument('--lr', type=float, default=0.01, help='backbone learning rate')
     parser.add_argument('--head-lr-mult', type=float,
                         help='head LR = lr x this (default: the method\'s, 10 for DAFT, else 1)')
     parser.add_argument('--momentum', type=float, default=0.9)
-    parser.add_argument('--weight-decay', type=float, default=1e-4)
+    parser.add_argument('--weight-decay', type=float, default=1e-4,
+                        help='SGD weight decay (default 1e-4, as finetune() and the benchmark)')
+    parser.add_argument('--warmup-iters', type=int, default=0,
+                        help='linear LR warm-up over the first iterations of every stage: a zero '
+                        'head at a high --head-lr-mult can diverge in its first steps')
     parser.add_argument('--schedule', default='cosine', choices=('cosine', 'constant'))
     parser.add_argument('--bn-batches', type=int, help='batches measured by DAFT BN conversion')
     parser.add_argument('--workers', type=int, default=0)
@@ -91,11 +107,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--log-interval', type=int, default=50)
     parser.add_argument('--out', type=Path, help='write results as JSON here')
+    parser.add_argument('--save-dir', type=Path,
+                        help='write each fine-tuned model to <save-dir>/<method>.pth (a '
+                        'torchvision-layout state dict, what --checkpoint reads) with its '
+                        'provenance (method, classes, settings, accuracies)')
     args = parser.parse_args(argv)
     if (not args.benchmark and args.generate_demo is None
-            and (args.train is None or args.test is None)):
-        parser.error('--train and --test are required (or use --generate-demo DIR or '
+            and (args.train is None or (args.test is None and args.val is None))):
+        parser.error('--train and --val or --test are required (or use --generate-demo DIR or '
                      '--benchmark)')
+    if args.lp_iters is not None and not 0 < args.lp_iters < args.iters:
+        parser.error(f'--lp-iters must be between 1 and --iters - 1 ({args.iters - 1}): LP-FT\'s '
+                     f'two stages share --iters; got {args.lp_iters}')
+    if args.warmup_iters < 0:
+        parser.error(f'--warmup-iters must be >= 0, got {args.warmup_iters}')
     if (args.quick or args.overrides) and not args.benchmark:
         parser.error('--quick and --set go with --benchmark')
     return args
@@ -137,6 +162,31 @@ def _config_value(text: str) -> tuple[str, object]:
         return key, value  # a bare string: --set head_scope=new_modules
 
 
+def stage_iters(method: str, iters: int, lp_iters: int | None) -> tuple[int, int | None]:
+    """``(iterations of the last stage, of the stages before it)`` so that every method trains
+    ``iters`` in all: LP-FT's probe takes ``lp_iters`` (default half) of them."""
+    if len(get_recipe(method).stages) == 1:
+        return iters, None
+    probe = lp_iters if lp_iters is not None else max(1, iters // 2)
+    return iters - probe, probe
+
+
+def _save_model(model: torch.nn.Module, args: argparse.Namespace, method: str,
+                classes: list[str], accuracy: dict) -> None:
+    """``<save-dir>/<method>.pth``: the torchvision-layout state dict and where it came from."""
+    from daft_mm.utils import atomic_save
+    path = args.save_dir / f'{method}.pth'
+    meta = {'method': method, 'arch': args.arch, 'width': args.width,
+            'small_input': args.small_input, 'classes': classes, 'image_size': args.image_size,
+            'iters': args.iters, 'lr': args.lr, 'seed': args.seed, 'accuracy': accuracy,
+            'train': str(args.train),
+            'checkpoint': None if args.checkpoint is None else str(args.checkpoint),
+            'torch': str(torch.__version__)}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_save(lambda f: torch.save({'state_dict': state, 'meta': meta}, f), str(path))
+    print(f'{method}: model written to {path}')
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
     """The thin command line over :func:`run_classification_benchmark`."""
     from daft_mm.benchmark.classification import (ClassificationBenchmarkConfig,
@@ -170,10 +220,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_set = ImageFolder(args.train, image_size=args.image_size, hflip=True)
     classes = train_set.classes
-    eval_sets = {'id': ImageFolder(args.test, classes=classes, image_size=args.image_size)}
-    for name, path in args.ood:
+    eval_sets = {}
+    for name, path in [('id_val', args.val), ('id', args.test)] + list(args.ood):
+        if path is None:
+            continue
         if name in eval_sets:
-            raise SystemExit(f'--ood name {name!r} is used twice (or is the reserved "id")')
+            raise SystemExit(f'--ood name {name!r} is used twice (or is a reserved name: id, '
+                             'id_val)')
         eval_sets[name] = ImageFolder(path, classes=classes, image_size=args.image_size)
 
     torch.manual_seed(args.seed)
@@ -189,24 +242,30 @@ def main(argv: list[str] | None = None) -> dict:
     for method in args.method:
         model = copy.deepcopy(initial)  # every method starts from the same weights
         start = time.perf_counter()
+        iters, lp_iters = stage_iters(method, args.iters, args.lp_iters)
         run = finetune(model, _loader(train_set, args, shuffle=True), method=method,
-                       iters=args.iters, lp_iters=args.lp_iters, lr=args.lr,
-                       lp_lr=args.lp_lr, head_names=args.head, head_lr_mult=args.head_lr_mult,
+                       iters=iters, lp_iters=lp_iters, lr=args.lr,
+                       lp_lr=args.lp_lr if args.lp_lr is not None else 10 * args.lr,
+                       head_names=args.head, head_lr_mult=args.head_lr_mult,
                        head_scope=args.head_scope, pretrained=args.pretrained,
                        momentum=args.momentum, weight_decay=args.weight_decay,
-                       schedule=args.schedule, bn_max_batches=args.bn_batches,
-                       device=args.device, seed=args.seed, log=print,
-                       log_interval=args.log_interval)
+                       schedule=args.schedule, warmup_iters=args.warmup_iters,
+                       bn_max_batches=args.bn_batches, device=args.device, seed=args.seed,
+                       log=print, log_interval=args.log_interval)
         accuracy = {name: evaluate(model, _loader(dataset, args, shuffle=False),
                                    device=args.device)
                     for name, dataset in eval_sets.items()}
         results[method] = {'accuracy': accuracy, 'seconds': time.perf_counter() - start,
                            **run.to_dict()}
         print(f'{method}: ' + ', '.join(f'{k} {v:.4f}' for k, v in accuracy.items()))
+        if args.save_dir is not None:
+            _save_model(model, args, method, classes, accuracy)
 
     summary = {
         'classes': classes,
         'datasets': {'train': str(args.train), **{k: str(v.root) for k, v in eval_sets.items()}},
+        'budget': {'iters': args.iters, 'lp_iters_of_lp_ft': stage_iters('lp-ft', args.iters,
+                                                                         args.lp_iters)[1]},
         'checkpoint': None if checkpoint is None else vars(checkpoint),
         'args': {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                  if k != 'ood'} | {'ood': {k: str(v) for k, v in args.ood}},

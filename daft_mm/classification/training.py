@@ -129,11 +129,28 @@ def _stage_iters(recipe: FineTuneRecipe, iters: int, lp_iters: int | None) -> li
     return counts
 
 
+def _scheduler(optimizer: torch.optim.Optimizer, schedule: str, iters: int,
+               warmup_iters: int) -> Any:
+    """Cosine (or constant) decay over the stage, after a linear warm-up from 0 when asked: a
+    zero head at a high LR multiplier can diverge in its first steps, before it fits."""
+    if not warmup_iters:  # torch's own cosine, as before warm-up existed
+        return (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters)
+                if schedule == 'cosine' else None)
+    import math
+
+    def factor(step: int) -> float:
+        decay = 0.5 * (1 + math.cos(math.pi * step / iters)) if schedule == 'cosine' else 1.0
+        return decay * min(1.0, (step + 1) / warmup_iters)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def _train_stage(model: nn.Module, batches: Iterator[Any], stage: FineTuneStage, *,
                  iters: int, lr: float, head: Sequence[str], momentum: float,
                  weight_decay: float, schedule: str, device: torch.device,
                  log: Callable[[str], None] | None, log_interval: int,
-                 on_step: Callable[[StepInfo], None] | None) -> StageLog:
+                 on_step: Callable[[StepInfo], None] | None,
+                 warmup_iters: int = 0) -> StageLog:
     frozen = freeze_feature_extractor(model, head) if stage.freeze_feature_extractor else []
     try:
         groups = split_param_groups(model, head, lr=lr, head_lr=lr * stage.head_lr_mult)
@@ -141,8 +158,7 @@ def _train_stage(model: nn.Module, batches: Iterator[Any], stage: FineTuneStage,
                           sum(p.numel() for g in groups for p in g['params']),
                           head_scope=stage.head_scope, head_modules=list(head))
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters)
-                     if schedule == 'cosine' else None)
+        scheduler = _scheduler(optimizer, schedule, iters, warmup_iters)
         model.train()
         if not stage.bn_train:
             set_bn_eval(model)
@@ -174,7 +190,8 @@ def finetune(model: nn.Module, train_loader: Iterable[Any], *, method: str | Fin
              head_lr_mult: float | None = None, head_scope: str | None = None,
              pretrained: str | Sequence[str] | None = None, lp_iters: int | None = None,
              lp_lr: float | None = None,
-             momentum: float = 0.9, weight_decay: float = 0.0, schedule: str = 'cosine',
+             momentum: float = 0.9, weight_decay: float = 1e-4, schedule: str = 'cosine',
+             warmup_iters: int = 0,
              bn_max_batches: int | None = None, bn_loader: Iterable[Any] | None = None,
              device: str | torch.device = 'cpu',
              seed: int | None = None, log: Callable[[str], None] | None = None,
@@ -198,6 +215,8 @@ def finetune(model: nn.Module, train_loader: Iterable[Any], *, method: str | Fin
         pretrained: the pretrained modules, from which ``'new_modules'`` is derived and whose
             BN layers DAFT converts (default: :func:`default_pretrained`); BN layers outside
             them stay as initialised (:func:`daft_mm.core.split_batchnorms`).
+        weight_decay: SGD weight decay (1e-4, as ``tools/train_cls.py`` and the benchmark).
+        warmup_iters: a linear LR warm-up from 0 over the first iterations of every stage.
         bn_max_batches: how many batches DAFT's BN conversion measures (default: one pass).
         bn_loader: the batches of the statistics pass; default ``train_loader``. A training
             loader with ``drop_last`` skips the last images: pass a loader over the whole
@@ -208,6 +227,8 @@ def finetune(model: nn.Module, train_loader: Iterable[Any], *, method: str | Fin
     recipe = get_recipe(method) if isinstance(method, str) else method
     if schedule not in SCHEDULES:
         raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
+    if not isinstance(warmup_iters, int) or warmup_iters < 0:
+        raise ValueError(f'warmup_iters must be an int >= 0, got {warmup_iters!r}')
     counts = _stage_iters(recipe, iters, lp_iters)
     if seed is not None:
         torch.manual_seed(seed)
@@ -253,7 +274,7 @@ def finetune(model: nn.Module, train_loader: Iterable[Any], *, method: str | Fin
                 model, batches, stage, iters=stage_iters, lr=stage_lr,
                 head=heads[stage.head_scope], momentum=momentum, weight_decay=weight_decay,
                 schedule=schedule, device=device, log=log, log_interval=log_interval,
-                on_step=on_step))
+                on_step=on_step, warmup_iters=warmup_iters))
     return run
 
 
