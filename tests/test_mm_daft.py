@@ -416,7 +416,8 @@ def test_fragment_works_with_read_base_style(tmp_path):
     """The fragment has no `_base_` and no `{{ }}`: mmengine's pure-Python (read_base) style
     imports it as well."""
     (tmp_path / '_base_').mkdir()
-    (tmp_path / '_base_' / 'daft.py').write_text((CONFIGS / '_base_' / 'daft.py').read_text())
+    fragment = REPO / 'daft_mm' / 'configs' / '_base_' / 'daft.py'  # configs/_base_ points here
+    (tmp_path / '_base_' / 'daft.py').write_text(fragment.read_text())
     (tmp_path / 'user.py').write_text(
         'from mmengine.config import read_base\n\n'
         'with read_base():\n'

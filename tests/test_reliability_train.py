@@ -112,7 +112,7 @@ def test_auto_resume_with_a_checkpoint_resumes_it(cityscapes_root, tmp_path):
     """The other half of the rule: a checkpoint in the work dir wins over load_from."""
     train = load_tool('train')
     cfg = Config(dict(work_dir=str(tmp_path), load_from='/some/pretrained.pth'))
-    (tmp_path / 'iter_3.pth').write_bytes(b'x')
+    torch.save({'state_dict': {}, 'meta': {'iter': 3}}, tmp_path / 'iter_3.pth')
     (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_3.pth'))
     note = train.resolve_resume(cfg, 'auto')
     assert cfg.resume is True and cfg.load_from == str(tmp_path / 'iter_3.pth')
