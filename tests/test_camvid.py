@@ -122,3 +122,23 @@ def test_imagenette_pretraining_is_reproducible(tmp_path):
     assert meta['settings']['iters'] == 6 and meta['chance_top1'] == pytest.approx(100 / 3)
     # the checkpoint is what the segmentation configs load as their backbone
     assert all(k.startswith('backbone.') for k in a['state_dict'])
+
+
+def test_committed_imagenette_backbone_loads_into_the_benchmark_model():
+    """benchmarks/pretrained/: the demo backbone pretrained on Imagenette (issue 20 item 2), far
+    above chance on Imagenette val, loads as the demo model's backbone with every weight."""
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+    path = REPO / 'benchmarks' / 'pretrained' / 'imagenette_resnetv1c18w16_64px.pth'
+    saved = torch.load(path, weights_only=True)
+    meta = saved['meta']
+    assert meta['val_top1'] > 5 * meta['chance_top1']
+    assert meta['data']['commit'].startswith('b850f03') and len(meta['data']['classes']) == 10
+    init_default_scope('mmseg')
+    cfg = Config.fromfile(str(CONFIGS / 'demo' / 'ft_demo.py')).model.model
+    cfg.backbone.init_cfg = dict(type='Pretrained', prefix='backbone.', checkpoint=str(path))
+    model = MODELS.build(cfg)
+    model.init_weights()
+    own = model.backbone.state_dict()
+    assert set(own) == {k[len('backbone.'):] for k in saved['state_dict']}
+    assert all(torch.equal(own[k[len('backbone.'):]], v) for k, v in saved['state_dict'].items())

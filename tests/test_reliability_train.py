@@ -157,21 +157,31 @@ def test_load_from_a_finished_daft_checkpoint_is_refused(cityscapes_root, tmp_pa
     assert hook.plan.head_lr and not hook.plan.zero_init
 
 
-# ------------------------------------------------------------------------ item 10: live work dir
-def test_second_run_in_a_live_work_dir_is_refused(cityscapes_root, tmp_path):
+def _paused_run(tmp_path: Path, data_root: str) -> tuple:
+    """A real tools/train.py run held in before_train until ``release`` exists: (process, config,
+    work dir, release file), returned once the run is training."""
     _pretrained(tmp_path / 'pretrained.pth')
     release, ready = tmp_path / 'release', tmp_path / 'ready'
     config = _write_config(tmp_path, tmp_path / 'pretrained.pth', [
         f"dict(type='PauseUntilFile', path='{release}', ready='{ready}')"])
     work = tmp_path / 'work'
-    first = subprocess.Popen(_train_cmd(config, work, cityscapes_root), cwd=REPO,
-                             env=_env(DAFT_TEST_PAUSE='1'),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = subprocess.Popen(_train_cmd(config, work, data_root), cwd=REPO,
+                           env=_env(DAFT_TEST_PAUSE='1'), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not ready.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not ready.exists():
+        release.touch()
+        run.kill()
+        raise AssertionError('the run never started training: ' + run.communicate()[0][-3000:])
+    return run, config, work, release
+
+
+# ------------------------------------------------------------------------ item 10: live work dir
+def test_second_run_in_a_live_work_dir_is_refused(cityscapes_root, tmp_path):
+    first, config, work, release = _paused_run(tmp_path, cityscapes_root)
     try:
-        deadline = time.monotonic() + 240
-        while not ready.exists() and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert ready.exists(), 'the first run never started training'
         logs_before = sorted(p.name for p in work.iterdir())
         with pytest.raises(WorkDirBusyError, match=rf'pid {first.pid}.*--work-dir'):
             load_tool('train').main([str(config), '--work-dir', str(work), '--cfg-options',
@@ -214,19 +224,8 @@ def test_fresh_run_into_a_finished_work_dir_is_refused(cityscapes_root, tmp_path
 
 # --------------------------------------------------- issue 22 item 4: locks do not outlive runs
 def test_sigterm_releases_the_work_dir_lock(cityscapes_root, tmp_path):
-    _pretrained(tmp_path / 'pretrained.pth')
-    release, ready = tmp_path / 'release', tmp_path / 'ready'
-    config = _write_config(tmp_path, tmp_path / 'pretrained.pth', [
-        f"dict(type='PauseUntilFile', path='{release}', ready='{ready}')"])
-    work = tmp_path / 'work'
-    run = subprocess.Popen(_train_cmd(config, work, cityscapes_root), cwd=REPO,
-                           env=_env(DAFT_TEST_PAUSE='1'), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+    run, _, work, release = _paused_run(tmp_path, cityscapes_root)
     try:
-        deadline = time.monotonic() + 240
-        while not ready.exists() and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert ready.exists(), 'the run never started training'
         assert (work / WorkDirLock.NAME).exists()
         run.terminate()  # SIGTERM, as a timeout or Slurm preemption sends it
         out, _ = run.communicate(timeout=60)
