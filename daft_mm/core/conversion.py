@@ -236,6 +236,8 @@ def _step_together(error: Optional[BaseException], active: bool, num_batches: in
     except BaseException as exc:  # noqa: BLE001 - a dead peer, or an interrupt here
         if error is not None and not isinstance(error, Exception):
             raise error from None
+        if not isinstance(exc, Exception):
+            raise  # Ctrl-C or SIGTERM during the all-reduce stays what it is
         raise ConversionError(f'BN conversion stopped: the ranks could not agree ({exc}); a peer '
                               'has probably failed (see its error). The model is unchanged.'
                               ) from exc
@@ -337,9 +339,11 @@ def convert_bn(model: nn.Module,
         # the root's: norm_eval leaves submodules in eval mode on purpose)
         model.eval()
         iterator: Optional[Iterator[Any]] = None
+        exhausted = False
         while True:
             active = False
-            if error is None and (max_batches is None or num_batches < max_batches):
+            if not (error is not None or exhausted
+                    or (max_batches is not None and num_batches >= max_batches)):
                 try:
                     iterator = iter(batches) if iterator is None else iterator
                     batch = next(iterator)
@@ -349,7 +353,7 @@ def convert_bn(model: nn.Module,
                     if progress is not None:
                         progress(num_batches)
                 except StopIteration:
-                    pass
+                    exhausted = True  # waits for the other ranks' passes
                 except BaseException as exc:  # noqa: BLE001 - any kind, re-raised together
                     error = exc
             failed, more, total = _step_together(error, active, num_batches, world_size,

@@ -25,8 +25,8 @@ from daft_mm.core import (ConversionReport, convert_bn, is_batchnorm, kept_modes
 from .predictors import predictor_priors
 from .settings import DAFTPlan
 
-__all__ = ['mm_forward', 'one_pass_loader', 'count_batches', 'naming_files', 'bad_samples', 'Preparation',
-           'prepare', 'norm_eval_modules', 'frozen_batchnorms', 'require_bn_train']
+__all__ = ['mm_forward', 'one_pass_loader', 'count_batches', 'naming_files', 'bad_samples',
+           'Preparation', 'prepare', 'norm_eval_modules', 'frozen_batchnorms', 'require_bn_train']
 
 
 # ------------------------------------------------------------------------ the statistics pass

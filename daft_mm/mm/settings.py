@@ -67,8 +67,8 @@ def check_daft_keys(cfg: Mapping[str, Any]) -> None:
         close = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.6)
         hints.append(f'{key} (did you mean {close[0]}?)' if close else key)
     raise ValueError(f'unknown DAFT config key(s): {", ".join(hints)}; daft-mm reads '
-                     f'{", ".join(KNOWN_KEYS)}. Fix: correct the spelling (daft_mm/configs/_base_/daft.py '
-                     'documents each key), or rename a key of your own so it does not start with '
+                     f'{", ".join(KNOWN_KEYS)}. Fix: correct the spelling '
+                     '(daft_mm/configs/_base_/daft.py documents each key), or rename a key of your own so it does not start with '
                      '"daft_"')
 
 

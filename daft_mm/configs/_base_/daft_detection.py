@@ -27,7 +27,8 @@
 #   model = dict(backbone=_base_.daft_backbone)
 #   # or extended in the same line (a plain dict: {{_base_.daft_backbone}} is a whole value only)
 #   model = dict(backbone=dict(_base_.daft_backbone, depth=101,
-#                              init_cfg=dict(type='Pretrained', checkpoint='torchvision://resnet101')))
+#                              init_cfg=dict(type='Pretrained',
+#                                            checkpoint='torchvision://resnet101')))
 #
 # Your own optim_wrapper.paramwise_cfg (custom_keys for other modules, norm_decay_mult, ...) keeps
 # working: DAFTHook adds the predictors' entries to it; an entry of yours for a predictor with

@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader
 from daft_mm.core import VAR_MODES, find_batchnorms, flush_subnormals, resolve_modules
 
 from ..models.daft_model import DAFTModel
-from ..schedules import keep_lr_ratio
 from ..preparation import (bad_samples, count_batches, mm_forward, one_pass_loader, prepare,
                            require_bn_train)
+from ..schedules import keep_lr_ratio
 from ..settings import (DAFTPlan, checkpoint_pretrained, decide_plan, describe_lrs,
                         predictor_lr_cfg, unwrap)
 
@@ -375,9 +375,8 @@ class DAFTHook(Hook):
                          f'{", ".join(plan.head_modules)}')
         if self.effective_lrs:
             lines.append(f'effective start LRs: {describe_lrs(self.effective_lrs)}')
-        rule = '=' * 30
-        return '\n'.join([f'{rule} DAFT start-up {rule}'] + [f'  {line}' for line in lines]
-                         + ['=' * (len(rule) * 2 + 14)])
+        heading = f'{"=" * 30} DAFT start-up {"=" * 30}'
+        return '\n'.join([heading] + [f'  {line}' for line in lines] + ['=' * len(heading)])
 
     @staticmethod
     def _visualize(runner: Any, report: Any) -> None:
