@@ -56,3 +56,6 @@ def test_bench_agreement_quick(tmp_path):
     result = run_bench('bench_agreement.py', tmp_path / 'agreement.json')
     assert result['world'] == 2 and len(result['us_per_batch_laps']) == 5
     assert result['us_per_batch_median'] > 0 and result['tiny_forward_us'] > 0
+    stop = result['stop_after_interrupt']
+    assert stop['outcomes'] == ['ConversionError', 'KeyboardInterrupt']
+    assert 0 <= stop['rank0_stopped_after_s'] < stop['whole_pass_s']

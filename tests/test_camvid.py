@@ -58,7 +58,11 @@ def test_dataset_names_a_bad_list(camvid):
 
 def test_day_dusk_split_separates_val_in_time_and_keeps_dusk_out(camvid):
     from daft_mm.mm.datasets.camvid_splits import main
-    main([str(camvid), '--gap', '1'])
+    main([str(camvid), '--gap', '1', '--summary', str(camvid / 'summary.json')])
+    import json
+    recorded = json.loads((camvid / 'summary.json').read_text())
+    assert recorded['splits']['ood_dusk'] == {'0001TP': 2}
+    assert recorded['commit'].startswith('bb68b64')
     splits = {name: (camvid / 'daft_splits' / f'{name}.txt').read_text().split('\n')[:-1]
               for name in ('id_train', 'id_val', 'id_test', 'ood_dusk')}
     frames = {name: [line.split()[0].split('/')[1] for line in lines]

@@ -92,3 +92,15 @@ def test_invalid_definitions_are_rejected():
         FineTuneStage('x', head_lr_mult=0.0)
     with pytest.raises(ValueError, match='no stages'):
         FineTuneRecipe('empty', ())
+
+
+def test_stage_iterations_give_every_method_the_same_budget():
+    """One rule for the equal budget, read by the segmentation benchmark, the classification
+    benchmark and tools/train_cls.py."""
+    from daft_mm.core import get_recipe
+    assert get_recipe('daft').stage_iterations(300) == (300, )
+    assert get_recipe('lp-ft').stage_iterations(300) == (150, 150)
+    assert get_recipe('lp-ft').stage_iterations(7, 0.5) == (4, 3)
+    assert get_recipe('lp-ft').stage_iterations(2, 0.9) == (1, 1)  # the last stage keeps one
+    with pytest.raises(ValueError, match='budget of >= 2'):
+        get_recipe('lp-ft').stage_iterations(1)

