@@ -54,18 +54,19 @@ def main(argv: Sequence[str] = None) -> Dict[str, Any]:
     from mmengine.registry import init_default_scope
 
     import daft_mm.mm  # noqa: F401
-    from daft_mm.benchmark.data import DEFAULT, make_data
+    from daft_mm.benchmark.data import DEFAULT
+    from daft_mm.benchmark.demo_task import demo_task
     from daft_mm.benchmark.experiment import Progress
-    from daft_mm.benchmark.runs import Context, RunPool, pretrain
+    from daft_mm.benchmark.runs import Context, RunPool, load_pretrained
     init_default_scope('mmseg')
     work_dir = Path(args.work_dir).resolve()
     seeds = list(range(args.seeds))
     tasks = [(name, point, seed) for with_, without, point in PAIRS
              for name in (with_, without) for seed in seeds]
     progress = Progress(2 + len(tasks))
-    roots = make_data(work_dir / 'data' / DEFAULT.data_key(), DEFAULT, progress.step)
-    ctx = Context(settings=DEFAULT, work_dir=work_dir, roots=roots, step=progress.step)
-    pretrain(ctx)
+    task = demo_task(DEFAULT, work_dir, progress.step)
+    ctx = Context(task=task, work_dir=work_dir, step=progress.step)
+    load_pretrained(ctx)
     with RunPool(ctx, args.workers) as pool:
         results = pool.run(tasks, lambda t, r: progress.step(
             f'{t[0]} {t[1].label()} seed {t[2]}: ID {r["id"]:.2f} OOD mean {r["ood_mean"]:.2f}'

@@ -1,5 +1,7 @@
-"""The embedded segmentation benchmark, end to end: data, pretraining, each method at its setting
-chosen on ID-val (recorded, or searched now), the ablations, and the report.
+"""The comparison of methods on one task, end to end: each method at its setting chosen on ID-val
+(recorded, or searched now), the ablations, the check that the budget suffices, and the report.
+:func:`run_comparison` runs any :class:`~daft_mm.benchmark.task.TaskSpec` (``tools/compare.py``);
+:func:`run_benchmark` is the embedded demo (``tools/demo.py``): its data and backbone, then the same.
 
 Every method: the same pretrained backbone, a fresh decode head, the same iteration budget, the
 same seeds; every choice on ID-val only (OOD sets are evaluated, never used to choose).
@@ -14,14 +16,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from daft_mm.utils import atomic_write, atomic_write_json
 
-from .data import DEFAULT, QUICK, Settings, make_data
+from .data import DEFAULT, QUICK
+from .demo_task import DEMO_CONFIGS, demo_task
 from .methods import COMPARED, ABLATIONS, MethodSpec, Point, get_method
-from .report import markdown_table, plot_report, report_title, summarize
-from .runs import DEMO_CONFIGS, Context, RunPool, Task, pretrain
+from .report import markdown_table, plot_report, report_title, stat, summarize
+from .runs import Context, RunPool, Task, load_pretrained
 from .selection import Axis, BatchScore, SearchResult, grid_search
+from .task import TaskSpec
 
-__all__ = ['RECORDED', 'SEARCH_SPACES', 'QUICK_SEARCH_SPACES', 'Progress', 'run_benchmark',
-           'load_recorded']
+__all__ = ['RECORDED', 'SEARCH_SPACES', 'QUICK_SEARCH_SPACES', 'Progress', 'Options',
+           'run_benchmark', 'run_comparison', 'load_recorded']
 
 #: The choices ``--search`` made on ID-val, with every search run (for the Pareto plot).
 RECORDED = DEMO_CONFIGS / 'recorded_search.json'
@@ -72,11 +76,12 @@ class Progress:
         return f'{s // 60:d}:{s % 60:02d}'
 
 
-def load_recorded(path: Path) -> Dict[str, Any]:
+def load_recorded(path: Optional[Path], command: str = 'tools/demo.py') -> Dict[str, Any]:
     """The recorded choices; every compared method must have one."""
-    if not path.is_file():
-        raise FileNotFoundError(f'{path} does not exist: run `python tools/demo.py --search` once '
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(f'{path} does not exist: run `python {command} --search` once '
                                 'to choose every method\'s setting on the ID-val split')
+    path = Path(path)
     rec = json.loads(path.read_text())
     missing = [m.name for m in COMPARED if m.name not in rec.get('chosen', {})]
     if missing:
@@ -164,47 +169,63 @@ class Options:
     protocol: str = 'grid'
     seeds: Optional[int] = None
     work_dir: str = 'work_dirs/demo'
-    recorded: str = str(RECORDED)
+    recorded: Optional[str] = str(RECORDED)
     verbose: bool = False
     workers: int = 2  # runs side by side, one torch thread each
     #: with ``search``: search only these methods, keep the recorded choices of the others
     search_methods: Optional[Sequence[str]] = None
+    #: FT at its choice with twice the budget too: has it levelled off at the budget?
+    check_budget: bool = False
+    #: the command line that made the report (its search record says how to redo it)
+    command: str = 'tools/demo.py'
 
 
 def run_benchmark(opts: Options) -> Dict[str, Any]:
-    """Run the benchmark; writes ``report.{json,md,png}`` (and ``search.json`` when searching)
-    to the work dir and returns the report."""
+    """The embedded demo: generate (or reuse) its data and pretrained backbone, then
+    :func:`run_comparison` on its task."""
+    import daft_mm.mm  # noqa: F401  (registers DAFTHook, DAFTModel, ImageCorruption)
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmseg')
+    s = QUICK if opts.quick else DEFAULT
+    work_dir = Path(opts.work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    progress = Progress(2)
+    task = demo_task(s, work_dir, progress.step,
+                     seeds=tuple(range(opts.seeds)) if opts.seeds else None, quick=opts.quick,
+                     verbose=opts.verbose)
+    return run_comparison(task, opts, progress)
+
+
+def run_comparison(task: TaskSpec, opts: Options,
+                   progress: Optional['Progress'] = None) -> Dict[str, Any]:
+    """Compare every method on ``task``; writes ``report.{json,md,png}`` (and ``search.json``
+    when searching) to the work dir and returns the report."""
     import torch
     from mmengine.registry import init_default_scope
     import daft_mm.mm  # noqa: F401  (registers DAFTHook, DAFTModel, ImageCorruption)
     init_default_scope('mmseg')
-    t_start = time.time()
-    s: Settings = QUICK if opts.quick else DEFAULT
-    seeds = tuple(range(opts.seeds)) if opts.seeds else s.seeds
+    progress = progress or Progress(0)
+    t_start = progress.start
+    seeds = task.seeds
     work_dir = Path(opts.work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
-    spaces = QUICK_SEARCH_SPACES if opts.quick else SEARCH_SPACES
-    n_runs = len(COMPARED) * len(seeds)
+    spaces = QUICK_SEARCH_SPACES if task.spaces == 'quick' else SEARCH_SPACES
+    n_runs = len(COMPARED) * len(seeds) + (len(seeds) if opts.check_budget else 0)
     if opts.search:
         searched = [m for m in COMPARED
                     if not opts.search_methods or m.name in opts.search_methods]
         grid = sum(_grid_size(spaces[m.name]) for m in searched)
-        n_runs = (grid + 2 * (len(seeds) - 1) * len(searched)
-                  + (len(COMPARED) - len(searched)) * len(seeds))  # kept: table runs only
-        minutes = n_runs * (0.25 * s.budget + 8) / 60 / max(1, opts.workers)
+        n_runs += grid + 2 * (len(seeds) - 1) * len(searched) - len(searched) * len(seeds)
         print(f'search: about {n_runs} fine-tuning runs (grids of {grid} points, finalists '
-              f'with {len(seeds)} seeds, more if a grid widens): roughly {minutes:.0f} minutes '
-              f'with {opts.workers} worker(s) on free cores (0.25 s per iteration per core)',
+              f'with {len(seeds)} seeds, more if a grid widens) with {opts.workers} worker(s)',
               flush=True)
-    progress = Progress(2 + n_runs)
-    print(f'daft-mm benchmark ({"quick" if opts.quick else "default"}): seeds {list(seeds)}, '
-          f'budget {s.budget} iterations per method, work dir {work_dir}, '
+    progress.total += n_runs
+    print(f'daft-mm comparison on {task.name} ({"quick" if opts.quick else "full"}): seeds '
+          f'{list(seeds)}, budget {task.budget} iterations per method, work dir {work_dir}, '
           + (f'{opts.workers} runs side by side (1 torch thread each)' if opts.workers > 1 else
              f'{torch.get_num_threads()} torch threads'), flush=True)
-    roots = make_data(work_dir / 'data' / s.data_key(), s, progress.step)
-    ctx = Context(settings=s, work_dir=work_dir, roots=roots, step=progress.step,
-                  verbose=opts.verbose)
-    pretrain(ctx)
+    ctx = Context(task=task, work_dir=work_dir, step=progress.step, verbose=opts.verbose)
+    load_pretrained(ctx)
 
     with RunPool(ctx, opts.workers) as pool:
         if opts.search:
@@ -219,33 +240,56 @@ def run_benchmark(opts: Options) -> Dict[str, Any]:
                 runs=[r for r in earlier.get('runs', []) if r['method'] in kept]
                 + [_brief(r) for r in search_runs],
                 protocol=opts.protocol, seeds=list(seeds),
-                source=f'tools/demo.py --search{" --quick" if opts.quick else ""} --protocol '
+                source=f'{opts.command} --search{" --quick" if opts.quick else ""} --protocol '
                        f'{opts.protocol}{searched}, {time.strftime("%Y-%m-%d")}: best mean '
                        'ID-val mIoU of the finalists (never OOD data)'
                        + (f'; {", ".join(kept)}: kept from {earlier.get("source", "?")}'
                           if kept else ''),
-                settings=asdict(s))
+                task=task.name, budget=task.budget)
             atomic_write_json(str(work_dir / 'search.json'), record, indent=1, default=str)
             source = f'--search (written to {work_dir / "search.json"})'
         else:
-            record = load_recorded(Path(opts.recorded))
+            record = load_recorded(Path(opts.recorded), opts.command)
             chosen = {m: Point.from_dict(p) for m, p in record['chosen'].items()}
             source = f'{opts.recorded} ({record.get("source", "?")})'
         progress.note(f'settings from {source}')
 
-        def done(task: Task, r: Dict[str, Any]) -> None:
+        def done(task_: Task, r: Dict[str, Any]) -> None:
             if not opts.search or not r['reused']:
-                progress.step(f'{task[0]} seed {task[2]}: ID {r["id"]:.2f}  OOD mean '
+                progress.step(f'{task_[0]} seed {task_[2]}: ID {r["id"]:.2f}  OOD mean '
                               f'{r["ood_mean"]:.2f}  cos {r["cosine"]:.4f}  ({r["seconds"]:.0f}s'
                               + (', finished earlier: reused)' if r['reused'] else ')'))
 
         tasks = [(spec.name, chosen[spec.name], seed) for seed in seeds for spec in COMPARED]
         results: Dict[str, List[Dict[str, Any]]] = {m.name: [] for m in COMPARED}
-        for task, r in zip(tasks, pool.run(tasks, done, probe=chosen['LP'])):
-            results[task[0]].append(r)
-    report = _report(opts, s, seeds, chosen, source, record, results, ctx, t_start)
+        for task_, r in zip(tasks, pool.run(tasks, done, probe=chosen['LP'])):
+            results[task_[0]].append(r)
+        budget_check = None
+        if opts.check_budget:
+            longer = pool.run([('FT', chosen['FT'], seed) for seed in seeds], done,
+                              budget=2 * task.budget)
+            budget_check = _budget_check(task.budget, results['FT'], longer)
+            progress.note(budget_check['verdict'])
+    report = _report(opts, task, chosen, source, record, results, ctx, t_start, budget_check)
     _write(report, work_dir)
     return report
+
+
+def _budget_check(budget: int, at_budget: List[Dict[str, Any]],
+                  at_twice: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """FT's ID-val at the budget and at twice it, seed for seed: a budget too short for FT
+    would favour the methods that start closer to the answer (LP, DAFT's probe phase)."""
+    a = stat([r['id_val'] for r in at_budget])
+    b = stat([r['id_val'] for r in at_twice])
+    gain = b['mean'] - a['mean']
+    spread = max(a['std'], b['std'], 0.0)
+    levelled = gain <= max(1.0, spread)
+    return dict(budget=budget, id_val_at_budget=a, id_val_at_twice=b, gain=gain,
+                levelled=levelled,
+                verdict=f'FT at its choice: ID-val {a["mean"]:.2f} at {budget} iterations, '
+                        f'{b["mean"]:.2f} at {2 * budget} ({gain:+.2f}): '
+                        + ('levelled off (gain within 1 point or the seed spread)' if levelled
+                           else 'still improving: the budget favours fast starters'))
 
 
 def _kept(opts: Options) -> tuple[Dict[str, Point], Dict[str, Any]]:
@@ -272,21 +316,24 @@ def _brief(r: Dict[str, Any]) -> Dict[str, Any]:
     return {k: r[k] for k in keys}
 
 
-def _report(opts: Options, s: Settings, seeds: Sequence[int], chosen: Dict[str, Point],
-            source: str, record: Dict[str, Any], results: Dict[str, List[Dict[str, Any]]],
-            ctx: Context, t_start: float) -> Dict[str, Any]:
+def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str,
+            record: Dict[str, Any], results: Dict[str, List[Dict[str, Any]]], ctx: Context,
+            t_start: float, budget_check: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     ood_names = list(next(iter(results.values()))[0]['ood'])
+    classes = ctx.dataset_meta.get('classes') or ()
     return {
-        'title': report_title(opts.quick, len(seeds)),
-        'premise': 'backbone pretrained on the coarse 7-category source task; every method '
-                   'gets a fresh 19-class decode head and the same iteration budget',
-        'metric': 'mIoU (%) on 19 Cityscapes classes (absent and never-predicted classes '
-                  'skipped, as in mmseg IoUMetric); spread = sample std over seeds; every '
-                  'setting chosen on ID-val only',
+        'title': report_title(opts.quick, len(task.seeds), task.name),
+        'premise': (task.description + '; ' if task.description else '')
+        + 'every method starts from the same pretrained backbone with a fresh decode head and '
+          'gets the same iteration budget',
+        'metric': f'mIoU (%) on {len(classes)} classes of the ID test set\'s dataset (absent and '
+                  'never-predicted classes skipped, as in mmseg IoUMetric); spread = sample std '
+                  'over seeds; every setting chosen on ID-val only',
         'cosine_similarity': 'mean per-pixel cosine of the deepest backbone features, '
                              'fine-tuned vs pretrained, on the ID test images',
-        'seeds': list(seeds),
-        'budget_iterations': s.budget,
+        'seeds': list(task.seeds),
+        'budget_iterations': task.budget,
+        'budget_check': budget_check,
         'ood_sets': ood_names,
         'methods_described': {m.name: m.description for m in COMPARED},
         'ablations': [m.name for m in ABLATIONS] + ['DAFT'],
@@ -294,8 +341,8 @@ def _report(opts: Options, s: Settings, seeds: Sequence[int], chosen: Dict[str, 
         'chosen_source': source,
         'search': record.get('search', {}),
         'search_runs': record.get('runs', []),
-        'settings': asdict(s),
-        'backbone_checkpoint': ctx.backbone_checkpoint,
+        'task': dict(asdict(task), key=ctx.task_key, classes=list(classes)),
+        'backbone_checkpoint': task.backbone,
         'methods': summarize(results, ood_names),
         'runs': {m: [dict(r) for r in rs] for m, rs in results.items()},
         'trained_runs': ctx.trained,
@@ -310,6 +357,8 @@ def _write(report: Dict[str, Any], work_dir: Path) -> None:
     md = (f'# {report["title"]}\n\n{report["premise"]}. {report["metric"]}. Feature cos: '
           f'{report["cosine_similarity"]}.\n\nSettings from {report["chosen_source"]}.\n\n'
           f'{table}\n\nAblations: {", ".join(report["ablations"])}.\n\n'
+          + (f'Budget: {report["budget_check"]["verdict"]}.\n\n' if report.get('budget_check')
+             else '') +
           f'![report](report.png)\n\nTotal time: {report["seconds"]:.0f}s '
           f'({report["trained_runs"]} runs trained, the rest reused).\n')
     with atomic_write(str(work_dir / 'report.md')) as f:

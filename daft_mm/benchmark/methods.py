@@ -21,7 +21,6 @@ class MethodSpec:
 
     Attributes:
         name: the label in tables and plots.
-        config: the demo config (``configs/demo``) it trains with.
         recipe: the ``DAFTModel`` method / core recipe (``daft_mm.core.RECIPES``).
         has_ratio: whether a head/backbone LR ratio is part of its setting.
         lp_first: LP-FT: a decode-head probe stage, then FT from it, within one budget.
@@ -29,7 +28,6 @@ class MethodSpec:
     """
 
     name: str
-    config: str
     recipe: str
     has_ratio: bool = False
     lp_first: bool = False
@@ -62,23 +60,23 @@ class Point:
 
 
 METHODS: Tuple[MethodSpec, ...] = (
-    MethodSpec('FT', 'ft_demo.py', 'ft',
+    MethodSpec('FT', 'ft',
                description='fine-tune everything at one LR; fresh head, standard init'),
-    MethodSpec('LP', 'lp_demo.py', 'lp',
+    MethodSpec('LP', 'lp',
                description='decode-head probe: backbone frozen (BN eval), the fresh decode and '
                'auxiliary heads train (not a linear probe: the head has several layers)'),
-    MethodSpec('LP-FT', 'lpft_demo.py', 'ft', lp_first=True,
+    MethodSpec('LP-FT', 'ft', lp_first=True,
                description='the decode-head probe for half the budget, then FT of everything '
                'from it for the other half'),
-    MethodSpec('DAFT', 'daft_demo.py', 'daft', has_ratio=True,
+    MethodSpec('DAFT', 'daft', has_ratio=True,
                description='BN conversion on the ID training data, zero predictors, the head at '
                'ratio x the backbone LR, BN in train mode'),
 )
 ABLATIONS: Tuple[MethodSpec, ...] = (
-    MethodSpec('DAFT w/o conversion', 'daft_demo.py', 'daft-no-convert', has_ratio=True,
+    MethodSpec('DAFT w/o conversion', 'daft-no-convert', has_ratio=True,
                description='integrated LP+FT alone: zero predictors and the head ratio, BN '
                'statistics as pretrained'),
-    MethodSpec('conversion only', 'daft_demo.py', 'daft-convert-only',
+    MethodSpec('conversion only', 'daft-convert-only',
                description='BN conversion alone, then FT at one LR with the standard head init'),
 )
 COMPARED: Tuple[MethodSpec, ...] = METHODS + ABLATIONS

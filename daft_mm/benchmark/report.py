@@ -43,11 +43,11 @@ def pareto_front(points: Sequence[Tuple[float, float]]) -> List[Tuple[float, flo
     return sorted(set(front))
 
 
-def report_title(quick: bool, n_seeds: int) -> str:
+def report_title(quick: bool, n_seeds: int, task: str = 'demo') -> str:
     """Says how far a report can be trusted: --quick is a smoke test, one seed has no spread."""
     parts = ['--quick smoke run (reduced data and schedule, not the benchmark)'] if quick else []
     parts.append('1 seed, no spread' if n_seeds == 1 else f'mean ± std over {n_seeds} seeds')
-    return 'daft-mm benchmark report: ' + '; '.join(parts)
+    return f'daft-mm comparison on {task}: ' + '; '.join(parts)
 
 
 def _fmt(s: Mapping[str, Any], digits: int = 2) -> str:

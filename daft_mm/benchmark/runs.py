@@ -1,9 +1,9 @@
-"""Training and evaluating one benchmark run with mmengine's Runner, in this process.
+"""Training and evaluating one comparison run with mmengine's Runner, in this process.
 
 Runs are cached: a run's ``result.json`` is written (atomically) only after training and
-evaluation, keyed by everything the run depends on (settings, method, setting, seed, budget, the
-demo configs, the sources of the packages it executes, the bytes of its start checkpoint), so a rerun, or the default run after a search,
-reuses finished runs instead of repeating them.
+evaluation, keyed by everything the run depends on (the task, method, setting, seed, budget, the
+sources of the packages it executes, the bytes of its start checkpoint), so a rerun, or the
+default run after a search, reuses finished runs instead of repeating them.
 """
 from __future__ import annotations
 
@@ -13,34 +13,34 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from daft_mm.utils import atomic_save, atomic_write_json
+from daft_mm.utils import atomic_write_json
 
-from .data import COARSE_CATEGORIES, REPO, DataRoots, Settings, file_hash, stable_hash
+from .data import file_hash, stable_hash
 from .methods import MethodSpec, Point, get_method, stage_budgets
+from .task import TaskSpec
+from .variants import method_config
 
-__all__ = ['DEMO_CONFIGS', 'Context', 'RunPool', 'pretrain', 'run_point', 'miou']
-
-DEMO_CONFIGS = REPO / 'configs' / 'demo'
-PRETRAIN_CONFIG = 'pretrain_demo.py'
+__all__ = ['Context', 'RunPool', 'load_pretrained', 'run_config', 'run_point', 'miou',
+           'code_hash']
 
 
 @dataclass
 class Context:
-    """What every run of one experiment shares."""
-    settings: Settings
+    """What every run of one comparison shares."""
+    task: TaskSpec
     work_dir: Path
-    roots: DataRoots
     step: Callable[[str], None]  # a finished step, shown as progress
     verbose: bool = False
     progress_bars: bool = True  # an mmengine ProgressBar over each run's iterations
     eval_sets: Dict[str, List[Any]] = field(default_factory=dict)  # name -> cached batches
     id_val_batches: List[Any] = field(default_factory=list)
-    backbone_checkpoint: str = ''
+    dataset_meta: Dict[str, Any] = field(default_factory=dict)  # classes, palette: the ID test set's
     pretrained_backbone: Any = None
+    task_key: str = ''
     runs: int = 0
     trained: int = 0  # runs trained (not reused) in this process
 
@@ -66,32 +66,58 @@ def _training_bar_hook(total: int):
     return TrainingBar()
 
 
-def load_demo_config(config: str, ctx: Context, work_dir: Path, options: Mapping[str, Any]):
-    """A demo config as ``tools/train.py`` would load it, plus the benchmark's run settings."""
+def run_config(path: str, options: Mapping[str, Any], work_dir: Path, name: str, *,
+               iters: int, verbose: bool = False):
+    """A config as ``tools/train.py`` would load it, set up for one short run inside a
+    benchmark process: ``iters`` iterations, one checkpoint at the end, no validation loop."""
     from daft_mm.mm.cli import load_config
-    opts = {'train_dataloader.batch_size': ctx.settings.batch_size}
+    opts = {'train_cfg.max_iters': iters, 'default_hooks.logger.interval': max(1, min(25, iters))}
     opts.update(options)
-    cfg = load_config(str(DEMO_CONFIGS / config), opts, work_dir=str(work_dir))
-    ctx.runs += 1
+    cfg = load_config(path, opts, work_dir=str(work_dir))
     # Several Runners share this process; mmengine keys loggers / visualizers by these names.
-    cfg.experiment_name = f'demo_{Path(config).stem}_{os.getpid()}_{ctx.runs}'
-    cfg.visualizer['name'] = cfg.experiment_name
-    cfg.log_level = 'INFO' if ctx.verbose else 'ERROR'
+    cfg.experiment_name = name
+    if cfg.get('visualizer'):
+        cfg.visualizer['name'] = name
+    cfg.log_level = 'INFO' if verbose else 'ERROR'
     # The Runner dumps the config several times per run; yapf-formatting it costs seconds.
     object.__setattr__(cfg, '_format_python_code', False)
     cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None  # evaluated after training
     cfg.default_hooks.pop('visualization', None)
+    # one checkpoint, at the end (a task's own schedule may save every few thousand steps)
+    cfg.default_hooks['checkpoint'] = dict(type='CheckpointHook', by_epoch=False,
+                                           interval=10**9, save_last=True, max_keep_ckpts=1)
+    # The budget is the whole training, counted in iterations for every method; a schedule
+    # written for a longer run (PolyLR to 20k) ends with it instead of stopping part way.
+    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=iters, val_interval=10**9)
+    schedulers = cfg.get('param_scheduler') or []
+    for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+        if scheduler.get('by_epoch', True) is False and scheduler.get('end', 0) > iters:
+            scheduler['end'] = iters
     return cfg
 
 
-def train(config: str, ctx: Context, work_dir: Path, *, iters: int, seed: int, data_root: str,
-          options: Mapping[str, Any]) -> Tuple[Any, str]:
-    """Train one config in this process; returns (the trained model, its last checkpoint)."""
-    from mmengine.runner import Runner
-    opts = {'data_root': data_root, 'train_cfg.max_iters': iters, 'randomness.seed': seed,
-            'default_hooks.logger.interval': max(1, min(25, iters))}
+def load_run_config(ctx: Context, work_dir: Path, iters: int, options: Mapping[str, Any]):
+    """The task's config for one run of ``iters`` iterations, with the task's options."""
+    opts = dict(ctx.task.options)
+    if ctx.task.batch_size is not None:
+        opts['train_dataloader.batch_size'] = ctx.task.batch_size
     opts.update(options)
-    cfg = load_demo_config(config, ctx, work_dir, opts)
+    ctx.runs += 1
+    return run_config(ctx.task.config, opts, work_dir, f'{ctx.task.name}_{os.getpid()}_{ctx.runs}',
+                      iters=iters, verbose=ctx.verbose)
+
+
+def train(ctx: Context, spec: MethodSpec, point: Point, work_dir: Path, *, iters: int,
+          seed: int, stage: Optional[str] = None, load_from: Optional[str] = None
+          ) -> Tuple[Any, str]:
+    """Train ``spec`` at ``point`` in this process; returns (the trained model, its last
+    checkpoint)."""
+    from mmengine.runner import Runner
+    cfg = load_run_config(ctx, work_dir, iters, {'randomness.seed': seed})
+    method_config(cfg, spec, point, backbone=ctx.task.backbone,
+                  backbone_prefix=ctx.task.backbone_prefix, stage=stage)
+    if load_from is not None:
+        cfg.load_from = load_from
     if work_dir.exists():
         shutil.rmtree(work_dir)
     runner = Runner.from_cfg(cfg)
@@ -100,43 +126,43 @@ def train(config: str, ctx: Context, work_dir: Path, *, iters: int, seed: int, d
     runner.train()
     ckpt = work_dir / f'iter_{iters}.pth'
     if not ckpt.is_file():
-        raise RuntimeError(f'training {config} wrote no checkpoint at {ckpt}')
+        raise RuntimeError(f'training {spec.name} wrote no checkpoint at {ckpt}')
     return runner.model, str(ckpt)
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def build_eval_sets(ctx: Context, cfg: Any) -> None:
-    """Load every evaluation set once through the demo test pipeline and keep the batches: the
-    pipeline is deterministic (corruptions are seeded per image), and every model sees the same."""
+def _batches(ctx: Context, dataset: Dict[str, Any]) -> Tuple[List[Any], Dict[str, Any]]:
     from mmengine.runner import Runner
-    test_pipeline = copy.deepcopy(cfg.test_dataloader.dataset.pipeline)
-
-    def loader(root: str, pipeline: List[dict]) -> List[Any]:
-        dl = Runner.build_dataloader(dict(
-            batch_size=8, num_workers=0, sampler=dict(type='DefaultSampler', shuffle=False),
-            dataset=dict(type='CityscapesDataset', data_root=root,
-                         data_prefix=dict(img_path='leftImg8bit/val', seg_map_path='gtFine/val'),
-                         pipeline=pipeline)))
-        return list(dl)
-
-    ctx.eval_sets['ID'] = loader(ctx.roots.id, test_pipeline)
-    for name, root in ctx.roots.ood.items():
-        ctx.eval_sets[name] = loader(root, test_pipeline)
-    for corruption, severity in ctx.settings.corruptions:
-        pipeline = copy.deepcopy(test_pipeline)
-        pipeline.insert(1, dict(type='ImageCorruption', corruption=corruption, severity=severity))
-        ctx.eval_sets[f'{corruption}-{severity}'] = loader(ctx.roots.id, pipeline)
-    ctx.id_val_batches = loader(ctx.roots.id_val, test_pipeline)
+    dl = Runner.build_dataloader(dict(
+        batch_size=ctx.task.eval_batch_size, num_workers=0,
+        sampler=dict(type='DefaultSampler', shuffle=False), dataset=copy.deepcopy(dataset)))
+    return list(dl), dict(dl.dataset.metainfo)
 
 
-def miou(model: Any, batches: List[Any]) -> float:
+def build_eval_sets(ctx: Context) -> None:
+    """Load every evaluation set once through its own pipeline and keep the batches: pipelines
+    are deterministic (corruptions are seeded per image), and every model sees the same."""
+    task = ctx.task
+    ctx.eval_sets['ID'], ctx.dataset_meta = _batches(ctx, task.id_test)
+    for name, dataset in task.ood.items():
+        ctx.eval_sets[name], _ = _batches(ctx, dataset)
+    for corruption, severity in task.corruptions:
+        dataset = copy.deepcopy(task.id_test)
+        pipeline = dataset['pipeline']
+        at = next((i + 1 for i, t in enumerate(pipeline) if t['type'] == 'LoadImageFromFile'), 0)
+        pipeline.insert(at, dict(type='ImageCorruption', corruption=corruption,
+                                 severity=severity))
+        ctx.eval_sets[f'{corruption}-{severity}'], _ = _batches(ctx, dataset)
+    ctx.id_val_batches, _ = _batches(ctx, task.id_val)
+
+
+def miou(model: Any, batches: List[Any], dataset_meta: Mapping[str, Any]) -> float:
     """mIoU (%) of ``model`` on cached batches, with mmseg's IoUMetric."""
     import torch
     from mmengine.evaluator import Evaluator
-    from mmseg.datasets import CityscapesDataset
     from mmseg.evaluation import IoUMetric
     evaluator = Evaluator([IoUMetric(iou_metrics=['mIoU'])])
-    evaluator.dataset_meta = dict(CityscapesDataset.METAINFO)
+    evaluator.dataset_meta = dict(dataset_meta)
     model.eval()
     n = 0
     with torch.no_grad():
@@ -150,110 +176,55 @@ def evaluate(model: Any, ctx: Context) -> Dict[str, Any]:
     """ID-val (for choices), ID-test and OOD mIoU, and the deepest backbone features' cosine
     similarity to the pretrained backbone on the ID test images."""
     from daft_mm.mm.hooks.distortion_hook import compare_backbones
-    scores = {name: miou(model, batches) for name, batches in ctx.eval_sets.items()}
+    meta = ctx.dataset_meta
+    scores = {name: miou(model, batches, meta) for name, batches in ctx.eval_sets.items()}
     ood = {k: v for k, v in scores.items() if k != 'ID'}
     inner = getattr(model, 'model', model)  # DAFTModel -> segmentor
     stats, _ = compare_backbones(inner, {'pretrained': ctx.pretrained_backbone,
                                          'finetuned': inner.backbone},
                                  [('pretrained', 'finetuned')], ctx.eval_sets['ID'], levels=(-1, ))
     means = next(iter(stats[('pretrained', 'finetuned')].values())).means()
-    return dict(id_val=miou(model, ctx.id_val_batches), id=scores['ID'], ood=ood,
+    return dict(id_val=miou(model, ctx.id_val_batches, meta), id=scores['ID'], ood=ood,
                 ood_mean=sum(ood.values()) / len(ood), cosine=means['pixel_cosine'],
                 cosine_pooled=means['cosine'])
 
 
-# ------------------------------------------------------------------------------------ pretraining
-def _backbone_state(state: Mapping[str, Any]) -> Dict[str, Any]:
-    return {k: v for k, v in state.items() if k.startswith('backbone.')}
-
-
-def cached_checkpoint_problem(ckpt: Path, s: Settings) -> Optional[str]:
-    """Why a cached backbone checkpoint cannot be reused (None: it can)."""
-    import torch
-    try:
-        saved = torch.load(ckpt, map_location='cpu', weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated zip, bad pickle...: all mean "redo"
-        return f'cannot be read ({type(exc).__name__}: {exc}; cut short by a kill?)'
-    if not isinstance(saved, dict) or not saved.get('state_dict'):
-        return 'holds no state_dict'
-    if any(not k.startswith('backbone.') for k in saved['state_dict']):
-        return 'holds more than a backbone'
-    if (saved.get('meta') or {}).get('pretrain_key') != s.pretrain_key():
-        return 'was made with other data or pretraining settings'
-    return None
-
-
-def _coarse_head_options() -> Dict[str, Any]:
-    n = len(COARSE_CATEGORIES)
-    return {'model.model.decode_head.num_classes': n, 'model.model.auxiliary_head.num_classes': n}
-
-
-def pretrain(ctx: Context) -> None:
-    """Pretrain (or reuse) the backbone on the coarse-labelled source set; keep only the backbone
-    (the fine-tuning task has other classes, so its decode head is new for every method), and
-    load it as the reference for feature distortion."""
-    import torch
+def load_pretrained(ctx: Context) -> None:
+    """The pretrained backbone (the reference of feature distortion), built the way every run
+    builds it, and the evaluation sets."""
     from mmengine.registry import MODELS
-    from mmengine.runner import load_checkpoint
-    s = ctx.settings
-    out_dir = ctx.work_dir / 'pretrain' / s.pretrain_key()
-    ckpt = out_dir / 'backbone.pth'
-    unusable = cached_checkpoint_problem(ckpt, s) if ckpt.is_file() else None
-    if unusable:
-        ctx.step(f'pretraining: the cached {ckpt} {unusable}; pretraining again')
-        ckpt.unlink()
-    if ckpt.is_file():
-        ctx.step(f'pretraining: reusing {ckpt}')
-    else:
-        t0 = time.time()
-        _, last = train(PRETRAIN_CONFIG, ctx, out_dir / 'run', iters=s.pretrain_iters, seed=0,
-                        data_root=ctx.roots.source,
-                        options=dict(_coarse_head_options(),
-                                     **{'optim_wrapper.optimizer.lr': s.pretrain_lr}))
-        # The project's loader: restricted unpickling with the mmengine allow-list on any torch.
-        from daft_mm.mm.compat import load_checkpoint_file
-        state = _backbone_state(load_checkpoint_file(last, map_location='cpu')['state_dict'])
-        # atomically: a kill while saving must not leave a truncated cache that later runs reuse
-        atomic_save(lambda f: torch.save({'state_dict': state, 'meta': {
-            'pretrain_key': s.pretrain_key(), 'settings': asdict(s),
-            'source_classes': list(COARSE_CATEGORIES)}}, f), str(ckpt))
-        shutil.rmtree(out_dir / 'run', ignore_errors=True)
-        atomic_write_json(str(out_dir / 'settings.json'), asdict(s), indent=1, default=str)
-        ctx.step(f'pretraining: {s.pretrain_iters} iterations on the coarse source set in '
-                 f'{time.time() - t0:.0f}s -> {ckpt}')
-    ctx.backbone_checkpoint = str(ckpt)
-    cfg = load_demo_config(get_method('FT').config, ctx, ctx.work_dir / 'unused', {})
-    model = MODELS.build(cfg.model)
-    load_checkpoint(model, str(ckpt), map_location='cpu', logger='silent')
-    build_eval_sets(ctx, cfg)
-    ctx.pretrained_backbone = copy.deepcopy(model.model.backbone)
+    if not Path(ctx.task.backbone).is_file():
+        raise FileNotFoundError(f'the pretrained backbone {ctx.task.backbone} does not exist')
+    cfg = load_run_config(ctx, ctx.work_dir / 'unused', 1, {})
+    method_config(cfg, get_method('FT'), Point(lr=0.0), backbone=ctx.task.backbone,
+                  backbone_prefix=ctx.task.backbone_prefix)
+    backbone = MODELS.build(cfg.model).model.backbone
+    _load_backbone(ctx.task, backbone)
+    build_eval_sets(ctx)
+    ctx.pretrained_backbone = copy.deepcopy(backbone)
     ctx.pretrained_backbone.eval()  # not chained: mmseg's ResNet.train() returns None
+    ctx.task_key = ctx.task_key or ctx.task.key()
+
+
+def _load_backbone(task: TaskSpec, backbone: Any) -> None:
+    """Load the checkpoint's backbone (the keys under the prefix, as every run's Pretrained
+    init_cfg does), refusing one that does not hold the whole backbone: mmengine's Pretrained
+    init only warns about missing keys, and a half-random backbone would compare the methods on
+    a premise nobody chose."""
+    from mmengine.runner.checkpoint import _load_checkpoint_with_prefix
+    from daft_mm.mm.cli import checkpoint_mismatch
+    state = _load_checkpoint_with_prefix(task.backbone_prefix, task.backbone,
+                                         map_location='cpu')
+    problem = checkpoint_mismatch(backbone, state)
+    if problem:
+        raise ValueError(f'the pretrained backbone {task.backbone} (keys under '
+                         f'{task.backbone_prefix!r}) does not fit the config\'s backbone: '
+                         f'{problem}. Pass --backbone-prefix, or a checkpoint of this '
+                         'architecture')
+    backbone.load_state_dict(state, strict=False)
 
 
 # ------------------------------------------------------------------------------------ runs
-def run_options(spec: MethodSpec, point: Point) -> Dict[str, Any]:
-    """The config options that make a demo config train ``spec`` at ``point``."""
-    opts: Dict[str, Any] = {'optim_wrapper.optimizer.lr': point.lr}
-    if spec.config == 'daft_demo.py':
-        opts['model.method'] = spec.recipe
-        ratio = point.ratio if spec.has_ratio else None
-        if ratio is not None:
-            opts['daft_head_lr_mult'] = ratio
-        if point.scope is not None:
-            opts['daft_head_modules'] = point.scope
-        # converted.pth is for users' runs; the paper protocol's first stage trains at ratio 1
-        opts['custom_hooks'] = [dict(type='DAFTHook', save_converted=False,
-                                     check_lr=ratio is None or ratio > 1)]
-    return opts
-
-
-def backbone_options(ctx: Context) -> Dict[str, Any]:
-    """Start from the pretrained backbone the way a user starts from ImageNet weights: the
-    backbone's ``init_cfg``; the decode head keeps its own (fresh) initialisation."""
-    return {'model.model.backbone.init_cfg': dict(type='Pretrained', prefix='backbone.',
-                                                  checkpoint=ctx.backbone_checkpoint)}
-
-
 def _cached(path: Path, key: str) -> Optional[Dict[str, Any]]:
     try:
         cached = json.loads(path.read_text()) if path.is_file() else None
@@ -275,55 +246,47 @@ def code_hash() -> str:
     return stable_hash([(str(p.relative_to(package)), file_hash(p)) for p in files])
 
 
-def _configs_hash(spec: MethodSpec) -> List[str]:
-    return [file_hash(DEMO_CONFIGS / spec.config),
-            file_hash(DEMO_CONFIGS / '_base_' / 'demo_common.py'), code_hash()]
+def _run_key(ctx: Context, **parts: Any) -> str:
+    return stable_hash(dict(parts, task=ctx.task_key, code=code_hash(),
+                            start=file_hash(Path(ctx.task.backbone))))
 
 
 def lp_stage(ctx: Context, seed: int, iters: int, probe: Point) -> str:
     """LP-FT's probe stage (the LP method at ``probe``, LP's chosen setting, for ``iters``): its
     checkpoint."""
-    spec = get_method('LP')
-    key = stable_hash(dict(settings=asdict(ctx.settings), stage='lp', point=probe.to_dict(),
-                           seed=seed, iters=iters, configs=_configs_hash(spec),
-                           start=file_hash(Path(ctx.backbone_checkpoint))))
+    key = _run_key(ctx, stage='lp', point=probe.to_dict(), seed=seed, iters=iters)
     work = ctx.work_dir / 'runs' / 'LP-FT_stage1' / key
     ckpt = work / f'iter_{iters}.pth'
     if _cached(work / 'done.json', key) is not None and ckpt.is_file():
         return str(ckpt)
-    _, last = train(spec.config, ctx, work, iters=iters, seed=seed, data_root=ctx.roots.id,
-                    options=dict(run_options(spec, probe), **backbone_options(ctx)))
+    _, last = train(ctx, get_method('LP'), probe, work, iters=iters, seed=seed, stage='lp')
     atomic_write_json(str(work / 'done.json'), dict(key=key, result={'checkpoint': last}))
     return last
 
 
 def run_point(ctx: Context, spec: MethodSpec, point: Point, seed: int,
-              probe: Optional[Point] = None) -> Dict[str, Any]:
-    """Train ``spec`` at ``point`` with ``seed`` for the budget and evaluate it (or reuse a
-    finished run with the same key). LP-FT's probe stage trains at ``probe`` (LP's chosen
-    setting). The result says whether it was reused."""
-    s = ctx.settings
-    budgets = stage_budgets(spec, s.budget, s.lp_fraction)
-    start = ctx.backbone_checkpoint
+              probe: Optional[Point] = None, budget: Optional[int] = None) -> Dict[str, Any]:
+    """Train ``spec`` at ``point`` with ``seed`` for the budget (``budget``: another one, for
+    the check that the budget suffices) and evaluate it, or reuse a finished run with the same
+    key. LP-FT's probe stage trains at ``probe`` (LP's chosen setting). The result says whether
+    it was reused."""
+    budget = budget or ctx.task.budget
+    budgets = stage_budgets(spec, budget, ctx.task.lp_fraction)
     lp_setting = None
     if spec.lp_first:
         if probe is None:
             raise ValueError(f'{spec.name} needs the setting of its probe stage (LP\'s choice)')
         lp_setting = probe.to_dict()
-    key = stable_hash(dict(settings=asdict(s), method=spec.name, recipe=spec.recipe,
-                           point=point.to_dict(), seed=seed, budgets=budgets, lp=lp_setting,
-                           configs=_configs_hash(spec), start=file_hash(Path(start))))
+    key = _run_key(ctx, method=spec.name, recipe=spec.recipe, point=point.to_dict(), seed=seed,
+                   budgets=budgets, lp=lp_setting)
     work = ctx.work_dir / 'runs' / spec.name.replace(' ', '_').replace('/', '') / key
     cached = _cached(work / 'result.json', key)
     if cached is not None:
         return dict(cached, reused=True)
     t0 = time.time()
-    options = dict(run_options(spec, point), **backbone_options(ctx))
-    if spec.lp_first:  # the second stage starts from the whole probed model
-        options['load_from'] = lp_stage(ctx, seed, budgets['lp'], probe)
+    load_from = lp_stage(ctx, seed, budgets['lp'], probe) if spec.lp_first else None
     iters = budgets['ft' if spec.lp_first else spec.recipe]
-    model, last = train(spec.config, ctx, work, iters=iters, seed=seed, data_root=ctx.roots.id,
-                        options=options)
+    model, last = train(ctx, spec, point, work, iters=iters, seed=seed, load_from=load_from)
     result = evaluate(model, ctx)
     result.update(method=spec.name, setting=point.to_dict(), seed=seed, budgets=budgets,
                   lp_setting=lp_setting, seconds=time.time() - t0)
@@ -339,7 +302,7 @@ Task = Tuple[str, Point, int]  # (method name, setting, seed)
 _WORKER: Dict[str, Any] = {}
 
 
-def _init_worker(settings: Settings, work_dir: Path, roots: DataRoots, verbose: bool) -> None:
+def _init_worker(task: TaskSpec, task_key: str, work_dir: Path, verbose: bool) -> None:
     """A worker process: one torch thread, the registries, and its own copy of the shared
     context (evaluation sets, the pretrained backbone), built once."""
     import warnings
@@ -350,20 +313,21 @@ def _init_worker(settings: Settings, work_dir: Path, roots: DataRoots, verbose: 
     from mmengine.registry import init_default_scope
     import daft_mm.mm  # noqa: F401  (registers DAFTHook, DAFTModel, ImageCorruption)
     init_default_scope('mmseg')
-    ctx = Context(settings=settings, work_dir=work_dir, roots=roots, step=lambda _: None,
-                  verbose=verbose, progress_bars=False)
-    pretrain(ctx)  # the cached backbone: loads it and the evaluation sets
+    ctx = Context(task=task, work_dir=work_dir, step=lambda _: None, verbose=verbose,
+                  progress_bars=False, task_key=task_key)
+    load_pretrained(ctx)
     _WORKER['ctx'] = ctx
 
 
-def _work(name: str, point: Point, seed: int, probe: Optional[Point]) -> Dict[str, Any]:
-    return run_point(_WORKER['ctx'], get_method(name), point, seed, probe)
+def _work(name: str, point: Point, seed: int, probe: Optional[Point],
+          budget: Optional[int]) -> Dict[str, Any]:
+    return run_point(_WORKER['ctx'], get_method(name), point, seed, probe, budget)
 
 
-def _probe_stage(seed: int, probe: Point) -> str:
+def _probe_stage(seed: int, probe: Point, budget: Optional[int]) -> str:
     ctx = _WORKER['ctx']
-    return lp_stage(ctx, seed, stage_budgets(get_method('LP-FT'), ctx.settings.budget,
-                                             ctx.settings.lp_fraction)['lp'], probe)
+    return lp_stage(ctx, seed, stage_budgets(get_method('LP-FT'), budget or ctx.task.budget,
+                                             ctx.task.lp_fraction)['lp'], probe)
 
 
 class RunPool:
@@ -392,29 +356,32 @@ class RunPool:
             c = self.ctx
             self._pool = ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context('spawn'),
-                initializer=_init_worker, initargs=(c.settings, c.work_dir, c.roots, c.verbose))
+                initializer=_init_worker, initargs=(c.task, c.task_key, c.work_dir, c.verbose))
         return self._pool
 
     def run(self, tasks: List[Task],
             done: Optional[Callable[[Task, Dict[str, Any]], None]] = None,
-            probe: Optional[Point] = None) -> List[Dict[str, Any]]:
+            probe: Optional[Point] = None, budget: Optional[int] = None
+            ) -> List[Dict[str, Any]]:
         """Results of ``tasks`` in order (each distinct task runs once); ``done`` is called as
         each finishes. ``probe``: LP's chosen setting, the probe stage of LP-FT tasks; those
-        stages run first, once per seed, so no two workers train the same one."""
+        stages run first, once per seed, so no two workers train the same one. ``budget``:
+        another budget than the task's (the check that FT has levelled off)."""
         unique = list(dict.fromkeys(tasks))
         results: Dict[Task, Dict[str, Any]] = {}
         if self.workers <= 1:
             for task in unique:
-                results[task] = run_point(self.ctx, get_method(task[0]), task[1], task[2], probe)
+                results[task] = run_point(self.ctx, get_method(task[0]), task[1], task[2], probe,
+                                          budget)
                 if done is not None:
                     done(task, results[task])
             return [results[t] for t in tasks]
         from concurrent.futures import as_completed
         pool = self._executor()
         lp_seeds = sorted({seed for name, _, seed in unique if get_method(name).lp_first})
-        for future in [pool.submit(_probe_stage, seed, probe) for seed in lp_seeds]:
+        for future in [pool.submit(_probe_stage, seed, probe, budget) for seed in lp_seeds]:
             future.result()
-        futures = {pool.submit(_work, *task, probe): task for task in unique}
+        futures = {pool.submit(_work, *task, probe, budget): task for task in unique}
         for future in as_completed(futures):
             task = futures[future]
             results[task] = future.result()

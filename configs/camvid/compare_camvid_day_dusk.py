@@ -1,0 +1,55 @@
+# The CamVid comparison (tools/compare.py): FT, LP, LP-FT, DAFT and DAFT's ablations on CamVid's
+# daytime drives, tested on an unseen daytime drive (ID), the dusk drive and corruptions (OOD).
+# The FT config of this folder shrunk to run a whole search on 2 CPU cores: the ResNetV1c-18 at
+# 1/4 width pretrained on Imagenette (benchmarks/pretrained, 64 px, 79.3% val top-1), frames at
+# 1/3 of 360x480, BN instead of SyncBN. Every method's config is derived from this one.
+#   python -m daft_mm.mm.datasets.camvid_splits data/CamVid       # the day/dusk split lists
+#   python tools/compare.py configs/camvid/compare_camvid_day_dusk.py --search \
+#       --cfg-options data_root=data/CamVid
+_base_ = ['./ft_deeplabv3_r50-d8_camvid.py']
+crop_size = (120, 160)
+norm_cfg = dict(type='BN', requires_grad=True)
+model = dict(
+    pretrained=None,  # every method starts from compare.backbone (the backbone's init_cfg)
+    data_preprocessor=dict(size=crop_size),
+    backbone=dict(depth=18, stem_channels=16, base_channels=16, norm_cfg=norm_cfg),
+    decode_head=dict(in_channels=128, channels=32, dilations=(1, 2, 4, 6), norm_cfg=norm_cfg),
+    auxiliary_head=dict(in_channels=64, channels=16, norm_cfg=norm_cfg))
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations'),
+    dict(type='RandomResize', scale=(160, 120), ratio_range=(1.0, 1.5), keep_ratio=True),
+    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackSegInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(160, 120), keep_ratio=True),
+    dict(type='LoadAnnotations'),
+    dict(type='PackSegInputs'),
+]
+train_dataloader = dict(batch_size=8, num_workers=0, persistent_workers=False,
+                        dataset=dict(pipeline=train_pipeline))
+val_dataloader = dict(num_workers=0, persistent_workers=False,
+                      dataset=dict(pipeline=test_pipeline))
+test_dataloader = dict(num_workers=0, persistent_workers=False,
+                       dataset=dict(pipeline=test_pipeline))
+optim_wrapper = dict(optimizer=dict(lr=0.01))
+# no `end`: the schedule spans each run's budget
+param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, by_epoch=False)]
+env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
+
+compare = dict(
+    name='camvid_day_dusk',
+    description='CamVid, real street frames: train on the daytime drives 0006R0 + 0016E5, '
+                'choose on the held-out end of 0016E5, test on the unseen daytime drive Seq05VD '
+                '(ID) and the dusk drive 0001TP (OOD); backbone pretrained on Imagenette',
+    backbone='../../benchmarks/pretrained/imagenette_resnetv1c18w16_64px.pth',
+    # ID-val is this config's val set (daft_splits/id_val.txt); the OOD set is the ID test set
+    # with the dusk list, read by the same pipeline
+    ood=dict(dusk=dict(ann_file='daft_splits/ood_dusk.txt')),
+    corruptions=(('gaussian_noise', 3), ('motion_blur', 3), ('fog', 3)),
+    budget=400,
+    seeds=(0, 1, 2),
+)

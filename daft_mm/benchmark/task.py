@@ -1,0 +1,170 @@
+"""The comparison's task as data: what to train on, what to choose on, what to test on.
+
+One :class:`TaskSpec` describes a comparison completely: a fine-tuning config (its model, training
+set, pipelines and schedule; every method's config is derived from it), the ID-val set every
+choice is made on, the ID test set, named OOD sets and corruptions of the ID test images, the
+pretrained backbone, the iteration budget and the seeds. The embedded demo, CamVid day -> dusk
+and a user's own config are three specifications run by the same code
+(:func:`daft_mm.benchmark.experiment.run_comparison`).
+
+A specification can live in the config itself, as a ``compare`` dict (see
+``configs/camvid/compare_camvid_day_dusk.py``); ``tools/compare.py`` flags override it.
+"""
+from __future__ import annotations
+
+import copy
+import os.path as osp
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+from .data import stable_hash
+
+__all__ = ['TaskSpec', 'task_from_config', 'dataset_of', 'plain']
+
+Corruption = Tuple[str, int]
+
+
+@dataclass
+class TaskSpec:
+    """Everything a comparison depends on (the run cache keys on all of it)."""
+
+    name: str
+    config: str  # the fine-tuning config (FT); every method's config is derived from it
+    backbone: str  # the pretrained backbone checkpoint every method starts from
+    id_val: Dict[str, Any]  # dataset config: every choice of a setting is made on it, only
+    id_test: Dict[str, Any]  # dataset config: ID test
+    ood: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # name -> dataset config
+    corruptions: Tuple[Corruption, ...] = ()  # of the ID test images, each an OOD set
+    backbone_prefix: str = 'backbone.'  # the backbone's key prefix in the checkpoint
+    options: Dict[str, Any] = field(default_factory=dict)  # --cfg-options of every run
+    budget: int = 300  # training iterations of every method (LP-FT: both stages together)
+    lp_fraction: float = 0.5  # LP-FT's probe stage share of the budget
+    batch_size: Optional[int] = None  # None: the config's
+    seeds: Tuple[int, ...] = (0, 1, 2)
+    eval_batch_size: int = 8
+    spaces: str = 'default'  # the search grids: 'default' or 'quick'
+    description: str = ''  # one line for the report: what the task is
+
+    def __post_init__(self) -> None:
+        if self.budget < 2:
+            raise ValueError(f'{self.name}: the iteration budget must be >= 2 (LP-FT has two '
+                             f'stages), got {self.budget}')
+        if not self.ood and not self.corruptions:
+            raise ValueError(f'{self.name}: no OOD set: give at least one (--ood NAME=CONFIG) or '
+                             'a corruption (--corruptions gaussian_noise:3)')
+        if self.spaces not in ('default', 'quick'):
+            raise ValueError(f'{self.name}: spaces must be "default" or "quick", got '
+                             f'{self.spaces!r}')
+        self.corruptions = tuple((str(c), int(s)) for c, s in self.corruptions)
+        self.seeds = tuple(int(s) for s in self.seeds)
+
+    @property
+    def ood_names(self) -> list:
+        return list(self.ood) + [f'{c}-{s}' for c, s in self.corruptions]
+
+    def key(self) -> str:
+        """A hash of the task: the resolved config (with its options), the evaluation sets and
+        the schedule. The data files themselves are not hashed: new data needs a new work dir."""
+        from daft_mm.mm.cli import load_config
+        cfg = load_config(self.config, self.options, work_dir='unused')
+        spec = asdict(self)
+        spec.pop('seeds')  # each run has its own seed in its key
+        spec.pop('description')
+        spec['config'] = cfg.to_dict()
+        return stable_hash(spec)
+
+
+def dataset_of(config: str, options: Mapping[str, Any], loader: str = 'test_dataloader'
+               ) -> Dict[str, Any]:
+    """The dataset config of ``loader`` in a config file (loaded as the tools load it)."""
+    from daft_mm.mm.cli import load_config
+    cfg = load_config(config, {k: v for k, v in options.items() if k == 'data_root'},
+                      work_dir='unused')
+    if not cfg.get(loader) or not cfg[loader].get('dataset'):
+        raise ValueError(f'{config} has no {loader}.dataset to take a dataset from')
+    return plain(cfg[loader]['dataset'])
+
+
+def plain(value: Any) -> Dict[str, Any]:
+    """A deep, plain-dict copy of a (Config)dict: picklable and hashable as JSON."""
+    return copy.deepcopy(value.to_dict() if hasattr(value, 'to_dict') else dict(value))
+
+
+def _dataset(value: Any, options: Mapping[str, Any], base_dir: str, what: str,
+             test: Mapping[str, Any]) -> Dict[str, Any]:
+    """A dataset config given as a config file (its test set), a whole dataset config (a dict
+    with ``type``), or changes to the ID test set (a dict without ``type``: often another
+    list or folder of the same dataset, read with the same pipeline)."""
+    if isinstance(value, Mapping):
+        if 'type' in value:
+            return plain(value)
+        from mmengine.config import Config
+        merged = Config(dict(dataset=plain(test)))
+        merged.merge_from_dict({f'dataset.{k}': v for k, v in plain(value).items()})
+        return plain(merged.dataset)
+    if isinstance(value, str):
+        path = value if osp.isfile(value) else osp.join(base_dir, value)
+        if not osp.isfile(path):
+            raise FileNotFoundError(f'{what}: config {value!r} not found (relative paths are '
+                                    f'tried from the current folder and from {base_dir})')
+        return dataset_of(path, options)
+    raise TypeError(f'{what}: give a dataset config (dict) or a config file whose '
+                    f'test_dataloader.dataset is the set, not {type(value).__name__}')
+
+
+def task_from_config(config: str, *, backbone: Optional[str] = None,
+                     id_val: Any = None, ood: Optional[Mapping[str, Any]] = None,
+                     corruptions: Optional[Sequence[Corruption]] = None,
+                     options: Optional[Mapping[str, Any]] = None, **overrides: Any) -> TaskSpec:
+    """The task of a fine-tuning config: its ``compare`` dict (if any), then these arguments.
+
+    ID train is the config's training set and ID test its test set. ID-val is ``id_val``, else
+    the config's validation set, which must then differ from its test set: choosing a setting
+    on the test images would make the test score a selection score.
+    """
+    from daft_mm.mm.cli import load_config
+    options = dict(options or {})
+    cfg = load_config(config, options, work_dir='unused')
+    spec: Dict[str, Any] = dict(cfg.get('compare') or {})
+    base_dir = osp.dirname(osp.abspath(config))
+    if backbone is not None:
+        spec['backbone'] = backbone
+    if id_val is not None:
+        spec['id_val'] = id_val
+    if ood:
+        spec['ood'] = dict(ood)
+    if corruptions is not None:
+        spec['corruptions'] = tuple(corruptions)
+    spec.update({k: v for k, v in overrides.items() if v is not None})
+    spec_options = dict(spec.pop('options', {}) or {})
+    spec_options.update(options)
+    if not spec.get('backbone'):
+        raise ValueError(f'{config}: no pretrained backbone: pass --backbone CKPT (or set '
+                         "compare = dict(backbone=...) in the config); every method starts "
+                         'from it')
+    backbone_path = spec['backbone']
+    if not osp.isfile(backbone_path) and osp.isfile(osp.join(base_dir, backbone_path)):
+        backbone_path = osp.join(base_dir, backbone_path)
+    if not osp.isfile(backbone_path):
+        raise FileNotFoundError(f'the pretrained backbone {spec["backbone"]!r} does not exist')
+    spec['backbone'] = osp.abspath(backbone_path)
+    test = plain(cfg.test_dataloader.dataset)
+    if spec.get('id_val') is None:
+        val = cfg.get('val_dataloader') and cfg.val_dataloader.get('dataset')
+        if not val:
+            raise ValueError(f'{config} has no val_dataloader: pass --id-val CONFIG (a config '
+                             'whose test set is your ID validation data)')
+        if plain(val) == test:
+            raise ValueError(
+                f'{config}: its validation set is its test set; choosing every setting on it '
+                'would report a selection score as the test score. Pass --id-val CONFIG with '
+                'held-out ID images (a config whose test_dataloader.dataset is them), or set '
+                'compare = dict(id_val=...) in the config')
+        spec['id_val'] = plain(val)
+    else:
+        spec['id_val'] = _dataset(spec['id_val'], spec_options, base_dir, 'id_val', test)
+    spec['ood'] = {name: _dataset(v, spec_options, base_dir, f'OOD set {name!r}', test)
+                   for name, v in (spec.get('ood') or {}).items()}
+    spec.setdefault('name', osp.splitext(osp.basename(config))[0])
+    return TaskSpec(config=osp.abspath(config), id_test=test, options=spec_options,
+                    **{k: v for k, v in spec.items() if k != 'id_test'})

@@ -1,0 +1,56 @@
+"""Every compared method's config, derived from one fine-tuning config.
+
+A user has one config (their model, data, pipelines, schedule). FT is that config; LP freezes
+its backbone; LP-FT's second stage is FT from the probe; DAFT and its ablations add what the DAFT
+fragment (``configs/_base_/daft.py``) adds: the ``DAFTModel`` method, ``DAFTHook`` and the head
+LR keys. Deriving them here, instead of asking for one config per method, is what lets
+``tools/compare.py`` compare methods on any segmentation config with the same code path.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+from .methods import MethodSpec, Point
+
+__all__ = ['segmentor_of', 'method_config']
+
+
+def segmentor_of(cfg: Any) -> dict:
+    """The segmentor's model config, unwrapped from a ``DAFTModel`` if the config has one."""
+    model = cfg.model
+    inner = model.get('model') if model.get('type') == 'DAFTModel' else model
+    return copy.deepcopy(inner.to_dict() if hasattr(inner, 'to_dict') else dict(inner))
+
+
+def method_config(cfg: Any, spec: MethodSpec, point: Point, *, backbone: str,
+                  backbone_prefix: str = 'backbone.', stage: Optional[str] = None) -> Any:
+    """Make ``cfg`` (a loaded FT config, changed in place and returned) train ``spec`` at
+    ``point``, starting from the pretrained ``backbone``. ``stage='lp'``: LP-FT's probe stage
+    (the LP method); LP-FT's second stage is FT (the caller sets ``load_from``)."""
+    inner = segmentor_of(cfg)
+    # The backbone comes from the pretrained checkpoint, the way a user starts from ImageNet
+    # weights; every head keeps its own fresh initialisation. `pretrained` would conflict.
+    inner['pretrained'] = None
+    inner.setdefault('backbone', {})['init_cfg'] = dict(
+        type='Pretrained', checkpoint=backbone, prefix=backbone_prefix)
+    recipe = 'lp' if stage == 'lp' else spec.recipe
+    wrapper = dict(type='DAFTModel', method=recipe, model=inner)
+    if recipe == 'lp':
+        wrapper['feature_extractor'] = ['backbone']
+    cfg.model = wrapper
+    cfg.optim_wrapper.optimizer.lr = point.lr
+    imports = list((cfg.get('custom_imports') or {}).get('imports', []))
+    if 'daft_mm' not in imports:
+        cfg.custom_imports = dict(imports=imports + ['daft_mm'], allow_failed_imports=False)
+    if recipe.startswith('daft'):
+        ratio = point.ratio if spec.has_ratio else None
+        cfg.daft_head_lr_mult = ratio if ratio is not None else 1.0
+        if point.scope is not None:
+            cfg.daft_head_modules = point.scope
+        hooks = [h for h in (cfg.get('custom_hooks') or []) if h.get('type') != 'DAFTHook']
+        # converted.pth is for users' runs; a ratio of 1 (conversion only) is FT's single LR
+        hooks.append(dict(type='DAFTHook', save_converted=False,
+                          check_lr=ratio is None or ratio > 1))
+        cfg.custom_hooks = hooks
+    return cfg
