@@ -61,7 +61,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--backbone', help='the pretrained backbone checkpoint every method starts '
                    'from (default: compare.backbone in the config)')
     p.add_argument('--backbone-prefix', default=None,
-                   help='its key prefix in the checkpoint (default backbone.)')
+                   help='its key prefix in the checkpoint (default backbone.; "" for a checkpoint '
+                   'that is the backbone\'s own state dict)')
     p.add_argument('--id-val', metavar='CONFIG', help='a config whose test set is the ID '
                    'validation data every choice is made on (default: the config\'s val set, '
                    'which must not be its test set)')

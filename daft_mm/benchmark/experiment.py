@@ -20,7 +20,7 @@ from .data import DEFAULT, QUICK
 from .demo_task import DEMO_CONFIGS, demo_task
 from .methods import COMPARED, ABLATIONS, MethodSpec, Point, get_method
 from .report import markdown_table, plot_report, report_title, stat, summarize
-from .runs import Context, RunPool, Task, load_pretrained
+from .runs import Context, RunPool, Task, code_hash, load_pretrained
 from .selection import Axis, BatchScore, SearchResult, grid_search
 from .task import TaskSpec
 
@@ -346,8 +346,23 @@ def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str
         'methods': summarize(results, ood_names),
         'runs': {m: [dict(r) for r in rs] for m, rs in results.items()},
         'trained_runs': ctx.trained,
+        'code': dict(hash=code_hash(), commit=_commit()),
         'seconds': time.time() - t_start,
     }
+
+
+def _commit() -> str:
+    """The checkout's commit (with ``+changes`` when its tracked files differ), for provenance."""
+    import subprocess
+    from .data import REPO
+    try:
+        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'],
+                               cwd=REPO, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+    return (head or 'unknown') + ('+changes' if dirty.strip() else '')
 
 
 def _write(report: Dict[str, Any], work_dir: Path) -> None:

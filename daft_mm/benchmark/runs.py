@@ -211,10 +211,14 @@ def _load_backbone(task: TaskSpec, backbone: Any) -> None:
     init_cfg does), refusing one that does not hold the whole backbone: mmengine's Pretrained
     init only warns about missing keys, and a half-random backbone would compare the methods on
     a premise nobody chose."""
-    from mmengine.runner.checkpoint import _load_checkpoint_with_prefix
+    from mmengine.runner.checkpoint import _load_checkpoint, _load_checkpoint_with_prefix
     from daft_mm.mm.cli import checkpoint_mismatch
-    state = _load_checkpoint_with_prefix(task.backbone_prefix, task.backbone,
-                                         map_location='cpu')
+    if task.backbone_prefix:
+        state = _load_checkpoint_with_prefix(task.backbone_prefix, task.backbone,
+                                             map_location='cpu')
+    else:  # the checkpoint is the backbone's own state dict
+        saved = _load_checkpoint(task.backbone, map_location='cpu')
+        state = saved.get('state_dict', saved) if isinstance(saved, dict) else saved
     problem = checkpoint_mismatch(backbone, state)
     if problem:
         raise ValueError(f'the pretrained backbone {task.backbone} (keys under '

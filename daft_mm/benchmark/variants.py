@@ -32,8 +32,10 @@ def method_config(cfg: Any, spec: MethodSpec, point: Point, *, backbone: str,
     # The backbone comes from the pretrained checkpoint, the way a user starts from ImageNet
     # weights; every head keeps its own fresh initialisation. `pretrained` would conflict.
     inner['pretrained'] = None
-    inner.setdefault('backbone', {})['init_cfg'] = dict(
-        type='Pretrained', checkpoint=backbone, prefix=backbone_prefix)
+    init = dict(type='Pretrained', checkpoint=backbone)
+    if backbone_prefix:  # none: the checkpoint is the backbone's own state dict
+        init['prefix'] = backbone_prefix
+    inner.setdefault('backbone', {})['init_cfg'] = init
     recipe = 'lp' if stage == 'lp' else spec.recipe
     wrapper = dict(type='DAFTModel', method=recipe, model=inner)
     if recipe == 'lp':
@@ -43,14 +45,16 @@ def method_config(cfg: Any, spec: MethodSpec, point: Point, *, backbone: str,
     imports = list((cfg.get('custom_imports') or {}).get('imports', []))
     if 'daft_mm' not in imports:
         cfg.custom_imports = dict(imports=imports + ['daft_mm'], allow_failed_imports=False)
+    # a DAFT config as the base: its DAFTHook is the DAFT methods' only
+    hooks = [h for h in (cfg.get('custom_hooks') or [])
+             if h.get('type') not in ('DAFTHook', 'daft_mm.DAFTHook')]
     if recipe.startswith('daft'):
         ratio = point.ratio if spec.has_ratio else None
         cfg.daft_head_lr_mult = ratio if ratio is not None else 1.0
         if point.scope is not None:
             cfg.daft_head_modules = point.scope
-        hooks = [h for h in (cfg.get('custom_hooks') or []) if h.get('type') != 'DAFTHook']
         # converted.pth is for users' runs; a ratio of 1 (conversion only) is FT's single LR
         hooks.append(dict(type='DAFTHook', save_converted=False,
                           check_lr=ratio is None or ratio > 1))
-        cfg.custom_hooks = hooks
+    cfg.custom_hooks = hooks
     return cfg
