@@ -24,7 +24,6 @@ JSON-able report, :func:`format_table` prints it.
 """
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 import time

@@ -1,7 +1,8 @@
 """The comparison of methods on one task, end to end: each method at its setting chosen on ID-val
 (recorded, or searched now), the ablations, the check that the budget suffices, and the report.
 :func:`run_comparison` runs any :class:`~daft_mm.benchmark.task.TaskSpec` (``tools/compare.py``);
-:func:`run_benchmark` is the embedded demo (``tools/demo.py``): its data and backbone, then the same.
+:func:`run_benchmark` is the embedded demo (``tools/demo.py``): its data and backbone, then the
+same.
 
 Every method: the same pretrained backbone, a fresh decode head, the same iteration budget, the
 same seeds; every choice on ID-val only (OOD sets are evaluated, never used to choose).

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ class Context:
     progress_bars: bool = True  # an mmengine ProgressBar over each run's iterations
     eval_sets: Dict[str, List[Any]] = field(default_factory=dict)  # name -> cached batches
     id_val_batches: List[Any] = field(default_factory=list)
-    dataset_meta: Dict[str, Any] = field(default_factory=dict)  # classes, palette: the ID test set's
+    dataset_meta: Dict[str, Any] = field(default_factory=dict)  # the ID test set's classes
     pretrained_backbone: Any = None
     task_key: str = ''
     runs: int = 0
@@ -344,6 +345,10 @@ class RunPool:
         self.ctx = ctx
         self.workers = workers
         self._pool = None
+        # A search runs its chains of methods in threads that share this pool: one executor for
+        # all of them (not one each), and in-process runs one at a time (a Runner is not
+        # thread-safe: mmengine keeps the current scope, logger and message hub per process).
+        self._lock = threading.RLock()
 
     def __enter__(self) -> 'RunPool':
         return self
@@ -354,14 +359,16 @@ class RunPool:
             self._pool = None
 
     def _executor(self):
-        if self._pool is None:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-            c = self.ctx
-            self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context('spawn'),
-                initializer=_init_worker, initargs=(c.task, c.task_key, c.work_dir, c.verbose))
-        return self._pool
+        with self._lock:
+            if self._pool is None:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+                c = self.ctx
+                self._pool = ProcessPoolExecutor(
+                    self.workers, mp_context=multiprocessing.get_context('spawn'),
+                    initializer=_init_worker,
+                    initargs=(c.task, c.task_key, c.work_dir, c.verbose))
+            return self._pool
 
     def run(self, tasks: List[Task],
             done: Optional[Callable[[Task, Dict[str, Any]], None]] = None,
@@ -375,8 +382,9 @@ class RunPool:
         results: Dict[Task, Dict[str, Any]] = {}
         if self.workers <= 1:
             for task in unique:
-                results[task] = run_point(self.ctx, get_method(task[0]), task[1], task[2], probe,
-                                          budget)
+                with self._lock:
+                    results[task] = run_point(self.ctx, get_method(task[0]), task[1], task[2],
+                                              probe, budget)
                 if done is not None:
                     done(task, results[task])
             return [results[t] for t in tasks]
