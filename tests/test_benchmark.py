@@ -111,6 +111,18 @@ def test_pareto_front_and_summary():
     assert summarize({'FT': runs[:1]}, ['a'])['FT']['id_val_miou']['std'] == 0.0
 
 
+def test_front_lines_name_each_methods_pareto_settings():
+    from daft_mm.benchmark.report import front_lines
+    run = dict(method='FT', setting={'lr': 0.1}, id=50.0, ood_mean=30.0)
+    runs = [run, dict(run, seed=1, id=52.0),  # one point, two seeds: (51, 30)
+            dict(run, setting={'lr': 0.3}, id=48.0, ood_mean=33.0),  # on the front
+            dict(run, setting={'lr': 1.0}, id=47.0, ood_mean=29.0),  # dominated
+            dict(run, method='DAFT', setting={'lr': 0.01, 'ratio': 100.0, 'scope': 'predictors'})]
+    assert front_lines(runs) == [
+        'FT (3 settings searched): lr=0.1: 51.00 / 30.00; lr=0.3: 48.00 / 33.00',
+        'DAFT (1 settings searched): lr=0.01 ratio=100 scope=predictors: 50.00 / 30.00']
+
+
 def test_search_chains_share_one_pool_of_workers():
     """The search's chains call the pool from several threads at once: they must share one
     executor of ``workers`` processes (a race here once started one executor per chain, twice

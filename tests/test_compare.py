@@ -67,6 +67,19 @@ def test_camvid_specification_end_to_end(compared):
     assert (work / 'report.png').stat().st_size > 1000
     md = (work / 'report.md').read_text()
     assert 'camvid_day_dusk' in md.splitlines()[0] and '| dusk |' in md and 'Budget: FT' in md
+    assert '- DAFT (4 settings searched): ' in md  # its Pareto front, in words
+
+
+def test_publish_report_rerenders_under_a_name(compared, python, tmp_path):
+    work, _ = compared
+    proc = subprocess.run([python, str(REPO / 'benchmarks' / 'publish_report.py'), str(work),
+                           'camvid', '--out-dir', str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env=cpu_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / 'camvid.json').read_text()) == \
+        json.loads((work / 'report.json').read_text())
+    assert '![camvid](camvid.png)' in (tmp_path / 'camvid.md').read_text()
+    assert (tmp_path / 'camvid.png').stat().st_size > 1000
 
 
 def test_rerun_reuses_every_run_and_one_seed_gives_identical_numbers(compared, camvid_root,

@@ -20,13 +20,13 @@ from daft_mm.utils import atomic_write, atomic_write_json
 from .data import DEFAULT, QUICK
 from .demo_task import DEMO_CONFIGS, demo_task
 from .methods import COMPARED, ABLATIONS, MethodSpec, Point, get_method
-from .report import markdown_table, plot_report, report_title, stat, summarize
+from .report import front_lines, markdown_table, plot_report, report_title, stat, summarize
 from .runs import Context, RunPool, Task, code_hash, load_pretrained
 from .selection import Axis, BatchScore, SearchResult, grid_search
 from .task import TaskSpec
 
 __all__ = ['RECORDED', 'SEARCH_SPACES', 'QUICK_SEARCH_SPACES', 'Progress', 'Options',
-           'run_benchmark', 'run_comparison', 'load_recorded']
+           'run_benchmark', 'run_comparison', 'load_recorded', 'write_report']
 
 #: The choices ``--search`` made on ID-val, with every search run (for the Pareto plot).
 RECORDED = DEMO_CONFIGS / 'recorded_search.json'
@@ -272,7 +272,7 @@ def run_comparison(task: TaskSpec, opts: Options,
             budget_check = _budget_check(task.budget, results['FT'], longer)
             progress.note(budget_check['verdict'])
     report = _report(opts, task, chosen, source, record, results, ctx, t_start, budget_check)
-    _write(report, work_dir)
+    write_report(report, work_dir)
     return report
 
 
@@ -366,21 +366,28 @@ def _commit() -> str:
     return (head or 'unknown') + ('+changes' if dirty.strip() else '')
 
 
-def _write(report: Dict[str, Any], work_dir: Path) -> None:
-    atomic_write_json(str(work_dir / 'report.json'), report, indent=1, default=str)
+def write_report(report: Dict[str, Any], out_dir: Path, stem: str = 'report') -> None:
+    """``<stem>.{json,md,png}`` in ``out_dir``: the table at the choices, the budget check, each
+    method's Pareto front of its search runs in words, and the figure."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(str(out_dir / f'{stem}.json'), report, indent=1, default=str)
     labels = {m: Point.from_dict(p).label() for m, p in report['chosen'].items()}
     table = markdown_table(report['methods'], report['ood_sets'], labels)
+    fronts = front_lines(report['search_runs'])
     md = (f'# {report["title"]}\n\n{report["premise"]}. {report["metric"]}. Feature cos: '
           f'{report["cosine_similarity"]}.\n\nSettings from {report["chosen_source"]}.\n\n'
           f'{table}\n\nAblations: {", ".join(report["ablations"])}.\n\n'
           + (f'Budget: {report["budget_check"]["verdict"]}.\n\n' if report.get('budget_check')
-             else '') +
-          f'![report](report.png)\n\nTotal time: {report["seconds"]:.0f}s '
+             else '')
+          + ('Pareto front of each method\'s search runs (ID mIoU, OOD mean mIoU; mean over the '
+             'seeds a point ran with):\n\n' + '\n'.join(f'- {line}' for line in fronts) + '\n\n'
+             if fronts else '')
+          + f'![{stem}]({stem}.png)\n\nTotal time: {report["seconds"]:.0f}s '
           f'({report["trained_runs"]} runs trained, the rest reused).\n')
-    with atomic_write(str(work_dir / 'report.md')) as f:
+    with atomic_write(str(out_dir / f'{stem}.md')) as f:
         f.write(md)
-    plot_report(report['methods'], report['search_runs'], work_dir / 'report.png',
+    plot_report(report['methods'], report['search_runs'], out_dir / f'{stem}.png',
                 report['title'])
     print('\n' + table + '\n', flush=True)
-    print(f'report: {work_dir / "report.md"}, {work_dir / "report.json"}, '
-          f'{work_dir / "report.png"} ({report["seconds"]:.0f}s)', flush=True)
+    print(f'report: {out_dir / stem}.{{md,json,png}} ({report["seconds"]:.0f}s)', flush=True)

@@ -10,7 +10,8 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
-__all__ = ['stat', 'summarize', 'pareto_front', 'report_title', 'markdown_table', 'plot_report']
+__all__ = ['stat', 'summarize', 'pareto_front', 'point_means', 'front_lines', 'report_title',
+           'markdown_table', 'plot_report']
 
 
 def stat(values: Sequence[float]) -> Dict[str, Any]:
@@ -41,6 +42,35 @@ def pareto_front(points: Sequence[Tuple[float, float]]) -> List[Tuple[float, flo
     front = [p for p in points
              if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
     return sorted(set(front))
+
+
+def point_means(search_runs: Sequence[Mapping[str, Any]]
+                ) -> Dict[str, List[Tuple[str, float, float]]]:
+    """Per method, every searched setting's (label, mean ID, mean OOD mean) over its seeds."""
+    by_point: Dict[Tuple[str, str], List[Mapping[str, Any]]] = {}
+    for r in search_runs:
+        by_point.setdefault((r['method'], _label(r['setting'])), []).append(r)
+    out: Dict[str, List[Tuple[str, float, float]]] = {}
+    for (method, label), rs in by_point.items():
+        out.setdefault(method, []).append((label, sum(r['id'] for r in rs) / len(rs),
+                                           sum(r['ood_mean'] for r in rs) / len(rs)))
+    return out
+
+
+def _label(setting: Mapping[str, Any]) -> str:
+    return ' '.join(f'{k}={v:g}' if isinstance(v, (int, float)) else f'{k}={v}'
+                    for k, v in sorted(setting.items()))
+
+
+def front_lines(search_runs: Sequence[Mapping[str, Any]]) -> List[str]:
+    """One line per method: its Pareto front in (ID, OOD mean), from high ID to high OOD."""
+    lines = []
+    for method, points in point_means(search_runs).items():
+        front = set(pareto_front([(i, o) for _, i, o in points]))
+        kept = sorted((p for p in points if (p[1], p[2]) in front), key=lambda p: -p[1])
+        lines.append(f'{method} ({len(points)} settings searched): ' + '; '.join(
+            f'{label}: {i:.2f} / {o:.2f}' for label, i, o in kept))
+    return lines
 
 
 def report_title(quick: bool, n_seeds: int, task: str = 'demo') -> str:
@@ -91,12 +121,9 @@ def plot_report(summary: Mapping[str, Any], search_runs: Sequence[Mapping[str, A
     ax.set_ylabel('mIoU (%)')
     ax.set_title('at the settings chosen on ID-val', fontsize=10)
     ax.legend(fontsize=8)
-    by_point: Dict[Tuple[str, str], List[Mapping[str, Any]]] = {}
-    for r in search_runs:
-        by_point.setdefault((r['method'], str(sorted(r['setting'].items()))), []).append(r)
+    means = point_means(search_runs)
     for method in methods:
-        pts = [(sum(r['id'] for r in rs) / len(rs), sum(r['ood_mean'] for r in rs) / len(rs))
-               for (m, _), rs in by_point.items() if m == method]
+        pts = [(i, o) for _, i, o in means.get(method, [])]
         if not pts:
             continue
         ax2.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, alpha=0.5,

@@ -1,0 +1,35 @@
+"""Publish a comparison's report (``tools/compare.py`` / ``tools/demo.py`` work dir) under
+``benchmarks/results/<name>.{json,md,png}``, re-rendered so the Markdown links its own figure.
+The numbers are the report's: nothing is re-run.
+
+    python benchmarks/publish_report.py work_dirs/compare/camvid_day_dusk camvid
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from daft_mm.benchmark.experiment import write_report  # noqa: E402
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('work_dir', help='the work dir holding report.json')
+    p.add_argument('name', help='the stem under --out-dir, e.g. camvid')
+    p.add_argument('--out-dir', default=str(REPO / 'benchmarks' / 'results'))
+    args = p.parse_args(argv)
+    report_file = Path(args.work_dir) / 'report.json'
+    if not report_file.is_file():
+        p.error(f'{report_file} does not exist: run tools/compare.py (or tools/demo.py) first')
+    write_report(json.loads(report_file.read_text()), Path(args.out_dir), args.name)
+
+
+if __name__ == '__main__':
+    main()
