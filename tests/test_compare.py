@@ -189,3 +189,18 @@ def test_every_method_is_derived_from_one_config():
     again = method_config(shipped, get_method('FT'), Point(lr=0.1), backbone='b.pth')
     assert again.model.model.type == 'EncoderDecoder' and again.model.method == 'ft'
     assert not any(h['type'] == 'DAFTHook' for h in again.get('custom_hooks', []))
+
+
+def test_specification_keys_and_id_val_are_checked(tmp_path):
+    from daft_mm.benchmark.task import task_from_config
+    task = task_from_config(str(CAMVID_SPEC), options={'data_root': str(tmp_path)})
+    # a dict without `type` changes the ID test set: same dataset and pipeline, another list
+    assert task.ood['dusk'] == dict(task.id_test, ann_file='daft_splits/ood_dusk.txt')
+    assert task.id_test['data_root'] == str(tmp_path) and task.budget == 300
+    assert task.ood_names == ['dusk', 'gaussian_noise-3', 'motion_blur-3', 'fog-3']
+    spec = tmp_path / 'spec.py'
+    spec.write_text(f"_base_ = ['{CAMVID_SPEC}']\ncompare = dict(budgt=100)\n")
+    with pytest.raises(ValueError, match=r"unknown compare key\(s\) \['budgt'\]"):
+        task_from_config(str(spec))
+    with pytest.raises(ValueError, match='the ID-val set is the ID test set'):
+        task_from_config(str(CAMVID_SPEC), id_val=dict(ann_file='daft_splits/id_test.txt'))

@@ -74,6 +74,12 @@ class TaskSpec:
         return stable_hash(spec)
 
 
+#: what a ``compare`` dict may hold (the fields a user sets; config and id_test are the config's)
+_SPEC_KEYS = frozenset({'name', 'description', 'backbone', 'backbone_prefix', 'id_val', 'ood',
+                        'corruptions', 'options', 'budget', 'lp_fraction', 'batch_size',
+                        'seeds', 'eval_batch_size', 'spaces'})
+
+
 def dataset_of(config: str, options: Mapping[str, Any], loader: str = 'test_dataloader'
                ) -> Dict[str, Any]:
     """The dataset config of ``loader`` in a config file (loaded as the tools load it)."""
@@ -136,8 +142,14 @@ def task_from_config(config: str, *, backbone: Optional[str] = None,
     if corruptions is not None:
         spec['corruptions'] = tuple(corruptions)
     spec.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(spec) - _SPEC_KEYS)
+    if unknown:
+        raise ValueError(f'{config}: unknown compare key(s) {unknown}; the keys are '
+                         f'{sorted(_SPEC_KEYS)}')
     spec_options = dict(spec.pop('options', {}) or {})
     spec_options.update(options)
+    if spec_options != options:  # the specification's own options change the config too
+        cfg = load_config(config, spec_options, work_dir='unused')
     if not spec.get('backbone'):
         raise ValueError(f'{config}: no pretrained backbone: pass --backbone CKPT (or set '
                          "compare = dict(backbone=...) in the config); every method starts "
@@ -163,8 +175,10 @@ def task_from_config(config: str, *, backbone: Optional[str] = None,
         spec['id_val'] = plain(val)
     else:
         spec['id_val'] = _dataset(spec['id_val'], spec_options, base_dir, 'id_val', test)
+        if spec['id_val'] == test:
+            raise ValueError(f'{config}: the ID-val set is the ID test set; every choice would '
+                             'then be made on the test images. Give held-out ID images')
     spec['ood'] = {name: _dataset(v, spec_options, base_dir, f'OOD set {name!r}', test)
                    for name, v in (spec.get('ood') or {}).items()}
     spec.setdefault('name', osp.splitext(osp.basename(config))[0])
-    return TaskSpec(config=osp.abspath(config), id_test=test, options=spec_options,
-                    **{k: v for k, v in spec.items() if k != 'id_test'})
+    return TaskSpec(config=osp.abspath(config), id_test=test, options=spec_options, **spec)
