@@ -61,6 +61,9 @@ def _stopping_rank(rank: int, init_file: str, seconds_per_batch: float, batches:
 
     from daft_mm.core import ConversionError, convert_bn
     torch.set_num_threads(1)
+    # a shell's background job (`cmd &`, nohup) starts with SIGINT ignored, and Python then
+    # keeps it ignored: the Ctrl-C below would do nothing. Ctrl-C is what is measured here.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     marks = {}
