@@ -128,6 +128,9 @@ def _slow_forward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 def _interrupted_worker(rank: int, init_file: str, out_dir: str) -> None:
     import signal
     import time
+    # a suite started as a background job (`make test &`, nohup) has SIGINT ignored: restore
+    # Python's Ctrl-C handler, which is what this test is about
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
                             world_size=WORLD)
     net = make_net(False)
