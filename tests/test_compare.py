@@ -228,3 +228,28 @@ def test_specification_keys_and_id_val_are_checked(tmp_path):
         task_from_config(str(spec))
     with pytest.raises(ValueError, match='the ID-val set is the ID test set'):
         task_from_config(str(CAMVID_SPEC), id_val=dict(ann_file='daft_splits/id_test.txt'))
+
+
+def test_provenance_counts_each_part_of_a_concatenated_set(tmp_path):
+    """VOC-aug style training sets are ConcatDatasets: each part is recorded and shown."""
+    from daft_mm.benchmark.experiment import _provenance_md
+    from daft_mm.benchmark.task import provenance
+    (tmp_path / '.source_commit').write_text('abc123\n')
+    for name, n in (('a.txt', 3), ('b.txt', 2)):
+        (tmp_path / name).write_text(''.join(f'img{i} ann{i}\n' for i in range(n)) + '\n')
+    part = dict(type='CamVidDataset', data_root=str(tmp_path))
+    concat = dict(type='ConcatDataset', datasets=[dict(part, ann_file='a.txt'),
+                                                  dict(part, ann_file='b.txt')])
+    backbone = tmp_path / 'bb.pth'
+    backbone.write_bytes(b'weights')
+    record = provenance(dict(config=str(CAMVID_SPEC), options={}, id_val=concat,
+                             id_test=dict(part, ann_file='a.txt'), ood={},
+                             backbone=str(backbone)))
+    parts = record['sets']['id_val']['parts']
+    assert [p['images'] for p in parts] == [3, 2]
+    assert all(p['source_commit'] == 'abc123' for p in parts)
+    assert record['sets']['id_train']['ann_file'] == 'daft_splits/id_train.txt'
+    assert 'pretraining' not in record['backbone']  # no sidecar JSON beside it
+    md = _provenance_md(record)
+    assert '- id_val [1]: `b.txt`' in md and '2 images, source commit abc123' in md
+    assert '- id_test: `a.txt`' in md and 'bb.pth' in md

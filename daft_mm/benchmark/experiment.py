@@ -368,17 +368,27 @@ def _commit() -> str:
     return (head or 'unknown') + ('+changes' if dirty.strip() else '')
 
 
+def _set_md(s: Mapping[str, Any]) -> str:
+    if 'error' in s:
+        return s['error']
+    if 'parts' in s:
+        return f'{len(s["parts"])} concatenated sets'
+    where = s.get('ann_file') or s.get('img_path') or ''
+    count = f', {s["images"]} images' if s.get('images') is not None else ''
+    commit = f', source commit {s["source_commit"][:12]}' if s.get('source_commit') else ''
+    return f'`{where}` under `{s.get("data_root")}`{count}{commit}'
+
+
 def _provenance_md(record: Optional[Mapping[str, Any]]) -> str:
     """The data and backbone lines of the Markdown report."""
     if not record:
         return ''
     lines = []
     for name, s in record['sets'].items():
-        where = s.get('ann_file') or s.get('img_path') or ''
-        count = f', {s["images"]} images' if s.get('images') is not None else ''
-        commit = f', source commit {s["source_commit"][:12]}' if s.get('source_commit') else ''
-        lines.append(f'- {name}: `{where}` under `{s.get("data_root")}`{count}{commit}'
-                     if 'error' not in s else f'- {name}: {s["error"]}')
+        if 'parts' in s:  # a ConcatDataset: one line per part
+            lines += [f'- {name} [{i}]: {_set_md(p)}' for i, p in enumerate(s['parts'])]
+        else:
+            lines.append(f'- {name}: {_set_md(s)}')
     bb = record['backbone']
     pre = bb.get('pretraining') or {}
     data = pre.get('data') or {}
