@@ -16,13 +16,13 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 __all__ = ['ID_STYLE', 'OOD_STYLES', 'COARSE_CATEGORIES', 'COARSE_OF_TRAIN_ID', 'Settings',
            'DEFAULT', 'QUICK', 'DataRoots', 'make_data', 'source_styles', 'stable_hash',
-           'file_hash']
+           'file_hash', 'source_commit']
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,6 +88,17 @@ def stable_hash(obj: Any) -> str:
 
 def file_hash(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()[:10] if path.is_file() else 'missing'
+
+
+def source_commit(root: Path) -> Optional[str]:
+    """The commit of the repository the data came from, as a ``.source_commit`` file in ``root``
+    or a folder above says (write it when extracting: ``git -C <mirror> rev-parse HEAD``); None
+    when there is none."""
+    for folder in [root, *root.parents]:
+        marker = folder / '.source_commit'
+        if marker.is_file():
+            return marker.read_text().strip()
+    return None
 
 
 @dataclass

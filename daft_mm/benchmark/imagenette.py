@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import source_commit
+
 __all__ = ['PretrainSettings', 'load_image_folder', 'pretrain_backbone', 'source_commit']
 
 MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
@@ -44,17 +46,6 @@ class PretrainSettings:
     warmup_iters: int = 200
     seed: int = 0
     threads: int = 2
-
-
-def source_commit(root: Path) -> Optional[str]:
-    """The commit of the repository the data came from, as a ``.source_commit`` file in ``root``
-    or a folder above says (write it when extracting: ``git -C <mirror> rev-parse HEAD``); None
-    when there is none."""
-    for folder in [root, *root.parents]:
-        marker = folder / '.source_commit'
-        if marker.is_file():
-            return marker.read_text().strip()
-    return None
 
 
 def load_image_folder(root: Path, size: int, classes: Optional[List[str]] = None,

