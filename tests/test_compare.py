@@ -6,6 +6,7 @@ comparison honest (choosing on test images, a backbone that does not fit)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -67,7 +68,7 @@ def test_camvid_specification_end_to_end(compared, camvid_root):
     assert (work / 'report.png').stat().st_size > 1000
     md = (work / 'report.md').read_text()
     assert 'camvid_day_dusk' in md.splitlines()[0] and '| dusk |' in md and 'Budget: FT' in md
-    assert '- DAFT (4 settings searched): ' in md  # its Pareto front, in words
+    assert '- DAFT (1 settings searched): ' in md  # its Pareto front, in words
     # provenance: every set's list and image count, the data's source commit, the backbone
     sets = report['provenance']['sets']
     commit = (SAMPLE / '.source_commit').read_text().strip()
@@ -79,6 +80,49 @@ def test_camvid_specification_end_to_end(compared, camvid_root):
     backbone = report['provenance']['backbone']
     assert len(backbone['sha256']) == 64 and backbone['pretraining']['val_top1'] > 70
     assert f'source commit {commit[:12]}' in md and 'val top-1' in md
+
+
+def test_quick_reads_a_few_images_with_one_setting_per_method(compared):
+    """Issue 33 item 2: --quick reduces the data (every set, training too), not only the
+    schedule, and says so in its title."""
+    work, _ = compared
+    report = json.loads((work / 'report.json').read_text())
+    assert report['task']['max_images'] == 4
+    assert 'at most 4 images per set, 4 iterations, one setting per method' in report['title']
+    searched = json.loads((work / 'search.json').read_text())['runs']
+    assert sorted(r['method'] for r in searched) == sorted(ROWS)  # one run each
+    from daft_mm.benchmark.task import limit_images
+    wrapped = dict(type='RepeatDataset', times=8, dataset=dict(type='ConcatDataset', datasets=[
+        dict(type='CamVidDataset', ann_file='a.txt'), dict(type='CamVidDataset')]))
+    limited = limit_images(wrapped, 4)
+    assert [d['indices'] for d in limited['dataset']['datasets']] == [4, 4]
+    assert 'indices' not in wrapped['dataset']['datasets'][0]  # a copy, not an edit
+
+
+def test_budget_check_runs_are_labelled_and_reported(compared):
+    """Issue 33 item 4: FT at twice the budget is labelled as such and its ID / OOD numbers
+    are in the report (a row of the table, the JSON)."""
+    work, out = compared
+    assert 'budget check: FT seed 0 at 8 iterations (2x the budget): ID-val' in out
+    check = json.loads((work / 'report.json').read_text())['budget_check']
+    assert set(check['at_twice_summary']['ood_miou']) == {'dusk', 'gaussian_noise-3',
+                                                          'motion_blur-3', 'fog-3'}
+    assert [sum(r['budgets'].values()) for r in check['runs']] == [8]
+    md = (work / 'report.md').read_text()
+    assert '| FT at 2x budget (8 it., the budget check) | lr=' in md
+
+
+def test_output_is_one_line_per_run_with_the_time_left(compared):
+    """Issue 33 item 5: no progress bars or checkpoint-loading lines without --verbose; the
+    counter never passes its total; the time left is shown; the lines also go to compare.log."""
+    work, out = compared
+    assert 'Loads checkpoint' not in out and '>>>>' not in out and 'task/s' not in out
+    counters = [tuple(map(int, c)) for c in re.findall(r'^\[(\d+)/(\d+) \|', out, re.M)]
+    assert len(counters) == len(ROWS) + 1 and all(a <= b for a, b in counters)
+    assert counters[-1][0] == counters[-1][1]
+    assert re.search(r'^\[1/\d+ \| \d+:\d\d, ~\d+:\d\d left\] search ', out, re.M)
+    log = (work / 'compare.log').read_text()
+    assert 'about 7 fine-tuning runs' in log and 'budget check: FT seed 0' in log
 
 
 def test_publish_report_rerenders_under_a_name(compared, python, tmp_path):
@@ -174,8 +218,9 @@ def test_a_backbone_that_does_not_fit_is_refused(tmp_path, python, camvid_root):
     torch.save({'state_dict': {'backbone.conv1.weight': torch.zeros(3)}}, wrong)
     proc = _compare(python, CAMVID_SPEC, '--quick', '--search', '--backbone', wrong,
                     '--work-dir', tmp_path / 'w', '--cfg-options', f'data_root={camvid_root}')
-    assert proc.returncode != 0
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
     assert 'does not fit the config\'s backbone' in proc.stderr and 'missing' in proc.stderr
+    assert 'none of them is a weight of this backbone' in proc.stderr
 
 
 def test_compare_needs_a_search_or_recorded_choices(python):
@@ -253,3 +298,207 @@ def test_provenance_counts_each_part_of_a_concatenated_set(tmp_path):
     md = _provenance_md(record)
     assert '- id_val [1]: `b.txt`' in md and '2 images, source commit abc123' in md
     assert '- id_test: `a.txt`' in md and 'bb.pth' in md
+
+
+# ------------------------------------------------------------ issue 33: the first comparison
+def test_a_report_file_as_recorded_runs_to_a_report_that_says_so(compared, camvid_root, python,
+                                                                 tmp_path):
+    """Item 1: the shipped CamVid report as --recorded (its runs are a dict by method) runs to a
+    report; choices made for another budget and task specification are used with a warning and
+    the report says they were not chosen on this task's ID-val. A file of neither form is
+    refused before anything trains."""
+    shipped = REPO / 'benchmarks' / 'results' / 'camvid.json'
+    proc = _compare(python, CAMVID_SPEC, '--quick', '--recorded', shipped, '--no-budget-check',
+                    '--work-dir', tmp_path / 'w', '--cfg-options', f'data_root={camvid_root}')
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'WARNING: these choices were made for' in proc.stdout
+    assert 'a budget of 300 iterations (this one: 4)' in proc.stdout
+    report = json.loads((tmp_path / 'w' / 'report.json').read_text())
+    published = json.loads(shipped.read_text())
+    assert report['chosen'] == published['chosen']
+    assert len(report['search_runs']) == len(published['search_runs']) > 0
+    assert report['chosen_for']['matches'] is False and report['chosen_for']['budget'] == 300
+    assert 'NOT chosen on this task\'s ID-val at this budget' in report['metric']
+    md = (tmp_path / 'w' / 'report.md').read_text()
+    assert '(?)' not in md and 'NOT chosen' in md
+    bad = tmp_path / 'bad.json'
+    bad.write_text('{"runs": []}')
+    proc = _compare(python, CAMVID_SPEC, '--quick', '--recorded', bad, '--work-dir',
+                    tmp_path / 'w2', '--cfg-options', f'data_root={camvid_root}')
+    assert proc.returncode == 2 and 'holds no chosen settings' in proc.stderr
+    assert 'Traceback' not in proc.stderr and not (tmp_path / 'w2' / 'runs').exists()
+
+
+def _backbone_error(tmp_path: Path, state: dict, prefix: str) -> str:
+    import types
+
+    import torch
+    from daft_mm.benchmark.runs import _load_backbone
+    from daft_mm.benchmark.task import InputError
+    path = tmp_path / f'ckpt{len(list(tmp_path.iterdir()))}.pth'
+    torch.save({'state_dict': state}, path)
+    with pytest.raises(InputError) as err:
+        _load_backbone(types.SimpleNamespace(backbone=str(path), backbone_prefix=prefix),
+                       _camvid_backbone())
+    return str(err.value)
+
+
+def _camvid_backbone():
+    import daft_mm.mm  # noqa: F401
+    from mmengine.registry import MODELS, init_default_scope
+    from daft_mm.mm.cli import load_config
+    init_default_scope('mmseg')
+    return MODELS.build(load_config(str(CAMVID_SPEC)).model.backbone)
+
+
+def test_backbone_prefix_mistakes_name_the_prefix_that_loads_it(tmp_path):
+    """Item 3: a raw backbone state dict, one under `model.backbone.`, and the reverse mistake
+    (prefix '' for a `backbone.` checkpoint) each name the --backbone-prefix that loads it."""
+    import types
+
+    import torch
+    from daft_mm.benchmark.runs import _load_backbone
+    own = _camvid_backbone().state_dict()
+    raw = _backbone_error(tmp_path, dict(own), 'backbone.')
+    assert "no key starts with 'backbone.'" in raw
+    assert "pass --backbone-prefix ''" in raw and "backbone's own state dict" in raw
+    nested = {f'model.backbone.{k}': v for k, v in own.items()}
+    nested['model.decode_head.conv_seg.weight'] = torch.zeros(11, 32, 1, 1)
+    text = _backbone_error(tmp_path, nested, 'backbone.')
+    assert 'pass --backbone-prefix model.backbone.' in text and "'model.'" in text
+    assert "compare = dict(backbone_prefix='model.backbone.')" in text
+    reverse = _backbone_error(tmp_path, {f'backbone.{k}': v for k, v in own.items()}, '')
+    assert 'pass --backbone-prefix backbone.' in reverse and 'with no key prefix' in reverse
+    # the prefix it names loads every weight
+    path = tmp_path / 'nested.pth'
+    torch.save({'state_dict': {k: v + 1 for k, v in nested.items()}}, path)
+    backbone = _camvid_backbone()
+    _load_backbone(types.SimpleNamespace(backbone=str(path), backbone_prefix='model.backbone.'),
+                   backbone)
+    assert all(torch.equal(v, own[k] + 1) for k, v in backbone.state_dict().items())
+
+
+def test_method_names_take_aliases_and_refuse_typos_at_once(capsys):
+    """Item 6: one set of names across the tools, aliases accepted, any case; a typo is an
+    argparse error naming the closest method."""
+    from _tools import load_tool
+    from daft_mm.core import recipe_name
+    compare = load_tool('compare')
+    args = compare.parse_args([str(CAMVID_SPEC), '--search', '--recorded', 'x.json',
+                               '--search-methods', 'daft-no-convert', 'Conversion Only',
+                               'lp_ft', 'DAFT w/o conversion'])
+    assert args.search_methods == ['DAFT w/o conversion', 'conversion only', 'LP-FT',
+                                   'DAFT w/o conversion']
+    with pytest.raises(SystemExit) as exit_:
+        compare.parse_args([str(CAMVID_SPEC), '--search', '--recorded', 'x.json',
+                            '--search-methods', 'daftt'])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown benchmark method 'daftt'; did you mean 'DAFT'?" in err
+    # tools/train_cls.py reads the same names (its recipes)
+    assert recipe_name('DAFT w/o conversion') == 'daft-no-convert'
+    assert recipe_name('conversion only') == 'daft-convert-only'
+    train_cls = load_tool('train_cls')
+    with pytest.raises(SystemExit):
+        train_cls.parse_args(['--method', 'daft-no-covnert'])
+    assert "did you mean 'daft-no-convert'?" in capsys.readouterr().err
+
+
+def test_a_missing_set_folder_names_the_set_key_and_path(tmp_path, python, camvid_root):
+    """Item 7: an OOD set whose folder is missing is refused before anything is built, naming
+    the set, the key and the path, without a traceback; also as a data_prefix variant."""
+    night = tmp_path / 'night.py'
+    night.write_text(f"_base_ = ['{CAMVID_SPEC}']\ntest_dataloader = dict(dataset=dict("
+                     "data_prefix=dict(img_path='night', seg_map_path='nightannot')))\n")
+    proc = _compare(python, CAMVID_SPEC, '--quick', '--search', '--ood', f'night={night}',
+                    '--work-dir', tmp_path / 'w', '--cfg-options', f'data_root={camvid_root}')
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert (f"OOD set 'night': its data_prefix.img_path '{camvid_root / 'night'}' does not "
+            'exist') in proc.stderr
+    from daft_mm.benchmark.task import InputError, check_data, task_from_config
+    options = {'data_root': str(camvid_root)}
+    check_data(task_from_config(str(CAMVID_SPEC), options=options))  # the shipped task is whole
+    task = task_from_config(str(CAMVID_SPEC), options=options,
+                            ood=dict(fog=dict(data_root=str(tmp_path / 'nowhere'))))
+    with pytest.raises(InputError, match=r"OOD set 'fog': its data_root '.*nowhere' does not"):
+        check_data(task)
+
+
+def test_report_with_recorded_choices_one_ood_set_and_paired_differences(
+        compared, camvid_root, python, tmp_path):
+    """Item 8: recorded choices without search runs say so (no empty Pareto panel); LP-FT's row
+    shows its probe LR; paired differences to FT and a verdict line; one OOD set gets no
+    OOD-mean column."""
+    work, _ = compared
+    record = json.loads((work / 'search.json').read_text())
+    record['runs'] = []
+    choices = tmp_path / 'choices.json'
+    choices.write_text(json.dumps(record))
+    proc = _compare(python, CAMVID_SPEC, '--quick', '--recorded', choices, '--corruptions',
+                    '--no-budget-check', '--work-dir', tmp_path / 'w',
+                    '--cfg-options', f'data_root={camvid_root}')
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / 'w' / 'report.json').read_text())
+    md = (tmp_path / 'w' / 'report.md').read_text()
+    assert 'Pareto fronts: no search runs in this report' in md
+    assert '| ID mIoU | dusk | feature cos |' in md and 'OOD mean' not in md.split('Paired')[0]
+    lp = record['chosen']['LP']['lr']
+    assert f'| LP-FT | probe lr={lp:g}, then lr=' in md
+    assert 'Paired differences to FT' in md and '| DAFT | ' in md
+    paired = report['paired_to_ft']['DAFT']
+    assert set(paired) == {'ID', 'dusk'} and paired['ID']['n'] == 1
+    assert 'One seed: no interval, so no verdict' in report['verdict']
+    # the choices were made with corruptions among the OOD sets: another specification
+    assert report['chosen_for']['matches'] is False
+    assert 'another specification' in report['chosen_for']['differences'][0]
+    assert (tmp_path / 'w' / 'report.png').stat().st_size > 1000
+
+
+def test_verdict_from_paired_differences():
+    """The verdict says higher / lower only where the paired 95% interval excludes zero."""
+    from daft_mm.benchmark.report import paired_differences, verdict_line
+
+    def runs(ids, oods):
+        return [dict(seed=s, id=i, ood={'a': o, 'b': o}, ood_mean=o)
+                for s, (i, o) in enumerate(zip(ids, oods))]
+    ft = runs([40, 41, 39, 40, 42], [20, 21, 19, 20, 22])
+    better = paired_differences({'FT': ft, 'DAFT': runs([40.5, 40, 39.5, 40, 42],
+                                                         [22, 23.5, 21, 22, 24.5])}, ['a', 'b'])
+    assert better['DAFT']['OOD mean']['higher'] == 5 and better['DAFT']['OOD mean']['low'] > 0
+    assert 'better out of distribution without a clear ID loss' in verdict_line(better)
+    worse = paired_differences({'FT': ft, 'DAFT': runs([40, 41, 39, 40, 42],
+                                                        [18, 19.5, 17, 18, 20.5])}, ['a', 'b'])
+    assert 'worse out of distribution than FT' in verdict_line(worse)
+    noise = paired_differences({'FT': ft, 'DAFT': runs([40, 41, 39, 40, 42],
+                                                        [21, 20, 19.5, 20.5, 21.5])}, ['a', 'b'])
+    assert 'no clear OOD difference from FT' in verdict_line(noise)
+
+
+def test_the_docs_own_split_example_is_a_valid_task(tmp_path):
+    """Item 9: the three files of docs/compare.md's worked example make a task (ID-val and the
+    OOD set are the child configs' test sets), and a missing list is named."""
+    from daft_mm.benchmark.task import InputError, check_data, task_from_config
+    text = (REPO / 'docs' / 'compare.md').read_text()
+    blocks = re.findall(r'```python\n# configs/(my_\w+\.py)[^\n]*\n(.*?)```', text, re.S)
+    assert [name for name, _ in blocks] == ['my_ft.py', 'my_val.py', 'my_night.py']
+    configs = tmp_path / 'configs'
+    configs.mkdir()
+    for name, body in blocks:
+        body = body.replace('./camvid/compare_camvid_day_dusk.py', str(CAMVID_SPEC)).replace(
+            '../benchmarks/pretrained', str(REPO / 'benchmarks' / 'pretrained'))
+        (configs / name).write_text(body)
+    data = tmp_path / 'data'
+    shutil.copytree(SAMPLE, data)
+    options = {'data_root': str(data)}
+    task = task_from_config(str(configs / 'my_ft.py'), id_val=str(configs / 'my_val.py'),
+                            ood={'night': str(configs / 'my_night.py')}, corruptions=(),
+                            options=options)
+    assert task.id_val['ann_file'] == 'splits/id_val.txt'
+    assert task.ood['night']['ann_file'] == 'splits/night.txt'
+    assert task.id_test['ann_file'] == 'splits/id_test.txt' and task.seeds == (0, 1, 2, 3, 4)
+    with pytest.raises(InputError, match=r"ID train\): its ann_file '.*splits/id_train.txt'"):
+        check_data(task)
+    (data / 'splits').mkdir()
+    for name in ('id_train', 'id_val', 'id_test', 'night'):
+        (data / 'splits' / f'{name}.txt').write_text('0016E5_07959\n')
+    check_data(task)

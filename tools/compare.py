@@ -33,7 +33,11 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
 from mmengine.config import DictAction  # noqa: E402
 
 from daft_mm.benchmark.experiment import ORDER, Options, run_comparison  # noqa: E402
-from daft_mm.benchmark.task import task_from_config  # noqa: E402
+from daft_mm.benchmark.methods import method_name  # noqa: E402
+from daft_mm.benchmark.task import InputError, task_from_config  # noqa: E402
+
+#: --quick: a smoke test of the whole path in seconds, not a benchmark.
+QUICK = dict(budget=4, max_images=4, seeds=(0, ))
 
 
 def _named(text: str) -> tuple:
@@ -51,6 +55,13 @@ def _corruption(text: str) -> tuple:
     except ValueError:
         raise argparse.ArgumentTypeError(f'{text!r}: give NAME or NAME:SEVERITY, e.g. fog:3'
                                          ) from None
+
+
+def _method(text: str) -> str:
+    try:
+        return method_name(text)
+    except KeyError as err:
+        raise argparse.ArgumentTypeError(err.args[0]) from None
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -78,25 +89,35 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--batch-size', type=int, default=None, help='training batch size')
     p.add_argument('--search', action='store_true',
                    help='choose every method\'s setting on ID-val first (needed once per task)')
-    p.add_argument('--recorded', default=None, metavar='SEARCH_JSON',
-                   help='without --search: the choices of an earlier search (its search.json)')
+    p.add_argument('--recorded', default=None, metavar='JSON',
+                   help='without --search: the choices of an earlier comparison (its '
+                   'search.json or report.json, e.g. benchmarks/results/camvid.json); the report '
+                   'says when they were made for another task or budget')
     p.add_argument('--search-methods', nargs='+', metavar='METHOD', default=None,
-                   help=f'with --search: search only these ({", ".join(ORDER)}) and keep the '
-                   'other choices from --recorded')
+                   type=_method, help=f'with --search: search only these ({", ".join(ORDER)}; '
+                   'any case, or the recipe names of configs and train_cls.py: ft, lp, lp-ft, '
+                   'daft, daft-no-convert, daft-convert-only) and keep the other choices from '
+                   '--recorded')
     p.add_argument('--protocol', choices=('grid', 'paper'), default='grid',
                    help='DAFT\'s search: the joint grid, or the paper\'s two stages')
     p.add_argument('--no-budget-check', action='store_true',
                    help='skip FT at twice the budget (the check that the budget suffices)')
     p.add_argument('--quick', action='store_true',
-                   help='a seconds-long smoke run: 4 iterations, 1 seed, one point per method')
-    p.add_argument('--workers', type=int, default=2,
-                   help='runs side by side, one torch thread each (default 2)')
+                   help=f'a smoke run of the whole path: {QUICK["budget"]} iterations, the first '
+                   f'{QUICK["max_images"]} images of every set (training too), 1 seed, one '
+                   'setting per method, one run at a time (seconds on the CamVid sample; '
+                   'about 10 s more per 100 images of set-up on a full dataset)')
+    p.add_argument('--workers', type=int, default=None,
+                   help='runs side by side, one torch thread each (default 2; 1 with --quick, '
+                   'where starting the worker processes costs more than its runs)')
     p.add_argument('--work-dir', default=None,
                    help='runs, search.json and the report (default work_dirs/compare/<name>)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                    help='options of every run, as for tools/train.py (e.g. data_root=...)')
     p.add_argument('--verbose', action='store_true', help='mmengine INFO logs of every run')
     args = p.parse_args(argv)
+    if args.workers is None:
+        args.workers = 1 if args.quick else 2
     if args.workers < 1:
         p.error(f'--workers must be >= 1, got {args.workers}')
     if not args.search and not args.recorded:
@@ -118,11 +139,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.seeds is not None:
         overrides['seeds'] = tuple(range(args.seeds))
     if args.quick:
-        overrides.update(budget=args.budget or 4, spaces='quick',
-                         seeds=overrides.get('seeds', (0, )))
-    task = task_from_config(args.config, backbone=args.backbone, id_val=args.id_val,
-                            ood=dict(args.ood) or None, corruptions=args.corruptions,
-                            options=args.cfg_options, **overrides)
+        overrides.update(budget=args.budget or QUICK['budget'], spaces='quick',
+                         max_images=QUICK['max_images'],
+                         seeds=overrides.get('seeds', QUICK['seeds']))
+    try:
+        task = task_from_config(args.config, backbone=args.backbone, id_val=args.id_val,
+                                ood=dict(args.ood) or None, corruptions=args.corruptions,
+                                options=args.cfg_options, **overrides)
+    except (InputError, FileNotFoundError) as err:
+        _refuse(err)
     work_dir = args.work_dir or str(Path('work_dirs') / 'compare' / task.name)
     command = 'tools/compare.py ' + ' '.join(shlex.quote(a) for a in (argv or sys.argv[1:])
                                              if a not in ('--search', ))
@@ -130,7 +155,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                    work_dir=work_dir, recorded=args.recorded, verbose=args.verbose,
                    workers=args.workers, search_methods=args.search_methods,
                    check_budget=not args.no_budget_check, command=command)
-    return run_comparison(task, opts)
+    try:
+        return run_comparison(task, opts)
+    except InputError as err:  # what the user gave, found before any run started
+        _refuse(err)
+
+
+def _refuse(err: Exception) -> None:
+    """A usage error: the message, no traceback (nothing has trained yet)."""
+    print(f'compare.py: error: {err}', file=sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == '__main__':

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from daft_mm.classification import (ARCHS, ImageFolder, build_resnet, evaluate, finetune,
                                     generate_demo_datasets, load_torchvision_state_dict)
-from daft_mm.core import HEAD_SCOPES, RECIPES, get_recipe
+from daft_mm.core import HEAD_SCOPES, RECIPES, get_recipe, recipe_name
 
 
 def _named_path(text: str) -> tuple[str, Path]:
@@ -43,6 +43,13 @@ def _named_path(text: str) -> tuple[str, Path]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f'expected NAME=PATH, got {text!r}')
     return name, Path(path)
+
+
+def _recipe(text: str) -> str:
+    try:
+        return recipe_name(text)
+    except KeyError as err:
+        raise argparse.ArgumentTypeError(err.args[0]) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--test', type=Path, help='ID test set (reported as "id")')
     parser.add_argument('--ood', type=_named_path, action='append', default=[],
                         metavar='NAME=PATH', help='an OOD test set (repeatable)')
-    parser.add_argument('--method', nargs='+', default=['daft'], choices=sorted(RECIPES))
+    parser.add_argument('--method', nargs='+', default=['daft'], type=_recipe,
+                        choices=sorted(RECIPES), help='recipes, in any case or spelling the '
+                        'comparison uses (lp_ft, "DAFT w/o conversion" = daft-no-convert)')
 
     parser.add_argument('--arch', default='resnet18', choices=sorted(ARCHS))
     parser.add_argument('--width', type=int, default=64, help='base width (64 = torchvision)')

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Tuple
 
-from daft_mm.core import get_recipe
+from daft_mm.core import get_recipe, recipe_name
 
 __all__ = ['MethodSpec', 'Point', 'METHODS', 'ABLATIONS', 'COMPARED', 'get_method',
-           'stage_budgets']
+           'method_name', 'stage_budgets']
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,28 @@ ABLATIONS: Tuple[MethodSpec, ...] = (
 COMPARED: Tuple[MethodSpec, ...] = METHODS + ABLATIONS
 
 
+def method_name(name: str) -> str:
+    """The row label of a compared method, from any spelling of it: the label itself in any case
+    (``'daft w/o conversion'``) or the recipe name configs and ``tools/train_cls.py`` use
+    (``'daft-no-convert'``, ``'lp_ft'``). Unknown names raise ``KeyError`` with the choices."""
+    by_recipe = {('lp-ft' if m.lp_first else m.recipe): m.name for m in COMPARED}
+    try:
+        return by_recipe[recipe_name(name)]
+    except KeyError:
+        import difflib
+        labels = [m.name for m in COMPARED]
+        spellings = dict(by_recipe, **{label.lower(): label for label in labels})
+        close = difflib.get_close_matches(str(name).strip().lower(), list(spellings), n=1)
+        hint = f'did you mean {spellings[close[0]]!r}? ' if close else ''
+        raise KeyError(f'unknown benchmark method {name!r}; {hint}choose one of '
+                       f'{", ".join(map(repr, labels))} (or their recipe names '
+                       f'{sorted(by_recipe)})') from None
+
+
 def get_method(name: str) -> MethodSpec:
-    for spec in COMPARED:
-        if spec.name == name:
-            return spec
-    raise KeyError(f'unknown benchmark method {name!r}; one of {[m.name for m in COMPARED]}')
+    """The compared method of ``name``, in any spelling :func:`method_name` accepts."""
+    label = method_name(name)
+    return next(spec for spec in COMPARED if spec.name == label)
 
 
 def stage_budgets(spec: MethodSpec, budget: int, lp_fraction: float = 0.5) -> Dict[str, int]:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = ['stat', 'summarize', 'pareto_front', 'point_means', 'front_lines', 'report_title',
-           'markdown_table', 'plot_report']
+           'markdown_table', 'plot_report', 'paired_differences', 'paired_lines', 'verdict_line']
 
 
 def stat(values: Sequence[float]) -> Dict[str, Any]:
@@ -73,11 +73,112 @@ def front_lines(search_runs: Sequence[Mapping[str, Any]]) -> List[str]:
     return lines
 
 
-def report_title(quick: bool, n_seeds: int, task: str = 'demo') -> str:
+def report_title(quick: bool, n_seeds: int, task: str = 'demo',
+                 max_images: Optional[int] = None, budget: Optional[int] = None) -> str:
     """Says how far a report can be trusted: --quick is a smoke test, one seed has no spread."""
-    parts = ['--quick smoke run (reduced data and schedule, not the benchmark)'] if quick else []
+    parts = []
+    if quick:
+        reduced = [f'{budget} iterations' if budget else 'a few iterations']
+        if max_images:
+            reduced.insert(0, f'at most {max_images} images per set')
+        parts.append(f'--quick smoke run ({", ".join(reduced)}, one setting per method: not '
+                     'the benchmark)')
     parts.append('1 seed, no spread' if n_seeds == 1 else f'mean ± std over {n_seeds} seeds')
     return f'daft-mm comparison on {task}: ' + '; '.join(parts)
+
+
+#: Two-sided 95% quantiles of Student's t by degrees of freedom (n seeds - 1); 1.96 beyond.
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def _t975(df: int) -> float:
+    return _T975.get(df) or next((v for k, v in sorted(_T975.items()) if k >= df), 1.96)
+
+
+def _paired(diffs: Dict[Any, float]) -> Dict[str, Any]:
+    values = list(diffs.values())
+    s = stat(values)
+    half = _t975(len(values) - 1) * s['std'] / math.sqrt(len(values)) if len(values) > 1 else None
+    return dict(per_seed={str(k): v for k, v in diffs.items()}, mean=s['mean'],
+                low=None if half is None else s['mean'] - half,
+                high=None if half is None else s['mean'] + half,
+                higher=sum(v > 0 for v in values), n=len(values))
+
+
+def paired_differences(results: Mapping[str, List[Mapping[str, Any]]],
+                       ood_names: Sequence[str], reference: str = 'FT'
+                       ) -> Dict[str, Dict[str, Any]]:
+    """Per method, its score minus ``reference``'s, seed by seed (runs with the same seed share
+    the data order and the head's init, so the pairing removes that noise), for ID, each OOD set
+    and (with several) the OOD mean: per-seed values, mean, a 95% t-interval over seeds (none
+    for one seed) and on how many seeds the method was higher."""
+    if reference not in results:
+        return {}
+    ref = {r['seed']: r for r in results[reference]}
+    metrics = [('ID', lambda r: r['id'])] + [(n, lambda r, n=n: r['ood'][n]) for n in ood_names]
+    if len(ood_names) > 1:
+        metrics.append(('OOD mean', lambda r: r['ood_mean']))
+    out = {}
+    for method, runs in results.items():
+        pairs = [(r, ref[r['seed']]) for r in runs if method != reference and r['seed'] in ref]
+        if pairs:
+            out[method] = {name: _paired({r['seed']: get(r) - get(f) for r, f in pairs})
+                           for name, get in metrics}
+    return out
+
+
+def _diff_cell(d: Mapping[str, Any]) -> str:
+    interval = (f' [{d["low"]:+.2f}, {d["high"]:+.2f}]' if d.get('low') is not None else '')
+    seeds = ', '.join(f'{v:+.2f}' for v in d['per_seed'].values())
+    return f'{d["mean"]:+.2f}{interval}; {d["higher"]}/{d["n"]} higher ({seeds})'
+
+
+def paired_lines(paired: Mapping[str, Mapping[str, Any]], ood_names: Sequence[str]) -> str:
+    """The Markdown table of :func:`paired_differences`."""
+    names = ['ID'] + list(ood_names) + (['OOD mean'] if len(ood_names) > 1 else [])
+    lines = ['Paired differences to FT (method - FT, seed by seed; mean [95% t-interval over '
+             'seeds]; seeds on which the method is higher (each seed\'s difference)):', '',
+             '| Method | ' + ' | '.join(names) + ' |', '|' + '---|' * (len(names) + 1)]
+    for method, by_metric in paired.items():
+        lines.append(f'| {method} | ' + ' | '.join(_diff_cell(by_metric[n]) for n in names)
+                     + ' |')
+    return '\n'.join(lines)
+
+
+def _direction(d: Mapping[str, Any]) -> str:
+    if d.get('low') is None:
+        return 'unknown'
+    return 'higher' if d['low'] > 0 else 'lower' if d['high'] < 0 else 'no clear difference'
+
+
+def verdict_line(paired: Mapping[str, Mapping[str, Any]], method: str = 'DAFT',
+                 n_seeds: int = 0) -> str:
+    """One sentence on ``method`` against FT from the paired differences: OOD (the mean over the
+    OOD sets, or the one set) and ID, each higher / lower only when its 95% interval excludes
+    zero. One seed gives no interval and so no verdict."""
+    if method not in paired:
+        return ''
+    by_metric = paired[method]
+    ood_name = 'OOD mean' if 'OOD mean' in by_metric else next(k for k in by_metric if k != 'ID')
+    ood, id_ = by_metric[ood_name], by_metric['ID']
+    head = (f'{method} vs FT over {ood["n"]} paired seed(s): {ood_name} {ood["mean"]:+.2f}, '
+            f'higher on {ood["higher"]}/{ood["n"]}; ID {id_["mean"]:+.2f}')
+    if ood['low'] is None:
+        return head + '. One seed: no interval, so no verdict (use several seeds).'
+    head += (f' (95% intervals: {ood_name} [{ood["low"]:+.2f}, {ood["high"]:+.2f}], ID '
+             f'[{id_["low"]:+.2f}, {id_["high"]:+.2f}])')
+    o, i = _direction(ood), _direction(id_)
+    if o == 'higher' and i != 'lower':
+        says = f'better out of distribution without a clear ID loss{" (ID higher too)" if i == "higher" else ""}'
+    elif o == 'higher':
+        says = 'better out of distribution, at a clear ID cost'
+    elif o == 'lower':
+        says = 'worse out of distribution than FT'
+    else:
+        says = ('no clear OOD difference from FT'
+                + ('; ID higher' if i == 'higher' else '; ID lower' if i == 'lower' else ''))
+    return f'{head}: {says}, at this budget and with these seeds.'
 
 
 def _fmt(s: Mapping[str, Any], digits: int = 2) -> str:
@@ -89,19 +190,20 @@ def _fmt(s: Mapping[str, Any], digits: int = 2) -> str:
 
 def markdown_table(summary: Mapping[str, Any], ood_names: Sequence[str],
                    settings: Mapping[str, str]) -> str:
+    mean = len(ood_names) > 1  # with one OOD set its mean would repeat it
     head = (['Method', 'setting', 'ID-val mIoU', 'ID mIoU'] + list(ood_names)
-            + ['OOD mean', 'feature cos'])
+            + (['OOD mean'] if mean else []) + ['feature cos'])
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for method, m in summary.items():
         row = [method, settings.get(method, ''), _fmt(m['id_val_miou']), _fmt(m['id_miou'])]
         row += [_fmt(m['ood_miou'][n]) for n in ood_names]
-        row += [_fmt(m['ood_mean_miou']), _fmt(m['cosine_similarity'], 4)]
+        row += ([_fmt(m['ood_mean_miou'])] if mean else []) + [_fmt(m['cosine_similarity'], 4)]
         lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)
 
 
 def plot_report(summary: Mapping[str, Any], search_runs: Sequence[Mapping[str, Any]],
-                out: Path, title: str = '') -> None:
+                out: Path, title: str = '', ood_label: str = 'OOD mean') -> None:
     """Left: ID and OOD-mean bars at the chosen settings. Right: every search run in
     (ID, OOD mean) with each method's Pareto front (mean over a point's seeds)."""
     import matplotlib
@@ -112,7 +214,7 @@ def plot_report(summary: Mapping[str, Any], search_runs: Sequence[Mapping[str, A
     colour = {m: colours[i % len(colours)] for i, m in enumerate(methods)}
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     width = 0.38
-    for i, (key, label) in enumerate((('id_miou', 'ID'), ('ood_mean_miou', 'OOD mean'))):
+    for i, (key, label) in enumerate((('id_miou', 'ID'), ('ood_mean_miou', ood_label))):
         xs = [j + (i - 0.5) * width for j in range(len(methods))]
         ax.bar(xs, [summary[m][key]['mean'] for m in methods], width,
                yerr=[summary[m][key]['std'] for m in methods], capsize=3, label=label,
@@ -132,9 +234,15 @@ def plot_report(summary: Mapping[str, Any], search_runs: Sequence[Mapping[str, A
         ax2.plot([p[0] for p in front], [p[1] for p in front], '-o', ms=4, color=colour[method],
                  label=method)
     ax2.set_xlabel('ID mIoU (%)')
-    ax2.set_ylabel('OOD mean mIoU (%)')
+    ax2.set_ylabel(f'{ood_label} mIoU (%)')
     ax2.set_title('every search run (mean over its seeds); lines: Pareto fronts', fontsize=10)
-    ax2.legend(fontsize=7)
+    if means:
+        ax2.legend(fontsize=7)
+    else:  # recorded settings whose file holds no search runs
+        ax2.text(0.5, 0.5, 'no search runs\n(settings recorded by an earlier search)',
+                 ha='center', va='center', transform=ax2.transAxes, fontsize=10)
+        ax2.set_xticks([])
+        ax2.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

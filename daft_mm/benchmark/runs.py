@@ -22,7 +22,7 @@ from daft_mm.utils import atomic_write_json
 
 from .data import file_hash, stable_hash
 from .methods import MethodSpec, Point, get_method, stage_budgets
-from .task import TaskSpec
+from .task import InputError, TaskSpec, limit_images
 from .variants import method_config
 
 __all__ = ['Context', 'RunPool', 'load_pretrained', 'run_config', 'run_point', 'miou',
@@ -36,7 +36,9 @@ class Context:
     work_dir: Path
     step: Callable[[str], None]  # a finished step, shown as progress
     verbose: bool = False
-    progress_bars: bool = True  # an mmengine ProgressBar over each run's iterations
+    #: mmengine ProgressBars over each run's iterations and DAFT's statistics pass: with
+    #: --verbose only (bars of runs side by side interleave; a run prints one line when done)
+    progress_bars: bool = False
     eval_sets: Dict[str, List[Any]] = field(default_factory=dict)  # name -> cached batches
     id_val_batches: List[Any] = field(default_factory=list)
     dataset_meta: Dict[str, Any] = field(default_factory=dict)  # the ID test set's classes
@@ -104,8 +106,12 @@ def load_run_config(ctx: Context, work_dir: Path, iters: int, options: Mapping[s
         opts['train_dataloader.batch_size'] = ctx.task.batch_size
     opts.update(options)
     ctx.runs += 1
-    return run_config(ctx.task.config, opts, work_dir, f'{ctx.task.name}_{os.getpid()}_{ctx.runs}',
-                      iters=iters, verbose=ctx.verbose)
+    cfg = run_config(ctx.task.config, opts, work_dir, f'{ctx.task.name}_{os.getpid()}_{ctx.runs}',
+                     iters=iters, verbose=ctx.verbose)
+    if ctx.task.max_images is not None:  # --quick: a few images (DAFT's statistics pass too)
+        cfg.train_dataloader.dataset = limit_images(cfg.train_dataloader.dataset,
+                                                    ctx.task.max_images)
+    return cfg
 
 
 def train(ctx: Context, spec: MethodSpec, point: Point, work_dir: Path, *, iters: int,
@@ -119,6 +125,9 @@ def train(ctx: Context, spec: MethodSpec, point: Point, work_dir: Path, *, iters
                   backbone_prefix=ctx.task.backbone_prefix, stage=stage)
     if load_from is not None:
         cfg.load_from = load_from
+    for hook in cfg.custom_hooks:
+        if hook.get('type') == 'DAFTHook':
+            hook['progress_bar'] = ctx.progress_bars
     if work_dir.exists():
         shutil.rmtree(work_dir)
     runner = Runner.from_cfg(cfg)
@@ -132,29 +141,40 @@ def train(ctx: Context, spec: MethodSpec, point: Point, work_dir: Path, *, iters
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def _batches(ctx: Context, dataset: Dict[str, Any]) -> Tuple[List[Any], Dict[str, Any]]:
+def _batches(ctx: Context, dataset: Dict[str, Any], what: str
+             ) -> Tuple[List[Any], Dict[str, Any]]:
     from mmengine.runner import Runner
-    dl = Runner.build_dataloader(dict(
-        batch_size=ctx.task.eval_batch_size, num_workers=0,
-        sampler=dict(type='DefaultSampler', shuffle=False), dataset=copy.deepcopy(dataset)))
-    return list(dl), dict(dl.dataset.metainfo)
+    try:
+        dl = Runner.build_dataloader(dict(
+            batch_size=ctx.task.eval_batch_size, num_workers=0,
+            sampler=dict(type='DefaultSampler', shuffle=False),
+            dataset=limit_images(dataset, ctx.task.max_images)))
+        batches = list(dl)
+    except OSError as err:  # a file the folder check could not see (an image in a list)
+        raise InputError(f'{what}: {err}. Fix: check that set\'s data_root / ann_file / '
+                         'data_prefix (--cfg-options data_root=DIR for every set)') from err
+    if not batches:
+        raise InputError(f'{what} holds no images ({dataset.get("data_root")!r}, '
+                         f'{dataset.get("ann_file")!r}): every method would score on nothing')
+    return batches, dict(dl.dataset.metainfo)
 
 
 def build_eval_sets(ctx: Context) -> None:
     """Load every evaluation set once through its own pipeline and keep the batches: pipelines
     are deterministic (corruptions are seeded per image), and every model sees the same."""
     task = ctx.task
-    ctx.eval_sets['ID'], ctx.dataset_meta = _batches(ctx, task.id_test)
+    ctx.eval_sets['ID'], ctx.dataset_meta = _batches(ctx, task.id_test, 'the ID test set')
     for name, dataset in task.ood.items():
-        ctx.eval_sets[name], _ = _batches(ctx, dataset)
+        ctx.eval_sets[name], _ = _batches(ctx, dataset, f'OOD set {name!r}')
     for corruption, severity in task.corruptions:
         dataset = copy.deepcopy(task.id_test)
         pipeline = dataset['pipeline']
         at = next((i + 1 for i, t in enumerate(pipeline) if t['type'] == 'LoadImageFromFile'), 0)
         pipeline.insert(at, dict(type='ImageCorruption', corruption=corruption,
                                  severity=severity))
-        ctx.eval_sets[f'{corruption}-{severity}'], _ = _batches(ctx, dataset)
-    ctx.id_val_batches, _ = _batches(ctx, task.id_val)
+        ctx.eval_sets[f'{corruption}-{severity}'], _ = _batches(
+            ctx, dataset, f'OOD set {corruption}-{severity}')
+    ctx.id_val_batches, _ = _batches(ctx, task.id_val, 'ID-val')
 
 
 def miou(model: Any, batches: List[Any], dataset_meta: Mapping[str, Any]) -> float:
@@ -211,22 +231,53 @@ def _load_backbone(task: TaskSpec, backbone: Any) -> None:
     """Load the checkpoint's backbone (the keys under the prefix, as every run's Pretrained
     init_cfg does), refusing one that does not hold the whole backbone: mmengine's Pretrained
     init only warns about missing keys, and a half-random backbone would compare the methods on
-    a premise nobody chose."""
-    from mmengine.runner.checkpoint import _load_checkpoint, _load_checkpoint_with_prefix
+    a premise nobody chose. The refusal says which prefix would load it."""
     from daft_mm.mm.cli import checkpoint_mismatch
-    if task.backbone_prefix:
-        state = _load_checkpoint_with_prefix(task.backbone_prefix, task.backbone,
-                                             map_location='cpu')
-    else:  # the checkpoint is the backbone's own state dict
-        saved = _load_checkpoint(task.backbone, map_location='cpu')
-        state = saved.get('state_dict', saved) if isinstance(saved, dict) else saved
-    problem = checkpoint_mismatch(backbone, state)
+    from daft_mm.mm.compat import load_checkpoint_file
+    saved = load_checkpoint_file(task.backbone, map_location='cpu')
+    state = saved.get('state_dict', saved) if isinstance(saved, dict) else saved
+    if not isinstance(state, Mapping) or not state:
+        raise InputError(f'the pretrained backbone {task.backbone} holds no state dict')
+    prefix = task.backbone_prefix or ''
+    if prefix and not prefix.endswith('.'):  # mmengine's Pretrained init adds the dot too
+        prefix += '.'
+    own = {k: tuple(v.shape) for k, v in backbone.state_dict().items()
+           if not k.endswith('num_batches_tracked')}
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    problem = checkpoint_mismatch(backbone, sub) if sub else f'no key starts with {prefix!r}'
     if problem:
-        raise ValueError(f'the pretrained backbone {task.backbone} (keys under '
-                         f'{task.backbone_prefix!r}) does not fit the config\'s backbone: '
-                         f'{problem}. Pass --backbone-prefix, or a checkpoint of this '
-                         'architecture')
-    backbone.load_state_dict(state, strict=False)
+        raise InputError(f'the pretrained backbone {task.backbone} does not fit the config\'s '
+                         f'backbone with ' + (f'the key prefix {prefix!r}' if prefix else
+                                              'no key prefix') + f': {problem}. '
+                         + _prefix_advice(state, own))
+    backbone.load_state_dict(sub, strict=False)
+
+
+def _prefix_advice(state: Mapping[str, Any], own: Mapping[str, Tuple[int, ...]]) -> str:
+    """Which key prefixes a checkpoint holds and the ``--backbone-prefix`` that loads the
+    backbone from it (the prefix under which most backbone weights fit, shapes included)."""
+    import shlex
+    from collections import Counter
+    fits: Counter = Counter()
+    groups: Counter = Counter()
+    for key, value in state.items():
+        parts = key.split('.')
+        groups[parts[0] + '.' if len(parts) > 1 else key] += 1
+        for i in range(len(parts)):
+            rest = '.'.join(parts[i:])
+            if own.get(rest) == tuple(getattr(value, 'shape', ())):
+                fits['.'.join(parts[:i]) + ('.' if i else '')] += 1
+    held = ', '.join(f'{g!r} ({n})' for g, n in groups.most_common(4))
+    text = f'The file holds {len(state)} tensors, by leading key: {held}'
+    if not fits:
+        return text + '; none of them is a weight of this backbone. Pass a checkpoint of this ' \
+                      'architecture'
+    best, n = fits.most_common(1)[0]
+    return (text + f'. {n} of the backbone\'s {len(own)} weights fit '
+            + (f'under the prefix {best!r}' if best else 'with no prefix (the file is the '
+               'backbone\'s own state dict)')
+            + f': pass --backbone-prefix {shlex.quote(best)} (in a config: compare = '
+              f'dict(backbone_prefix={best!r}))')
 
 
 # ------------------------------------------------------------------------------------ runs

@@ -23,7 +23,15 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from .data import source_commit, stable_hash
 
-__all__ = ['TaskSpec', 'task_from_config', 'dataset_of', 'plain', 'provenance']
+__all__ = ['InputError', 'TaskSpec', 'task_from_config', 'dataset_of', 'plain', 'provenance',
+           'limit_images', 'check_data']
+
+
+class InputError(ValueError):
+    """Something the user gave does not work (a set's folder, the backbone's key prefix, a
+    recorded-choices file). Raised before anything trains; ``tools/compare.py`` prints it as a
+    usage error, without a traceback."""
+
 
 Corruption = Tuple[str, int]
 
@@ -47,6 +55,7 @@ class TaskSpec:
     seeds: Tuple[int, ...] = (0, 1, 2)
     eval_batch_size: int = 8
     spaces: str = 'default'  # the search grids: 'default' or 'quick'
+    max_images: Optional[int] = None  # --quick: the first N images of every set, training too
     description: str = ''  # one line for the report: what the task is
 
     def __post_init__(self) -> None:
@@ -59,6 +68,8 @@ class TaskSpec:
         if self.spaces not in ('default', 'quick'):
             raise ValueError(f'{self.name}: spaces must be "default" or "quick", got '
                              f'{self.spaces!r}')
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f'{self.name}: max_images must be >= 1, got {self.max_images}')
         self.corruptions = tuple((str(c), int(s)) for c, s in self.corruptions)
         self.seeds = tuple(int(s) for s in self.seeds)
 
@@ -81,7 +92,7 @@ class TaskSpec:
 #: what a ``compare`` dict may hold (the fields a user sets; config and id_test are the config's)
 _SPEC_KEYS = frozenset({'name', 'description', 'backbone', 'backbone_prefix', 'id_val', 'ood',
                         'corruptions', 'options', 'budget', 'lp_fraction', 'batch_size',
-                        'seeds', 'eval_batch_size', 'spaces'})
+                        'seeds', 'eval_batch_size', 'spaces', 'max_images'})
 
 
 def dataset_of(config: str, options: Mapping[str, Any], loader: str = 'test_dataloader'
@@ -232,3 +243,68 @@ def provenance(task: Any) -> Dict[str, Any]:
             with open(sidecar) as f:
                 backbone['pretraining'] = json.load(f)
     return dict(sets=sets, backbone=backbone)
+
+
+def limit_images(dataset: Mapping[str, Any], n: Optional[int]) -> Dict[str, Any]:
+    """A copy of a dataset config that reads only its first ``n`` images (mmengine's
+    ``indices``), set on the innermost datasets of wrappers; ``n=None`` changes nothing."""
+    out = plain(dataset)
+    if n is None:
+        return out
+    if 'dataset' in out:
+        out['dataset'] = limit_images(out['dataset'], n)
+    elif 'datasets' in out:
+        out['datasets'] = [limit_images(d, n) for d in out['datasets']]
+    else:
+        out['indices'] = n
+    return out
+
+
+def _remote(path: str) -> bool:
+    return '://' in path
+
+
+def _missing_path(dataset: Mapping[str, Any]) -> Optional[Tuple[str, str]]:
+    """The first ``(key, path)`` of a dataset config that does not exist on this machine:
+    ``data_root``, ``ann_file`` (a file) or a ``data_prefix`` entry, each joined with
+    ``data_root`` as mmengine joins them. Remote paths (``s3://``...) are not checked."""
+    if 'dataset' in dataset:
+        return _missing_path(dataset['dataset'])
+    if 'datasets' in dataset:
+        for part in dataset['datasets']:
+            found = _missing_path(part)
+            if found:
+                return found
+        return None
+    root = str(dataset.get('data_root') or '')
+    if _remote(root):
+        return None
+    if root and not osp.isdir(root):
+        return 'data_root', root
+    ann = str(dataset.get('ann_file') or '')
+    if ann and not _remote(ann) and not osp.isfile(osp.join(root, ann)):
+        return 'ann_file', osp.join(root, ann)
+    for key, value in (dataset.get('data_prefix') or {}).items():
+        if isinstance(value, str) and value and not _remote(value):
+            if not osp.exists(osp.join(root, value)):
+                return f'data_prefix.{key}', osp.join(root, value)
+    return None
+
+
+def check_data(task: TaskSpec) -> None:
+    """Refuse, before anything is built, a set whose folder or list does not exist: the error
+    names the set, the key and the path (a dataset's own error names none of them)."""
+    from daft_mm.mm.cli import load_config
+    cfg = load_config(task.config, task.options, work_dir='unused')
+    sets = {'the training set (ID train)': plain(cfg.train_dataloader.dataset),
+            'ID-val': task.id_val, 'the ID test set': task.id_test}
+    sets.update({f'OOD set {name!r}': dataset for name, dataset in task.ood.items()})
+    for what, dataset in sets.items():
+        found = _missing_path(dataset)
+        if found:
+            key, path = found
+            raise InputError(
+                f'{what}: its {key} {path!r} does not exist. Fix: point data_root at your data '
+                '(--cfg-options data_root=DIR sets it for every set), or correct that set\'s '
+                + ('config (--ood / compare.ood)' if what.startswith('OOD') else
+                   'config (--id-val / compare.id_val)' if what == 'ID-val' else 'config'))

@@ -7,8 +7,8 @@ from .heads import (PREDICTOR_TYPES, find_predictors, flush_subnormals, freeze_f
                     head_modules, is_predictor_leaf, new_modules, resolve_modules, set_bn_eval,
                     split_param_groups, zero_init_predictors)
 from .modules import has_running_stats, is_batchnorm, kept_modes
-from .recipes import (CONVERT_SCOPES, DAFT_HEAD_LR_MULT, HEAD_SCOPES, RECIPES, FineTuneRecipe,
-                      FineTuneStage, get_recipe)
+from .recipes import (CONVERT_SCOPES, DAFT_HEAD_LR_MULT, HEAD_SCOPES, RECIPE_ALIASES, RECIPES,
+                      FineTuneRecipe, FineTuneStage, get_recipe, recipe_name)
 from .stats import VAR_MODES, ChannelAccumulator, ChannelMoments
 
 __all__ = [
@@ -21,5 +21,5 @@ __all__ = [
     'QUANTITIES', 'ChangeReport', 'FeatureSimilarity', 'LayerChange', 'feature_similarity',
     'pairwise_cosine', 'relative_change',
     'CONVERT_SCOPES', 'DAFT_HEAD_LR_MULT', 'HEAD_SCOPES', 'RECIPES', 'FineTuneRecipe',
-    'FineTuneStage', 'get_recipe',
+    'FineTuneStage', 'RECIPE_ALIASES', 'get_recipe', 'recipe_name',
 ]

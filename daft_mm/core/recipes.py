@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 __all__ = ['DAFT_HEAD_LR_MULT', 'DAFT_HEAD_SCOPE', 'HEAD_SCOPES', 'CONVERT_SCOPES', 'FineTuneStage',
-           'FineTuneRecipe', 'RECIPES', 'get_recipe']
+           'FineTuneRecipe', 'RECIPES', 'RECIPE_ALIASES', 'recipe_name', 'get_recipe']
 
 #: Which modules train at the head LR: ``'predictors'``, the final predictor layers only (they
 #: are also what DAFT zeroes), or ``'new_modules'``, every module that is new to the pretrained
@@ -137,13 +137,35 @@ RECIPES: Mapping[str, FineTuneRecipe] = MappingProxyType({
 })
 
 
+#: Other spellings users meet for the same recipes: the benchmark's row labels ("DAFT w/o
+#: conversion", "conversion only") and short forms. Keys are normalised by :func:`recipe_name`.
+RECIPE_ALIASES: Mapping[str, str] = MappingProxyType({
+    'lpft': 'lp-ft',
+    'daft-w/o-conversion': 'daft-no-convert', 'daft-without-conversion': 'daft-no-convert',
+    'no-convert': 'daft-no-convert',
+    'conversion-only': 'daft-convert-only', 'convert-only': 'daft-convert-only',
+})
+
+
+def _normalise(name: str) -> str:
+    return '-'.join(str(name).strip().lower().replace('_', ' ').replace('-', ' ').split())
+
+
+def recipe_name(name: str) -> str:
+    """The recipe key of ``name``, in any of the spellings the tools and reports use: case,
+    ``_``, spaces and ``-`` are ignored and :data:`RECIPE_ALIASES` are accepted
+    (``'DAFT w/o conversion'`` and ``'daft_no_convert'`` are both ``'daft-no-convert'``). An
+    unknown name raises ``KeyError`` naming the closest recipe and every choice."""
+    key = _normalise(name)
+    key = RECIPE_ALIASES.get(key, key)
+    if key in RECIPES:
+        return key
+    import difflib
+    close = difflib.get_close_matches(key, list(RECIPES) + list(RECIPE_ALIASES), n=1)
+    hint = (f'did you mean {RECIPE_ALIASES.get(close[0], close[0])!r}? ' if close else '')
+    raise KeyError(f'unknown fine-tuning method {name!r}; {hint}choose one of {sorted(RECIPES)}')
+
+
 def get_recipe(name: str) -> FineTuneRecipe:
-    """The recipe for ``name``; case and ``_``/``-`` are ignored (``'LP_FT'`` works)."""
-    key = str(name).strip().lower().replace('_', '-')
-    if key == 'lpft':
-        key = 'lp-ft'
-    try:
-        return RECIPES[key]
-    except KeyError:
-        raise KeyError(f'unknown fine-tuning method {name!r}; choose one of '
-                       f'{sorted(RECIPES)}') from None
+    """The recipe for ``name`` in any spelling :func:`recipe_name` accepts (``'LP_FT'``)."""
+    return RECIPES[recipe_name(name)]

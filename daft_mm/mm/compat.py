@@ -391,6 +391,28 @@ def route_local_checkpoints_through_allow_list() -> None:
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
 
 
+def log_checkpoint_loads() -> None:
+    """Send mmengine's "Loads checkpoint by <backend> backend from path" line to the current
+    logger, like its other messages.
+
+    What breaks: ``_load_checkpoint`` (behind a ``Pretrained`` init_cfg with a ``prefix`` and
+    behind ``Runner.load_checkpoint``, i.e. ``load_from``) passes ``logger=None``, which
+    mmengine's ``print_log`` turns into a bare ``print``: the line reaches stdout whatever the
+    run's ``log_level``, so a run that logs at ERROR still prints it for every checkpoint.
+    """
+    from mmengine.runner.checkpoint import CheckpointLoader
+    original = CheckpointLoader.load_checkpoint.__func__
+    if getattr(original, '_daft_mm_logged', False):
+        return
+
+    def load_checkpoint(cls: Any, filename: str, map_location: Any = None,
+                        logger: Any = 'current') -> Any:
+        return original(cls, filename, map_location, 'current' if logger is None else logger)
+
+    load_checkpoint._daft_mm_logged = True  # type: ignore[attr-defined]
+    CheckpointLoader.load_checkpoint = classmethod(load_checkpoint)
+
+
 def load_urls_weights_only() -> None:
     """Make mmengine's URL loaders (http(s)://, torchvision://, open-mmlab://) pass
     ``weights_only=True`` unless checkpoints are trusted.
@@ -524,6 +546,7 @@ def apply_all() -> None:
     silence_pkg_resources_deprecation()
     allow_mmengine_checkpoint_globals()
     route_local_checkpoints_through_allow_list()
+    log_checkpoint_loads()
     load_urls_weights_only()
     allow_cpu_pytorch_launcher()
     find_configs_of_editable_installs()

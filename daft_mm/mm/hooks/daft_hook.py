@@ -85,6 +85,8 @@ class DAFTHook(Hook):
             steps ~20x on x86).
         save_converted: write the model right after the preparation to
             ``<work_dir>/converted.pth`` (main process, once per run; not on resume).
+        progress_bar: an mmengine ProgressBar over the statistics pass (main process); off for
+            runs that report progress themselves (``tools/compare.py`` runs several at once).
     """
 
     priority = 'ABOVE_NORMAL'  # before NORMAL hooks that may read the weights in before_train
@@ -101,7 +103,8 @@ class DAFTHook(Hook):
                  skip_incompatible: bool = False,
                  check_lr: bool = True,
                  flush_subnormals: bool = True,
-                 save_converted: bool = True) -> None:
+                 save_converted: bool = True,
+                 progress_bar: bool = True) -> None:
         if var_mode not in VAR_MODES:
             raise ValueError(f'DAFTHook.var_mode must be one of {VAR_MODES}, got {var_mode!r}')
         if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
@@ -126,6 +129,7 @@ class DAFTHook(Hook):
         self.check_lr = check_lr
         self.flush_subnormals = flush_subnormals
         self.save_converted = save_converted
+        self.progress_bar = progress_bar
         self.effective_lrs: Dict[str, List[float]] = {}  # start-up LR per predictor / module
         #: what this run does, decided in before_run (settings.DAFTPlan); None before
         self.plan: Optional[DAFTPlan] = None
@@ -314,7 +318,8 @@ class DAFTHook(Hook):
         loader = bar = None
         if plan.convert and plan.conversion.converted:
             loader, total = self._build_loader(runner)
-            bar = ProgressBar(total) if is_main_process() and total else None
+            show = self.progress_bar and is_main_process() and total
+            bar = ProgressBar(total) if show else None
         elif plan.convert:
             runner.logger.warning(
                 'DAFTHook: no BatchNorm layer is converted: no module with BN loaded pretrained '
