@@ -321,7 +321,7 @@ def run_comparison(task: TaskSpec, opts: Options,
     progress.note(f'about {n_runs} fine-tuning runs'
                   + (' (grids, finalists with every seed, more if a grid widens)'
                      if opts.search else '') + ', '
-                  + (f'{opts.workers} side by side (1 torch thread each)' if opts.workers > 1
+                  + (f'{opts.workers} runs side by side (1 torch thread each)' if opts.workers > 1
                      else f'one at a time ({torch.get_num_threads()} torch threads)')
                   + '; the time left shows once the first run has finished; log: '
                   + str(progress.log))

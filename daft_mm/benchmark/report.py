@@ -170,7 +170,8 @@ def verdict_line(paired: Mapping[str, Mapping[str, Any]], method: str = 'DAFT',
              f'[{id_["low"]:+.2f}, {id_["high"]:+.2f}])')
     o, i = _direction(ood), _direction(id_)
     if o == 'higher' and i != 'lower':
-        says = f'better out of distribution without a clear ID loss{" (ID higher too)" if i == "higher" else ""}'
+        says = ('better out of distribution without a clear ID loss'
+                + (' (ID higher too)' if i == 'higher' else ''))
     elif o == 'higher':
         says = 'better out of distribution, at a clear ID cost'
     elif o == 'lower':
