@@ -43,10 +43,10 @@ def once(root: Path, work: Path) -> dict:
     wall = time.time() - t0
     if proc.returncode != 0:
         raise SystemExit(f'compare.py failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}')
-    first = re.search(r'^\[1/\d+ \| (\d+):(\d\d)', proc.stdout, re.M)
-    runs = len(re.findall(r'^\[\d+/\d+ \|', proc.stdout, re.M))
+    first = re.search(r'\[1/\d+ \| (\d+):(\d\d)', proc.stdout)
+    runs = len(re.findall(r'\[\d+/\d+ \|', proc.stdout))
     report = json.loads((work / 'report.json').read_text())
-    return dict(wall_s=round(wall, 2), first_run_done_s=int(first[1]) * 60 + int(first[2]),
+    return dict(wall_s=round(wall, 2), first_run_done_s=int(first[1]) * 60 + int(first[2]) if first else None,
                 runs=runs, report_seconds=round(report['seconds'], 2))
 
 

@@ -258,21 +258,15 @@ def _prefix_advice(state: Mapping[str, Any], own: Mapping[str, Tuple[int, ...]])
     backbone from it (the prefix under which most backbone weights fit, shapes included)."""
     import shlex
     from collections import Counter
-    fits: Counter = Counter()
-    groups: Counter = Counter()
-    for key, value in state.items():
-        parts = key.split('.')
-        groups[parts[0] + '.' if len(parts) > 1 else key] += 1
-        for i in range(len(parts)):
-            rest = '.'.join(parts[i:])
-            if own.get(rest) == tuple(getattr(value, 'shape', ())):
-                fits['.'.join(parts[:i]) + ('.' if i else '')] += 1
+
+    from daft_mm.mm.loaded import fitting_prefix
+    groups = Counter(k.split('.')[0] + '.' if '.' in k else k for k in state)
     held = ', '.join(f'{g!r} ({n})' for g, n in groups.most_common(4))
     text = f'The file holds {len(state)} tensors, by leading key: {held}'
-    if not fits:
+    best, n = fitting_prefix(state, own)
+    if not n:
         return text + '; none of them is a weight of this backbone. Pass a checkpoint of this ' \
                       'architecture'
-    best, n = fits.most_common(1)[0]
     return (text + f'. {n} of the backbone\'s {len(own)} weights fit '
             + (f'under the prefix {best!r}' if best else 'with no prefix (the file is the '
                'backbone\'s own state dict)')

@@ -25,7 +25,6 @@ as long as the values agree; when they disagree the error names both keys.
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -36,11 +35,13 @@ from daft_mm.core import FineTuneStage, get_recipe, resolve_modules, split_batch
 from daft_mm.core import head_modules as core_head_modules
 from daft_mm.core.recipes import DAFT_HEAD_LR_MULT, DAFT_HEAD_SCOPE, HEAD_SCOPES
 
+from .loaded import (checkpoint_pretrained, checkpoint_shapes, init_cfg_loaded,  # noqa: F401
+                     init_cfg_pretrained)
 from .predictors import check_predictors, predictor_names
 
 __all__ = ['PREDICTORS_KEY', 'LR_MULT_KEY', 'HEAD_MODULES_KEY', 'CONVERT_MODULES_KEY', 'unwrap',
            'head_lr_mult', 'head_modules', 'predictor_lr_cfg', 'ConversionPlan',
-           'init_cfg_pretrained', 'checkpoint_shapes', 'checkpoint_pretrained',
+           'init_cfg_pretrained', 'init_cfg_loaded', 'checkpoint_shapes', 'checkpoint_pretrained',
            'conversion_override', 'conversion_plan', 'DAFTPlan', 'decide_plan', 'resolve_stage',
            'is_daft_config', 'require_daft_hook', 'KNOWN_KEYS', 'check_daft_keys']
 
@@ -286,12 +287,15 @@ class ConversionPlan:
         pretrained: ``(module path, where its weights came from)`` for every module counted as
             pretrained (or chosen by the override).
         decided_by: ``'pretrained weights'`` or the key of the override that decided it.
+        notes: modules whose ``Pretrained`` init_cfg filled them only partly or not at all
+            (:func:`daft_mm.mm.loaded.init_cfg_loaded`).
     """
 
     converted: Tuple[str, ...]
     left_new: Tuple[str, ...]
     pretrained: Tuple[Tuple[str, str], ...]
     decided_by: str
+    notes: Tuple[str, ...] = ()
 
     def summary(self) -> str:
         where = '; '.join(f'{path} ({why})' for path, why in self.pretrained[:8]) or 'none'
@@ -302,63 +306,13 @@ class ConversionPlan:
         if self.left_new:
             shown = ', '.join(self.left_new[:6]) + (' ...' if len(self.left_new) > 6 else '')
             lines.append(f'left as initialised: {shown}')
+        lines += [f'NOTE {note}' for note in self.notes]
         return '\n'.join(lines)
 
     def to_dict(self) -> Dict[str, Any]:
         return {'converted': list(self.converted), 'left_new': list(self.left_new),
-                'pretrained': dict(self.pretrained), 'decided_by': self.decided_by}
-
-
-def _pretrained_checkpoint(init_cfg: Any) -> Optional[str]:
-    """The checkpoint of a ``Pretrained`` entry in an mmengine ``init_cfg`` (dict or list)."""
-    for entry in init_cfg if isinstance(init_cfg, (list, tuple)) else [init_cfg]:
-        if isinstance(entry, Mapping) and entry.get('type') in ('Pretrained', 'PretrainedInit'):
-            return str(entry.get('checkpoint'))
-    return None
-
-
-def init_cfg_pretrained(net: nn.Module) -> Dict[str, str]:
-    """Modules that load pretrained weights through their ``init_cfg`` (``model.pretrained`` of
-    mmseg / mmdet becomes the backbone's ``init_cfg``): ``{module path: why}``, outermost only."""
-    found: Dict[str, str] = {}
-    for path, module in net.named_modules():
-        if any(path == p or path.startswith(f'{p}.') for p in found) and path:
-            continue
-        checkpoint = _pretrained_checkpoint(getattr(module, 'init_cfg', None))
-        if checkpoint is not None:
-            found[path] = f'init_cfg Pretrained {checkpoint}'
-    return found
-
-
-def checkpoint_shapes(state_dict: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]:
-    """``{key: shape}`` of a checkpoint's state dict, keys as mmengine loads them (a leading
-    ``module.`` of a DDP-wrapped save dropped)."""
-    return {re.sub(r'^module\.', '', k): tuple(getattr(v, 'shape', ()))
-            for k, v in state_dict.items()}
-
-
-def checkpoint_pretrained(net: nn.Module, state_dict: Mapping[str, Any],
-                          source: str) -> Dict[str, str]:
-    """Modules whose every weight and buffer a checkpoint's ``state_dict`` holds with the same
-    shape (what ``load_from`` loads into them): ``{module path: why}``, outermost only. A head
-    whose predictor has another number of classes is not whole; its other layers still count."""
-    shapes = checkpoint_shapes(state_dict)
-    own = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    found: Dict[str, str] = {}
-
-    def visit(prefix: str, module: nn.Module) -> None:
-        keys = [k for k in own if k.startswith(prefix) and not k.endswith('num_batches_tracked')]
-        if not keys:
-            return
-        if all(shapes.get(k) == own[k] for k in keys):
-            found[prefix[:-1]] = f'load_from {source}'
-            return
-        for name, child in module.named_children():
-            visit(f'{prefix}{name}.', child)
-
-    for name, child in net.named_children():
-        visit(f'{name}.', child)
-    return found
+                'pretrained': dict(self.pretrained), 'decided_by': self.decided_by,
+                'notes': list(self.notes)}
 
 
 #: an explicit choice of what conversion rewrites: (module paths, or None for all; the key)
@@ -403,7 +357,7 @@ def conversion_override(cfg: Mapping[str, Any], net: nn.Module,
 
 
 def conversion_plan(net: nn.Module, override: Optional[Override], pretrained: Mapping[str, str],
-                    scope: str = 'pretrained') -> ConversionPlan:
+                    scope: str = 'pretrained', notes: Sequence[str] = ()) -> ConversionPlan:
     """DAFT's rule (:func:`daft_mm.core.split_batchnorms`) applied to what was loaded: the BN
     layers of the ``pretrained`` modules are converted, the rest stay as initialised; an
     ``override`` (:func:`conversion_override`) or ``scope='all'`` replaces the pretrained set."""
@@ -417,7 +371,8 @@ def conversion_plan(net: nn.Module, override: Optional[Override], pretrained: Ma
                               tuple((m, key) for m in modules), key)
     converted, fresh = split_batchnorms(net, list(pretrained), scope)
     return ConversionPlan(tuple(converted), tuple(fresh), tuple(pretrained.items()),
-                          'pretrained weights' if scope == 'pretrained' else f'recipe {scope}')
+                          'pretrained weights' if scope == 'pretrained' else f'recipe {scope}',
+                          tuple(notes))
 
 
 # --------------------------------------------------------------------------------- the plan
@@ -464,9 +419,10 @@ class DAFTPlan:
             return self
         pretrained = dict(self.pretrained)
         pretrained.update(loaded)
+        notes = self.conversion.notes if self.conversion is not None else ()
         return replace(self, pretrained=tuple(pretrained.items()),
                        conversion=conversion_plan(net, self.convert_override, pretrained,
-                                                  self.convert_scope))
+                                                  self.convert_scope, notes))
 
     def summary(self) -> str:
         """The start-up block: what is converted, what is head, at which LR ratio."""
@@ -544,8 +500,8 @@ def decide_plan(cfg: Mapping[str, Any], model: nn.Module, net: nn.Module, *,
         feature_extractor = (model.feature_extractor if wrapped
                              and model.feature_extractor_configured else None)
         override = conversion_override(cfg, net, modules, feature_extractor)
-        pretrained = init_cfg_pretrained(net)
-        conversion = conversion_plan(net, override, pretrained, stage.convert_scope)
+        pretrained, notes = init_cfg_loaded(net)  # what the init_cfgs fill, not what they say
+        conversion = conversion_plan(net, override, pretrained, stage.convert_scope, notes)
     return DAFTPlan(
         method=stage.name, convert=convert, zero_init=zero_init, head_lr=head_lr,
         predictors=tuple(names),

@@ -327,7 +327,8 @@ class DAFTHook(Hook):
                 'BN conversion keeps a *pretrained* function; from random weights there is none, '
                 'and the run is integrated LP+FT alone. Fix: load the pretrained weights '
                 "(model.backbone.init_cfg=dict(type='Pretrained', checkpoint=...) or load_from), "
-                'or daft_convert_modules=[...] to convert chosen modules anyway')
+                'or daft_convert_modules=[...] to convert chosen modules anyway'
+                + ''.join(f'. {note}' for note in plan.conversion.notes))
         done = prepare(net, loader, plan, num_batches=self.num_batches, var_mode=self.var_mode,
                        forward_mode=self.forward_mode, skip_incompatible=self.skip_incompatible,
                        progress=(lambda _: bar.update()) if bar is not None else None)
@@ -373,6 +374,7 @@ class DAFTHook(Hook):
             lines.append(f'BN converted: {len(conv.converted)} layer(s){batches} (pretrained: '
                          f'{pretrained or "none"}; decided by {conv.decided_by}); left as '
                          f'initialised: {len(conv.left_new)}')
+            lines += [f'NOTE {note}' for note in conv.notes]
         if plan.zero_init:
             lines.append(f'predictors zeroed: {", ".join(done.zeroed)}')
         if plan.head_lr:
