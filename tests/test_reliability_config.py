@@ -121,3 +121,59 @@ def test_package_config_imports_from_any_folder_and_a_wrong_one_is_named(tmp_pat
     assert run.returncode != 0
     assert 'names no config file' in run.stderr
     assert 'daft_mm.configs.daft_deeplabv3_r50_d8_cityscapes' in run.stderr
+
+
+# ------------------------------------------------- issue 32 item 2: loaders the root misses
+_PART = {'train': "train_dataloader = dict(dataset=dict(data_root=data_root))\n",
+         'train_val': "train_dataloader = dict(dataset=dict(data_root=data_root))\n"
+                      "val_dataloader = dict(dataset=dict(data_root=data_root))\n"}
+
+
+def _classic_child(tmp_path: Path, which: str) -> Path:
+    """A child config with its own data_root passed to some dataloaders only: the others keep
+    the root the base resolved when it was parsed."""
+    path = tmp_path / f'child_{which}.py'
+    path.write_text(f"_base_ = ['{TINY_SEG}']\ndata_root = 'data/mine/'\n{_PART[which]}")
+    return path
+
+
+def _python_child(tmp_path: Path) -> Path:
+    """The same in mmengine's pure-Python style, inheriting the config shipped in the package."""
+    path = tmp_path / 'child_python.py'
+    path.write_text(
+        'from mmengine.config import read_base\n\nwith read_base():\n'
+        '    from daft_mm.configs.daft_deeplabv3_r50_d8_cityscapes import *  # noqa\n\n'
+        "data_root = 'data/mine/'\n"
+        "train_dataloader['dataset']['data_root'] = data_root\n")
+    return path
+
+
+@pytest.mark.parametrize('which', ['train', 'train_val', 'python'])
+def test_data_root_override_that_misses_some_loaders_names_them(tmp_path, which):
+    path = _python_child(tmp_path) if which == 'python' else _classic_child(tmp_path, which)
+    missed = ['val', 'test'] if which != 'train_val' else ['test']
+    with pytest.raises(ValueError) as err:
+        load_config(str(path), {'data_root': '/new/root'})
+    text = str(err.value)
+    assert 'reaches train_dataloader.dataset.data_root' in text
+    for loader in missed:
+        assert f'{loader}_dataloader.dataset.data_root=/new/root' in text.split('Fix:')[1]
+    assert ('val_dataloader.dataset.data_root=/new/root' in text.split('Fix:')[1]) == \
+        ('val' in missed)
+    # the keys it names make every loader read the new folder (tools/train.py and
+    # tools/test.py both load configs through load_config)
+    options = {'data_root': '/new/root'}
+    options.update({f'{loader}_dataloader.dataset.data_root': '/new/root' for loader in missed})
+    cfg = load_config(str(path), options)
+    assert {value for _, value in dataset_roots(cfg)} == {'/new/root'}
+
+
+def test_a_detection_evaluator_ann_file_is_named_with_its_loader(tmp_path):
+    tiny_det = REPO / 'configs' / '_tiny_' / 'tiny_retinanet_cityscapes.py'
+    base = Config.fromfile(str(tiny_det))
+    if not isinstance(base.get('val_evaluator'), dict) or 'ann_file' not in base.val_evaluator:
+        pytest.skip('this tiny detection config has no evaluator ann_file')
+    path = tmp_path / 'det_child.py'
+    path.write_text(f"_base_ = ['{tiny_det}']\ndata_root = 'data/mine/'\n{_PART['train']}")
+    with pytest.raises(ValueError, match=r'val_evaluator\.ann_file=/new/root/'):
+        load_config(str(path), {'data_root': '/new/root'})

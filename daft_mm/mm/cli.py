@@ -89,30 +89,61 @@ def apply_cfg_options(cfg: Config, cfg_options: Mapping[str, Any] | None) -> Con
     """``--cfg-options`` as every daft-mm tool applies them: mmengine's merge, plus
     ``data_root=PATH`` rewritten into every dataloader (see :func:`set_data_root`).
 
-    A ``data_root`` that reaches no dataloader is an error, not a run on the old data: a config
-    that sets its own top-level ``data_root`` without passing it to its dataloaders (they keep
-    the value their base resolved) would otherwise train, convert BN and validate on the base's
-    folder while its dumped config shows the new one."""
+    A ``data_root`` that leaves a whole dataloader (and an evaluator's ``ann_file``) on another
+    folder is an error naming the exact keys to add, not a run on two folders: a config that sets its
+    own top-level ``data_root`` and passes it to some of its dataloaders only (the others keep
+    the value their base resolved) would otherwise train on the new folder and validate, test or
+    convert BN on the old one while its dumped config shows the new root. Keys given explicitly
+    in ``cfg_options`` are the user's choice and kept."""
     if cfg_options:
         old_root = cfg.get('data_root')
         cfg.merge_from_dict(dict(cfg_options))
         if 'data_root' in cfg_options:
             new_root = cfg_options['data_root']
             changed = set_data_root(cfg, new_root, old=old_root)
-            stale = [(key, value) for key, value in dataset_roots(cfg)
-                     if value != new_root and key not in cfg_options]
-            if changed == 0 and stale:
-                listed = ', '.join(f'{key}={value!r}' for key, value in stale)
-                keys = ' '.join(f'{key}={new_root}' for key, _ in stale)
-                raise ValueError(
-                    f'--cfg-options data_root={new_root} reaches no dataloader: the config\'s '
-                    f'own data_root ({old_root!r}) is not the root its datasets read ({listed}); '
-                    'they were resolved from a base config when it was parsed. Training, the BN '
-                    'statistics pass and validation would read the old folders. Fix: set the '
-                    f'datasets\' roots: --cfg-options {keys} (or make the config pass data_root '
-                    'to its dataloaders: train_dataloader = dict(dataset=dict(data_root='
-                    'data_root)), and the same for val / test)')
+            roots = dataset_roots(cfg)
+            # a loader reached by the new root (or given a root explicitly) may keep a second
+            # dataset elsewhere on purpose; a whole loader left on another folder is an error
+            kept = {key.split('.')[0] for key, value in roots
+                    if value == new_root or key in cfg_options}
+            stale = [(key, value) for key, value in roots
+                     if value != new_root and key not in cfg_options
+                     and key.split('.')[0] not in kept]
+            if stale:
+                raise ValueError(_stale_roots_message(cfg, cfg_options, new_root, old_root,
+                                                      changed, stale))
     return cfg
+
+
+def _stale_roots_message(cfg: Config, cfg_options: Mapping[str, Any], new_root: str,
+                         old_root: Any, changed: int, stale: list[tuple[str, Any]]) -> str:
+    listed = ', '.join(f'{key}={value!r}' for key, value in stale)
+    keys = [f'{key}={new_root}' for key, _ in stale]
+    roots = {value for _, value in stale if isinstance(value, str) and value}
+    for name in ('val_evaluator', 'test_evaluator'):  # COCO-style metrics read ann_file
+        evaluators = cfg.get(name)
+        many = isinstance(evaluators, (list, tuple))
+        for i, ev in enumerate(evaluators if many else [evaluators]):
+            ann = ev.get('ann_file') if isinstance(ev, Mapping) else None
+            key = f'{name}.{i}.ann_file' if many else f'{name}.ann_file'
+            for root in roots:
+                if isinstance(ann, str) and ann.startswith(root) and key not in cfg_options:
+                    keys.append(f'{key}={osp.join(new_root, ann[len(root):].lstrip("/"))}')
+    if changed == 0:
+        why = (f'reaches no dataloader: the config\'s own data_root ({old_root!r}) is not the '
+               f'root its datasets read ({listed}); they were resolved from a base config when '
+               'it was parsed')
+    else:
+        reached = [key for key, value in dataset_roots(cfg) if value == new_root]
+        why = (f'reaches {", ".join(reached)} but not {listed}: the config passes its own '
+               f'data_root ({old_root!r}) to some dataloaders only; the others keep the root a '
+               'base config resolved')
+    return (f'--cfg-options data_root={new_root} {why}. Training, the BN statistics pass, '
+            'validation and testing would read different folders. Fix: add --cfg-options '
+            f'{" ".join(keys)} (to keep a dataset on another folder on purpose, give its '
+            'data_root key explicitly; or make the config pass data_root to every dataloader: '
+            'train_dataloader = dict(dataset=dict(data_root=data_root)), and the same for val '
+            '/ test)')
 
 
 def _sync_bn_keys(node: Any, path: str) -> list[str]:
