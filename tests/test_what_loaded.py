@@ -102,3 +102,22 @@ def test_the_run_says_what_loaded_and_leaves_an_unfilled_backbone_as_initialised
     assert 'no BatchNorm layer is converted' in log
     assert "fills none of its" in log and "prefix='backbone.'" in log
     assert 'NOTE backbone: its init_cfg Pretrained' in log.split('DAFT start-up')[-1]
+
+
+# ------------------------------------------------- issue 32 item 3: a repeated training set
+def test_the_statistics_pass_reads_a_repeated_training_set_once(tmp_path, cityscapes_root):
+    """RepeatDataset (times=8, as in the stock Cityscapes detection configs) inside a
+    ConcatDataset: the pass reads each underlying image once, and the start-up block says how
+    many images it read."""
+    from conftest import NUM_TRAIN
+    cfg = load_tiny(CONFIG, tmp_path / 'work', cityscapes_root)
+    dataset = cfg.train_dataloader.dataset
+    cfg.train_dataloader.dataset = dict(type='ConcatDataset', datasets=[
+        dict(type='RepeatDataset', times=8, dataset=dataset), dataset])
+    cfg.train_cfg.max_iters = 1
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    assert len(runner.train_dataloader.dataset) == 9 * NUM_TRAIN  # what training iterates
+    log = Path(runner.log_dir, f'{runner.timestamp}.log').read_text()
+    block = log.split('DAFT start-up')[-1]
+    assert f', {2 * NUM_TRAIN} image(s) in all' in block  # each part's images once, not 9x

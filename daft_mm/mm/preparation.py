@@ -17,7 +17,7 @@ from mmengine.dataset import DefaultSampler, InfiniteSampler
 from mmengine.dist import get_dist_info
 from mmengine.logging import print_log
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from daft_mm.core import (ConversionReport, convert_bn, is_batchnorm, kept_modes,
                           zero_init_predictors)
@@ -61,6 +61,23 @@ def mm_forward(mode: str = 'loss') -> Callable[[nn.Module, Any], Any]:
     return forward
 
 
+def unrepeated(dataset: Any) -> Any:
+    """The dataset with each underlying sample once: ``RepeatDataset`` (``times`` copies) and
+    ``ClassBalancedDataset`` (rare classes repeated) unwrapped, also inside a
+    ``ConcatDataset``. Training repeats samples to lengthen an epoch or rebalance classes; the
+    statistics pass measures the data's own mean and variance, and a repeat only costs time (8
+    passes for the stock Cityscapes detection configs)."""
+    inner = getattr(dataset, 'dataset', None)
+    if inner is not None and (hasattr(dataset, 'times') or hasattr(dataset, 'repeat_thr')):
+        return unrepeated(inner)
+    parts = getattr(dataset, 'datasets', None)
+    if isinstance(parts, (list, tuple)) and parts:
+        flat = [unrepeated(part) for part in parts]
+        if any(a is not b for a, b in zip(flat, parts)):
+            return ConcatDataset(flat)
+    return dataset
+
+
 def one_pass_loader(train: DataLoader, seed: Optional[int] = None) -> DataLoader:
     """A finite loader over a training loader's dataset, pipeline and batch size: the loader of
     DAFT's statistics pass (DAFTHook, ``tools/analyze_distortion.py --convert``).
@@ -68,9 +85,10 @@ def one_pass_loader(train: DataLoader, seed: Optional[int] = None) -> DataLoader
     Why not the training loader itself: its ``InfiniteSampler`` never ends and, with persistent
     workers, iterating it would reset the iterator the training loop already holds. mmdet trains
     with a batch sampler (``AspectRatioBatchSampler``): the loader's own ``batch_size`` is None
-    then, and the sampler's is the one that counts.
+    then, and the sampler's is the one that counts. A repeated training set is read once
+    (:func:`unrepeated`).
     """
-    dataset = train.dataset
+    dataset = unrepeated(train.dataset)
     batch_size = train.batch_size or getattr(train.batch_sampler, 'batch_size', None) or 1
     return DataLoader(
         dataset, batch_size=batch_size, num_workers=train.num_workers,

@@ -369,8 +369,11 @@ class DAFTHook(Hook):
         if plan.conversion is not None:
             conv = plan.conversion
             pretrained = ', '.join(path or '(whole model)' for path, _ in conv.pretrained[:4])
-            batches = (f' over {done.report.num_batches} batch(es) per rank'
-                       if done.report is not None else '')
+            batches = ''
+            if done.report is not None:
+                images = done.report.layers[0].num_samples if done.report.layers else 0
+                batches = (f' over {done.report.num_batches} batch(es) per rank, {images} '
+                           'image(s) in all')
             lines.append(f'BN converted: {len(conv.converted)} layer(s){batches} (pretrained: '
                          f'{pretrained or "none"}; decided by {conv.decided_by}); left as '
                          f'initialised: {len(conv.left_new)}')
