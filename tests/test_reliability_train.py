@@ -3,6 +3,7 @@ checkpoint as load_from, one live run per work dir, and clean exits of distribut
 ``tools/train.py`` processes, the real Runner and real gloo process groups."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -324,3 +325,44 @@ def test_torchrun_two_process_training_exits_zero_every_time(cityscapes_root, tm
         assert proc.returncode == 0, (codes, proc.stderr[-3000:])
         assert 'final validation metrics' in proc.stdout
     assert codes == [0] * RUNS
+
+
+# ------------------------------------------- issue 32 item 4: a stopped owner keeps its lock
+def test_a_stopped_owner_keeps_its_lock_and_takeovers_say_what_was_checked(tmp_path):
+    """A run suspended with SIGSTOP beats no more but is alive: on its host the lock is judged by
+    its process (pid and start time), not by the heartbeat; a pid reused by another process and
+    a dead pid are taken over, each with the reason that was checked."""
+    import signal
+
+    from daft_mm.utils.io import _process_start
+    lock_file = tmp_path / WorkDirLock.NAME
+    old = time.time() - WorkDirLock.STALE_AFTER - 60
+    here = socket.gethostname()
+    stopped = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        os.kill(stopped.pid, signal.SIGSTOP)
+        start = _process_start(stopped.pid)
+        assert start is not None
+        lock_file.write_text(json.dumps(dict(pid=stopped.pid, host=here, started='x',
+                                             process_start=start)))
+        os.utime(lock_file, (old, old))  # its heartbeat stopped long ago
+        with pytest.raises(WorkDirBusyError, match=rf'pid {stopped.pid}'):
+            WorkDirLock(str(tmp_path)).acquire()
+        # the same pid with another start time: the number was reused by another process
+        lock_file.write_text(json.dumps(dict(pid=stopped.pid, host=here, started='x',
+                                             process_start=str(int(start) + 1))))
+        with WorkDirLock(str(tmp_path)) as lock:
+            assert 'now belongs to another process' in lock.taken_over_because
+    finally:
+        os.kill(stopped.pid, signal.SIGKILL)
+        stopped.wait()
+    lock_file.write_text(json.dumps(dict(pid=stopped.pid, host=here, started='x',
+                                         process_start=start)))
+    with WorkDirLock(str(tmp_path)) as lock:
+        assert lock.taken_over_because == f'its process (pid {stopped.pid}) no longer runs on ' \
+                                          'this host'
+    lock_file.write_text('{"pid": 4242, "host": "another-node", "started": "x"}')
+    os.utime(lock_file, (old, old))
+    with WorkDirLock(str(tmp_path)) as lock:
+        assert lock.taken_over_because.startswith('its heartbeat stopped')
+        assert 'another-node' in lock.taken_over_because

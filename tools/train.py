@@ -230,8 +230,8 @@ def _train(args: argparse.Namespace, cfg: Any, lock: 'WorkDirLock') -> None:
 
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     if lock.taken_over:
-        runner.logger.warning(f'work dir lock {lock.path} was left by a process that no longer '
-                              f'runs (pid {lock.taken_over.get("pid")}); taken over')
+        runner.logger.warning(f'work dir lock {lock.path} taken over: '
+                              f'{lock.taken_over_because}')
     if resume_note:  # a fresh start under --resume is worth a warning: the user asked to resume
         warn = not cfg.resume or "truncated" in resume_note
         (runner.logger.warning if warn else runner.logger.info)(resume_note)

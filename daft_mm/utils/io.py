@@ -97,14 +97,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _process_start(pid: int) -> Optional[str]:
+    """When process ``pid`` started (clock ticks since boot, from ``/proc``), or None where
+    that cannot be read: a pid alive with another start time is another process that reused
+    the number."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(')') + 2:].split()  # the name in parentheses may hold spaces
+    return fields[19] if len(fields) > 19 else None
+
+
 class WorkDirLock:
     """``<work_dir>/.daft_mm.lock``, holding the pid and host of the run that owns the folder.
 
     Why: mmengine names its log folder by the start second and saves ``iter_N.pth`` by iteration,
     so two runs in one work dir interleave logs and overwrite each other's checkpoints without a
-    word. While held, a thread touches the file every ``HEARTBEAT`` seconds. A lock is stale, and
-    taken over with a note, when its process is gone (same host) or its heartbeat stopped more
-    than ``STALE_AFTER`` seconds ago (any host: a run killed on another node, a Slurm requeue).
+    word. While held, a thread touches the file every ``HEARTBEAT`` seconds. On the same host the
+    owner's process is checked itself: the lock is stale, and taken over with a note that says
+    what was checked, when that pid no longer runs or now belongs to another process (another
+    start time); a live owner keeps it however old its heartbeat (a run stopped with Ctrl-Z /
+    SIGSTOP beats no more, but will go on when continued). From another host only the heartbeat
+    can be seen: stale after ``STALE_AFTER`` seconds without one (a run killed on another node,
+    a Slurm requeue).
     A file that holds no readable owner is reported, not taken over; ``force=True``
     (``tools/train.py --break-lock``) removes any lock.
     """
@@ -118,6 +135,7 @@ class WorkDirLock:
         self.path = osp.join(work_dir, self.NAME)
         self.what = what
         self.taken_over: Optional[dict] = None
+        self.taken_over_because = ''  # what was checked to find the owner gone
         self.broken: Optional[str] = None  # what --break-lock removed
         self._held = False
         self._stop: Optional[threading.Event] = None
@@ -145,7 +163,8 @@ class WorkDirLock:
     def acquire(self, force: bool = False) -> 'WorkDirLock':
         os.makedirs(self.work_dir, exist_ok=True)
         me = {'pid': os.getpid(), 'host': socket.gethostname(), 'what': self.what,
-              'started': time.strftime('%Y-%m-%d %H:%M:%S')}
+              'started': time.strftime('%Y-%m-%d %H:%M:%S'),
+              'process_start': _process_start(os.getpid())}
         if force and osp.exists(self.path):
             self.broken = self._read()[1][:200]
             with contextlib.suppress(FileNotFoundError):
@@ -163,7 +182,8 @@ class WorkDirLock:
                         f'the lock file {self.path} holds no readable owner ({text[:80]!r}): it '
                         'cannot tell whether a run still uses this work dir. Fix: if none does, '
                         'run again with --break-lock (tools/train.py) or delete the file')
-                if owner is not None and not self._stale(owner, self._age()):
+                because = self._stale(owner, self._age()) if owner is not None else ''
+                if owner is not None and not because:
                     raise WorkDirBusyError(
                         f'work dir {self.work_dir!r} is in use by another '
                         f'{owner.get("what", "run")} (pid {owner.get("pid")} on '
@@ -171,9 +191,10 @@ class WorkDirLock:
                         f'{self._age():.0f}s ago): two runs in one work dir would mix their logs '
                         'and overwrite each other\'s checkpoints. Fix: wait for it to finish, or '
                         'pass another --work-dir. A lock whose heartbeat stopped more than '
-                        f'{self.STALE_AFTER:.0f}s ago is taken over by itself; if you know the '
-                        'run is gone, --break-lock (tools/train.py) removes it now')
-                self.taken_over = owner
+                        f'{self.STALE_AFTER:.0f}s ago (on another host), or whose process no '
+                        'longer runs (this host), is taken over by itself; if you know the run '
+                        'is gone, --break-lock (tools/train.py) removes it now')
+                self.taken_over, self.taken_over_because = owner, because
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)
                 continue
@@ -196,14 +217,29 @@ class WorkDirLock:
         threading.Thread(target=beat, name='daft-mm-lock-heartbeat', daemon=True).start()
 
     @classmethod
-    def _stale(cls, owner: dict, age: float) -> bool:
+    def _stale(cls, owner: dict, age: float) -> str:
+        """Why the owner is gone ('' while it may still run), from what can be checked: its
+        process on this host, its heartbeat from another."""
         pid = owner.get('pid')
         if owner.get('host') == socket.gethostname() and isinstance(pid, int):
             if pid == os.getpid():
-                return False
+                return ''
             if not _pid_alive(pid):
-                return True
-        return age > cls.STALE_AFTER
+                return f'its process (pid {pid}) no longer runs on this host'
+            recorded, now = owner.get('process_start'), _process_start(pid)
+            if recorded and now and recorded != now:
+                return (f'pid {pid} now belongs to another process (started at another time '
+                        'than the owner)')
+            if recorded and now:
+                return ''  # the owner itself, alive (perhaps stopped): its lock stands
+            if age > cls.STALE_AFTER:  # a lock from before start times were recorded
+                return (f'its heartbeat stopped {age:.0f}s ago; pid {pid} runs, but the lock '
+                        'records no start time to tell whether it is the owner')
+            return ''
+        if age > cls.STALE_AFTER:
+            return (f'its heartbeat stopped {age:.0f}s ago (more than {cls.STALE_AFTER:.0f}s; '
+                    f'owner on {owner.get("host")}, whose processes this host cannot see)')
+        return ''
 
     def release(self) -> None:
         if not self._held:
