@@ -164,3 +164,92 @@ def test_dataset_smaller_than_the_ranks_converts_on_every_rank(cityscapes_root, 
     for key in first:
         assert torch.equal(first[key], second[key]), key
     assert first['backbone.layer1.0.bn1.running_mean'].abs().sum() > 0
+
+
+# ------------------------------------------------------------ issue 32 item 5: name the problem
+def test_an_empty_image_in_the_statistics_pass_is_named(tmp_path):
+    """OpenCV's error for an empty file (`!buf.empty()`) names no file; the pass names it."""
+    from mmengine.runner import Runner
+
+    from daft_mm.mm.datasets import make_cityscapes
+    root = tmp_path / 'cityscapes'
+    make_cityscapes(root, num_train=4, num_val=2, seed=0)
+    broken = sorted((root / 'leftImg8bit' / 'train').rglob('*.png'))[1]
+    broken.write_bytes(b'')
+    cfg = load_tiny(CONFIGS / '_tiny_' / 'tiny_daft_deeplabv3_cityscapes.py', tmp_path / 'w',
+                    str(root), **{'train_cfg.max_iters': 1})
+    with pytest.raises(ConversionError, match=rf'could not load {broken}'):
+        Runner.from_cfg(cfg).train()
+
+
+def test_nan_weights_are_named_as_the_checkpoints_not_the_datas():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    with torch.no_grad():
+        net[0].weight[0, 0, 0, 0] = float('nan')
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(ConversionError, match=r"weights hold NaN or Inf before any data was "
+                       r"seen, in 1 tensor\(s\): 0\.weight\. .*checkpoint"):
+        convert_bn(net, [torch.randn(4, 3, 8, 8)])
+    assert all(torch.equal(v, before[k]) or torch.isnan(v).any()
+               for k, v in net.state_dict().items())
+
+
+def test_a_blocked_global_in_a_checkpoint_is_named(tmp_path):
+    import pickle
+
+    from daft_mm.mm.compat import load_checkpoint_file
+
+    class RunsCommand:
+        def __reduce__(self):
+            return os.system, ('true', )
+    path = tmp_path / 'evil.pth'
+    torch.save({'state_dict': {}, 'meta': RunsCommand()}, path)
+    with pytest.raises(pickle.UnpicklingError) as err:
+        load_checkpoint_file(str(path))
+    text = str(err.value)
+    assert f'`{os.system.__module__}.system`' in text  # posix.system on Linux
+    assert 'an object the weights_only unpickler refused' not in text
+
+
+def test_a_daft_key_in_another_case_is_refused():
+    from mmengine.config import Config
+
+    from daft_mm.mm.settings import check_daft_keys
+    with pytest.raises(ValueError, match=r'Daft_head_lr_mult \(did you mean daft_head_lr_mult'):
+        check_daft_keys(Config(dict(Daft_head_lr_mult=20.0)))
+
+
+def test_test_py_on_an_empty_dataset_names_it_and_its_folder(tmp_path):
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, DefaultScope
+
+    from _tools import load_tool
+    config = CONFIGS / '_tiny_' / 'tiny_deeplabv3_cityscapes.py'
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = MODELS.build(Config.fromfile(str(config)).model)
+    checkpoint = tmp_path / 'model.pth'
+    torch.save({'state_dict': model.state_dict()}, checkpoint)
+    empty = tmp_path / 'empty'
+    for sub in ('leftImg8bit/val', 'gtFine/val'):
+        (empty / sub).mkdir(parents=True)
+    with pytest.raises(ValueError, match=rf"test_dataloader.dataset: CityscapesDataset found no "
+                       rf"samples \(data_root='{empty}'"):
+        load_tool('test').main([str(config), str(checkpoint), '--work-dir', str(tmp_path / 'w'),
+                                '--cfg-options', f'data_root={empty}'])
+
+
+def test_validation_on_an_empty_set_is_its_own_error(tmp_path, cityscapes_root, capsys):
+    from _tools import load_tool
+    config = CONFIGS / '_tiny_' / 'tiny_deeplabv3_cityscapes.py'
+    common = [str(config), '--cfg-options', f'data_root={cityscapes_root}',
+              'train_cfg.max_iters=1', 'train_dataloader.batch_size=2']
+    with pytest.raises(ValueError, match=r'val_dataloader.dataset: CityscapesDataset holds no '
+                       r'samples .*validation would score nothing'):
+        load_tool('train').main(common + ['train_cfg.val_interval=1',
+                                          'val_dataloader.dataset.indices=0',
+                                          'val_dataloader.dataset.serialize_data=False',
+                                          '--work-dir', str(tmp_path / 'a')])
+    assert 'finished without a validation run' not in capsys.readouterr().out
+    load_tool('train').main(common + ['val_cfg=None', 'val_dataloader=None',
+                                      'val_evaluator=None', '--work-dir', str(tmp_path / 'b')])
+    assert 'training finished without a validation run' in capsys.readouterr().out

@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
 
     import daft_mm.mm  # noqa: F401  (registers daft-mm modules, applies daft_mm.mm.compat)
-    from daft_mm.mm.cli import close_distributed, detect_task, format_metrics, load_config
+    from daft_mm.mm.cli import (close_distributed, detect_task, empty_dataset_message,
+                                format_metrics, load_config)
     from mmengine.dist import is_main_process
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
@@ -160,7 +161,13 @@ def main(argv: list[str] | None = None) -> dict:
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
 
-    metrics = runner.test()
+    try:
+        metrics = runner.test()
+    except ValueError as exc:
+        empty = empty_dataset_message(exc, 'test_dataloader.dataset')
+        if empty is None:
+            raise
+        raise ValueError(empty) from exc
     if is_main_process():
         print(f'[daft-mm] {task} test metrics: {format_metrics(metrics)}', flush=True)
     close_distributed()

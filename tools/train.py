@@ -199,7 +199,8 @@ def launch_rank(launcher: str) -> int:
 
 
 def _train(args: argparse.Namespace, cfg: Any, lock: 'WorkDirLock') -> None:
-    from daft_mm.mm.cli import close_distributed, detect_task, format_metrics
+    from daft_mm.mm.cli import (ValidationRuns, close_distributed, detect_task,
+                                empty_dataset_message, format_metrics)
     from mmengine.dist import is_main_process
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
@@ -235,10 +236,12 @@ def _train(args: argparse.Namespace, cfg: Any, lock: 'WorkDirLock') -> None:
     if resume_note:  # a fresh start under --resume is worth a warning: the user asked to resume
         warn = not cfg.resume or "truncated" in resume_note
         (runner.logger.warning if warn else runner.logger.info)(resume_note)
+    validations = ValidationRuns()
+    runner.register_hook(validations, priority='VERY_LOW')
     try:
         runner.train()
     except ValueError as exc:
-        empty = _empty_dataset(exc)
+        empty = empty_dataset_message(exc)
         if empty is None:
             raise
         raise ValueError(empty) from exc
@@ -250,25 +253,9 @@ def _train(args: argparse.Namespace, cfg: Any, lock: 'WorkDirLock') -> None:
     if is_main_process():
         if final:
             print(f'[daft-mm] {task} final validation metrics: {format_metrics(final)}', flush=True)
-        else:
+        elif not validations.count:
             print(f'[daft-mm] {task} training finished without a validation run', flush=True)
     close_distributed()
-
-
-def _empty_dataset(exc: BaseException) -> str | None:
-    """A clear message when ``exc`` is mmengine failing to serialise a dataset with no samples
-    (numpy's bare "need at least one array to concatenate"), naming that dataset's folders."""
-    tb = exc.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        if frame.f_code.co_name == '_serialize_data':
-            dataset = frame.f_locals.get('self')
-            where = {k: getattr(dataset, k, None) for k in ('data_root', 'data_prefix', 'ann_file')}
-            return (f'{type(dataset).__name__} found no samples ({where}): the dataset is empty. '
-                    'Fix: point data_root (--cfg-options data_root=...) at the data, and check '
-                    'the folder layout the dataset expects (see docs/usage.md, "Data layout")')
-        tb = tb.tb_next
-    return None
 
 
 if __name__ == '__main__':

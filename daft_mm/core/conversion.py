@@ -259,6 +259,25 @@ def _raise_failure(error: Optional[BaseException], failed: bool, total_batches: 
                               'target-domain inputs. The model is unchanged.')
 
 
+def _refuse_non_finite_weights(model: nn.Module) -> None:
+    """NaN / Inf already in the weights (a checkpoint saved after a run diverged) would surface
+    after the pass as non-finite statistics, blamed on the data: name the tensors first."""
+    named = [(n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers())
+             if t.is_floating_point() and not t.is_meta and t.numel()]
+    if not named:
+        return
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).cpu().tolist()
+    bad = [n for (n, _), ok in zip(named, finite) if not ok]
+    if bad:
+        shown = ', '.join(bad[:5]) + (' ...' if len(bad) > 5 else '')
+        raise ConversionError(
+            f'the model\'s weights hold NaN or Inf before any data was seen, in {len(bad)} '
+            f'tensor(s): {shown}. They came with the weights it was loaded from (the pretrained '
+            'checkpoint or load_from, e.g. one saved after a run diverged), not from the data. '
+            'Fix: load a checkpoint without them (check it with '
+            "torch.load(path)['state_dict'][name].isfinite().all()). The model is unchanged.")
+
+
 def convert_bn(model: nn.Module,
                batches: Iterable[Any],
                *,
@@ -322,6 +341,7 @@ def convert_bn(model: nn.Module,
             f'{len(on_meta)} BN layer(s) ({shown}) are on the meta device: the model has shapes '
             'but no weights yet. Fix: materialise and load it first (model.to_empty(device=...), '
             'then load_state_dict / load_from). The model is unchanged.')
+    _refuse_non_finite_weights(model)
     world_size = _distributed_world(process_group)
     device = next(iter(layers.values())).running_mean.device
     accumulators = {

@@ -8,6 +8,7 @@ import os.path as osp
 from typing import Any, Iterator, Mapping
 
 from mmengine.config import Config
+from mmengine.hooks import Hook
 
 __all__ = ['TASKS', 'detect_task', 'set_data_root', 'load_config', 'format_metrics',
            'apply_cfg_options', 'distributed_on_cpu', 'close_distributed', 'checkpoint_mismatch',
@@ -262,6 +263,47 @@ def checkpoint_mismatch(model: Any, state_dict: Mapping[str, Any]) -> str | None
         parts.append(f'{len(misshaped)} with another shape ({"; ".join(misshaped[:3])}'
                      + (' ...' if len(misshaped) > 3 else '') + ')')
     return ', '.join(parts) or None
+
+
+def _where(dataset: Any) -> str:
+    return ', '.join(f'{k}={getattr(dataset, k, None)!r}' for k in ('data_root', 'data_prefix',
+                                                                     'ann_file'))
+
+
+def empty_dataset_message(exc: BaseException, loader: str = '') -> str | None:
+    """A clear message when ``exc`` is mmengine failing to serialise a dataset with no samples
+    (numpy's bare "need at least one array to concatenate"), naming that dataset and the
+    folders it looked in; None for any other error."""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == '_serialize_data':
+            dataset = frame.f_locals.get('self')
+            return (f'{(loader + ": ") if loader else ""}{type(dataset).__name__} found no '
+                    f'samples ({_where(dataset)}): the dataset is empty. Fix: point data_root '
+                    '(--cfg-options data_root=...) at the data, and check the folder layout the '
+                    'dataset expects (see docs/usage.md, "Data layout")')
+        tb = tb.tb_next
+    return None
+
+
+class ValidationRuns(Hook):
+    """Counts the validation runs of a training, and refuses one over an empty set when it
+    starts: its metrics would be missing, and "no validation ran" would be the wrong story."""
+
+    priority = 'VERY_LOW'
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def before_val_epoch(self, runner: Any) -> None:
+        dataset = runner.val_loop.dataloader.dataset
+        if len(dataset) == 0:
+            raise ValueError(f'val_dataloader.dataset: {type(dataset).__name__} holds no samples '
+                             f'({_where(dataset)}): validation would score nothing. Fix: point '
+                             'its data_root / ann_file at the validation images, or drop '
+                             'val_dataloader / val_cfg to train without validation')
+        self.count += 1
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:

@@ -319,7 +319,10 @@ RESTRICTED_PICKLE.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr-
 
 # torch >= 2.5 / our unpickler: "GLOBAL x was not an allowed global"; torch 2.1-2.4: "Unsupported
 # class x" or "Unsupported operand ..." from its built-in weights-only unpickler.
-_UNSUPPORTED_GLOBAL = re.compile(r'GLOBAL (\S+) was not an allowed global|Unsupported class (\S+)')
+# torch >= 2.6 for a module it blocks outright (os, posix, subprocess...): "Trying to load
+# unsupported GLOBAL posix.system whose module posix is blocked".
+_UNSUPPORTED_GLOBAL = re.compile(r'GLOBAL (\S+) (?:was not an allowed global|whose module)'
+                                 r'|Unsupported class (\S+)')
 
 
 def _refused(source: str, err: pickle.UnpicklingError) -> pickle.UnpicklingError:
@@ -328,7 +331,9 @@ def _refused(source: str, err: pickle.UnpicklingError) -> pickle.UnpicklingError
     match = _UNSUPPORTED_GLOBAL.search(text)
     if match:
         name = match.group(1) or match.group(2)
-        what = f'the global `{name}`, which is not on the weights_only allow-list'
+        what = f'the global `{name}`' + (
+            ', from a module torch never unpickles with weights_only (it can run commands)'
+            if 'is blocked' in text else ', which is not on the weights_only allow-list')
     else:  # torch puts the specific reason after "WeightsUnpickler error:"
         reason = text.rsplit('WeightsUnpickler error:', 1)[-1].strip().splitlines()
         what = f'an object the weights_only unpickler refused ({reason[0] if reason else text})'
@@ -336,11 +341,12 @@ def _refused(source: str, err: pickle.UnpicklingError) -> pickle.UnpicklingError
     allow = (f'`torch.serialization.add_safe_globals([{name}])` (import it first; torch >= 2.6)'
              if name else '`torch.serialization.add_safe_globals([...])` with the class the '
              'error names (torch >= 2.6)')
+    only = ('' if match and 'is blocked' in text else
+            f'; or allow just that class with {allow}')
     return pickle.UnpicklingError(
         f'{source} holds {what}. If you trust this file, opt in to full unpickling (it can '
         f'run arbitrary code) with `{TRUST_ENV}=1` in the environment or '
-        f'`daft_mm.mm.compat.trust_checkpoints()` in Python; or allow just that class with '
-        f'{allow}.')
+        f'`daft_mm.mm.compat.trust_checkpoints()` in Python{only}.')
 
 
 def load_checkpoint_file(filename: str, map_location: Any = None) -> Any:

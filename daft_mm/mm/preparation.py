@@ -9,6 +9,7 @@ notebook, needs the same steps. ``DAFTHook`` calls :func:`prepare` once, before 
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -18,6 +19,7 @@ from mmengine.dist import get_dist_info
 from mmengine.logging import print_log
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import Dataset as TorchDataset
 
 from daft_mm.core import (ConversionReport, convert_bn, is_batchnorm, kept_modes,
                           zero_init_predictors)
@@ -78,6 +80,39 @@ def unrepeated(dataset: Any) -> Any:
     return dataset
 
 
+def sample_files(dataset: Any, index: int) -> List[str]:
+    """The image / annotation files of sample ``index`` as far as the dataset says (mmengine
+    datasets and wrappers: ``get_data_info``; torch's ``ConcatDataset``: the part it falls in)."""
+    parts = getattr(dataset, 'cumulative_sizes', None)
+    if parts is not None and getattr(dataset, 'datasets', None):
+        part = bisect.bisect_right(parts, index)
+        return sample_files(dataset.datasets[part], index - (parts[part - 1] if part else 0))
+    try:
+        info = dataset.get_data_info(index)
+    except Exception:  # noqa: BLE001 - no info is no reason to hide the first error
+        return []
+    return [str(info[k]) for k in ('img_path', 'seg_map_path', 'ann_path')
+            if isinstance(info, dict) and info.get(k)]
+
+
+class _NamedSamples(TorchDataset):
+    """A dataset whose loading errors name the sample's files: OpenCV's error for an empty or
+    unreadable image (``!buf.empty()``) does not say which of thousands it was."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except Exception as exc:
+            files = sample_files(self.dataset, index) or [f'sample {index}']
+            raise RuntimeError(f'could not load {", ".join(files)}: {exc}') from exc
+
+
 def one_pass_loader(train: DataLoader, seed: Optional[int] = None) -> DataLoader:
     """A finite loader over a training loader's dataset, pipeline and batch size: the loader of
     DAFT's statistics pass (DAFTHook, ``tools/analyze_distortion.py --convert``).
@@ -88,7 +123,7 @@ def one_pass_loader(train: DataLoader, seed: Optional[int] = None) -> DataLoader
     then, and the sampler's is the one that counts. A repeated training set is read once
     (:func:`unrepeated`).
     """
-    dataset = unrepeated(train.dataset)
+    dataset = _NamedSamples(unrepeated(train.dataset))
     batch_size = train.batch_size or getattr(train.batch_sampler, 'batch_size', None) or 1
     return DataLoader(
         dataset, batch_size=batch_size, num_workers=train.num_workers,

@@ -59,18 +59,19 @@ def check_daft_keys(cfg: Mapping[str, Any]) -> None:
     """Refuse an unknown top-level ``daft_*`` key, naming the closest known one: a misspelt
     ``daft_head_lr_mul=20`` would otherwise train at the default 10x without a word."""
     import difflib
-    unknown = [key for key in cfg.keys() if isinstance(key, str) and key.startswith('daft_')
-               and key not in KNOWN_KEYS]
+    unknown = [key for key in cfg.keys() if isinstance(key, str)
+               and key.lower().startswith('daft_') and key not in KNOWN_KEYS]
     if not unknown:
         return
     hints = []
     for key in sorted(unknown):
-        close = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.6)
+        exact = [k for k in KNOWN_KEYS if k == key.lower()]  # another case: Daft_head_lr_mult
+        close = exact or difflib.get_close_matches(key.lower(), KNOWN_KEYS, n=1, cutoff=0.6)
         hints.append(f'{key} (did you mean {close[0]}?)' if close else key)
     raise ValueError(f'unknown DAFT config key(s): {", ".join(hints)}; daft-mm reads '
                      f'{", ".join(KNOWN_KEYS)}. Fix: correct the spelling '
-                     '(daft_mm/configs/_base_/daft.py documents each key), or rename a key of your own so it does not start with '
-                     '"daft_"')
+                     '(keys are lower case; daft_mm/configs/_base_/daft.py documents each), or '
+                     'rename a key of your own so it does not start with "daft_"')
 
 
 def unwrap(model: nn.Module) -> nn.Module:
