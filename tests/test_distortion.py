@@ -401,3 +401,29 @@ def test_hook_reference_survives_resume_but_not_a_fresh_load():
         ref = hook._reference[0].weight
         assert torch.equal(ref, start['0.weight'] if expect_start else model.backbone[0].weight)
         assert ref is not model.backbone[0].weight and not ref.requires_grad
+
+
+def test_an_edited_config_is_another_analysis(tiny_cfg_path, tmp_path):
+    """Issue 32 item 7: the default folder and the refusal to write over another analysis key
+    on the config's resolved content, not only its path."""
+    import shutil
+
+    from mmengine.config import Config
+
+    from _tools import load_tool
+    tool = load_tool('analyze_distortion')
+    config = tmp_path / 'mine.py'
+    shutil.copy(tiny_cfg_path, config)
+    args = tool.parse_args([str(config), '--pretrained', 'p.pth', '--finetuned', 'a=a.pth'])
+    before = tool.analysis_inputs(args, Config.fromfile(str(config)))
+    with open(config, 'a') as f:
+        f.write('\ntest_dataloader = dict(batch_size=2)\n')
+    after = tool.analysis_inputs(args, Config.fromfile(str(config)))
+    assert before['config'] == after['config'] and before != after
+    assert tool.default_out_dir(args, before) != tool.default_out_dir(args, after)
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'distortion.json').write_text(json.dumps({'inputs': before}))
+    tool.refuse_other_analysis(str(out), before, overwrite=False)  # the same analysis: fine
+    with pytest.raises(FileExistsError, match='holds an analysis of other inputs'):
+        tool.refuse_other_analysis(str(out), after, overwrite=False)

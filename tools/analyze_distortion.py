@@ -282,15 +282,22 @@ def plot_parameters(result: Mapping[str, Any], path: str) -> Dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------- output
-def analysis_inputs(args: argparse.Namespace) -> Dict[str, Any]:
-    """What an analysis depends on: the config, the checkpoints' paths and bytes, the options."""
+def analysis_inputs(args: argparse.Namespace, cfg: Any = None) -> Dict[str, Any]:
+    """What an analysis depends on: the config (its path and its resolved content, bases and
+    options included: an edited config is another analysis), the checkpoints' paths and bytes,
+    the options."""
+    import hashlib
+
     from daft_mm.utils import file_digest
 
     def digest(path: str) -> str:
         return file_digest(path) if osp.isfile(path) else 'missing'
 
+    content = (hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+               .hexdigest()[:16] if cfg is not None else None)
     return {
-        'config': osp.abspath(args.config), 'cfg_options': list(args.cfg_options or []),
+        'config': osp.abspath(args.config), 'config_content': content,
+        'cfg_options': list(args.cfg_options or []),
         'pretrained': [osp.abspath(args.pretrained), digest(args.pretrained)],
         'finetuned': {name: [osp.abspath(p), digest(p)] for name, p in args.finetuned},
         'reference_converted': {name: [osp.abspath(p), digest(p)]
@@ -340,7 +347,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     # The tools' shared way: data_root=PATH reaches every dataloader (tools/train.py, test.py,
     # test_robustness.py do the same).
     apply_cfg_options(cfg, _parse_cfg_options(args.cfg_options or []))
-    inputs = analysis_inputs(args)
+    inputs = analysis_inputs(args, cfg)
     out_dir = args.out_dir or default_out_dir(args, inputs)
     refuse_other_analysis(out_dir, inputs, args.overwrite)
     result = analyze_distortion(
