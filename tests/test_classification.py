@@ -277,11 +277,64 @@ def test_train_cls_as_a_researcher_uses_it(tmp_path):
     assert tool.parse_args(['--train', 'a', '--test', 'b']).weight_decay == \
         inspect.signature(finetune).parameters['weight_decay'].default
     # a saved model is what --checkpoint reads: the same classes, nothing dropped
-    meta = torch.load(saved / 'ft.pth', weights_only=True)['meta']
+    meta = torch.load(saved / 'ft_lr0.01_seed0.pth', weights_only=True)['meta']
     assert meta['method'] == 'ft' and meta['classes'] == ['circle', 'square', 'triangle']
-    proc = _run_tool(*common, '--test', str(data / 'test'), '--checkpoint', str(saved / 'ft.pth'),
-                     '--method', 'ft', '--iters', '1')
+    proc = _run_tool(*common, '--test', str(data / 'test'), '--checkpoint',
+                     str(saved / 'ft_lr0.01_seed0.pth'), '--method', 'ft', '--iters', '1')
     assert 'new head' not in proc.stdout and 'loaded' in proc.stdout
+
+
+def test_train_cls_one_probe_rule_named_models_and_checked_flags(tmp_path):
+    """Issue 32 item 6: every probe at --lp-lr; models named by method, setting and seed and
+    never overwritten, their metadata complete; DAFT's statistics pass reads every training
+    image (the training loader drops the last partial batch); DAFT without --checkpoint converts
+    nothing and says so; flags without their method are usage errors; a backbone written by
+    tools/pretrain_backbone.py is refused with the reason."""
+    data = tmp_path / 'demo'
+    generate_demo_datasets(data, train_per_class=8, test_per_class=4)  # 24 training images
+    out, saved = tmp_path / 'run.json', tmp_path / 'models'
+    common = ['--train', str(data / 'train'), '--test', str(data / 'test'), '--arch', 'resnet10',
+              '--width', '4', '--small-input', '--image-size', '32', '--batch-size', '10',
+              '--lr', '0.01']
+    proc = _run_tool(*common, '--method', 'lp', 'lp-ft', 'daft', '--iters', '4',
+                     '--save-dir', str(saved), '--out', str(out))
+    results = json.loads(out.read_text())['results']
+    assert results['lp']['stages'][0]['lr'] == results['lp-ft']['stages'][0]['lr'] == \
+        pytest.approx(0.1)  # one rule: 10 x --lr for every probe
+    assert 'WARNING daft: no --checkpoint' in proc.stdout
+    assert results['daft']['bn_conversion'] is None
+    names = sorted(p.name for p in saved.iterdir())
+    assert names == ['daft_lr0.01_head10_seed0.pth', 'lp-ft_lr0.01_probe0.1_seed0.pth',
+                     'lp_lr0.1_seed0.pth']
+    meta = torch.load(saved / 'lp-ft_lr0.01_probe0.1_seed0.pth', weights_only=True)['meta']
+    assert {k: meta[k] for k in ('probe_lr', 'probe_iters', 'head_lr_mult', 'weight_decay',
+                                 'warmup_iters', 'batch_size', 'schedule', 'seed')} == dict(
+        probe_lr=pytest.approx(0.1), probe_iters=2, head_lr_mult=1.0, weight_decay=1e-4,
+        warmup_iters=0, batch_size=10, schedule='cosine', seed=0)
+    # the same run again is refused before it trains; another seed gets files of its own
+    again = subprocess.run([sys.executable, str(REPO / 'tools' / 'train_cls.py'), *common,
+                            '--method', 'lp', '--iters', '4', '--save-dir', str(saved)],
+                           capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert again.returncode != 0 and 'not overwritten' in again.stderr
+    assert 'model written' not in again.stdout
+    # DAFT from pretrained weights: its statistics pass reads all 24 images, not 20
+    proc = _run_tool(*common, '--method', 'daft', '--iters', '1', '--seed', '1',
+                     '--checkpoint', str(saved / 'lp_lr0.1_seed0.pth'), '--save-dir', str(saved))
+    assert 'daft: BN statistics from 24 training images (all 24, each once)' in proc.stdout
+    assert (saved / 'daft_lr0.01_head10_seed1.pth').is_file()
+    tool = _load_train_cls()
+    for bad in (['--method', 'ft', '--lp-iters', '2'], ['--method', 'ft', 'daft', '--lp-lr', '1'],
+                ['--method', 'lp-ft', '--iters', '1']):
+        with pytest.raises(SystemExit) as exit_:
+            tool.parse_args(['--train', 'a', '--test', 'b'] + bad)
+        assert exit_.value.code == 2, bad
+    refused = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'train_cls.py'), *common, '--method', 'ft',
+         '--iters', '1', '--checkpoint',
+         str(REPO / 'benchmarks' / 'pretrained' / 'imagenette_resnetv1c18w16_64px.pth')],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert refused.returncode != 0
+    assert 'ResNetV1c backbone' in refused.stderr and 'tools/pretrain_backbone.py' in refused.stderr
 
 
 def _load_train_cls():

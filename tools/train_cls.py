@@ -3,19 +3,21 @@
 
     python tools/train_cls.py --benchmark --out cls_benchmark.json   # the fair experiment
     python tools/train_cls.py --benchmark --quick                    # seconds, smoke test
-    python tools/train_cls.py --generate-demo data/demo
-    python tools/train_cls.py --train data/demo/train --val data/demo/val --test data/demo/test \\
+    python tools/train_cls.py --generate-demo data/demo   # train/ test/ ood_stripes/ ood_noise/
+    python tools/train_cls.py --train data/demo/train --test data/demo/test \\
         --ood stripes=data/demo/ood_stripes --ood noise=data/demo/ood_noise \\
         --method ft lp lp-ft daft --arch resnet10 --small-input --iters 100 --out results.json \\
-        --save-dir work_dirs/cls          # <method>.pth: each fine-tuned model
+        --save-dir work_dirs/cls          # <method>_<setting>_seed<N>.pth: each fine-tuned model
     python tools/train_cls.py --train imagenette/train --val imagenette/val --method ft \\
         --arch resnet18 --iters 5000 --save-dir work_dirs/pretrain   # pretraining from scratch
 
 Several methods in one call all start from the same initial (or --checkpoint) weights,
 so their numbers are comparable. --checkpoint takes a torchvision-layout ResNet state
-dict; its classifier is dropped when the class count differs. --iters is every method's whole
-budget: LP-FT's probe stage takes --lp-iters of it (default half). Choose settings on --val
-(reported as "id_val"), never on --test or the OOD sets.
+dict; its classifier is dropped when the class count differs. Without --checkpoint the weights
+are random and DAFT converts no BN layer (there is no pretrained function to keep). --iters is
+every method's whole budget: LP-FT's probe stage takes --lp-iters of it (default half). Every
+probe (the LP method and LP-FT's first stage) trains at --lp-lr (default 10 x --lr). Choose
+settings on --val (reported as "id_val"), never on --test or the OOD sets.
 
 --benchmark runs daft_mm.benchmark.classification (source-task pretraining, a fresh fc for
 every method, equal budgets, ID-val selection, then ID test and OOD) and prints its table;
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -96,10 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='iterations of every method, LP-FT\'s two stages together (the '
                         'equal-budget rule)')
     parser.add_argument('--lp-iters', type=int,
-                        help='iterations of LP-FT\'s probe stage, out of --iters (default half)')
+                        help='with lp-ft: iterations of its probe stage, out of --iters '
+                        '(default half)')
     parser.add_argument('--lp-lr', type=float,
-                        help='LR of LP-FT\'s probe stage (default 10 x --lr: a probe trains the '
-                        'head alone, at a far higher LR than fine-tuning)')
+                        help='with lp or lp-ft: the LR of every probe (the LP method and LP-FT\'s '
+                        'first stage; default 10 x --lr: a probe trains the head alone, at a '
+                        'far higher LR than fine-tuning)')
     parser.add_argument('--lr', type=float, default=0.01, help='backbone learning rate')
     parser.add_argument('--head-lr-mult', type=float,
                         help='head LR = lr x this (default: the method\'s, 10 for DAFT, else 1)')
@@ -117,9 +122,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--log-interval', type=int, default=50)
     parser.add_argument('--out', type=Path, help='write results as JSON here')
     parser.add_argument('--save-dir', type=Path,
-                        help='write each fine-tuned model to <save-dir>/<method>.pth (a '
-                        'torchvision-layout state dict, what --checkpoint reads) with its '
-                        'provenance (method, classes, settings, accuracies)')
+                        help='write each fine-tuned model to <save-dir>/<method>_<setting>_'
+                        'seed<N>.pth (a torchvision-layout state dict, what --checkpoint reads) '
+                        'with everything that decided the run (method, classes, LRs, head '
+                        'multiplier, probe LR and iterations, schedule, seed, accuracies); an '
+                        'existing file is not overwritten')
     args = parser.parse_args(argv)
     if (not args.benchmark and args.generate_demo is None
             and (args.train is None or (args.test is None and args.val is None))):
@@ -132,6 +139,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f'--warmup-iters must be >= 0, got {args.warmup_iters}')
     if (args.quick or args.overrides) and not args.benchmark:
         parser.error('--quick and --set go with --benchmark')
+    if not args.benchmark and args.generate_demo is None:
+        methods = set(args.method)
+        if args.lp_iters is not None and 'lp-ft' not in methods:
+            parser.error('--lp-iters is the probe stage of lp-ft, which --method does not include')
+        if args.lp_lr is not None and not methods & {'lp', 'lp-ft'}:
+            parser.error('--lp-lr is the LR of the probes (lp, lp-ft), which --method does not '
+                         'include')
+        if 'lp-ft' in methods and args.iters < 2:
+            parser.error(f'lp-ft trains two stages within --iters: give --iters >= 2, got '
+                         f'{args.iters}')
     return args
 
 
@@ -183,17 +200,48 @@ def stage_iters(method: str, iters: int, lp_iters: int | None) -> tuple[int, int
     return last, early[0]
 
 
+def _probe_lr(args: argparse.Namespace) -> float:
+    """The LR of every probe (the LP method, LP-FT's first stage): one rule for both."""
+    return args.lp_lr if args.lp_lr is not None else 10 * args.lr
+
+
+def _setting(args: argparse.Namespace, method: str) -> dict:
+    """Everything that decides a run of ``method`` besides the data and the start weights."""
+    recipe = get_recipe(method)
+    head_mult = (args.head_lr_mult if args.head_lr_mult is not None
+                 else recipe.stages[-1].head_lr_mult)
+    iters, lp_iters = stage_iters(method, args.iters, args.lp_iters)
+    probe = method in ('lp', 'lp-ft')
+    return {'method': method, 'lr': _probe_lr(args) if method == 'lp' else args.lr,
+            'head_lr_mult': head_mult, 'head_scope': args.head_scope,
+            'probe_lr': _probe_lr(args) if probe else None, 'probe_iters': lp_iters,
+            'iters': args.iters, 'weight_decay': args.weight_decay,
+            'momentum': args.momentum, 'warmup_iters': args.warmup_iters,
+            'batch_size': args.batch_size, 'schedule': args.schedule, 'seed': args.seed}
+
+
+def _model_path(args: argparse.Namespace, method: str) -> Path:
+    """``<save-dir>/<method>_lr<LR>[_probe<LR>][_head<MULT>]_seed<N>.pth``: runs with other
+    seeds or settings get other files."""
+    s = _setting(args, method)
+    name = f'{method}_lr{s["lr"]:g}'
+    if s['probe_lr'] is not None and method != 'lp':
+        name += f'_probe{s["probe_lr"]:g}'
+    if s['head_lr_mult'] != 1.0:
+        name += f'_head{s["head_lr_mult"]:g}'
+    return args.save_dir / f'{name}_seed{args.seed}.pth'
+
+
 def _save_model(model: torch.nn.Module, args: argparse.Namespace, method: str,
                 classes: list[str], accuracy: dict) -> None:
-    """``<save-dir>/<method>.pth``: the torchvision-layout state dict and where it came from."""
+    """The torchvision-layout state dict and everything that decided the run."""
     from daft_mm.utils import atomic_save
-    path = args.save_dir / f'{method}.pth'
-    meta = {'method': method, 'arch': args.arch, 'width': args.width,
-            'small_input': args.small_input, 'classes': classes, 'image_size': args.image_size,
-            'iters': args.iters, 'lr': args.lr, 'seed': args.seed, 'accuracy': accuracy,
-            'train': str(args.train),
-            'checkpoint': None if args.checkpoint is None else str(args.checkpoint),
-            'torch': str(torch.__version__)}
+    path = _model_path(args, method)
+    meta = dict(_setting(args, method), arch=args.arch, width=args.width,
+                small_input=args.small_input, classes=classes, image_size=args.image_size,
+                accuracy=accuracy, train=str(args.train),
+                checkpoint=None if args.checkpoint is None else str(args.checkpoint),
+                torch=str(torch.__version__))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_save(lambda f: torch.save({'state_dict': state, 'meta': meta}, f), str(path))
     print(f'{method}: model written to {path}')
@@ -241,6 +289,12 @@ def main(argv: list[str] | None = None) -> dict:
                              'id_val)')
         eval_sets[name] = ImageFolder(path, classes=classes, image_size=args.image_size)
 
+    if args.save_dir is not None:  # before any training: a clash is found at once
+        taken = [str(p) for p in map(lambda m: _model_path(args, m), args.method) if p.exists()]
+        if taken:
+            raise SystemExit(f'--save-dir: {", ".join(taken)} exist(s) already (the same method, '
+                             'setting and seed); not overwritten. Fix: another --save-dir, or '
+                             'remove them')
     torch.manual_seed(args.seed)
     initial = build_resnet(args.arch, len(classes), base_width=args.width,
                            small_input=args.small_input)
@@ -255,15 +309,28 @@ def main(argv: list[str] | None = None) -> dict:
         model = copy.deepcopy(initial)  # every method starts from the same weights
         start = time.perf_counter()
         iters, lp_iters = stage_iters(method, args.iters, args.lp_iters)
-        run = finetune(model, _loader(train_set, args, shuffle=True), method=method,
-                       iters=iters, lp_iters=lp_iters, lr=args.lr,
-                       lp_lr=args.lp_lr if args.lp_lr is not None else 10 * args.lr,
+        recipe = get_recipe(method)
+        if recipe.uses_bn_conversion and checkpoint is None:
+            print(f'WARNING {method}: no --checkpoint, so the weights are random and no BN layer '
+                  'is converted (conversion keeps a pretrained function; from random weights '
+                  'there is none): the run is its other parts alone. Pass --checkpoint with '
+                  'pretrained weights')
+            recipe = dataclasses.replace(recipe, stages=tuple(
+                dataclasses.replace(stage, convert_bn=False) for stage in recipe.stages))
+        run = finetune(model, _loader(train_set, args, shuffle=True), method=recipe,
+                       iters=iters, lp_iters=lp_iters,
+                       lr=_probe_lr(args) if method == 'lp' else args.lr,
+                       lp_lr=_probe_lr(args),
+                       bn_loader=_loader(train_set, args, shuffle=False),  # every image once
                        head_names=args.head, head_lr_mult=args.head_lr_mult,
                        head_scope=args.head_scope, pretrained=args.pretrained,
                        momentum=args.momentum, weight_decay=args.weight_decay,
                        schedule=args.schedule, warmup_iters=args.warmup_iters,
                        bn_max_batches=args.bn_batches, device=args.device, seed=args.seed,
                        log=print, log_interval=args.log_interval)
+        if run.bn_conversion is not None and run.bn_conversion.layers:
+            print(f'{method}: BN statistics from {run.bn_conversion.layers[0].num_samples} '
+                  f'training images (all {len(train_set)}, each once)')
         accuracy = {name: evaluate(model, _loader(dataset, args, shuffle=False),
                                    device=args.device)
                     for name, dataset in eval_sets.items()}

@@ -196,6 +196,15 @@ def load_torchvision_state_dict(model: nn.Module, checkpoint: str | os.PathLike 
         path = os.fspath(checkpoint)
         raw = torch.load(path, map_location='cpu', weights_only=True)
     state = _unwrap_state_dict(raw)
+    if any(k.startswith(('backbone.stem.', 'stem.')) for k in state):
+        raise ValueError(
+            f'{path} is an mmseg / mmdet ResNetV1c backbone (deep stem `stem.*`, keys under '
+            f'{"backbone." if any(k.startswith("backbone.") for k in state) else "no prefix"}), '
+            'as tools/pretrain_backbone.py writes it for the OpenMMLab configs; the classification '
+            'tools build torchvision-layout ResNets (one 7x7 or 3x3 `conv1`), which it cannot '
+            'fill. Use it where it was made for (a config\'s model.backbone.init_cfg, or '
+            'tools/compare.py --backbone), or pretrain a torchvision-layout checkpoint for '
+            'tools/train_cls.py with its --save-dir (see its --help)')
     own = model.state_dict()
     dropped = [k for k in state if (k == head or k.startswith(head + '.')) and k in own
                and state[k].shape != own[k].shape]

@@ -91,8 +91,8 @@ def apply_cfg_options(cfg: Config, cfg_options: Mapping[str, Any] | None) -> Con
     ``data_root=PATH`` rewritten into every dataloader (see :func:`set_data_root`).
 
     A ``data_root`` that leaves a whole dataloader (and an evaluator's ``ann_file``) on another
-    folder is an error naming the exact keys to add, not a run on two folders: a config that sets its
-    own top-level ``data_root`` and passes it to some of its dataloaders only (the others keep
+    folder is an error naming the exact keys to add, not a run on two folders: a config that sets
+    its own top-level ``data_root`` and passes it to some of its dataloaders only (the others keep
     the value their base resolved) would otherwise train on the new folder and validate, test or
     convert BN on the old one while its dumped config shows the new root. Keys given explicitly
     in ``cfg_options`` are the user's choice and kept."""
