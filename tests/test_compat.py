@@ -211,3 +211,59 @@ def test_state_dict_hooks_register_on_every_torch():
     other.load_state_dict(state, strict=True)
     assert torch.equal(other.inner.weight, wrapper.inner.weight)
     assert calls == ['save', ('load', 'Module')]
+
+
+# ----------------------------------------- issue 32 item 8: every mmengine scheme, either torch
+def _crafted(tmp_path: Path) -> tuple:
+    marker = tmp_path / 'pwned'
+    path = tmp_path / 'evil.pth'
+    torch.save({'state_dict': {'w': torch.zeros(1)}, 'meta': exec_payload(marker)}, path)
+    return path, marker
+
+
+def test_every_checkpoint_scheme_refuses_a_crafted_pickle(tmp_path, untrusted, monkeypatch):
+    """pavi://, s3:// / petrel://, open-mmlab:// (a file in the mmengine home) and http(s)://:
+    each scheme's own loader is fed the crafted file (its download or storage backend patched),
+    and each refuses it, naming the global, without running it; on torch 2.1 too, where a bare
+    torch.load would unpickle fully."""
+    import sys
+    import types
+
+    from mmengine.runner import checkpoint as ckpt_mod
+    from mmengine.runner.checkpoint import CheckpointLoader
+    path, marker = _crafted(tmp_path)
+    data = path.read_bytes()
+
+    class Storage:  # what get_file_backend returns for s3:// (petrel)
+        def get(self, filename):
+            return data
+    monkeypatch.setattr(ckpt_mod, 'get_file_backend', lambda *a, **k: Storage())
+
+    class CloudModel:  # pavi's modelcloud entry
+        name = 'evil.pth'
+
+        def download(self, target):
+            Path(target).write_bytes(data)
+    pavi = types.ModuleType('pavi')
+    pavi.modelcloud = types.SimpleNamespace(get=lambda name: CloudModel())
+    monkeypatch.setitem(sys.modules, 'pavi', pavi)
+    monkeypatch.setattr(ckpt_mod, '_get_mmengine_home', lambda: str(tmp_path))
+    monkeypatch.setattr(ckpt_mod, 'get_external_models', lambda: {'evil': 'evil.pth'})
+    hub = tmp_path / 'hub'
+    hub.mkdir()
+    (hub / 'evil.pth').write_bytes(data)  # a finished download in the cache: no network
+    loaders = {
+        's3://bucket/evil.pth': lambda f: CheckpointLoader.load_checkpoint(f),
+        'petrel://bucket/evil.pth': lambda f: CheckpointLoader.load_checkpoint(f),
+        'pavi://models/evil': lambda f: CheckpointLoader.load_checkpoint(f),
+        'open-mmlab://evil': lambda f: CheckpointLoader.load_checkpoint(f),
+        'https://example.invalid/evil.pth':
+            lambda f: ckpt_mod.load_from_http(f, model_dir=str(hub)),
+    }
+    for url, load in loaders.items():
+        with pytest.raises(pickle.UnpicklingError, match=r'the global `builtins\.exec`'):
+            load(url)
+        assert not marker.exists(), url
+    compat.trust_checkpoints(True)  # the opt-in still loads it (and runs it: it is trusted)
+    CheckpointLoader.load_checkpoint('s3://bucket/evil.pth')
+    assert marker.exists()

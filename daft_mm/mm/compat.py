@@ -331,6 +331,10 @@ def _refused(source: str, err: pickle.UnpicklingError) -> pickle.UnpicklingError
     match = _UNSUPPORTED_GLOBAL.search(text)
     if match:
         name = match.group(1) or match.group(2)
+        module, _, attr = name.rpartition('.')  # protocol-2 pickles say __builtin__.exec
+        module, attr = _compat_pickle.NAME_MAPPING.get((module, attr), (module, attr))
+        # torch >= 2.6 names a builtin alone (`GLOBAL exec`)
+        name = f'{_compat_pickle.IMPORT_MAPPING.get(module, module) or "builtins"}.{attr}'
         what = f'the global `{name}`' + (
             ', from a module torch never unpickles with weights_only (it can run commands)'
             if 'is blocked' in text else ', which is not on the weights_only allow-list')
@@ -349,26 +353,35 @@ def _refused(source: str, err: pickle.UnpicklingError) -> pickle.UnpicklingError
         f'`daft_mm.mm.compat.trust_checkpoints()` in Python{only}.')
 
 
+def safe_torch_load(file: Any, map_location: Any = None, source: str | None = None) -> Any:
+    """``torch.load`` of a path or file object, never fully unpickled unless checkpoints are
+    trusted: torch's ``weights_only=True`` with the allow-list, or :data:`RESTRICTED_PICKLE`
+    where torch cannot take the list; a refusal names the global and the opt-ins."""
+    import torch
+    source = source or (str(file) if isinstance(file, (str, os.PathLike)) else 'the checkpoint')
+    if checkpoints_trusted():
+        return torch.load(file, map_location=map_location, weights_only=False)
+    try:
+        if torch_takes_allow_list():
+            return torch.load(file, map_location=map_location, weights_only=True)
+        return torch.load(file, map_location=map_location, weights_only=False,
+                          pickle_module=RESTRICTED_PICKLE)
+    except pickle.UnpicklingError as err:
+        raise _refused(source, err) from err
+
+
 def load_checkpoint_file(filename: str, map_location: Any = None) -> Any:
     """``torch.load`` a local checkpoint, never fully unpickled unless checkpoints are trusted.
 
     Same contract as mmengine's ``load_from_local``; the differences are the restricted unpickling
-    (torch's ``weights_only=True`` with the allow-list, or :data:`RESTRICTED_PICKLE` where torch
-    cannot take the list) and an error that names the unknown global and the trust opt-in.
+    (:func:`safe_torch_load`) and an error that names the unknown global and the trust opt-in,
+    or a truncated file.
     """
-    import torch
     filename = osp.expanduser(filename)
     if not osp.isfile(filename):
         raise FileNotFoundError(f'{filename} can not be found.')
-    if checkpoints_trusted():
-        return torch.load(filename, map_location=map_location, weights_only=False)
     try:
-        if torch_takes_allow_list():
-            return torch.load(filename, map_location=map_location, weights_only=True)
-        return torch.load(filename, map_location=map_location, weights_only=False,
-                          pickle_module=RESTRICTED_PICKLE)
-    except pickle.UnpicklingError as err:
-        raise _refused(filename, err) from err
+        return safe_torch_load(filename, map_location, filename)
     except (RuntimeError, EOFError) as err:
         if isinstance(err, EOFError) or 'zip archive' in str(err) or 'central directory' in str(err):
             raise RuntimeError(
@@ -377,6 +390,36 @@ def load_checkpoint_file(filename: str, map_location: Any = None) -> Any:
                 'or a copy that was cut off. Fix: use an earlier checkpoint of the run (--resume '
                 'falls back to the newest one that is whole), or copy the file again') from err
         raise
+
+
+class _TorchWithSafeLoad(types.ModuleType):
+    """``torch`` as ``mmengine.runner.checkpoint`` sees it: every attribute is torch's, except
+    ``load``, which is :func:`safe_torch_load`."""
+
+    def __getattr__(self, name: str) -> Any:
+        import torch
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f: Any, map_location: Any = None, **kwargs: Any) -> Any:
+        return safe_torch_load(f, map_location)
+
+
+def load_every_scheme_safely() -> None:
+    """Route the ``torch.load`` of every mmengine checkpoint scheme through
+    :func:`safe_torch_load`.
+
+    What breaks: besides the local and URL loaders (fixed above), mmengine's ``pavi://``,
+    ``s3://`` / ``petrel://`` and ``open-mmlab://`` (a file in the mmengine home) loaders call a
+    bare ``torch.load``, which unpickles fully on torch < 2.6 (the torch 2.1 environment most
+    OpenMMLab users have): a crafted checkpoint there runs code. ``mmengine.runner.checkpoint``
+    gets a ``torch`` of its own whose ``load`` is the restricted one, so every scheme loader in
+    it, present and future, goes through the allow-list.
+    """
+    from mmengine.runner import checkpoint as ckpt_mod
+    if isinstance(ckpt_mod.torch, _TorchWithSafeLoad):
+        return
+    ckpt_mod.torch = _TorchWithSafeLoad('torch')
 
 
 def route_local_checkpoints_through_allow_list() -> None:
@@ -552,6 +595,7 @@ def apply_all() -> None:
     silence_pkg_resources_deprecation()
     allow_mmengine_checkpoint_globals()
     route_local_checkpoints_through_allow_list()
+    load_every_scheme_safely()
     log_checkpoint_loads()
     load_urls_weights_only()
     allow_cpu_pytorch_launcher()
