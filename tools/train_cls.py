@@ -12,9 +12,10 @@
         --arch resnet18 --iters 5000 --save-dir work_dirs/pretrain   # pretraining from scratch
 
 Several methods in one call all start from the same initial (or --checkpoint) weights,
-so their numbers are comparable. --checkpoint takes a torchvision-layout ResNet state
-dict; its classifier is dropped when the class count differs. Without --checkpoint the weights
-are random and DAFT converts no BN layer (there is no pretrained function to keep). --iters is
+so their numbers are comparable. --checkpoint takes a torchvision-layout ResNet state dict or
+a ResNetV1c backbone of tools/pretrain_backbone.py; its classifier is dropped when the class
+count differs. Without --checkpoint the weights are random and DAFT converts no BN layer (there
+is no pretrained function to keep) unless --pretrained names the modules to convert. --iters is
 every method's whole budget: LP-FT's probe stage takes --lp-iters of it (default half). Every
 probe (the LP method and LP-FT's first stage) trains at --lp-lr (default 10 x --lr). Choose
 settings on --val (reported as "id_val"), never on --test or the OOD sets.
@@ -38,6 +39,7 @@ from torch.utils.data import DataLoader
 
 from daft_mm.classification import (ARCHS, ImageFolder, build_resnet, evaluate, finetune,
                                     generate_demo_datasets, load_torchvision_state_dict)
+from daft_mm.classification.models import has_deep_stem
 from daft_mm.core import HEAD_SCOPES, RECIPES, get_recipe, recipe_name
 
 
@@ -84,7 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--width', type=int, default=64, help='base width (64 = torchvision)')
     parser.add_argument('--small-input', action='store_true',
                         help='3x3 stride-1 stem without max-pool, for ~32px images')
-    parser.add_argument('--checkpoint', type=Path, help='torchvision-layout ResNet state dict')
+    parser.add_argument('--checkpoint', type=Path,
+                        help='torchvision-layout ResNet state dict, or a ResNetV1c backbone of '
+                        'tools/pretrain_backbone.py (its deep stem is detected; give its --arch '
+                        'and --width, e.g. resnet18 --width 16 for the shipped one)')
     parser.add_argument('--head', nargs='+', default=['fc'], help='final predictor module(s)')
     parser.add_argument('--head-scope', choices=HEAD_SCOPES,
                         help='modules at the head LR (and trained by LP): the predictors or '
@@ -296,8 +301,12 @@ def main(argv: list[str] | None = None) -> dict:
                              'setting and seed); not overwritten. Fix: another --save-dir, or '
                              'remove them')
     torch.manual_seed(args.seed)
+    deep_stem = args.checkpoint is not None and has_deep_stem(args.checkpoint)
     initial = build_resnet(args.arch, len(classes), base_width=args.width,
-                           small_input=args.small_input)
+                           small_input=args.small_input, deep_stem=deep_stem)
+    if deep_stem:
+        print(f'{args.checkpoint}: a ResNetV1c deep stem (the OpenMMLab layout of '
+              'tools/pretrain_backbone.py): the model is built with it')
     checkpoint = None
     if args.checkpoint is not None:
         checkpoint = load_torchvision_state_dict(initial, args.checkpoint, head=args.head[0])
@@ -310,11 +319,11 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         iters, lp_iters = stage_iters(method, args.iters, args.lp_iters)
         recipe = get_recipe(method)
-        if recipe.uses_bn_conversion and checkpoint is None:
+        if recipe.uses_bn_conversion and checkpoint is None and args.pretrained is None:
             print(f'WARNING {method}: no --checkpoint, so the weights are random and no BN layer '
                   'is converted (conversion keeps a pretrained function; from random weights '
                   'there is none): the run is its other parts alone. Pass --checkpoint with '
-                  'pretrained weights')
+                  'pretrained weights, or --pretrained MODULES to convert chosen modules anyway')
             recipe = dataclasses.replace(recipe, stages=tuple(
                 dataclasses.replace(stage, convert_bn=False) for stage in recipe.stages))
         run = finetune(model, _loader(train_set, args, shuffle=True), method=recipe,

@@ -4,7 +4,10 @@ torchvision does not import with this torch, yet pretrained ResNet checkpoints c
 layout, so this module rebuilds the same module tree (``conv1``, ``bn1``, ``layer1.0.conv1``,
 ``layer1.0.downsample.0``, ..., ``fc``) and loads such state dicts as they are. Two knobs
 that torchvision lacks keep tests and demos small: ``base_width`` and ``small_input``
-(a 3x3 stride-1 stem without max-pool, for 32x32 images); neither changes any key name.
+(a 3x3 stride-1 stem without max-pool, for 32x32 images); neither changes any key name. A third,
+``deep_stem``, builds ResNetV1c's three-conv stem (``stem.0`` ... ``stem.8``, mmseg / mmdet's
+names; the blocks are named alike), so a backbone pretrained for the OpenMMLab configs
+(``tools/pretrain_backbone.py``) loads into a classifier too.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ['BasicBlock', 'Bottleneck', 'ResNet', 'ARCHS', 'build_resnet',
+__all__ = ['BasicBlock', 'Bottleneck', 'ResNet', 'ARCHS', 'build_resnet', 'has_deep_stem',
            'load_torchvision_state_dict', 'CheckpointLoad']
 
 
@@ -79,17 +82,25 @@ class ResNet(nn.Module):
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int],
                  num_classes: int = 1000, *, base_width: int = 64, small_input: bool = False,
-                 zero_init_residual: bool = False) -> None:
+                 deep_stem: bool = False, zero_init_residual: bool = False) -> None:
         super().__init__()
         if len(layers) != 4 or min(layers) < 1:
             raise ValueError(f'layers must be four positive block counts, got {layers!r}')
-        if small_input:
+        self.deep_stem = deep_stem
+        if deep_stem:  # ResNetV1c's three 3x3 convs, as mmseg / mmdet name them (stem.0 ... 8)
+            half = base_width // 2
+            convs = [(3, half, 1 if small_input else 2), (half, half, 1), (half, base_width, 1)]
+            self.stem = nn.Sequential(*[layer for cin, cout, stride in convs for layer in (
+                nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(cout), nn.ReLU(inplace=True))])
+        elif small_input:
             self.conv1 = nn.Conv2d(3, base_width, 3, stride=1, padding=1, bias=False)
-            self.maxpool: nn.Module = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(3, base_width, 7, stride=2, padding=3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.bn1 = nn.BatchNorm2d(base_width)
+        self.maxpool: nn.Module = (nn.Identity() if small_input
+                                   else nn.MaxPool2d(3, stride=2, padding=1))
+        if not deep_stem:
+            self.bn1 = nn.BatchNorm2d(base_width)
         self.relu = nn.ReLU(inplace=True)
         in_ch = base_width
         for index, (blocks, stride) in enumerate(zip(layers, (1, 2, 2, 2)), start=1):
@@ -128,7 +139,8 @@ class ResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled penultimate features: what the head sees (used to measure distortion)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.stem(x) if self.deep_stem else self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)
 
@@ -196,15 +208,16 @@ def load_torchvision_state_dict(model: nn.Module, checkpoint: str | os.PathLike 
         path = os.fspath(checkpoint)
         raw = torch.load(path, map_location='cpu', weights_only=True)
     state = _unwrap_state_dict(raw)
-    if any(k.startswith(('backbone.stem.', 'stem.')) for k in state):
+    if state and all(k.startswith('backbone.') for k in state):  # an OpenMMLab backbone file
+        state = {k[len('backbone.'):]: v for k, v in state.items()}
+    deep = any(k.startswith('stem.') for k in state)
+    if deep != bool(getattr(model, 'deep_stem', False)):
         raise ValueError(
-            f'{path} is an mmseg / mmdet ResNetV1c backbone (deep stem `stem.*`, keys under '
-            f'{"backbone." if any(k.startswith("backbone.") for k in state) else "no prefix"}), '
-            'as tools/pretrain_backbone.py writes it for the OpenMMLab configs; the classification '
-            'tools build torchvision-layout ResNets (one 7x7 or 3x3 `conv1`), which it cannot '
-            'fill. Use it where it was made for (a config\'s model.backbone.init_cfg, or '
-            'tools/compare.py --backbone), or pretrain a torchvision-layout checkpoint for '
-            'tools/train_cls.py with its --save-dir (see its --help)')
+            f'{path} holds a ' + ('deep stem (`stem.*`: mmseg / mmdet ResNetV1c, as '
+                                  'tools/pretrain_backbone.py writes it)' if deep else
+                                  'single-conv stem (`conv1`)')
+            + ' but the model was built with the other one. Fix: build it with '
+            f'deep_stem={deep} (tools/train_cls.py picks it from the checkpoint)')
     own = model.state_dict()
     dropped = [k for k in state if (k == head or k.startswith(head + '.')) and k in own
                and state[k].shape != own[k].shape]
@@ -216,7 +229,18 @@ def load_torchvision_state_dict(model: nn.Module, checkpoint: str | os.PathLike 
     if mismatched:
         raise ValueError(f'{path}: shapes differ from the model: {mismatched[:5]}')
     result = model.load_state_dict(state, strict=False)
+    new_head = [k for k in result.missing_keys if k == head or k.startswith(head + '.')]
+    if new_head and len(new_head) == len(result.missing_keys):  # a backbone-only checkpoint
+        result = result._replace(missing_keys=[])
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f'{path}: not this ResNet layout; missing {result.missing_keys[:5]}, '
                          f'unexpected {result.unexpected_keys[:5]}')
-    return CheckpointLoad(path, loaded=len(state) - len(dropped), dropped_head=dropped)
+    return CheckpointLoad(path, loaded=len(state) - len(dropped),
+                          dropped_head=dropped + new_head)
+
+
+def has_deep_stem(checkpoint: str | os.PathLike) -> bool:
+    """Whether a checkpoint holds a ResNetV1c deep stem (``stem.*``, under ``backbone.`` or
+    not), as ``tools/pretrain_backbone.py`` writes it: build the model with ``deep_stem=True``."""
+    raw = torch.load(os.fspath(checkpoint), map_location='cpu', weights_only=True)
+    return any(k.startswith(('stem.', 'backbone.stem.')) for k in _unwrap_state_dict(raw))
