@@ -369,6 +369,10 @@ def test_backbone_prefix_mistakes_name_the_prefix_that_loads_it(tmp_path):
     assert "compare = dict(backbone_prefix='model.backbone.')" in text
     reverse = _backbone_error(tmp_path, {f'backbone.{k}': v for k, v in own.items()}, '')
     assert 'pass --backbone-prefix backbone.' in reverse and 'with no key prefix' in reverse
+    # the right prefix, the wrong architecture: said so, not "pass the prefix you passed"
+    half = {f'backbone.{k}': v for k, v in own.items() if not k.startswith('layer4.')}
+    other = _backbone_error(tmp_path, half, 'backbone.')
+    assert 'a checkpoint of another architecture' in other and 'pass --backbone-prefix' not in other
     # the prefix it names loads every weight
     path = tmp_path / 'nested.pth'
     torch.save({'state_dict': {k: v + 1 for k, v in nested.items()}}, path)

@@ -280,11 +280,13 @@ def _estimate(task: TaskSpec, opts: Options, spaces: Dict[str, List[Axis]]) -> i
     """Runs the comparison will train or reuse: the grids (if searching), the finalists' other
     seeds, every method's seeds at its choice (those of a searched choice are the finalists'),
     and FT at twice the budget."""
+    from .methods import method_name
     seeds = task.seeds
     n = len(COMPARED) * len(seeds) + (len(seeds) if opts.check_budget else 0)
+    searched = {method_name(m) for m in opts.search_methods or ()}
     if opts.search:
         for m in COMPARED:
-            if opts.search_methods and m.name not in opts.search_methods:
+            if searched and m.name not in searched:
                 continue
             grid = _grid_size(spaces[m.name])
             n += grid + min(2, grid) * (len(seeds) - 1) - len(seeds)

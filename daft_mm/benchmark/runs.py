@@ -249,11 +249,12 @@ def _load_backbone(task: TaskSpec, backbone: Any) -> None:
         raise InputError(f'the pretrained backbone {task.backbone} does not fit the config\'s '
                          f'backbone with ' + (f'the key prefix {prefix!r}' if prefix else
                                               'no key prefix') + f': {problem}. '
-                         + _prefix_advice(state, own))
+                         + _prefix_advice(state, own, prefix))
     backbone.load_state_dict(sub, strict=False)
 
 
-def _prefix_advice(state: Mapping[str, Any], own: Mapping[str, Tuple[int, ...]]) -> str:
+def _prefix_advice(state: Mapping[str, Any], own: Mapping[str, Tuple[int, ...]],
+                   given: str) -> str:
     """Which key prefixes a checkpoint holds and the ``--backbone-prefix`` that loads the
     backbone from it (the prefix under which most backbone weights fit, shapes included)."""
     import shlex
@@ -267,6 +268,10 @@ def _prefix_advice(state: Mapping[str, Any], own: Mapping[str, Tuple[int, ...]])
     if not n:
         return text + '; none of them is a weight of this backbone. Pass a checkpoint of this ' \
                       'architecture'
+    if best == given:  # the prefix is right, the architecture is not (another depth or width)
+        return (text + f'. Only {n} of the backbone\'s {len(own)} weights are in it under that '
+                'prefix: a checkpoint of another architecture (depth, width). Pass one of the '
+                'config\'s backbone')
     return (text + f'. {n} of the backbone\'s {len(own)} weights fit '
             + (f'under the prefix {best!r}' if best else 'with no prefix (the file is the '
                'backbone\'s own state dict)')
