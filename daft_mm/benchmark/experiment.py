@@ -483,7 +483,7 @@ def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str
         'search': record.get('search', {}),
         'search_runs': record.get('runs', []),
         'paired_to_ft': paired,
-        'verdict': verdict_line(paired, 'DAFT', len(task.seeds)),
+        'verdict': verdict_line(paired, 'DAFT'),
         'task': dict(asdict(task), key=ctx.task_key, classes=list(classes)),
         'backbone_checkpoint': task.backbone,
         'provenance': provenance(task),

@@ -87,13 +87,15 @@ def report_title(quick: bool, n_seeds: int, task: str = 'demo',
     return f'daft-mm comparison on {task}: ' + '; '.join(parts)
 
 
-#: Two-sided 95% quantiles of Student's t by degrees of freedom (n seeds - 1); 1.96 beyond.
+#: Two-sided 95% quantiles of Student's t by degrees of freedom (n seeds - 1).
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
 
 
 def _t975(df: int) -> float:
-    return _T975.get(df) or next((v for k, v in sorted(_T975.items()) if k >= df), 1.96)
+    """The quantile of the nearest tabulated df at or below ``df`` (never a narrower interval
+    than the exact one)."""
+    return _T975[max(k for k in _T975 if k <= df)]
 
 
 def _paired(diffs: Dict[Any, float]) -> Dict[str, Any]:
@@ -152,8 +154,7 @@ def _direction(d: Mapping[str, Any]) -> str:
     return 'higher' if d['low'] > 0 else 'lower' if d['high'] < 0 else 'no clear difference'
 
 
-def verdict_line(paired: Mapping[str, Mapping[str, Any]], method: str = 'DAFT',
-                 n_seeds: int = 0) -> str:
+def verdict_line(paired: Mapping[str, Mapping[str, Any]], method: str = 'DAFT') -> str:
     """One sentence on ``method`` against FT from the paired differences: OOD (the mean over the
     OOD sets, or the one set) and ID, each higher / lower only when its 95% interval excludes
     zero. One seed gives no interval and so no verdict."""
