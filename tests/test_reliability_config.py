@@ -149,23 +149,49 @@ def _python_child(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize('which', ['train', 'train_val', 'python'])
-def test_data_root_override_that_misses_some_loaders_names_them(tmp_path, which):
+def test_data_root_override_that_misses_loaders_a_tool_reads_names_them(tmp_path, which):
+    """Training reads train and val, testing reads test: a loader the tool reads but the new
+    data_root did not reach is named with the exact key, for classic and pure-Python configs."""
+    from daft_mm.mm.cli import TEST_LOADERS, TRAIN_LOADERS
     path = _python_child(tmp_path) if which == 'python' else _classic_child(tmp_path, which)
-    missed = ['val', 'test'] if which != 'train_val' else ['test']
-    with pytest.raises(ValueError) as err:
-        load_config(str(path), {'data_root': '/new/root'})
-    text = str(err.value)
-    assert 'reaches train_dataloader.dataset.data_root' in text
-    for loader in missed:
-        assert f'{loader}_dataloader.dataset.data_root=/new/root' in text.split('Fix:')[1]
-    assert ('val_dataloader.dataset.data_root=/new/root' in text.split('Fix:')[1]) == \
-        ('val' in missed)
-    # the keys it names make every loader read the new folder (tools/train.py and
-    # tools/test.py both load configs through load_config)
     options = {'data_root': '/new/root'}
-    options.update({f'{loader}_dataloader.dataset.data_root': '/new/root' for loader in missed})
-    cfg = load_config(str(path), options)
-    assert {value for _, value in dataset_roots(cfg)} == {'/new/root'}
+    for used, missed in ((TRAIN_LOADERS, [] if which == 'train_val' else ['val']),
+                         (TEST_LOADERS, ['test'])):
+        if not missed:  # train and val both follow: training reads the new folder only
+            cfg = load_config(str(path), options, used_loaders=used)
+            assert {v for k, v in dataset_roots(cfg) if k.split('.')[0] in used} == \
+                {'/new/root'}
+            continue
+        with pytest.raises(ValueError) as err:
+            load_config(str(path), options, used_loaders=used)
+        text = str(err.value)
+        assert 'reaches train_dataloader.dataset.data_root' in text
+        fix = text.split('Fix:')[1]
+        assert [loader for loader in ('train', 'val', 'test')
+                if f'{loader}_dataloader.dataset.data_root=/new/root' in fix] == missed
+        # the keys it names make the tool's loaders read the new folder
+        fixed = dict(options, **{f'{m}_dataloader.dataset.data_root': '/new/root'
+                                 for m in missed})
+        cfg = load_config(str(path), fixed, used_loaders=used)
+        assert {v for k, v in dataset_roots(cfg) if k.split('.')[0] in used} == {'/new/root'}
+
+
+def test_test_py_refuses_to_score_the_old_folder(tmp_path):
+    from _tools import load_tool
+    checkpoint = tmp_path / 'any.pth'
+    checkpoint.write_bytes(b'not read: the config is refused first')
+    with pytest.raises(ValueError, match=r'test_dataloader\.dataset\.data_root=/new/root'):
+        load_tool('test').main([str(_classic_child(tmp_path, 'train_val')), str(checkpoint),
+                                '--cfg-options', 'data_root=/new/root'])
+
+
+def test_an_ood_test_config_moves_its_test_set_only(tmp_path):
+    """configs/ood/*: the test set on the shifted data, training on the source domain: testing
+    reads the new folder, and the training loader left on the source is no error."""
+    from daft_mm.mm.cli import TEST_LOADERS
+    cfg = load_config(str(REPO / 'configs' / 'ood' / 'acdc_fog.py'), {'data_root': '/acdc'},
+                      used_loaders=TEST_LOADERS)
+    assert cfg.test_dataloader.dataset.data_root == '/acdc'
 
 
 def test_a_detection_evaluator_ann_file_is_named_with_its_loader(tmp_path):
@@ -175,5 +201,6 @@ def test_a_detection_evaluator_ann_file_is_named_with_its_loader(tmp_path):
         pytest.skip('this tiny detection config has no evaluator ann_file')
     path = tmp_path / 'det_child.py'
     path.write_text(f"_base_ = ['{tiny_det}']\ndata_root = 'data/mine/'\n{_PART['train']}")
+    from daft_mm.mm.cli import TRAIN_LOADERS
     with pytest.raises(ValueError, match=r'val_evaluator\.ann_file=/new/root/'):
-        load_config(str(path), {'data_root': '/new/root'})
+        load_config(str(path), {'data_root': '/new/root'}, used_loaders=TRAIN_LOADERS)

@@ -346,7 +346,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     cfg = Config.fromfile(args.config)
     # The tools' shared way: data_root=PATH reaches every dataloader (tools/train.py, test.py,
     # test_robustness.py do the same).
-    apply_cfg_options(cfg, _parse_cfg_options(args.cfg_options or []))
+    used = {f'{args.split}_dataloader'} | ({f'{args.convert_split}_dataloader'}
+                                           if args.convert else set())
+    apply_cfg_options(cfg, _parse_cfg_options(args.cfg_options or []), sorted(used))
     inputs = analysis_inputs(args, cfg)
     out_dir = args.out_dir or default_out_dir(args, inputs)
     refuse_other_analysis(out_dir, inputs, args.overwrite)

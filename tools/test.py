@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
 
     import daft_mm.mm  # noqa: F401  (registers daft-mm modules, applies daft_mm.mm.compat)
-    from daft_mm.mm.cli import (close_distributed, detect_task, empty_dataset_message,
-                                format_metrics, load_config)
+    from daft_mm.mm.cli import (TEST_LOADERS, close_distributed, detect_task,
+                                empty_dataset_message, format_metrics, load_config)
     from mmengine.dist import is_main_process
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise FileNotFoundError(f'checkpoint {args.checkpoint!r} does not exist; pass a .pth '
                                 'written by tools/train.py (e.g. <work_dir>/iter_200.pth)')
     cfg = load_config(args.config, args.cfg_options, work_dir=args.work_dir,
+                      used_loaders=TEST_LOADERS,
                       launcher=args.launcher)
     task = detect_task(cfg)
     cfg.load_from = args.checkpoint

@@ -298,7 +298,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
 
     import daft_mm.mm  # noqa: F401  (registers ImageCorruption, DAFTModel; applies compat fixes)
-    from daft_mm.mm.cli import close_distributed, detect_task, format_metrics, load_config
+    from daft_mm.mm.cli import (TEST_LOADERS, close_distributed, detect_task, format_metrics,
+                                load_config)
     from daft_mm.mm.datasets.transforms import corruption_names
     from mmengine.dist import is_main_process
     from mmengine.registry import RUNNERS
@@ -312,7 +313,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise FileNotFoundError(f'checkpoint {args.checkpoint!r} does not exist')
     work_dir = args.work_dir or osp.join(
         'work_dirs', 'robustness', osp.splitext(osp.basename(args.config))[0])
-    cfg = load_config(args.config, args.cfg_options, work_dir=work_dir, launcher=args.launcher)
+    cfg = load_config(args.config, args.cfg_options, work_dir=work_dir, launcher=args.launcher,
+                      used_loaders=TEST_LOADERS)
     task = detect_task(cfg)
     cfg.load_from = args.checkpoint
     if cfg.get('test_dataloader') is None or cfg.get('test_evaluator') is None:

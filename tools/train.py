@@ -142,10 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
     import daft_mm.mm  # noqa: F401  (registers daft-mm modules, applies daft_mm.mm.compat)
-    from daft_mm.mm.cli import load_config
+    from daft_mm.mm.cli import TRAIN_LOADERS, load_config
     from daft_mm.utils import WorkDirLock
 
     cfg = load_config(args.config, args.cfg_options, work_dir=args.work_dir,
+                      used_loaders=TRAIN_LOADERS,
                       launcher=args.launcher)
     if args.resume is None:
         refuse_finished_work_dir(cfg.work_dir)  # every rank: each must stop, not wait for rank 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import os.path as osp
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from mmengine.config import Config
 from mmengine.hooks import Hook
@@ -86,16 +86,25 @@ def set_data_root(cfg: Config, data_root: str, old: str | None = None) -> int:
     return changed
 
 
-def apply_cfg_options(cfg: Config, cfg_options: Mapping[str, Any] | None) -> Config:
+#: The dataloaders each tool reads: a ``data_root`` override must reach these.
+TRAIN_LOADERS = ('train_dataloader', 'val_dataloader')
+TEST_LOADERS = ('test_dataloader', )
+
+
+def apply_cfg_options(cfg: Config, cfg_options: Mapping[str, Any] | None,
+                      used_loaders: Sequence[str] | None = None) -> Config:
     """``--cfg-options`` as every daft-mm tool applies them: mmengine's merge, plus
     ``data_root=PATH`` rewritten into every dataloader (see :func:`set_data_root`).
 
-    A ``data_root`` that leaves a whole dataloader (and an evaluator's ``ann_file``) on another
-    folder is an error naming the exact keys to add, not a run on two folders: a config that sets
-    its own top-level ``data_root`` and passes it to some of its dataloaders only (the others keep
-    the value their base resolved) would otherwise train on the new folder and validate, test or
-    convert BN on the old one while its dumped config shows the new root. Keys given explicitly
-    in ``cfg_options`` are the user's choice and kept."""
+    A ``data_root`` that leaves a dataloader the tool reads (``used_loaders``: train and val for
+    training, test for testing) on another folder is an error naming the exact keys to add
+    (evaluators' ``ann_file`` too), not a run on two folders: a config that sets its own top-level
+    ``data_root`` and passes it to some of its dataloaders only (the others keep the value their
+    base resolved) would otherwise train on the new folder and validate or test on the old one
+    while its dumped config shows the new root. A loader the tool does not read may stay (an OOD
+    test config moves its test set only; its training set is the source domain's), and so may a
+    second dataset elsewhere inside a reached loader, or a key given explicitly in
+    ``cfg_options``. Without ``used_loaders`` only an override that reaches no loader is refused."""
     if cfg_options:
         old_root = cfg.get('data_root')
         cfg.merge_from_dict(dict(cfg_options))
@@ -110,6 +119,10 @@ def apply_cfg_options(cfg: Config, cfg_options: Mapping[str, Any] | None) -> Con
             stale = [(key, value) for key, value in roots
                      if value != new_root and key not in cfg_options
                      and key.split('.')[0] not in kept]
+            if used_loaders is not None:
+                stale = [(k, v) for k, v in stale if k.split('.')[0] in used_loaders]
+            elif changed:  # no tool context: only an override that reaches nothing
+                stale = []
             if stale:
                 raise ValueError(_stale_roots_message(cfg, cfg_options, new_root, old_root,
                                                       changed, stale))
@@ -215,7 +228,8 @@ def shipped_configs() -> str:
 
 
 def load_config(path: str, cfg_options: Mapping[str, Any] | None = None, *,
-                work_dir: str | None = None, launcher: str = 'none') -> Config:
+                work_dir: str | None = None, launcher: str = 'none',
+                used_loaders: Sequence[str] | None = None) -> Config:
     """Load a config the way the upstream tools do, plus the ``data_root`` override, plus
     CPU-only multi-process runs (:func:`distributed_on_cpu`).
 
@@ -233,7 +247,7 @@ def load_config(path: str, cfg_options: Mapping[str, Any] | None = None, *,
                                 f'({str(exc).split(" not found!")[0]}). {shipped_configs()}'
                                 ) from exc
     cfg.launcher = launcher
-    apply_cfg_options(cfg, cfg_options)
+    apply_cfg_options(cfg, cfg_options, used_loaders)
     from .settings import check_daft_keys
     check_daft_keys(cfg)  # before any work: a misspelt key would silently keep its default
     if launcher != 'none':
