@@ -311,8 +311,12 @@ class ValidationRuns(Hook):
         self.count = 0
 
     def before_val_epoch(self, runner: Any) -> None:
-        dataset = runner.val_loop.dataloader.dataset
-        if len(dataset) == 0:
+        dataset = getattr(getattr(runner.val_loop, 'dataloader', None), 'dataset', None)
+        try:
+            empty = dataset is not None and len(dataset) == 0
+        except TypeError:  # an iterable dataset has no length: nothing to check
+            empty = False
+        if empty:
             raise ValueError(f'val_dataloader.dataset: {type(dataset).__name__} holds no samples '
                              f'({_where(dataset)}): validation would score nothing. Fix: point '
                              'its data_root / ann_file at the validation images, or drop '
