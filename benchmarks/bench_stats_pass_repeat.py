@@ -7,7 +7,7 @@ model the config builds, after init) of the tiny Mask R-CNN Cityscapes twin
 stock ``RepeatDataset(times=8)``, on generated images: once reading each image once (now), once
 reading the repeats (as before, by leaving the wrapper in place). Same process, same data.
 
-    python benchmarks/bench_stats_pass_repeat.py [--images 8] [--repeats 3]
+    python benchmarks/bench_stats_pass_repeat.py --out benchmarks/results/stats_pass_repeat.json
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument('--images', type=int, default=8, help='generated training images')
     parser.add_argument('--times', type=int, default=8, help='the RepeatDataset factor')
     parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--out', type=Path, help='also write the figures as JSON')
     args = parser.parse_args()
 
     import torch
@@ -72,12 +73,27 @@ def main() -> None:
                     done = preparation.prepare(copy_, loader, plan)
                     rounds.append(time.perf_counter() - start)
             images = done.report.layers[0].num_samples
-            times[name] = statistics.median(rounds)
-            print(f'{name:>26}: {times[name]:6.2f} s median of {args.repeats} '
+            times[name] = dict(median_s=round(statistics.median(rounds), 3),
+                               images_read=images, batches=done.report.num_batches,
+                               rounds_s=[round(r, 3) for r in rounds])
+            print(f'{name:>26}: {times[name]["median_s"]:6.2f} s median of {args.repeats} '
                   f'({images} images read, {done.report.num_batches} batches)', flush=True)
-    before, now = times['the repeats too (before)'], times['each image once (now)']
+    before = times['the repeats too (before)']['median_s']
+    now = times['each image once (now)']['median_s']
     print(f'statistics pass of the tiny Mask R-CNN twin, RepeatDataset(times={args.times}) over '
           f'{args.images} images: {before:.2f} s -> {now:.2f} s ({before / now:.1f}x)')
+    if args.out:
+        import json
+        import os
+
+        from daft_mm.benchmark.data import repo_commit
+        args.out.write_text(json.dumps(dict(
+            config=str(CONFIG.relative_to(REPO)), times=args.times, images=args.images,
+            data='generated: daft_mm.mm.datasets.make_cityscapes(num_train=images, seed=0, '
+                 'instances=True)', results=times, code_commit=repo_commit(),
+            machine=dict(cpus=os.cpu_count(), torch_threads=1),
+            date=time.strftime('%Y-%m-%d')), indent=1) + '\n')
+        print(f'written to {args.out}')
 
 
 if __name__ == '__main__':

@@ -36,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     from mmengine.registry import init_default_scope
     from daft_mm.benchmark.data import DEFAULT
     from daft_mm.benchmark.demo_task import demo_task
-    from daft_mm.benchmark.experiment import _commit
+    from daft_mm.benchmark.data import repo_commit
     from daft_mm.benchmark.methods import Point
     from daft_mm.benchmark.runs import Context, RunPool, load_pretrained
     init_default_scope('mmseg')
@@ -57,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                          published={k: before[k] for k in KEYS}, now={k: now[k] for k in KEYS},
                          difference={k: now[k] - before[k] for k in KEYS}))
         print(method, {k: f'{before[k]:.4f} -> {now[k]:.4f}' for k in KEYS}, flush=True)
-    out = dict(rows=rows, published=args.published, commit=_commit(),
+    out = dict(rows=rows, published=args.published, commit=repo_commit(),
                seconds=time.time() - t0)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1) + '\n')

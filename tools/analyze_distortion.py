@@ -286,15 +286,13 @@ def analysis_inputs(args: argparse.Namespace, cfg: Any = None) -> Dict[str, Any]
     """What an analysis depends on: the config (its path and its resolved content, bases and
     options included: an edited config is another analysis), the checkpoints' paths and bytes,
     the options."""
-    import hashlib
-
+    from daft_mm.benchmark.data import stable_hash
     from daft_mm.utils import file_digest
 
     def digest(path: str) -> str:
         return file_digest(path) if osp.isfile(path) else 'missing'
 
-    content = (hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
-               .hexdigest()[:16] if cfg is not None else None)
+    content = stable_hash(cfg.to_dict()) if cfg is not None else None
     return {
         'config': osp.abspath(args.config), 'config_content': content,
         'cfg_options': list(args.cfg_options or []),

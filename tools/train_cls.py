@@ -215,7 +215,7 @@ def _setting(args: argparse.Namespace, method: str) -> dict:
     recipe = get_recipe(method)
     head_mult = (args.head_lr_mult if args.head_lr_mult is not None
                  else recipe.stages[-1].head_lr_mult)
-    iters, lp_iters = stage_iters(method, args.iters, args.lp_iters)
+    _, lp_iters = stage_iters(method, args.iters, args.lp_iters)
     probe = method in ('lp', 'lp-ft')
     return {'method': method, 'lr': _probe_lr(args) if method == 'lp' else args.lr,
             'head_lr_mult': head_mult, 'head_scope': args.head_scope,
@@ -295,13 +295,16 @@ def main(argv: list[str] | None = None) -> dict:
         eval_sets[name] = ImageFolder(path, classes=classes, image_size=args.image_size)
 
     if args.save_dir is not None:  # before any training: a clash is found at once
-        taken = [str(p) for p in map(lambda m: _model_path(args, m), args.method) if p.exists()]
+        taken = [str(path) for path in (_model_path(args, m) for m in args.method)
+                 if path.exists()]
         if taken:
             raise SystemExit(f'--save-dir: {", ".join(taken)} exist(s) already (the same method, '
                              'setting and seed); not overwritten. Fix: another --save-dir, or '
                              'remove them')
     torch.manual_seed(args.seed)
-    deep_stem = args.checkpoint is not None and has_deep_stem(args.checkpoint)
+    saved = (None if args.checkpoint is None else  # read once: its layout decides the model
+             torch.load(args.checkpoint, map_location='cpu', weights_only=True))
+    deep_stem = saved is not None and has_deep_stem(saved)
     initial = build_resnet(args.arch, len(classes), base_width=args.width,
                            small_input=args.small_input, deep_stem=deep_stem)
     if deep_stem:
@@ -309,7 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
               'tools/pretrain_backbone.py): the model is built with it')
     checkpoint = None
     if args.checkpoint is not None:
-        checkpoint = load_torchvision_state_dict(initial, args.checkpoint, head=args.head[0])
+        checkpoint = load_torchvision_state_dict(initial, saved, head=args.head[0],
+                                                 source=str(args.checkpoint))
         print(f'loaded {checkpoint.loaded} tensors from {checkpoint.path}'
               + (f'; new head {checkpoint.dropped_head}' if checkpoint.dropped_head else ''))
 
@@ -338,8 +342,8 @@ def main(argv: list[str] | None = None) -> dict:
                        bn_max_batches=args.bn_batches, device=args.device, seed=args.seed,
                        log=print, log_interval=args.log_interval)
         if run.bn_conversion is not None and run.bn_conversion.layers:
-            print(f'{method}: BN statistics from {run.bn_conversion.layers[0].num_samples} '
-                  f'training images (all {len(train_set)}, each once)')
+            print(f'{method}: BN statistics from {run.bn_conversion.layers[0].num_samples} of '
+                  f'the {len(train_set)} training images')
         accuracy = {name: evaluate(model, _loader(dataset, args, shuffle=False),
                                    device=args.device)
                     for name, dataset in eval_sets.items()}

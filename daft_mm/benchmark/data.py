@@ -86,6 +86,19 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def repo_commit(repo: Path = REPO) -> str:
+    """The checkout's commit (with ``+changes`` when its tracked files differ), for provenance."""
+    import subprocess
+    try:
+        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=repo, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'],
+                               cwd=repo, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+    return (head or 'unknown') + ('+changes' if dirty.strip() else '')
+
+
 def file_hash(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()[:10] if path.is_file() else 'missing'
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from daft_mm.utils import atomic_write, atomic_write_json
 
-from .data import DEFAULT, QUICK
+from .data import DEFAULT, QUICK, repo_commit
 from .demo_task import DEMO_CONFIGS, demo_task
 from .methods import COMPARED, ABLATIONS, MethodSpec, Point, get_method
 from .report import (front_lines, markdown_table, paired_differences, paired_lines,
@@ -490,23 +490,9 @@ def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str
         'methods': summarize(results, ood_names),
         'runs': {m: [dict(r) for r in rs] for m, rs in results.items()},
         'trained_runs': ctx.trained,
-        'code': dict(hash=code_hash(), commit=_commit()),
+        'code': dict(hash=code_hash(), commit=repo_commit()),
         'seconds': time.time() - t_start,
     }
-
-
-def _commit() -> str:
-    """The checkout's commit (with ``+changes`` when its tracked files differ), for provenance."""
-    import subprocess
-    from .data import REPO
-    try:
-        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'],
-                               cwd=REPO, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 'unknown'
-    return (head or 'unknown') + ('+changes' if dirty.strip() else '')
 
 
 def _set_md(s: Mapping[str, Any]) -> str:

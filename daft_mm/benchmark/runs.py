@@ -234,6 +234,7 @@ def _load_backbone(task: TaskSpec, backbone: Any) -> None:
     a premise nobody chose. The refusal says which prefix would load it."""
     from daft_mm.mm.cli import checkpoint_mismatch
     from daft_mm.mm.compat import load_checkpoint_file
+    from daft_mm.mm.loaded import own_shapes
     saved = load_checkpoint_file(task.backbone, map_location='cpu')
     state = saved.get('state_dict', saved) if isinstance(saved, dict) else saved
     if not isinstance(state, Mapping) or not state:
@@ -241,8 +242,7 @@ def _load_backbone(task: TaskSpec, backbone: Any) -> None:
     prefix = task.backbone_prefix or ''
     if prefix and not prefix.endswith('.'):  # mmengine's Pretrained init adds the dot too
         prefix += '.'
-    own = {k: tuple(v.shape) for k, v in backbone.state_dict().items()
-           if not k.endswith('num_batches_tracked')}
+    own = own_shapes(backbone)
     sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     problem = checkpoint_mismatch(backbone, sub) if sub else f'no key starts with {prefix!r}'
     if problem:

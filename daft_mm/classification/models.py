@@ -195,15 +195,17 @@ def _unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
 
 
 def load_torchvision_state_dict(model: nn.Module, checkpoint: str | os.PathLike | Mapping,
-                                *, head: str = 'fc') -> CheckpointLoad:
+                                *, head: str = 'fc', source: str | None = None
+                                ) -> CheckpointLoad:
     """Load a torchvision-layout ResNet state dict into ``model``.
 
     Every backbone key must match in name and shape (strict), so a wrong depth or
     width fails loudly. Head keys whose shapes differ (1000 ImageNet classes vs the
     target's) are dropped and the model's own head kept: fine-tuning replaces it anyway.
+    ``source``: the file a ``checkpoint`` given as a loaded dict was read from.
     """
     if isinstance(checkpoint, Mapping):
-        path, raw = '<state dict>', checkpoint
+        path, raw = source or '<state dict>', checkpoint
     else:
         path = os.fspath(checkpoint)
         raw = torch.load(path, map_location='cpu', weights_only=True)
@@ -239,8 +241,8 @@ def load_torchvision_state_dict(model: nn.Module, checkpoint: str | os.PathLike 
                           dropped_head=dropped + new_head)
 
 
-def has_deep_stem(checkpoint: str | os.PathLike) -> bool:
-    """Whether a checkpoint holds a ResNetV1c deep stem (``stem.*``, under ``backbone.`` or
-    not), as ``tools/pretrain_backbone.py`` writes it: build the model with ``deep_stem=True``."""
-    raw = torch.load(os.fspath(checkpoint), map_location='cpu', weights_only=True)
-    return any(k.startswith(('stem.', 'backbone.stem.')) for k in _unwrap_state_dict(raw))
+def has_deep_stem(checkpoint: Mapping) -> bool:
+    """Whether a loaded checkpoint holds a ResNetV1c deep stem (``stem.*``, under ``backbone.``
+    or not), as ``tools/pretrain_backbone.py`` writes it: build the model with
+    ``deep_stem=True``."""
+    return any(k.startswith(('stem.', 'backbone.stem.')) for k in _unwrap_state_dict(checkpoint))

@@ -124,13 +124,14 @@ def apply_cfg_options(cfg: Config, cfg_options: Mapping[str, Any] | None,
             elif changed:  # no tool context: only an override that reaches nothing
                 stale = []
             if stale:
+                reached = [key for key, value in roots if value == new_root]
                 raise ValueError(_stale_roots_message(cfg, cfg_options, new_root, old_root,
-                                                      changed, stale))
+                                                      reached, stale))
     return cfg
 
 
 def _stale_roots_message(cfg: Config, cfg_options: Mapping[str, Any], new_root: str,
-                         old_root: Any, changed: int, stale: list[tuple[str, Any]]) -> str:
+                         old_root: Any, reached: list[str], stale: list[tuple[str, Any]]) -> str:
     listed = ', '.join(f'{key}={value!r}' for key, value in stale)
     keys = [f'{key}={new_root}' for key, _ in stale]
     roots = {value for _, value in stale if isinstance(value, str) and value}
@@ -143,12 +144,11 @@ def _stale_roots_message(cfg: Config, cfg_options: Mapping[str, Any], new_root: 
             for root in roots:
                 if isinstance(ann, str) and ann.startswith(root) and key not in cfg_options:
                     keys.append(f'{key}={osp.join(new_root, ann[len(root):].lstrip("/"))}')
-    if changed == 0:
+    if not reached:
         why = (f'reaches no dataloader: the config\'s own data_root ({old_root!r}) is not the '
                f'root its datasets read ({listed}); they were resolved from a base config when '
                'it was parsed')
     else:
-        reached = [key for key, value in dataset_roots(cfg) if value == new_root]
         why = (f'reaches {", ".join(reached)} but not {listed}: the config passes its own '
                f'data_root ({old_root!r}) to some dataloaders only; the others keep the root a '
                'base config resolved')
@@ -263,10 +263,9 @@ def checkpoint_mismatch(model: Any, state_dict: Mapping[str, Any]) -> str | None
     """What of ``model``'s weights a checkpoint's ``state_dict`` lacks or holds with another shape
     (keys as mmengine loads them: a leading ``module.`` dropped), or None when every weight fits.
     Extra keys in the checkpoint are fine (a head the test config leaves out)."""
-    from .settings import checkpoint_shapes
+    from .loaded import checkpoint_shapes, own_shapes
     shapes = checkpoint_shapes(state_dict)
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()
-           if not k.endswith('num_batches_tracked')}
+    own = own_shapes(model)
     missing = [k for k in own if k not in shapes]
     misshaped = [f'{k} {shapes[k]} vs {own[k]}' for k in own if k in shapes and shapes[k] != own[k]]
     parts = []

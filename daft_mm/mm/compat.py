@@ -394,7 +394,8 @@ def load_checkpoint_file(filename: str, map_location: Any = None) -> Any:
 
 class _TorchWithSafeLoad(types.ModuleType):
     """``torch`` as ``mmengine.runner.checkpoint`` sees it: every attribute is torch's, except
-    ``load``, which is :func:`safe_torch_load`."""
+    ``load``, which is :func:`safe_torch_load` (a caller's ``weights_only`` / ``pickle_module``
+    are ignored on purpose: the allow-list and the trust opt-in decide)."""
 
     def __getattr__(self, name: str) -> Any:
         import torch

@@ -14,7 +14,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from torch import nn
 
-__all__ = ['init_cfg_pretrained', 'init_cfg_loaded', 'checkpoint_shapes',
+__all__ = ['init_cfg_pretrained', 'init_cfg_loaded', 'checkpoint_shapes', 'own_shapes',
            'checkpoint_pretrained', 'fitting_prefix']
 
 
@@ -47,7 +47,9 @@ def checkpoint_shapes(state_dict: Mapping[str, Any]) -> Dict[str, Tuple[int, ...
             for k, v in state_dict.items()}
 
 
-def _own_shapes(net: nn.Module) -> Dict[str, Tuple[int, ...]]:
+def own_shapes(net: nn.Module) -> Dict[str, Tuple[int, ...]]:
+    """``{key: shape}`` of a module's weights and buffers (step counters left out): what a
+    checkpoint must hold to fill it."""
     return {k: tuple(v.shape) for k, v in net.state_dict().items()
             if not k.endswith('num_batches_tracked')}
 
@@ -58,7 +60,7 @@ def checkpoint_pretrained(net: nn.Module, state_dict: Mapping[str, Any],
     shape (what ``load_from`` loads into them): ``{module path: why}``, outermost only. A head
     whose predictor has another number of classes is not whole; its other layers still count."""
     shapes = checkpoint_shapes(state_dict)
-    own = _own_shapes(net)
+    own = own_shapes(net)
     found: Dict[str, str] = {}
 
     def visit(prefix: str, module: nn.Module) -> None:
@@ -118,7 +120,7 @@ def init_cfg_loaded(net: nn.Module) -> Tuple[Dict[str, str], Tuple[str, ...]]:
         full = _read_state(checkpoint)
         state = ({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
                  if prefix else full)
-        own = _own_shapes(module)
+        own = own_shapes(module)
         shapes = checkpoint_shapes(state)
         filled = sum(shapes.get(k) == shape for k, shape in own.items())
         if filled == len(own):
