@@ -48,8 +48,9 @@ def once(repo: Path, root: Path, work: Path) -> dict:
     first = re.search(r'\[1/\d+ \| (\d+):(\d\d)', proc.stdout)
     runs = len(re.findall(r'\[\d+/\d+ \|', proc.stdout))
     report = json.loads((work / 'report.json').read_text())
-    return dict(wall_s=round(wall, 2), first_run_done_s=int(first[1]) * 60 + int(first[2]) if first else None,
-                runs=runs, report_seconds=round(report['seconds'], 2))
+    first_s = int(first[1]) * 60 + int(first[2]) if first else None
+    return dict(wall_s=round(wall, 2), first_run_done_s=first_s, runs=runs,
+                report_seconds=round(report['seconds'], 2))
 
 
 def main() -> None:
