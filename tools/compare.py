@@ -105,8 +105,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--quick', action='store_true',
                    help=f'a smoke run of the whole path: {QUICK["budget"]} iterations, the first '
                    f'{QUICK["max_images"]} images of every set (training too), 1 seed, one '
-                   'setting per method, one run at a time (21 s on the committed CamVid sample, '
-                   '2 cores: benchmarks/results/quick_compare.json)')
+                   'setting per method, one run at a time (about 19 s on the committed CamVid '
+                   'sample, 2 cores: benchmarks/results/quick_compare.json)')
     p.add_argument('--workers', type=int, default=None,
                    help='runs side by side, one torch thread each (default 2; 1 with --quick, '
                    'where starting the worker processes costs more than its runs)')
