@@ -467,9 +467,17 @@ def test_verdict_from_paired_differences():
                 for s, (i, o) in enumerate(zip(ids, oods))]
     ft = runs([40, 41, 39, 40, 42], [20, 21, 19, 20, 22])
     better = paired_differences({'FT': ft, 'DAFT': runs([40.5, 40, 39.5, 40, 42],
-                                                         [22, 23.5, 21, 22, 24.5])}, ['a', 'b'])
+                                                         [22, 23.5, 21, 22, 24.5]),
+                                 'DAFT w/o conversion': runs([40, 41, 39, 40, 42],
+                                                             [22, 23.4, 21.1, 22, 24.4]),
+                                 'conversion only': runs([40, 41, 39, 40, 42],
+                                                         [21, 20, 19.5, 20.5, 21.5])}, ['a', 'b'])
     assert better['DAFT']['OOD mean']['higher'] == 5 and better['DAFT']['OOD mean']['low'] > 0
-    assert 'better out of distribution without a clear ID loss' in verdict_line(better)
+    line = verdict_line(better)
+    assert 'better out of distribution without a clear ID loss' in line
+    # which half carries it: the integrated LP+FT alone is as high, conversion alone is not
+    assert 'Its parts alone vs FT on OOD mean: DAFT w/o conversion higher (+2.18); ' \
+        'conversion only no clear difference (+0.10).' in line
     worse = paired_differences({'FT': ft, 'DAFT': runs([40, 41, 39, 40, 42],
                                                         [18, 19.5, 17, 18, 20.5])}, ['a', 'b'])
     assert 'worse out of distribution than FT' in verdict_line(worse)

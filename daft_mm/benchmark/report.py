@@ -154,10 +154,15 @@ def _direction(d: Mapping[str, Any]) -> str:
     return 'higher' if d['low'] > 0 else 'lower' if d['high'] < 0 else 'no clear difference'
 
 
+#: The ablations that hold each half of a method alone: the verdict says which carries it.
+PARTS = {'DAFT': ('DAFT w/o conversion', 'conversion only')}
+
+
 def verdict_line(paired: Mapping[str, Mapping[str, Any]], method: str = 'DAFT') -> str:
     """One sentence on ``method`` against FT from the paired differences: OOD (the mean over the
     OOD sets, or the one set) and ID, each higher / lower only when its 95% interval excludes
-    zero. One seed gives no interval and so no verdict."""
+    zero, then each of its parts alone (:data:`PARTS`) on the same OOD measure, so the line says
+    which half carries the effect. One seed gives no interval and so no verdict."""
     if method not in paired:
         return ''
     by_metric = paired[method]
@@ -170,6 +175,9 @@ def verdict_line(paired: Mapping[str, Mapping[str, Any]], method: str = 'DAFT') 
     head += (f' (95% intervals: {ood_name} [{ood["low"]:+.2f}, {ood["high"]:+.2f}], ID '
              f'[{id_["low"]:+.2f}, {id_["high"]:+.2f}])')
     o, i = _direction(ood), _direction(id_)
+    parts = [f'{part} {_direction(paired[part][ood_name])} ({paired[part][ood_name]["mean"]:+.2f})'
+             for part in PARTS.get(method, ()) if part in paired]
+    carried = f' Its parts alone vs FT on {ood_name}: {"; ".join(parts)}.' if parts else ''
     if o == 'higher' and i != 'lower':
         says = ('better out of distribution without a clear ID loss'
                 + (' (ID higher too)' if i == 'higher' else ''))
@@ -180,7 +188,7 @@ def verdict_line(paired: Mapping[str, Mapping[str, Any]], method: str = 'DAFT') 
     else:
         says = ('no clear OOD difference from FT'
                 + ('; ID higher' if i == 'higher' else '; ID lower' if i == 'lower' else ''))
-    return f'{head}: {says}, at this budget and with these seeds.'
+    return f'{head}: {says}, at this budget and with these seeds.{carried}'
 
 
 def _fmt(s: Mapping[str, Any], digits: int = 2) -> str:
