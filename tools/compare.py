@@ -3,9 +3,10 @@
 Every method's config is derived from CONFIG (your FT config: model, training set, pipelines,
 schedule); each starts from the same pretrained backbone with a fresh decode head, gets the same
 iteration budget and seeds, and has its setting chosen on ID-val only (grids widened at their
-edges, finalists re-run with every seed). ID test is CONFIG's test set; OOD sets are named
-dataset configs and common corruptions of the ID test images. Runs are cached under the work dir:
-stop at any time and run the same command again to pick up where it stopped.
+edges, pruned by successive halving, finalists re-run with every seed). ID test is CONFIG's test set; OOD sets are named
+dataset configs and common corruptions of the ID test images. Trials run on Ray Tune: a local Ray
+by default (one trial per core, or per GPU), a running cluster with --address. Runs are cached
+under the work dir: stop at any time and run the same command again to pick up where it stopped.
 
     python tools/compare.py configs/camvid/compare_camvid_day_dusk.py --search \\
         --cfg-options data_root=data/CamVid
@@ -32,7 +33,8 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
 
 from mmengine.config import DictAction  # noqa: E402
 
-from daft_mm.benchmark.experiment import ORDER, Options, run_comparison  # noqa: E402
+from daft_mm.benchmark.experiment import (ORDER, Options, add_engine_args,  # noqa: E402
+                                          check_engine_args, engine_options, run_comparison)
 from daft_mm.benchmark.methods import method_name  # noqa: E402
 from daft_mm.benchmark.task import InputError, task_from_config  # noqa: E402
 
@@ -105,21 +107,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--quick', action='store_true',
                    help=f'a smoke run of the whole path: {QUICK["budget"]} iterations, the first '
                    f'{QUICK["max_images"]} images of every set (training too), 1 seed, one '
-                   'setting per method, one run at a time (about 19 s on the committed CamVid '
-                   'sample, 2 cores: benchmarks/results/quick_compare.json)')
-    p.add_argument('--workers', type=int, default=None,
-                   help='runs side by side, one torch thread each (default 2; 1 with --quick, '
-                   'where starting the worker processes costs more than its runs)')
+                   'setting per method (benchmarks/results/quick_compare.json times it on the '
+                   'committed CamVid sample)')
+    add_engine_args(p)
     p.add_argument('--work-dir', default=None,
                    help='runs, search.json and the report (default work_dirs/compare/<name>)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                    help='options of every run, as for tools/train.py (e.g. data_root=...)')
     p.add_argument('--verbose', action='store_true', help='mmengine INFO logs of every run')
     args = p.parse_args(argv)
-    if args.workers is None:
-        args.workers = 1 if args.quick else 2
-    if args.workers < 1:
-        p.error(f'--workers must be >= 1, got {args.workers}')
+    check_engine_args(p, args)
     if not args.search and not args.recorded:
         p.error('there are no recorded choices for your task yet: pass --search (or --recorded '
                 'SEARCH_JSON from an earlier search)')
@@ -153,8 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                              if a not in ('--search', ))
     opts = Options(quick=args.quick, search=args.search, protocol=args.protocol,
                    work_dir=work_dir, recorded=args.recorded, verbose=args.verbose,
-                   workers=args.workers, search_methods=args.search_methods,
-                   check_budget=not args.no_budget_check, command=command)
+                   search_methods=args.search_methods, check_budget=not args.no_budget_check,
+                   command=command, **engine_options(args))
     try:
         return run_comparison(task, opts)
     except InputError as err:  # what the user gave, found before any run started

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-from daft_mm.benchmark.experiment import RECORDED, Options, run_benchmark  # noqa: E402
+from daft_mm.benchmark.experiment import (RECORDED, Options, add_engine_args,  # noqa: E402
+                                          check_engine_args, engine_options, run_benchmark)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
@@ -39,7 +40,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
                    help='seeds per method (default 3; --quick: 1)')
     p.add_argument('--search', action='store_true',
                    help='choose every method\'s setting on the ID-val split (grids widened at '
-                   'their edges, finalists re-run with every seed), then report')
+                   'their edges, pruned by successive halving, finalists re-run with every seed), then '
+                   'report')
     p.add_argument('--search-methods', nargs='+', metavar='METHOD', default=None,
                    help='with --search: search only these methods (e.g. DAFT "conversion only") '
                    'and keep the recorded choices (and search runs) of the others')
@@ -48,22 +50,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
                    'or the paper\'s two stages (lr at ratio 1 without conversion, then ratio)')
     p.add_argument('--recorded', default=str(RECORDED),
                    help='recorded settings used without --search (default: %(default)s)')
-    p.add_argument('--workers', type=int, default=2,
-                   help='fine-tuning runs side by side, one torch thread each (default 2: on 2 '
-                   'cores this beats one run with 2 threads); 1: one after another, in this '
-                   'process, with the torch default threads')
+    add_engine_args(p)
     p.add_argument('--verbose', action='store_true', help='mmengine INFO logs of every run')
     args = p.parse_args(argv)
-    if args.workers < 1:
-        p.error(f'--workers must be >= 1, got {args.workers}')
+    check_engine_args(p, args)
     if args.search_methods and not args.search:
         p.error('--search-methods needs --search')
     if args.seeds is not None and args.seeds < 1:
         p.error(f'--seeds must be >= 1, got {args.seeds}')
     return Options(quick=args.quick, search=args.search, protocol=args.protocol,
                    seeds=args.seeds, work_dir=args.work_dir, recorded=args.recorded,
-                   verbose=args.verbose, workers=args.workers,
-                   search_methods=args.search_methods)
+                   verbose=args.verbose, search_methods=args.search_methods,
+                   **engine_options(args))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

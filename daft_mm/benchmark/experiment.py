@@ -10,21 +10,24 @@ same seeds; every choice on ID-val only (OOD sets are evaluated, never used to c
 from __future__ import annotations
 
 import json
+import math
 import os.path as osp
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Generator, List, Mapping, Optional, Sequence
 
 from daft_mm.utils import atomic_write, atomic_write_json
 
 from .data import DEFAULT, QUICK, repo_commit
 from .demo_task import DEMO_CONFIGS, demo_task
-from .methods import COMPARED, ABLATIONS, MethodSpec, Point, get_method
+from .methods import COMPARED, ABLATIONS, MethodSpec, Point, get_method, stage_budgets
 from .report import (front_lines, markdown_table, paired_differences, paired_lines,
                      plot_report, report_title, stat, summarize, verdict_line)
-from .runs import Context, RunPool, Task, code_hash, load_pretrained
-from .selection import Axis, BatchScore, SearchResult, grid_search
+from .runs import Context, Job, code_hash, load_pretrained, save_eval_sets
+from .selection import Axis, SearchResult, halving_cost, halving_rungs, search_steps
+from .engine import RayCluster, Resources, run_trials
 from .task import InputError, TaskSpec, check_data, provenance
 
 __all__ = ['RECORDED', 'SEARCH_SPACES', 'QUICK_SEARCH_SPACES', 'Progress', 'Options',
@@ -69,29 +72,70 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    """One line per finished step: steps done of those expected, elapsed time, the time left
-    (from the runs trained so far) and what finished. Every line also goes to ``log`` (the
-    comparison's ``compare.log``), so the record survives the terminal."""
+    """One line per finished trial: trials done of those expected, elapsed time, the time left
+    (from the iterations trained so far and those still expected) and what finished; on a
+    terminal also one live line (trials running, stopped early, finished, failed; the best
+    ID-val so far per method). Every finished line also goes to ``log`` (the comparison's
+    ``compare.log``), so the record survives the terminal; the live line never does."""
 
     def __init__(self, total: int = 0) -> None:
         self.total, self.done, self.start = total, 0, time.time()
         self.trained = 0
         self.runs_start: Optional[float] = None  # set when the first run starts
         self.log: Optional[Path] = None
+        self.iterations = dict(expected=0, done=0, trained=0)
+        self.trials = dict(running=0, stopped=0, finished=0, failed=0)
+        self.best: Dict[str, float] = {}
+        self.live = sys.stdout.isatty()
+        self._live_shown = False
 
-    def expect(self, n: int) -> None:
-        """More steps than estimated (a grid widened)."""
+    def expect(self, n: int, iterations: int = 0) -> None:
+        """More steps (and iterations) than estimated (a grid widened)."""
         self.total += n
+        self.iterations['expected'] += iterations
+
+    def left(self) -> str:
+        it = self.iterations
+        if not it['trained'] or self.runs_start is None:
+            return ''
+        rate = it['trained'] / max(1e-9, time.time() - self.runs_start)
+        todo = max(0, it['expected'] - it['done'])
+        return f', ~{_clock(todo / rate)} left' if todo else ''
 
     def step(self, what: str, trained: bool = False) -> None:
         self.done += 1
         self.trained += trained
         self.total = max(self.total, self.done)
-        left = self.total - self.done
-        eta = ''
-        if left and self.trained and self.runs_start is not None:
-            eta = f', ~{_clock((time.time() - self.runs_start) / self.trained * left)} left'
-        self._say(f'[{self.done}/{self.total} | {self.elapsed()}{eta}] {what}')
+        self._say(f'[{self.done}/{self.total} | {self.elapsed()}{self.left()}] {what}')
+
+    def started(self) -> None:
+        self.trials['running'] += 1
+        self.show()
+
+    def finished(self, method: str, r: Mapping[str, Any], nominal: int, final: bool,
+                 ran: bool = True) -> None:
+        """A trial ended (``ran``: it took a slot, not answered from the cache)."""
+        self.trials['running'] -= ran
+        key = 'failed' if 'error' in r else ('finished' if final else 'stopped')
+        self.trials[key] += 1
+        self.iterations['done'] += nominal
+        self.iterations['trained'] += int(r.get('iterations') or 0)
+        value = r.get('id_val')
+        if isinstance(value, float) and math.isfinite(value):
+            self.best[method] = max(self.best.get(method, -math.inf), value)
+
+    def show(self) -> None:
+        if not self.live:
+            return
+        t = self.trials
+        best = ', '.join(f'{m} {v:.1f}' for m, v in self.best.items())
+        line = (f'trials: {t["running"]} running, {t["stopped"]} at a rung, {t["finished"]} '
+                f'finished, {t["failed"]} failed' + (f' | best ID-val: {best}' if best else '')
+                + f' | {self.elapsed()}{self.left()}')
+        width = 160
+        sys.stdout.write('\r' + line[:width].ljust(min(width, len(line) + 2)))
+        sys.stdout.flush()
+        self._live_shown = True
 
     def note(self, what: str) -> None:
         self._say(f'    {what}')
@@ -100,10 +144,14 @@ class Progress:
         return _clock(time.time() - self.start)
 
     def _say(self, line: str) -> None:
+        if self._live_shown:
+            sys.stdout.write('\r\033[K')
+            self._live_shown = False
         print(line, flush=True)
         if self.log is not None:
             with open(self.log, 'a') as f:
                 f.write(line + '\n')
+        self.show()
 
 
 def load_recorded(path: Optional[Path], command: str = 'tools/demo.py') -> Dict[str, Any]:
@@ -171,75 +219,91 @@ def _space(spec: MethodSpec, spaces: Dict[str, List[Axis]],
     return axes
 
 
-def search(pool: RunPool, spaces: Dict[str, List[Axis]], seeds: Sequence[int],
-           progress: Progress, protocol: str = 'grid', kept: Optional[Dict[str, Point]] = None
-           ) -> tuple[Dict[str, Point], Dict[str, SearchResult], List[Dict[str, Any]]]:
-    """Choose every method's setting on ID-val; returns the choices, the searches and every run.
-    ``kept``: methods not searched again, with their recorded choice (their searches and runs
-    are then not among those returned)."""
+#: What a search is sent back for a trial: its ID-val (a failed trial's is NaN: ranked last).
+def _score(r: Mapping[str, Any]) -> float:
+    value = r.get('id_val')
+    return float(value) if 'error' not in r and value is not None else math.nan
+
+
+def _rungs(spec: MethodSpec, task: TaskSpec, halving: Optional[int], eta: int,
+           budget: Optional[int] = None) -> List[int]:
+    """The iterations a method's search scores at: rungs of its (last) stage's length, the same
+    fractions for every method (LP-FT: of its FT stage, after the shared probe stage)."""
+    budgets = stage_budgets(spec, budget or task.budget, task.lp_fraction)
+    length = budgets['ft' if spec.lp_first else spec.recipe]
+    return list(halving_rungs(length, eta, halving)) if halving else [length]
+
+
+def method_search(spec: MethodSpec, axes: List[Axis], seeds: Sequence[int], task: TaskSpec, *,
+                  probe: Optional[Point], protocol: str = 'grid', halving: Optional[int] = 3,
+                  eta: int = 3) -> Generator[List[Job], List[Dict[str, Any]], SearchResult]:
+    """One method's search on ID-val as a source of trials (see :mod:`.engine`). LP-FT first
+    trains its probe stage (LP at LP's choice) once per seed; every other trial starts there."""
+    rungs = _rungs(spec, task, halving, eta)
+    if spec.lp_first:
+        yield [Job(spec.name, probe, seed, kind='probe') for seed in seeds]
+
+    def as_jobs(steps, method: str):
+        try:
+            trials = next(steps)
+            while True:
+                results = yield [Job(method, t.point, t.seed, iters=t.iters, start=t.start,
+                                     probe=probe if spec.lp_first else None) for t in trials]
+                trials = steps.send([_score(r) for r in results])
+        except StopIteration as stop:
+            return stop.value
+
+    if protocol == 'paper' and spec.name == 'DAFT':
+        # the DAFT paper's two stages: the backbone LR first (head at 1x, no conversion), then
+        # the head ratio at that LR, with conversion
+        by_name = {a.name: a for a in axes}
+        scope = by_name['scope'].values[0] if 'scope' in by_name else None
+        first = yield from as_jobs(search_steps(
+            [by_name['lr']], base=Point(lr=0.0, ratio=1.0, scope=scope), seeds=seeds[:1],
+            rungs=rungs, eta=eta), 'DAFT w/o conversion')
+        rest = [by_name['ratio']] + ([by_name['scope']] if 'scope' in by_name else [])
+        second = yield from as_jobs(search_steps(
+            rest, base=Point(lr=first.chosen.lr, ratio=1.0, scope=scope), seeds=seeds,
+            rungs=rungs, eta=eta), spec.name)
+        second.widened = [f'stage 1 (lr, ratio 1, no conversion): {first.to_dict()}'] \
+            + second.widened
+        for stage, n in first.iterations.items():
+            second.iterations[stage] += n
+        return second
+    return (yield from as_jobs(search_steps(axes, seeds=seeds, rungs=rungs, eta=eta),
+                               spec.name))
+
+
+def search_sources(spaces: Dict[str, List[Axis]], seeds: Sequence[int], task: TaskSpec,
+                   progress: Progress, *, protocol: str = 'grid',
+                   kept: Optional[Dict[str, Point]] = None, halving: Optional[int] = 3,
+                   eta: int = 3) -> tuple[Dict[str, Any], Dict[str, Point],
+                                          Dict[str, SearchResult]]:
+    """The searches as sources of trials, one per independent chain of :data:`CHAINS` (LP-FT
+    needs LP's choice, DAFT w/o conversion DAFT's head scope); they fill ``chosen`` and
+    ``searches`` as they end. ``kept``: methods not searched again, with their recorded choice."""
     kept = kept or {}
     chosen: Dict[str, Point] = {}
     searches: Dict[str, SearchResult] = {}
-    runs: List[Dict[str, Any]] = []
 
-    def done(task: Task, r: Dict[str, Any]) -> None:
-        runs.append(r)
-        progress.step(f'search {task[0]}: {task[1].label()} seed {task[2]}: ID-val '
-                      f'{r["id_val"]:.2f} (ID {r["id"]:.2f}, OOD mean {r["ood_mean"]:.2f})'
-                      + (' (reused)' if r['reused'] else f' ({r["seconds"]:.0f}s)'),
-                      trained=not r['reused'])
-
-    def scorer(spec: MethodSpec) -> BatchScore:
-        calls = []
-
-        def score(pairs: List[tuple[Point, int]]) -> List[float]:
-            if calls:  # a widened grid: first-seed runs beyond the estimated grid
-                progress.expect(sum(1 for _, seed in pairs if seed == seeds[0]))
-            calls.append(len(pairs))
-            results = pool.run([(spec.name, point, seed) for point, seed in pairs], done,
-                               probe=chosen.get('LP'))  # LP-FT: after LP in its chain
-            return [r['id_val'] for r in results]
-        return score
-
-    def search_chain(names: Sequence[str]) -> None:
+    def chain(names: Sequence[str]):
         for name in names:
             if name in kept:
                 chosen[name] = kept[name]
                 continue
             spec = get_method(name)
-            axes = _space(spec, spaces, chosen)
-            if protocol == 'paper' and name == 'DAFT':
-                searches[name] = paper_protocol(spec, axes, seeds, scorer)
-            else:
-                searches[name] = grid_search(scorer(spec), axes, seeds=seeds)
-            chosen[name] = searches[name].chosen
-            progress.note(f'{name}: chose {chosen[name].label()} (mean ID-val '
-                          f'{searches[name].mean(chosen[name]):.2f} over {len(seeds)} seeds)'
-                          + (f'; still best at the edge of {searches[name].on_edge}'
-                             if searches[name].on_edge else ''))
+            result = yield from method_search(
+                spec, _space(spec, spaces, chosen), seeds, task, probe=chosen.get('LP'),
+                protocol=protocol, halving=halving, eta=eta)
+            searches[name], chosen[name] = result, result.chosen
+            progress.note(f'{name}: chose {result.chosen.label()} (mean ID-val '
+                          f'{result.mean(result.chosen):.2f} over {len(seeds)} seeds; '
+                          f'{len(result.reached)} settings, {result.iterations["grid"]} + '
+                          f'{result.iterations["finalists"]} iterations)'
+                          + (f'; still best at the edge of {result.on_edge}'
+                             if result.on_edge else ''))
 
-    # Chains of dependent searches run concurrently and share the workers, so a grid's last
-    # round never leaves a core idle while another method waits.
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(len(CHAINS)) as threads:
-        for future in [threads.submit(search_chain, chain) for chain in CHAINS]:
-            future.result()
-    return {m: chosen[m] for m in ORDER}, {m: searches[m] for m in ORDER if m in searches}, runs
-
-
-def paper_protocol(spec: MethodSpec, axes: List[Axis], seeds: Sequence[int],
-                   scorer: Callable[[MethodSpec], BatchScore]) -> SearchResult:
-    """The DAFT paper's two stages: the backbone LR first (head at 1x, no conversion), then the
-    head ratio at that LR, with conversion."""
-    by_name = {a.name: a for a in axes}
-    scope = by_name['scope'].values[0] if 'scope' in by_name else None
-    first = grid_search(scorer(get_method('DAFT w/o conversion')), [by_name['lr']],
-                        base=Point(lr=0.0, ratio=1.0, scope=scope), seeds=seeds[:1])
-    rest = [by_name['ratio']] + ([by_name['scope']] if 'scope' in by_name else [])
-    second = grid_search(scorer(spec), rest, base=Point(lr=first.chosen.lr, ratio=1.0,
-                                                        scope=scope), seeds=seeds)
-    second.widened = [f'stage 1 (lr, ratio 1, no conversion): {first.to_dict()}'] + second.widened
-    return second
+    return {' > '.join(c): chain(c) for c in CHAINS}, chosen, searches
 
 
 @dataclass
@@ -251,13 +315,60 @@ class Options:
     work_dir: str = 'work_dirs/demo'
     recorded: Optional[str] = str(RECORDED)
     verbose: bool = False
-    workers: int = 2  # runs side by side, one torch thread each
     #: with ``search``: search only these methods, keep the recorded choices of the others
     search_methods: Optional[Sequence[str]] = None
     #: FT at its choice with twice the budget too: has it levelled off at the budget?
     check_budget: bool = False
     #: the command line that made the report (its search record says how to redo it)
     command: str = 'tools/demo.py'
+    #: successive halving: rungs per search (1/eta^(n-1) .. 1 of the budget); None: every grid
+    #: point trains the whole budget
+    halving: Optional[int] = 3
+    eta: int = 3  # the reduction factor: the best 1/eta of the points go on at each rung
+    #: Ray: a running cluster's HOST:PORT (None: a local Ray, stopped at the end), what one trial
+    #: asks for, and how many run at once (None: as many as the cluster can place)
+    address: Optional[str] = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: Optional[float] = None  # None: 1 where this machine has a GPU, else 0
+    concurrent: Optional[int] = None
+
+
+def add_engine_args(p: Any) -> None:
+    """The search's and Ray's flags, shared by ``tools/compare.py`` and ``tools/demo.py``."""
+    g = p.add_argument_group('search and Ray')
+    g.add_argument('--eta', type=int, default=3,
+                   help='successive halving\'s reduction factor: the best 1/ETA of a grid\'s '
+                   'points go on at each rung (1/ETA^2, 1/ETA and all of the budget; default 3)')
+    g.add_argument('--no-halving', action='store_true',
+                   help='train every grid point for the whole budget (the full grid)')
+    g.add_argument('--address', default=None, metavar='HOST:PORT',
+                   help='run the trials on a running Ray cluster (`ray start --head`, see '
+                   'docs/compare.md); default: a local Ray on 127.0.0.1, stopped at the end')
+    g.add_argument('--cpus-per-trial', type=float, default=1.0,
+                   help='CPU cores per trial (its torch threads; default 1)')
+    g.add_argument('--gpus-per-trial', type=float, default=None,
+                   help='GPUs per trial (default 1 where this machine has a GPU, else 0)')
+    g.add_argument('--concurrent-trials', '--workers', type=int, default=None, metavar='N',
+                   dest='concurrent_trials',
+                   help='at most N trials at once (default: as many as Ray can place: one per '
+                   'core, or per GPU)')
+
+
+def check_engine_args(p: Any, args: Any) -> None:
+    if args.eta < 2:
+        p.error(f'--eta must be >= 2, got {args.eta}')
+    if args.cpus_per_trial <= 0:
+        p.error(f'--cpus-per-trial must be > 0, got {args.cpus_per_trial}')
+    if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
+        p.error(f'--gpus-per-trial must be >= 0, got {args.gpus_per_trial}')
+    if args.concurrent_trials is not None and args.concurrent_trials < 1:
+        p.error(f'--concurrent-trials must be >= 1, got {args.concurrent_trials}')
+
+
+def engine_options(args: Any) -> Dict[str, Any]:
+    return dict(halving=None if args.no_halving else 3, eta=args.eta, address=args.address,
+                cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                concurrent=args.concurrent_trials)
 
 
 def run_benchmark(opts: Options) -> Dict[str, Any]:
@@ -276,21 +387,116 @@ def run_benchmark(opts: Options) -> Dict[str, Any]:
     return run_comparison(task, opts, progress)
 
 
-def _estimate(task: TaskSpec, opts: Options, spaces: Dict[str, List[Axis]]) -> int:
-    """Runs the comparison will train or reuse: the grids (if searching), the finalists' other
-    seeds, every method's seeds at its choice (those of a searched choice are the finalists'),
-    and FT at twice the budget."""
+def _estimate(task: TaskSpec, opts: Options, spaces: Dict[str, List[Axis]]
+              ) -> Dict[str, int]:
+    """Trials and iterations the comparison will ask for (trained or reused) if no grid widens:
+    the searches (halving, the finalists' seeds, LP-FT's probe stages), every method's seeds at
+    its choice (those of a searched choice are the finalists'), and FT at twice the budget."""
     from .methods import method_name
     seeds = task.seeds
-    n = len(COMPARED) * len(seeds) + (len(seeds) if opts.check_budget else 0)
-    searched = {method_name(m) for m in opts.search_methods or ()}
-    if opts.search:
+    searched = {method_name(m) for m in opts.search_methods or ()} if opts.search else set()
+    if opts.search and not searched:
+        searched = {m.name for m in COMPARED}
+    trials = iterations = 0
+    for m in COMPARED:
+        budgets = stage_budgets(m, task.budget, task.lp_fraction)
+        if m.lp_first:
+            trials += len(seeds)
+            iterations += len(seeds) * budgets['lp']
+        if m.name not in searched:
+            trials += len(seeds)
+            iterations += len(seeds) * sum(budgets.values()) - (
+                len(seeds) * budgets['lp'] if m.lp_first else 0)
+            continue
+        rungs = _rungs(m, task, opts.halving, opts.eta)
+        n = _grid_size(spaces[m.name])
+        cost = halving_cost(n, rungs, eta=opts.eta, seeds=len(seeds))
+        iterations += cost['grid'] + cost['finalists']
+        trials += cost['trials']
+    if opts.check_budget:
+        trials += len(seeds)
+        iterations += len(seeds) * 2 * task.budget
+    return dict(trials=trials, iterations=iterations)
+
+
+class _Engine:
+    """The comparison's side of :func:`~.engine.run_trials`: progress lines per trial, the
+    search runs that reached the full budget (for the Pareto fronts), the failures, and the
+    iterations each method trained."""
+
+    def __init__(self, ctx: Context, cluster: RayCluster, slots: int, opts: Options,
+                 progress: Progress) -> None:
+        self.ctx, self.cluster, self.slots, self.opts = ctx, cluster, slots, opts
+        self.progress = progress
+        self.full_runs: List[Dict[str, Any]] = []
+        self.failed: List[Dict[str, Any]] = []
+        self.trained: Dict[str, int] = {}
+        self.trials: Dict[str, int] = {}
+        self.start = time.time()
+
+    def run(self, sources: Dict[str, Any], phase: str) -> Dict[str, Any]:
+        def on_result(job: Job, r: Dict[str, Any]) -> None:
+            self._done(job, r, phase)
+        return run_trials(self.ctx, sources, cluster=self.cluster, concurrent=self.slots,
+                          threads=max(1, int(self.opts.cpus_per_trial)),
+                          on_start=lambda job: self.progress.started(), on_result=on_result)
+
+    def _done(self, job: Job, r: Dict[str, Any], phase: str) -> None:
+        name = 'LP-FT' if job.kind == 'probe' else job.method
+        self.trained[name] = self.trained.get(name, 0) + int(r.get('iterations') or 0)
+        self.trials[name] = self.trials.get(name, 0) + (not r.get('reused'))
+        final = 'ood' in r or job.iters is None
+        self.progress.finished(job.method, r, self._span(job), final, ran=not r.get('reused'))
+        how = ' (reused)' if r.get('reused') else f' ({r.get("seconds", 0):.0f}s)'
+        if 'error' in r:
+            self.failed.append(dict(trial=job.label(), phase=phase, error=r['error']))
+            self.progress.step(f'FAILED {job.label()}: {r["error"]}', trained=True)
+        elif job.kind == 'probe':
+            if not r.get('reused'):
+                self.progress.step(f'{job.label()} trained{how}', trained=True)
+        elif phase == 'search':
+            if 'ood' in r:
+                self.full_runs.append(r)
+            self.progress.step(f'search {job.label()}: ID-val {r["id_val"]:.2f}'
+                               + (f' (ID {r["id"]:.2f}, OOD mean {r["ood_mean"]:.2f})'
+                                  if 'ood' in r else '') + how, trained=not r.get('reused'))
+        elif job.budget is not None:
+            self.progress.step(f'budget check: {job.label()} (2x the budget): ID-val '
+                               f'{r["id_val"]:.2f}  ID {r["id"]:.2f}  OOD mean '
+                               f'{r["ood_mean"]:.2f}{how}', trained=not r.get('reused'))
+        elif not (self.opts.search and r.get('reused')):
+            self.progress.step(f'{job.method} seed {job.seed}: ID {r["id"]:.2f}  OOD mean '
+                               f'{r["ood_mean"]:.2f}  cos {r["cosine"]:.4f}  '
+                               + ('(finished earlier: reused)' if r.get('reused')
+                                  else f'({r["seconds"]:.0f}s)'), trained=not r.get('reused'))
+
+    def _span(self, job: Job) -> int:
+        """The iterations a job stands for, trained or reused (for the time left)."""
+        budgets = stage_budgets(get_method(job.method), job.budget or self.ctx.task.budget,
+                                self.ctx.task.lp_fraction)
+        if job.kind == 'probe':
+            return budgets['lp']
+        length = budgets['ft'] if 'ft' in budgets else sum(budgets.values())
+        return min(job.iters or length, length) - job.start
+
+    def cost(self, budget: int, searches: Mapping[str, SearchResult],
+             estimate: Mapping[str, int]) -> Dict[str, Any]:
+        """What the comparison cost: per method the grid it searched and the iterations its
+        search asked for (cached or not), and what this run trained; in all, in FT runs."""
+        per = {}
         for m in COMPARED:
-            if searched and m.name not in searched:
-                continue
-            grid = _grid_size(spaces[m.name])
-            n += grid + min(2, grid) * (len(seeds) - 1) - len(seeds)
-    return n
+            s = searches.get(m.name)
+            per[m.name] = dict(trained_iterations=self.trained.get(m.name, 0),
+                               trials_run=self.trials.get(m.name, 0))
+            if s is not None:
+                per[m.name].update(grid_points=len(s.reached), search_iterations=dict(
+                    s.iterations), search_ft_runs=sum(s.iterations.values()) / budget)
+        total = sum(self.trained.values())
+        return dict(per_method=per, trained_iterations=total, ft_runs_trained=total / budget,
+                    estimated_iterations=estimate['iterations'],
+                    estimated_ft_runs=estimate['iterations'] / budget,
+                    seconds=time.time() - self.start, concurrent_trials=self.slots,
+                    where=self.cluster.where)
 
 
 def run_comparison(task: TaskSpec, opts: Options,
@@ -314,36 +520,48 @@ def run_comparison(task: TaskSpec, opts: Options,
     work_dir.mkdir(parents=True, exist_ok=True)
     progress.log = work_dir / 'compare.log'
     spaces = QUICK_SEARCH_SPACES if task.spaces == 'quick' else SEARCH_SPACES
-    n_runs = _estimate(task, opts, spaces)
-    progress.expect(n_runs)
+    estimate = _estimate(task, opts, spaces)
+    progress.expect(estimate['trials'], estimate['iterations'])
     progress.note(f'daft-mm comparison on {task.name} ({"quick" if opts.quick else "full"}): '
                   f'seeds {list(seeds)}, budget {task.budget} iterations per method'
                   + (f', the first {task.max_images} images of every set'
                      if task.max_images else '') + f', work dir {work_dir}')
-    progress.note(f'about {n_runs} fine-tuning runs'
-                  + (' (grids, finalists with every seed, more if a grid widens)'
-                     if opts.search else '') + ', '
-                  + (f'{opts.workers} runs side by side (1 torch thread each)' if opts.workers > 1
-                     else f'one at a time ({torch.get_num_threads()} torch threads)')
-                  + '; the time left shows once the first run has finished; log: '
-                  + str(progress.log))
     ctx = Context(task=task, work_dir=work_dir, step=progress.step, verbose=opts.verbose,
-                  progress_bars=opts.verbose, task_key=task_key)
+                  progress_bars=False, task_key=task_key)
     load_pretrained(ctx)
-    progress.runs_start = time.time()
-
-    with RunPool(ctx, opts.workers) as pool:
+    save_eval_sets(ctx)  # the trials' workers load them instead of building them again
+    gpus = opts.gpus_per_trial
+    if gpus is None:
+        gpus = 1.0 if opts.address is None and torch.cuda.is_available() else 0.0
+    with RayCluster(opts.address, Resources(opts.cpus_per_trial, gpus),
+                    opts.verbose) as cluster:
+        slots = min(cluster.slots, opts.concurrent or cluster.slots)
+        progress.note(
+            f'cost: about {estimate["iterations"] / task.budget:.1f} FT runs of {task.budget} '
+            f'iterations ({estimate["iterations"]} iterations'
+            + (', successive halving at 1/' + f'{opts.eta} per rung, more if a grid widens'
+               if opts.search and opts.halving else '')
+            + f'), {slots} trial(s) at once on {cluster.where}, {Resources(opts.cpus_per_trial, gpus).text()} '
+              f'each; the time left shows once trials have finished; log: {progress.log}')
+        engine = _Engine(ctx, cluster, slots, opts, progress)
+        progress.runs_start = time.time()
         if opts.search:
-            chosen, searches, search_runs = search(pool, spaces, seeds, progress, opts.protocol,
-                                                   kept)
+            sources, chosen, searches = search_sources(
+                spaces, seeds, task, progress, protocol=opts.protocol, kept=kept,
+                halving=opts.halving, eta=opts.eta)
+            engine.run(sources, 'search')
+            chosen = {m: chosen[m] for m in ORDER}
+            searches = {m: searches[m] for m in ORDER if m in searches}
             searched = f' --search-methods {" / ".join(searches)}' if kept else ''
             record = dict(
                 chosen={m: p.to_dict() for m, p in chosen.items()},
                 search={m: (searches[m].to_dict() if m in searches else earlier['search'][m])
                         for m in chosen},
                 runs=[r for r in earlier.get('runs', []) if r['method'] in kept]
-                + [_brief(r) for r in search_runs],
+                + [_brief(r) for r in engine.full_runs],
                 protocol=opts.protocol, seeds=list(seeds),
+                halving=dict(rungs=opts.halving, eta=opts.eta) if opts.halving else None,
+                failed=engine.failed,
                 source=f'{opts.command} --search{" --quick" if opts.quick else ""} --protocol '
                        f'{opts.protocol}{searched}, {time.strftime("%Y-%m-%d")}: best mean '
                        'ID-val mIoU of the finalists (never OOD data)'
@@ -368,32 +586,36 @@ def run_comparison(task: TaskSpec, opts: Options,
                           + ': not chosen on this task\'s ID-val at this budget (said in the '
                           'report); run --search for choices of your own')
 
-        def done(task_: Task, r: Dict[str, Any]) -> None:
-            if not opts.search or not r['reused']:
-                progress.step(f'{task_[0]} seed {task_[2]}: ID {r["id"]:.2f}  OOD mean '
-                              f'{r["ood_mean"]:.2f}  cos {r["cosine"]:.4f}  ({r["seconds"]:.0f}s'
-                              + (', finished earlier: reused)' if r['reused'] else ')'),
-                              trained=not r['reused'])
+        def table():
+            if any(m.lp_first for m in COMPARED):
+                yield [Job('LP-FT', chosen['LP'], seed, kind='probe') for seed in seeds]
+            jobs = [Job(m.name, chosen[m.name], seed,
+                        probe=chosen['LP'] if m.lp_first else None)
+                    for seed in seeds for m in COMPARED]
+            longer = [Job('FT', chosen['FT'], seed, budget=2 * task.budget) for seed in seeds]
+            return jobs, (yield jobs + (longer if opts.check_budget else []))
 
-        def done_longer(task_: Task, r: Dict[str, Any]) -> None:
-            progress.step(f'budget check: {task_[0]} seed {task_[2]} at '
-                          f'{sum(r["budgets"].values())} iterations (2x the budget): ID-val '
-                          f'{r["id_val"]:.2f}  ID {r["id"]:.2f}  OOD mean {r["ood_mean"]:.2f}'
-                          + (' (reused)' if r['reused'] else f' ({r["seconds"]:.0f}s)'),
-                          trained=not r['reused'])
-
-        tasks = [(spec.name, chosen[spec.name], seed) for seed in seeds for spec in COMPARED]
+        jobs, rows = engine.run({'table': table()}, 'table')['table']
         results: Dict[str, List[Dict[str, Any]]] = {m.name: [] for m in COMPARED}
-        for task_, r in zip(tasks, pool.run(tasks, done, probe=chosen['LP'])):
-            results[task_[0]].append(r)
+        for job, r in zip(jobs, rows):
+            if 'error' not in r:
+                results[job.method].append(r)
+        empty = [m for m, rs in results.items() if not rs]
+        if empty:
+            raise RuntimeError(f'every run of {empty} at its chosen setting failed: '
+                               + '; '.join(f'{f["trial"]}: {f["error"]}' for f in engine.failed))
         budget_check = None
         if opts.check_budget:
-            longer = pool.run([('FT', chosen['FT'], seed) for seed in seeds], done_longer,
-                              budget=2 * task.budget)
-            budget_check = _budget_check(task.budget, results['FT'], longer)
-            progress.note(budget_check['verdict'])
+            longer = [r for r in rows[len(jobs):] if 'error' not in r]
+            budget_check = _budget_check(task.budget, results['FT'], longer) if longer else None
+            if budget_check:
+                progress.note(budget_check['verdict'])
+    cost = engine.cost(task.budget, searches if opts.search else {}, estimate)
+    progress.note(f'cost: {cost["trained_iterations"]} iterations trained '
+                  f'({cost["ft_runs_trained"]:.1f} FT runs) in {_clock(cost["seconds"])}')
     report = _report(opts, task, chosen, source, record, results, ctx, t_start, budget_check,
                      made_for)
+    report.update(cost=cost, failed_trials=engine.failed)
     write_report(report, work_dir)
     return report
 

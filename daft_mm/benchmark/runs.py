@@ -1,18 +1,26 @@
-"""Training and evaluating one comparison run with mmengine's Runner, in this process.
+"""What one trial of a comparison is: training a method at a setting with mmengine's Runner, in
+this process, to a rung of its budget or to the end, and evaluating it. Where trials run is the
+engine's business (:mod:`daft_mm.benchmark.engine`, Ray Tune); this module never schedules.
 
-Runs are cached: a run's ``result.json`` is written (atomically) only after training and
-evaluation, keyed by everything the run depends on (the task, method, setting, seed, budget, the
-sources of the packages it executes, the bytes of its start checkpoint), so a rerun, or the
-default run after a search, reuses finished runs instead of repeating them.
+A trial always trains under the schedule of the *whole* budget and can stop at a rung: its
+checkpoint there (with the optimizer, the LR schedule and the random streams) lets a promoted
+trial continue to the next rung and end exactly where an uninterrupted run would.
+
+Trials are cached: a result (``result.json`` at the end, ``rung_<iters>.json`` at a rung) is
+written atomically only after training and evaluation, keyed by everything the run depends on (the
+task, method, setting, seed, budget, the sources of the packages it executes, the bytes of its
+start checkpoint), so a rerun reuses finished trials and continues promoted ones from their rung
+checkpoints.
 """
 from __future__ import annotations
 
 import copy
 import functools
 import json
+import math
 import os
+import random
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +33,8 @@ from .methods import MethodSpec, Point, get_method, stage_budgets
 from .task import InputError, TaskSpec, limit_images
 from .variants import method_config
 
-__all__ = ['Context', 'RunPool', 'load_pretrained', 'run_config', 'run_point', 'miou',
-           'code_hash']
+__all__ = ['Context', 'Job', 'load_pretrained', 'run_config', 'run_trial', 'cached_result',
+           'worker_context', 'save_eval_sets', 'miou', 'code_hash']
 
 
 @dataclass
@@ -46,6 +54,35 @@ class Context:
     task_key: str = ''
     runs: int = 0
     trained: int = 0  # runs trained (not reused) in this process
+    full_sets: bool = False  # ID test and OOD sets built (ID-val alone suffices at a rung)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One trial: ``method`` at ``point`` with ``seed``, trained to ``iters`` iterations of its
+    (last) stage (None: to the end) under the whole budget's schedule, continuing from its rung
+    checkpoint at ``start`` (0: from the start). ``probe``: LP's setting, LP-FT's probe stage;
+    ``budget``: another budget than the task's (the check that FT has levelled off);
+    ``kind='probe'``: LP-FT's probe stage alone (one per seed, before the LP-FT trials)."""
+
+    method: str
+    point: Point
+    seed: int
+    iters: Optional[int] = None
+    start: int = 0
+    probe: Optional[Point] = None
+    budget: Optional[int] = None
+    kind: str = 'run'
+
+    def label(self) -> str:
+        text = f'{self.method} {self.point.label()} seed {self.seed}'
+        if self.kind == 'probe':
+            return f'LP-FT probe stage ({self.point.label()}) seed {self.seed}'
+        if self.iters is not None:
+            text += f' to {self.iters} it.' + (f' (from {self.start})' if self.start else '')
+        if self.budget is not None:
+            text += f' at a budget of {self.budget}'
+        return text
 
 
 def _training_bar_hook(total: int):
@@ -70,9 +107,12 @@ def _training_bar_hook(total: int):
 
 
 def run_config(path: str, options: Mapping[str, Any], work_dir: Path, name: str, *,
-               iters: int, verbose: bool = False):
+               iters: int, verbose: bool = False, schedule: Optional[int] = None):
     """A config as ``tools/train.py`` would load it, set up for one short run inside a
-    benchmark process: ``iters`` iterations, one checkpoint at the end, no validation loop."""
+    benchmark process: ``iters`` iterations under the LR schedule of ``schedule`` iterations
+    (default ``iters``; more: a run stopped at a rung), one checkpoint at the end, no validation
+    loop."""
+    schedule = schedule or iters
     from daft_mm.mm.cli import load_config
     opts = {'train_cfg.max_iters': iters, 'default_hooks.logger.interval': max(1, min(25, iters))}
     opts.update(options)
@@ -90,47 +130,116 @@ def run_config(path: str, options: Mapping[str, Any], work_dir: Path, name: str,
     cfg.default_hooks['checkpoint'] = dict(type='CheckpointHook', by_epoch=False,
                                            interval=10**9, save_last=True, max_keep_ckpts=1)
     # The budget is the whole training, counted in iterations for every method; a schedule
-    # written for a longer run (PolyLR to 20k) ends with it instead of stopping part way.
+    # written for a longer run (PolyLR to 20k) ends with it instead of stopping part way. The end
+    # is written out: mmengine's default end is max_iters, which at a rung is not the budget.
     cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=iters, val_interval=10**9)
     schedulers = cfg.get('param_scheduler') or []
     for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
-        if scheduler.get('by_epoch', True) is False and scheduler.get('end', 0) > iters:
-            scheduler['end'] = iters
+        if scheduler.get('by_epoch', True) is False:
+            scheduler['end'] = min(scheduler.get('end', schedule), schedule)
     return cfg
 
 
-def load_run_config(ctx: Context, work_dir: Path, iters: int, options: Mapping[str, Any]):
-    """The task's config for one run of ``iters`` iterations, with the task's options."""
+def load_run_config(ctx: Context, work_dir: Path, iters: int, options: Mapping[str, Any],
+                    schedule: Optional[int] = None):
+    """The task's config for one run of ``iters`` iterations (of a ``schedule``), with the
+    task's options."""
     opts = dict(ctx.task.options)
     if ctx.task.batch_size is not None:
         opts['train_dataloader.batch_size'] = ctx.task.batch_size
     opts.update(options)
     ctx.runs += 1
     cfg = run_config(ctx.task.config, opts, work_dir, f'{ctx.task.name}_{os.getpid()}_{ctx.runs}',
-                     iters=iters, verbose=ctx.verbose)
+                     iters=iters, verbose=ctx.verbose, schedule=schedule)
     if ctx.task.max_images is not None:  # --quick: a few images (DAFT's statistics pass too)
         cfg.train_dataloader.dataset = limit_images(cfg.train_dataloader.dataset,
                                                     ctx.task.max_images)
     return cfg
 
 
+def _run_hooks():
+    """Two hooks every trial has: random streams kept across a rung, and a divergence stop."""
+    import numpy as np
+    import torch
+    from mmengine.hooks import Hook
+
+    class RandomStreams(Hook):
+        """Keeps the Python, NumPy and torch random states in the checkpoint and puts them back
+        once a resumed run has skipped the data it already trained on (mmengine replays the
+        loader, which draws from them), so a trial continued from a rung ends with the same
+        numbers as one run straight through. mmengine resumes everything else (weights,
+        optimizer, LR schedule, iteration, sampler position) but not these."""
+        priority = 'VERY_LOW'
+
+        def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+            checkpoint['random_streams'] = dict(
+                python=random.getstate(), numpy=np.random.get_state(),
+                torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+        def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+            self._state = checkpoint.get('random_streams')
+
+        def before_train_epoch(self, runner) -> None:
+            state, loop = getattr(self, '_state', None), runner.train_loop
+            if state is None or loop.iter == 0:
+                return
+            inner, skip = loop.dataloader_iterator, loop.iter
+
+            class Restored:  # the loop's skip draws `skip` batches, then the streams go back
+                def __iter__(self):
+                    return self
+
+                def __next__(self):
+                    nonlocal skip
+                    batch = next(inner)
+                    skip -= 1
+                    if skip == 0:
+                        random.setstate(state['python'])
+                        np.random.set_state(state['numpy'])
+                        torch.set_rng_state(state['torch'])
+                        if state.get('cuda') is not None and torch.cuda.is_available():
+                            torch.cuda.set_rng_state_all(state['cuda'])
+                        loop.dataloader_iterator = inner
+                    return batch
+            loop.dataloader_iterator = Restored()
+
+    class StopOnDivergence(Hook):
+        """A loss that is no longer finite ends the trial with an error that says where (the
+        search then ranks the setting last), instead of training on NaN weights."""
+        priority = 'VERY_HIGH'
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+            loss = (outputs or {}).get('loss')
+            if loss is not None and not math.isfinite(float(loss)):
+                raise FloatingPointError(
+                    f'the training loss became {float(loss)} at iteration {runner.iter + 1}: '
+                    'this setting diverges (a lower learning rate would not)')
+
+    return [RandomStreams(), StopOnDivergence()]
+
+
 def train(ctx: Context, spec: MethodSpec, point: Point, work_dir: Path, *, iters: int,
-          seed: int, stage: Optional[str] = None, load_from: Optional[str] = None
-          ) -> Tuple[Any, str]:
-    """Train ``spec`` at ``point`` in this process; returns (the trained model, its last
-    checkpoint)."""
+          seed: int, stage: Optional[str] = None, load_from: Optional[str] = None,
+          schedule: Optional[int] = None, resume: bool = False) -> Tuple[Any, str]:
+    """Train ``spec`` at ``point`` in this process to ``iters`` iterations of a ``schedule``
+    (default ``iters``); ``resume``: continue ``load_from`` (a rung checkpoint of this run).
+    Returns (the trained model, its last checkpoint)."""
     from mmengine.runner import Runner
-    cfg = load_run_config(ctx, work_dir, iters, {'randomness.seed': seed})
+    cfg = load_run_config(ctx, work_dir, iters, {'randomness.seed': seed}, schedule)
     method_config(cfg, spec, point, backbone=ctx.task.backbone,
                   backbone_prefix=ctx.task.backbone_prefix, stage=stage)
     if load_from is not None:
         cfg.load_from = load_from
+        cfg.resume = resume
     for hook in cfg.custom_hooks:
         if hook.get('type') == 'DAFTHook':
             hook['progress_bar'] = ctx.progress_bars
     if work_dir.exists():
         shutil.rmtree(work_dir)
     runner = Runner.from_cfg(cfg)
+    for hook in _run_hooks():
+        runner.register_hook(hook)
     if ctx.progress_bars:
         runner.register_hook(_training_bar_hook(iters))
     runner.train()
@@ -175,6 +284,37 @@ def build_eval_sets(ctx: Context) -> None:
         ctx.eval_sets[f'{corruption}-{severity}'], _ = _batches(
             ctx, dataset, f'OOD set {corruption}-{severity}')
     ctx.id_val_batches, _ = _batches(ctx, task.id_val, 'ID-val')
+    ctx.full_sets = True
+
+
+def _eval_sets_file(ctx: Context) -> Path:
+    return ctx.work_dir / 'eval_sets' / f'{stable_hash([ctx.task_key, code_hash()])}.pt'
+
+
+def save_eval_sets(ctx: Context) -> None:
+    """The evaluation batches, once, for the trials' workers to load instead of building them
+    again (corruptions are slow to compute); on a cluster the work dir is shared."""
+    import torch
+    path = _eval_sets_file(ctx)
+    if path.is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f'.{os.getpid()}.tmp')
+    torch.save(dict(eval_sets=ctx.eval_sets, id_val=ctx.id_val_batches,
+                    meta=ctx.dataset_meta), tmp)
+    os.replace(tmp, path)
+
+
+def _load_eval_sets(ctx: Context) -> bool:
+    import torch
+    path = _eval_sets_file(ctx)
+    if not path.is_file():
+        return False
+    # our own file, written by save_eval_sets from this task's datasets: data samples, not weights
+    saved = torch.load(path, map_location='cpu', weights_only=False)
+    ctx.eval_sets, ctx.id_val_batches = saved['eval_sets'], saved['id_val']
+    ctx.dataset_meta, ctx.full_sets = saved['meta'], True
+    return True
 
 
 def miou(model: Any, batches: List[Any], dataset_meta: Mapping[str, Any]) -> float:
@@ -197,6 +337,8 @@ def evaluate(model: Any, ctx: Context) -> Dict[str, Any]:
     """ID-val (for choices), ID-test and OOD mIoU, and the deepest backbone features' cosine
     similarity to the pretrained backbone on the ID test images."""
     from daft_mm.mm.hooks.distortion_hook import compare_backbones
+    if not ctx.full_sets:
+        build_eval_sets(ctx)
     meta = ctx.dataset_meta
     scores = {name: miou(model, batches, meta) for name, batches in ctx.eval_sets.items()}
     ood = {k: v for k, v in scores.items() if k != 'ID'}
@@ -210,9 +352,9 @@ def evaluate(model: Any, ctx: Context) -> Dict[str, Any]:
                 cosine_pooled=means['cosine'])
 
 
-def load_pretrained(ctx: Context) -> None:
+def load_pretrained(ctx: Context, eval_sets: bool = True) -> None:
     """The pretrained backbone (the reference of feature distortion), built the way every run
-    builds it, and the evaluation sets."""
+    builds it, and the evaluation sets (``eval_sets=False``: those a worker saved, or later)."""
     from mmengine.registry import MODELS
     if not Path(ctx.task.backbone).is_file():
         raise FileNotFoundError(f'the pretrained backbone {ctx.task.backbone} does not exist')
@@ -221,7 +363,11 @@ def load_pretrained(ctx: Context) -> None:
                   backbone_prefix=ctx.task.backbone_prefix)
     backbone = MODELS.build(cfg.model).model.backbone
     _load_backbone(ctx.task, backbone)
-    build_eval_sets(ctx)
+    ctx.task_key = ctx.task_key or ctx.task.key()
+    if eval_sets:
+        build_eval_sets(ctx)
+    elif not _load_eval_sets(ctx):
+        ctx.id_val_batches, ctx.dataset_meta = _batches(ctx, ctx.task.id_val, 'ID-val')
     ctx.pretrained_backbone = copy.deepcopy(backbone)
     ctx.pretrained_backbone.eval()  # not chained: mmseg's ResNet.train() returns None
     ctx.task_key = ctx.task_key or ctx.task.key()
@@ -306,148 +452,128 @@ def _run_key(ctx: Context, **parts: Any) -> str:
                             start=file_hash(Path(ctx.task.backbone))))
 
 
-def lp_stage(ctx: Context, seed: int, iters: int, probe: Point) -> str:
+def lp_stage(ctx: Context, seed: int, iters: int, probe: Point) -> Tuple[str, bool]:
     """LP-FT's probe stage (the LP method at ``probe``, LP's chosen setting, for ``iters``): its
-    checkpoint."""
+    checkpoint, and whether it was there already."""
     key = _run_key(ctx, stage='lp', point=probe.to_dict(), seed=seed, iters=iters)
     work = ctx.work_dir / 'runs' / 'LP-FT_stage1' / key
     ckpt = work / f'iter_{iters}.pth'
     if _cached(work / 'done.json', key) is not None and ckpt.is_file():
-        return str(ckpt)
+        return str(ckpt), True
     _, last = train(ctx, get_method('LP'), probe, work, iters=iters, seed=seed, stage='lp')
     atomic_write_json(str(work / 'done.json'), dict(key=key, result={'checkpoint': last}))
-    return last
+    return last, False
 
 
-def run_point(ctx: Context, spec: MethodSpec, point: Point, seed: int,
-              probe: Optional[Point] = None, budget: Optional[int] = None) -> Dict[str, Any]:
-    """Train ``spec`` at ``point`` with ``seed`` for the budget (``budget``: another one, for
-    the check that the budget suffices) and evaluate it, or reuse a finished run with the same
-    key. LP-FT's probe stage trains at ``probe`` (LP's chosen setting). The result says whether
-    it was reused."""
-    budget = budget or ctx.task.budget
-    budgets = stage_budgets(spec, budget, ctx.task.lp_fraction)
-    lp_setting = None
-    if spec.lp_first:
-        if probe is None:
-            raise ValueError(f'{spec.name} needs the setting of its probe stage (LP\'s choice)')
-        lp_setting = probe.to_dict()
-    key = _run_key(ctx, method=spec.name, recipe=spec.recipe, point=point.to_dict(), seed=seed,
-                   budgets=budgets, lp=lp_setting)
-    work = ctx.work_dir / 'runs' / spec.name.replace(' ', '_').replace('/', '') / key
-    cached = _cached(work / 'result.json', key)
+def _stage(ctx: Context, job: Job) -> Tuple[MethodSpec, Dict[str, int], int, int]:
+    """The method, its stage budgets, the iterations of its (last) trained stage and where this
+    job stops in it."""
+    spec = get_method(job.method)
+    budgets = stage_budgets(spec, job.budget or ctx.task.budget, ctx.task.lp_fraction)
+    length = budgets['ft' if spec.lp_first else spec.recipe]
+    return spec, budgets, length, min(job.iters or length, length)
+
+
+def _run_dir(ctx: Context, job: Job) -> Tuple[str, Path]:
+    spec, budgets, _, _ = _stage(ctx, job)
+    if spec.lp_first and job.probe is None:
+        raise ValueError(f'{spec.name} needs the setting of its probe stage (LP\'s choice)')
+    key = _run_key(ctx, method=spec.name, recipe=spec.recipe, point=job.point.to_dict(),
+                   seed=job.seed, budgets=budgets,
+                   lp=job.probe.to_dict() if spec.lp_first else None)
+    return key, ctx.work_dir / 'runs' / spec.name.replace(' ', '_').replace('/', '') / key
+
+
+def cached_result(ctx: Context, job: Job) -> Optional[Dict[str, Any]]:
+    """A finished trial's result, without training (the driver asks before it starts one)."""
+    if job.kind == 'probe':
+        iters = stage_budgets(get_method('LP-FT'), job.budget or ctx.task.budget,
+                              ctx.task.lp_fraction)['lp']
+        key = _run_key(ctx, stage='lp', point=job.point.to_dict(), seed=job.seed, iters=iters)
+        work = ctx.work_dir / 'runs' / 'LP-FT_stage1' / key
+        done = _cached(work / 'done.json', key)
+        return (dict(done, kind='probe', iterations=0, reused=True)
+                if done is not None and (work / f'iter_{iters}.pth').is_file() else None)
+    key, work = _run_dir(ctx, job)
+    _, _, length, stop = _stage(ctx, job)
+    cached = _cached(work / ('result.json' if stop == length else f'rung_{stop}.json'), key)
+    return None if cached is None else dict(cached, iterations=0, reused=True)
+
+
+def run_trial(ctx: Context, job: Job) -> Dict[str, Any]:
+    """Run one trial in this process, or reuse its cached result. A trial to the end of the
+    budget is evaluated on everything (ID-val, ID test, OOD, feature similarity); one that stops
+    at a rung on ID-val alone, and keeps its checkpoint for the next rung. ``iterations``: what
+    this call trained."""
+    cached = cached_result(ctx, job)
     if cached is not None:
-        return dict(cached, reused=True)
+        return cached
     t0 = time.time()
-    load_from = lp_stage(ctx, seed, budgets['lp'], probe) if spec.lp_first else None
-    iters = budgets['ft' if spec.lp_first else spec.recipe]
-    model, last = train(ctx, spec, point, work, iters=iters, seed=seed, load_from=load_from)
-    result = evaluate(model, ctx)
-    result.update(method=spec.name, setting=point.to_dict(), seed=seed, budgets=budgets,
-                  lp_setting=lp_setting, seconds=time.time() - t0)
-    Path(last).unlink()  # nothing starts from it; keeps a search's disk use small
-    atomic_write_json(str(work / 'result.json'), dict(key=key, result=result), indent=1,
-                      default=str)
+    if job.kind == 'probe':
+        iters = stage_budgets(get_method('LP-FT'), job.budget or ctx.task.budget,
+                              ctx.task.lp_fraction)['lp']
+        ckpt, _ = lp_stage(ctx, job.seed, iters, job.point)
+        return dict(kind='probe', checkpoint=ckpt, iterations=iters, reused=False,
+                    seconds=time.time() - t0)
+    spec, budgets, length, stop = _stage(ctx, job)
+    key, work = _run_dir(ctx, job)
+    start = job.start
+    resume = work / f'rung_{start}.pth'
+    if start and not resume.is_file():  # removed by hand: the run is a prefix, train it again
+        start = 0
+    load_from, probe_trained = (str(resume) if start else None), 0
+    if spec.lp_first and not start:  # a fresh LP-FT run starts from its probe stage
+        load_from, reused = lp_stage(ctx, job.seed, budgets['lp'], job.probe)
+        probe_trained = 0 if reused else budgets['lp']
+    trained = stop - start + probe_trained
+    part = work / f'part_{start}_{stop}'
+    model, last = train(ctx, spec, job.point, part, iters=stop, seed=job.seed,
+                        load_from=load_from, schedule=length, resume=bool(start))
+    if stop == length:
+        result = evaluate(model, ctx)
+        result.update(method=spec.name, setting=job.point.to_dict(), seed=job.seed,
+                      budgets=budgets, lp_setting=job.probe.to_dict() if spec.lp_first else None,
+                      seconds=time.time() - t0)
+        atomic_write_json(str(work / 'result.json'), dict(key=key, result=result), indent=1,
+                          default=str)
+        for old in work.glob('rung_*.pth'):  # nothing continues from them any more
+            old.unlink()
+    else:
+        result = dict(method=spec.name, setting=job.point.to_dict(), seed=job.seed,
+                      iters=stop, id_val=miou(model, ctx.id_val_batches, ctx.dataset_meta),
+                      seconds=time.time() - t0)
+        os.replace(last, work / f'rung_{stop}.pth')
+        atomic_write_json(str(work / f'rung_{stop}.json'), dict(key=key, result=result),
+                          indent=1, default=str)
+        if start and resume.is_file():
+            resume.unlink()  # promoted past it
+    shutil.rmtree(part, ignore_errors=True)
     ctx.trained += 1
-    return dict(result, reused=False)
+    return dict(result, iterations=trained, reused=False)
 
 
 # ------------------------------------------------------------------------------------ workers
-Task = Tuple[str, Point, int]  # (method name, setting, seed)
-_WORKER: Dict[str, Any] = {}
+_CONTEXTS: Dict[str, Context] = {}
 
 
-def _init_worker(task: TaskSpec, task_key: str, work_dir: Path, verbose: bool) -> None:
-    """A worker process: one torch thread, the registries, and its own copy of the shared
-    context (evaluation sets, the pretrained backbone), built once."""
+def worker_context(task: TaskSpec, task_key: str, work_dir: Path, threads: int = 1,
+                   verbose: bool = False) -> Context:
+    """This process's context for ``task`` (built once per process and reused by its trials):
+    ``threads`` torch threads, the registries, the pretrained backbone and the evaluation sets
+    the driver saved."""
+    ctx = _CONTEXTS.get(task_key)
+    if ctx is not None:
+        return ctx
     import warnings
 
     import torch
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, threads))
     warnings.filterwarnings('ignore')
     from mmengine.registry import init_default_scope
     import daft_mm.mm  # noqa: F401  (registers DAFTHook, DAFTModel, ImageCorruption)
     init_default_scope('mmseg')
-    ctx = Context(task=task, work_dir=work_dir, step=lambda _: None, verbose=verbose,
+    ctx = Context(task=task, work_dir=Path(work_dir), step=lambda _: None, verbose=verbose,
                   progress_bars=False, task_key=task_key)
-    load_pretrained(ctx)
-    _WORKER['ctx'] = ctx
-
-
-def _work(name: str, point: Point, seed: int, probe: Optional[Point],
-          budget: Optional[int]) -> Dict[str, Any]:
-    return run_point(_WORKER['ctx'], get_method(name), point, seed, probe, budget)
-
-
-def _probe_stage(seed: int, probe: Point, budget: Optional[int]) -> str:
-    ctx = _WORKER['ctx']
-    return lp_stage(ctx, seed, stage_budgets(get_method('LP-FT'), budget or ctx.task.budget,
-                                             ctx.task.lp_fraction)['lp'], probe)
-
-
-class RunPool:
-    """Runs independent fine-tuning runs side by side in ``workers`` processes of one torch
-    thread each (on 2 cores that beats one process with two threads: a tiny model's ops do not
-    scale across threads, and two busy OpenMP teams on two cores stall each other). With one
-    worker, runs go in this process, one after another."""
-
-    def __init__(self, ctx: Context, workers: int = 1) -> None:
-        self.ctx = ctx
-        self.workers = workers
-        self._pool = None
-        # A search runs its chains of methods in threads that share this pool: one executor for
-        # all of them (not one each), and in-process runs one at a time (a Runner is not
-        # thread-safe: mmengine keeps the current scope, logger and message hub per process).
-        self._lock = threading.RLock()
-
-    def __enter__(self) -> 'RunPool':
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
-
-    def _executor(self):
-        with self._lock:
-            if self._pool is None:
-                import multiprocessing
-                from concurrent.futures import ProcessPoolExecutor
-                c = self.ctx
-                self._pool = ProcessPoolExecutor(
-                    self.workers, mp_context=multiprocessing.get_context('spawn'),
-                    initializer=_init_worker,
-                    initargs=(c.task, c.task_key, c.work_dir, c.verbose))
-            return self._pool
-
-    def run(self, tasks: List[Task],
-            done: Optional[Callable[[Task, Dict[str, Any]], None]] = None,
-            probe: Optional[Point] = None, budget: Optional[int] = None
-            ) -> List[Dict[str, Any]]:
-        """Results of ``tasks`` in order (each distinct task runs once); ``done`` is called as
-        each finishes. ``probe``: LP's chosen setting, the probe stage of LP-FT tasks; those
-        stages run first, once per seed, so no two workers train the same one. ``budget``:
-        another budget than the task's (the check that FT has levelled off)."""
-        unique = list(dict.fromkeys(tasks))
-        results: Dict[Task, Dict[str, Any]] = {}
-        if self.workers <= 1:
-            for task in unique:
-                with self._lock:
-                    results[task] = run_point(self.ctx, get_method(task[0]), task[1], task[2],
-                                              probe, budget)
-                if done is not None:
-                    done(task, results[task])
-            return [results[t] for t in tasks]
-        from concurrent.futures import as_completed
-        pool = self._executor()
-        lp_seeds = sorted({seed for name, _, seed in unique if get_method(name).lp_first})
-        for future in [pool.submit(_probe_stage, seed, probe, budget) for seed in lp_seeds]:
-            future.result()
-        futures = {pool.submit(_work, *task, probe, budget): task for task in unique}
-        for future in as_completed(futures):
-            task = futures[future]
-            results[task] = future.result()
-            self.ctx.trained += not results[task]['reused']
-            if done is not None:
-                done(task, results[task])
-        return [results[t] for t in tasks]
+    load_pretrained(ctx, eval_sets=False)
+    _CONTEXTS[task_key] = ctx
+    return ctx
