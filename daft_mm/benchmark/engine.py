@@ -89,7 +89,7 @@ class RayCluster:
         os.environ.update(_QUIET)
         host = None
         if self.address is not None:
-            host, port = self._check_reachable(self.address)
+            host, port = self.check_reachable(self.address)
         local = host is None or _is_loopback(host)
         if local:
             # Ray would advertise this machine's network address; a local Ray stays on loopback
@@ -104,8 +104,9 @@ class RayCluster:
         if self.address is None:
             import torch
             gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            ray.init(num_cpus=os.cpu_count() or 1, num_gpus=gpus, include_dashboard=False,
-                     object_store_memory=256 * 2**20, **kwargs)
+            # 'local': a new Ray of its own, never one a `ray start` left running here
+            ray.init(address='local', num_cpus=os.cpu_count() or 1, num_gpus=gpus,
+                     include_dashboard=False, object_store_memory=256 * 2**20, **kwargs)
             self.started = True
             self.where = f'a local Ray on 127.0.0.1 ({os.cpu_count()} CPUs, {gpus} GPUs)'
         else:
@@ -124,11 +125,18 @@ class RayCluster:
             ray.shutdown()  # a local Ray stops with it; a cluster's own processes stay
 
     @staticmethod
-    def _check_reachable(address: str) -> Tuple[str, int]:
+    def parse_address(address: str) -> Tuple[str, int]:
         host, sep, port = address.rpartition(':')
         if not sep or not host or not port.isdigit():
             raise InputError(f'--address {address!r}: give HOST:PORT of a Ray head (the address '
                              '`ray start --head` prints, e.g. 10.0.0.5:6379)')
+        return host, int(port)
+
+    @classmethod
+    def check_reachable(cls, address: str) -> Tuple[str, int]:
+        """HOST and PORT of a Ray head that answers; an error in seconds otherwise (Ray itself
+        would wait for a minute and more)."""
+        host, port = cls.parse_address(address)
         try:
             with socket.create_connection((host, int(port)), timeout=5):
                 pass
@@ -136,7 +144,7 @@ class RayCluster:
             raise InputError(f'no Ray cluster answers at {address} ({err}): start one with `ray '
                              f'start --head --port {port}` on that machine (docs/compare.md), or '
                              'leave --address out for a local Ray') from None
-        return host, int(port)
+        return host, port
 
     def _check_placeable(self) -> int:
         """How many trials fit side by side; an error when no node can place one."""

@@ -363,6 +363,11 @@ def check_engine_args(p: Any, args: Any) -> None:
         p.error(f'--gpus-per-trial must be >= 0, got {args.gpus_per_trial}')
     if args.concurrent_trials is not None and args.concurrent_trials < 1:
         p.error(f'--concurrent-trials must be >= 1, got {args.concurrent_trials}')
+    if args.address is not None:
+        try:
+            RayCluster.parse_address(args.address)
+        except InputError as err:
+            p.error(str(err))
 
 
 def engine_options(args: Any) -> Dict[str, Any]:
@@ -445,6 +450,8 @@ class _Engine:
         name = 'LP-FT' if job.kind == 'probe' else job.method
         self.trained[name] = self.trained.get(name, 0) + int(r.get('iterations') or 0)
         self.trials[name] = self.trials.get(name, 0) + (not r.get('reused'))
+        # runs trained to the end of their budget in this comparison (the report's trained_runs)
+        self.ctx.trained += job.kind == 'run' and 'ood' in r and not r.get('reused')
         final = 'ood' in r or job.iters is None
         self.progress.finished(job.method, r, self._span(job), final, ran=not r.get('reused'))
         how = ' (reused)' if r.get('reused') else f' ({r.get("seconds", 0):.0f}s)'
@@ -513,6 +520,8 @@ def run_comparison(task: TaskSpec, opts: Options,
     t_start = progress.start
     seeds = task.seeds
     work_dir = Path(opts.work_dir).resolve()
+    if opts.address is not None:  # before anything slow: a wrong address is an error at once
+        RayCluster.check_reachable(opts.address)
     check_data(task)
     task_key = task.key()
     kept, earlier = _kept(opts)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
 import math
 import os
@@ -35,6 +36,9 @@ from .variants import method_config
 
 __all__ = ['Context', 'Job', 'load_pretrained', 'run_config', 'run_trial', 'cached_result',
            'worker_context', 'save_eval_sets', 'miou', 'code_hash']
+
+
+_RUN_NUMBER = itertools.count(1)
 
 
 @dataclass
@@ -149,7 +153,9 @@ def load_run_config(ctx: Context, work_dir: Path, iters: int, options: Mapping[s
         opts['train_dataloader.batch_size'] = ctx.task.batch_size
     opts.update(options)
     ctx.runs += 1
-    cfg = run_config(ctx.task.config, opts, work_dir, f'{ctx.task.name}_{os.getpid()}_{ctx.runs}',
+    # unique in this process (mmengine keys its loggers and visualizers by it), across contexts
+    cfg = run_config(ctx.task.config, opts, work_dir,
+                     f'{ctx.task.name}_{os.getpid()}_{next(_RUN_NUMBER)}',
                      iters=iters, verbose=ctx.verbose, schedule=schedule)
     if ctx.task.max_images is not None:  # --quick: a few images (DAFT's statistics pass too)
         cfg.train_dataloader.dataset = limit_images(cfg.train_dataloader.dataset,

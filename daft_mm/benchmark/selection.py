@@ -194,8 +194,9 @@ def search_steps(axes: Sequence[Axis], *, base: Point = Point(lr=0.0),
     def promotions() -> List[Trial]:
         todo = []
         for k in range(len(rungs) - 1):
-            at = {p: s[rungs[k]] for p, s in reached.items()
-                  if rungs[k] in s and math.isfinite(s[rungs[k]])}
+            # a point that failed here or higher up leaves its place to the next best
+            at = {p: s[rungs[k]] for p, s in reached.items() if rungs[k] in s
+                  and all(math.isfinite(v) for it, v in s.items() if rungs.index(it) >= k)}
             n = sum(1 for s in reached.values() if rungs[k] in s)  # failed runs count as scored
             for p in sorted(at, key=at.get, reverse=True)[:max(1, n // eta)]:
                 if rungs[k + 1] not in reached[p]:
