@@ -38,7 +38,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     from daft_mm.benchmark.demo_task import demo_task
     from daft_mm.benchmark.data import repo_commit
     from daft_mm.benchmark.methods import Point
-    from daft_mm.benchmark.runs import Context, RunPool, load_pretrained
+    from daft_mm.benchmark.engine import RayCluster, run_jobs
+    from daft_mm.benchmark.methods import get_method
+    from daft_mm.benchmark.runs import Context, Job, load_pretrained
     init_default_scope('mmseg')
     published = json.loads(Path(args.published).read_text())
     work_dir = Path(args.work_dir).resolve()
@@ -48,8 +50,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     load_pretrained(ctx)
     chosen = {m: Point.from_dict(p) for m, p in published['chosen'].items()}
     tasks = [(m, chosen[m], args.seed) for m in args.methods]
-    with RunPool(ctx, workers=min(2, len(tasks))) as pool:
-        results = pool.run(tasks, probe=chosen['LP'])
+    jobs = [Job(m, p, s, probe=chosen['LP'] if get_method(m).lp_first else None)
+            for m, p, s in tasks]
+    with RayCluster() as cluster:
+        results = run_jobs(ctx, jobs, cluster=cluster)
     rows = []
     for (method, point, seed), now in zip(tasks, results):
         before = next(r for r in published['runs'][method] if r['seed'] == seed)

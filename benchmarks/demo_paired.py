@@ -45,7 +45,8 @@ def main(argv: Sequence[str] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--work-dir', default='work_dirs/demo')
     p.add_argument('--seeds', type=int, default=3)
-    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--concurrent-trials', type=int, default=None,
+                   help='trials at once on the local Ray (default: one per core)')
     p.add_argument('--out', default=None, help='write the pairs as JSON here')
     args = p.parse_args(argv)
 
@@ -57,7 +58,8 @@ def main(argv: Sequence[str] = None) -> Dict[str, Any]:
     from daft_mm.benchmark.data import DEFAULT
     from daft_mm.benchmark.demo_task import demo_task
     from daft_mm.benchmark.experiment import Progress
-    from daft_mm.benchmark.runs import Context, RunPool, load_pretrained
+    from daft_mm.benchmark.engine import RayCluster, run_jobs
+    from daft_mm.benchmark.runs import Context, Job, load_pretrained
     init_default_scope('mmseg')
     work_dir = Path(args.work_dir).resolve()
     seeds = list(range(args.seeds))
@@ -67,10 +69,12 @@ def main(argv: Sequence[str] = None) -> Dict[str, Any]:
     task = demo_task(DEFAULT, work_dir, progress.step)
     ctx = Context(task=task, work_dir=work_dir, step=progress.step)
     load_pretrained(ctx)
-    with RunPool(ctx, args.workers) as pool:
-        results = pool.run(tasks, lambda t, r: progress.step(
-            f'{t[0]} {t[1].label()} seed {t[2]}: ID {r["id"]:.2f} OOD mean {r["ood_mean"]:.2f}'
-            + (' (reused)' if r['reused'] else '')))
+    jobs = [Job(name, point, seed) for name, point, seed in tasks]  # no LP-FT among the pairs
+    with RayCluster() as cluster:
+        results = run_jobs(ctx, jobs, cluster=cluster, concurrent=args.concurrent_trials,
+                           on_result=lambda j, r: progress.step(
+                               f'{j.label()}: ID {r["id"]:.2f} OOD mean {r["ood_mean"]:.2f}'
+                               + (' (reused)' if r['reused'] else '')))
     by_task = dict(zip(tasks, results))
     rows: List[Dict[str, Any]] = []
     for with_, without, point in PAIRS:
@@ -96,7 +100,7 @@ def main(argv: Sequence[str] = None) -> Dict[str, Any]:
               f'{r["delta_id"]["std"]:.1f}, {r["delta_ood_mean"]["mean"]:+.1f} ± '
               f'{r["delta_ood_mean"]["std"]:.1f} |')
     report = {'seeds': seeds, 'budget_iterations': DEFAULT.budget, 'pairs': rows,
-              'backbone_checkpoint': ctx.backbone_checkpoint,
+              'backbone_checkpoint': ctx.task.backbone,
               'note': 'each pair differs in BN conversion alone; settings are points of the '
                       'recorded ID-val search, nothing is chosen here'}
     if args.out:

@@ -123,32 +123,6 @@ def test_front_lines_name_each_methods_pareto_settings():
         'DAFT (1 settings searched): lr=0.01 ratio=100 scope=predictors: 50.00 / 30.00']
 
 
-def test_search_chains_share_one_pool_of_workers():
-    """The search's chains call the pool from several threads at once: they must share one
-    executor of ``workers`` processes (a race here once started one executor per chain, twice
-    the processes on the cores), and in-process runs must go one at a time."""
-    import threading
-    from pathlib import Path
-    from daft_mm.benchmark.runs import Context, RunPool
-    pool = RunPool(Context(task=None, work_dir=Path('.'), step=print), workers=2)
-    barrier = threading.Barrier(6)
-    seen = []
-
-    def get() -> None:
-        barrier.wait()
-        seen.append(pool._executor())
-
-    threads = [threading.Thread(target=get) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    try:
-        assert len(seen) == 6 and len({id(e) for e in seen}) == 1
-    finally:
-        pool.__exit__(None, None, None)
-
-
 # ------------------------------------------------------------- recipe options through the Runner
 pytest.importorskip('mmseg')
 import daft_mm  # noqa: E402,F401  (registers DAFTHook / DAFTModel)

@@ -195,7 +195,7 @@ def test_failing_trials_are_reported_and_never_chosen(camvid_root, tmp_path, mon
     failed = {f['trial']: f['error'] for f in report['failed_trials']}
     assert any('lr=-0.1' in t and 'learning rate' in e for t, e in failed.items()), failed
     assert any('lr=1e+06' in t and 'diverges' in e for t, e in failed.items()), failed
-    assert all(report['methods'][m]['n'] == 1 for m in report['methods'])
+    assert all(len(report['runs'][m]) == 1 for m in report['runs'])  # every row trained
     assert report['cost']['per_method']['FT']['grid_points'] == 3
 
 

@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Generator, List, Optional, Tuple
 
 from .methods import Point
-from .runs import Context, Job, cached_result
+from .runs import Context, Job, cached_result, save_eval_sets
 from .task import InputError
 
-__all__ = ['Resources', 'RayCluster', 'TrialPlan', 'run_trials', 'job_to_dict', 'job_from_dict']
+__all__ = ['Resources', 'RayCluster', 'TrialPlan', 'run_trials', 'run_jobs', 'job_to_dict',
+           'job_from_dict']
 
 #: A source of trials: yields a batch of jobs, is sent their results (dicts, in order), returns
 #: whatever it computed.
@@ -308,6 +309,8 @@ def run_trials(ctx: Context, sources: Dict[str, Source], *, cluster: RayCluster,
     plan = _plan_class()(ctx, sources, on_start, on_result)
     if plan.finished:
         return plan.returned
+    if ctx.full_sets:
+        save_eval_sets(ctx)  # the workers load them instead of building them again
     from ray import tune
     shared = dict(task=ctx.task, task_key=ctx.task_key, work_dir=str(ctx.work_dir),
                   threads=threads, verbose=ctx.verbose)
@@ -324,3 +327,17 @@ def run_trials(ctx: Context, sources: Dict[str, Source], *, cluster: RayCluster,
     if not plan.finished:  # Tune ended early (it only does so on errors of its own)
         raise RuntimeError('Ray Tune stopped before every trial had run: see the Ray log above')
     return plan.returned
+
+
+def run_jobs(ctx: Context, jobs: List[Job], *, cluster: RayCluster, **kwargs: Any
+             ) -> List[Dict[str, Any]]:
+    """Results of a flat list of independent jobs (LP-FT's probe stages are trained first, once
+    per seed); ``kwargs`` as for :func:`run_trials`."""
+    probes = list(dict.fromkeys(Job('LP-FT', j.probe, j.seed, budget=j.budget, kind='probe')
+                                for j in jobs if j.probe is not None and j.kind == 'run'))
+
+    def source():
+        if probes:
+            yield probes
+        return (yield list(jobs))
+    return run_trials(ctx, {'jobs': source()}, cluster=cluster, **kwargs)['jobs']

@@ -25,7 +25,7 @@ from .demo_task import DEMO_CONFIGS, demo_task
 from .methods import COMPARED, ABLATIONS, MethodSpec, Point, get_method, stage_budgets
 from .report import (front_lines, markdown_table, paired_differences, paired_lines,
                      plot_report, report_title, stat, summarize, verdict_line)
-from .runs import Context, Job, code_hash, load_pretrained, save_eval_sets
+from .runs import Context, Job, code_hash, load_pretrained
 from .selection import Axis, SearchResult, halving_cost, halving_rungs, search_steps
 from .engine import RayCluster, Resources, run_trials
 from .task import InputError, TaskSpec, check_data, provenance
@@ -538,7 +538,6 @@ def run_comparison(task: TaskSpec, opts: Options,
     ctx = Context(task=task, work_dir=work_dir, step=progress.step, verbose=opts.verbose,
                   progress_bars=False, task_key=task_key)
     load_pretrained(ctx)
-    save_eval_sets(ctx)  # the trials' workers load them instead of building them again
     gpus = opts.gpus_per_trial
     if gpus is None:
         gpus = 1.0 if opts.address is None and torch.cuda.is_available() else 0.0
