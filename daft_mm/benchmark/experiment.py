@@ -468,7 +468,8 @@ class _Engine:
                                + (f' (ID {r["id"]:.2f}, OOD mean {r["ood_mean"]:.2f})'
                                   if 'ood' in r else '') + how, trained=not r.get('reused'))
         elif job.budget is not None:
-            self.progress.step(f'budget check: {job.label()} (2x the budget): ID-val '
+            self.progress.step(f'budget check: {job.method} seed {job.seed} at {job.budget} '
+                               f'iterations (2x the budget): ID-val '
                                f'{r["id_val"]:.2f}  ID {r["id"]:.2f}  OOD mean '
                                f'{r["ood_mean"]:.2f}{how}', trained=not r.get('reused'))
         elif not (self.opts.search and r.get('reused')):
