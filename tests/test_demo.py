@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import math
 import subprocess
 from pathlib import Path
@@ -23,7 +24,7 @@ def _finite(stat: dict) -> bool:
 
 @pytest.fixture(scope='module')
 def searched(tmp_path_factory, python):
-    """``--quick --search`` with two worker processes."""
+    """``--quick --search`` on a local Ray, two trials at once (one per core)."""
     work = tmp_path_factory.mktemp('demo')
     proc = subprocess.run([python, str(REPO / 'tools' / 'demo.py'), '--quick', '--search',
                            '--work-dir', str(work)], cwd=REPO, capture_output=True, text=True,
@@ -62,12 +63,13 @@ def test_search_report_has_every_row_fresh_heads_and_equal_budgets(searched):
     assert all(f'| {m} |' in md for m in ROWS)
     assert '--quick' in md.splitlines()[0] and '1 seed' in md.splitlines()[0] and '±' not in md
     assert (work / 'report.png').stat().st_size > 1000
-    assert '2 runs side by side' in out and 'pretraining: ' in out
+    assert re.search(r'\d+ trial\(s\) at once on a local Ray on 127\.0\.0\.1', out)
+    assert 'pretraining: ' in out
 
 
 def test_default_mode_reads_the_recorded_choice_and_reuses_finished_runs(searched, python):
     work, _ = searched
-    proc = subprocess.run([python, str(REPO / 'tools' / 'demo.py'), '--quick', '--workers', '1',
+    proc = subprocess.run([python, str(REPO / 'tools' / 'demo.py'), '--quick', '--concurrent-trials', '1',
                            '--recorded', str(work / 'search.json'), '--work-dir', str(work)],
                           cwd=REPO, capture_output=True, text=True, timeout=600, env=cpu_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -136,7 +136,7 @@ def test_convert_checkpoint_refuses_to_replace_its_source_or_an_output(tmp_path)
 def test_demo_rerun_after_kill_reuses_finished_runs_and_redoes_a_truncated_cache(tmp_path):
     work = tmp_path / 'demo'
     cmd = [sys.executable, str(REPO / 'tools' / 'demo.py'), '--quick', '--seeds', '1',
-           '--workers', '1', '--work-dir', str(work)]
+           '--concurrent-trials', '1', '--work-dir', str(work)]
     env = {**cpu_env(), 'PYTHONWARNINGS': 'ignore'}
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
