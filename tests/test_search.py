@@ -258,3 +258,33 @@ def test_a_trial_no_node_can_place_is_an_error_at_start_up(camvid_root, tmp_path
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert 'a trial asks for 1 CPU and 2 GPU' in proc.stderr
     assert '--gpus-per-trial' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_ctrl_c_stops_the_trials_at_once_and_a_rerun_continues(camvid_root, tmp_path):
+    """SIGINT while trials train: the comparison and its local Ray end within seconds, saying
+    where the finished trials are; the same command then reuses them."""
+    import signal
+    work = tmp_path / 'work'
+    cmd = [sys.executable, str(REPO / 'tools' / 'compare.py'), str(CAMVID_SPEC), '--quick',
+           '--search', '--budget', '30', '--no-budget-check', '--work-dir', str(work),
+           '--cfg-options', f'data_root={camvid_root}']
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 300
+        while not list(work.glob('runs/*/*/rung_*.json')) and time.time() < deadline:
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.2)
+        first.send_signal(signal.SIGINT)
+        t0 = time.time()
+        _, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130 and time.time() - t0 < 30, err[-2000:]
+    assert f'Finished trials are kept in {work}' in err
+    cached = len(list(work.glob('runs/*/*/rung_*.json')))
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert again.stdout.count('(reused)') >= cached >= 1

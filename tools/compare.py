@@ -156,6 +156,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return run_comparison(task, opts)
     except InputError as err:  # what the user gave, found before any run started
         _refuse(err)
+    except KeyboardInterrupt:  # the trials stopped with Ray; finished ones are cached
+        print(f'\ncompare.py: interrupted. Finished trials are kept in {work_dir}: the same '
+              'command continues from them.', file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def _refuse(err: Exception) -> None:

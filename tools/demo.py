@@ -67,7 +67,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     opts = parse_args(argv)
     warnings.filterwarnings('ignore')  # mmengine/mmseg deprecation chatter; errors still raise
-    return run_benchmark(opts)
+    try:
+        return run_benchmark(opts)
+    except KeyboardInterrupt:  # the trials stopped with Ray; finished ones are cached
+        print(f'\ndemo.py: interrupted. Finished trials are kept in {opts.work_dir}: the same '
+              'command continues from them.', file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == '__main__':
