@@ -726,6 +726,21 @@ def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str
     }
 
 
+def _cost_md(cost: Optional[Mapping[str, Any]], budget: int) -> str:
+    """What the comparison cost, in FT runs of the budget, and each method's search."""
+    if not cost:
+        return ''
+    parts = []
+    for m, c in cost['per_method'].items():
+        if 'grid_points' in c:
+            parts.append(f'{m} {c["grid_points"]} settings, {c["search_ft_runs"]:.1f}')
+    searched = ('; searches (settings, FT runs asked for, cached or not): ' + '; '.join(parts)
+                if parts else '')
+    return (f'Cost: {cost["ft_runs_trained"]:.1f} FT runs of {budget} iterations trained here '
+            f'(estimated {cost["estimated_ft_runs"]:.1f} before it started){searched}. '
+            f'{cost["concurrent_trials"]} trial(s) at once on {cost["where"]}.\n\n')
+
+
 def _set_md(s: Mapping[str, Any]) -> str:
     if 'error' in s:
         return s['error']
@@ -794,6 +809,7 @@ def write_report(report: Dict[str, Any], out_dir: Path, stem: str = 'report') ->
              'seeds a point ran with):\n\n' + '\n'.join(f'- {line}' for line in fronts) + '\n\n'
              if fronts else 'Pareto fronts: no search runs in this report (the settings were '
              'recorded by an earlier search; its file holds none).\n\n')
+          + _cost_md(report.get('cost'), report['budget_iterations'])
           + _provenance_md(report.get('provenance'))
           + f'![{stem}]({stem}.png)\n\nTotal time: {report["seconds"]:.0f}s '
           f'({report["trained_runs"]} runs trained, the rest reused).\n')
