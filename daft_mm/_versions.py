@@ -32,6 +32,8 @@ RUNTIME = [
     'regex',
     'imagecorruptions-imaug>=1.1.5,<1.2',
     'scikit-image>=0.22,<0.27',
+    'ray[tune]>=2.50,<2.59',  # the comparison's trials (daft_mm.benchmark.engine)
+    'pyarrow>=14,<19',  # ray.tune imports it; 19+ needs NumPy 2
 ]
 
 TEST = ['pytest>=8,<9', 'pytest-timeout>=2.3,<3']

@@ -162,6 +162,7 @@ def runtime_findings() -> list[Finding]:
     for requirement in VERSIONS['RUNTIME']:
         name = requirement.split('>')[0].split('<')[0].split('=')[0].split('!')[0].strip()
         wanted = requirement[len(name):]
+        name = name.split('[')[0]  # 'ray[tune]': the distribution is ray
         findings.append(compare(name, installed(name), wanted, f'pip install "{requirement}"'))
     if importlib.util.find_spec('pkg_resources') is None:
         findings.append(Finding('pkg_resources', 'MISSING', '', 'setuptools<82',
