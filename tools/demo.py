@@ -40,8 +40,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
                    help='seeds per method (default 3; --quick: 1)')
     p.add_argument('--search', action='store_true',
                    help='choose every method\'s setting on the ID-val split (grids widened at '
-                   'their edges, pruned by successive halving, finalists re-run with every seed), then '
-                   'report')
+                   'their edges, pruned by successive halving, finalists re-run with every '
+                   'seed), then report')
     p.add_argument('--search-methods', nargs='+', metavar='METHOD', default=None,
                    help='with --search: search only these methods (e.g. DAFT "conversion only") '
                    'and keep the recorded choices (and search runs) of the others')

@@ -548,10 +548,11 @@ def run_comparison(task: TaskSpec, opts: Options,
         progress.note(
             f'cost: about {estimate["iterations"] / task.budget:.1f} FT runs of {task.budget} '
             f'iterations ({estimate["iterations"]} iterations'
-            + (', successive halving at 1/' + f'{opts.eta} per rung, more if a grid widens'
+            + (f', successive halving at 1/{opts.eta} per rung, more if a grid widens'
                if opts.search and opts.halving else '')
-            + f'), {slots} trial(s) at once on {cluster.where}, {Resources(opts.cpus_per_trial, gpus).text()} '
-              f'each; the time left shows once trials have finished; log: {progress.log}')
+            + f'), {slots} trial(s) at once on {cluster.where}, '
+              f'{cluster.resources.text()} each; the time left shows once trials have finished; '
+              f'log: {progress.log}')
         engine = _Engine(ctx, cluster, slots, opts, progress)
         progress.runs_start = time.time()
         if opts.search:
