@@ -339,6 +339,10 @@ def add_engine_args(p: Any) -> None:
     g.add_argument('--eta', type=int, default=3,
                    help='successive halving\'s reduction factor: the best 1/ETA of a grid\'s '
                    'points go on at each rung (1/ETA^2, 1/ETA and all of the budget; default 3)')
+    g.add_argument('--rungs', type=int, default=3,
+                   help='rungs of successive halving: scored at 1/ETA^(RUNGS-1) .. 1 of the '
+                   'budget (default 3; 2 scores first at 1/ETA, for methods whose best LR only '
+                   'pays off late)')
     g.add_argument('--no-halving', action='store_true',
                    help='train every grid point for the whole budget (the full grid)')
     g.add_argument('--address', default=None, metavar='HOST:PORT',
@@ -357,6 +361,8 @@ def add_engine_args(p: Any) -> None:
 def check_engine_args(p: Any, args: Any) -> None:
     if args.eta < 2:
         p.error(f'--eta must be >= 2, got {args.eta}')
+    if args.rungs < 1:
+        p.error(f'--rungs must be >= 1, got {args.rungs}')
     if args.cpus_per_trial <= 0:
         p.error(f'--cpus-per-trial must be > 0, got {args.cpus_per_trial}')
     if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
@@ -371,7 +377,8 @@ def check_engine_args(p: Any, args: Any) -> None:
 
 
 def engine_options(args: Any) -> Dict[str, Any]:
-    return dict(halving=None if args.no_halving else 3, eta=args.eta, address=args.address,
+    return dict(halving=None if args.no_halving else args.rungs, eta=args.eta,
+                address=args.address,
                 cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                 concurrent=args.concurrent_trials)
 
