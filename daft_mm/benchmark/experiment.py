@@ -274,27 +274,51 @@ def method_search(spec: MethodSpec, axes: List[Axis], seeds: Sequence[int], task
                                spec.name))
 
 
+def _alongside(steps, extra: List[Job]):
+    """A source that runs ``steps`` with ``extra`` jobs added to its first batch (their results
+    go to the cache, not to ``steps``): independent work that may start early."""
+    try:
+        batch = next(steps)
+    except StopIteration as stop:
+        if extra:
+            yield extra
+        return stop.value
+    try:
+        batch = steps.send((yield batch + extra)[:len(batch)])
+        while True:
+            batch = steps.send((yield batch))
+    except StopIteration as stop:
+        return stop.value
+
+
 def search_sources(spaces: Dict[str, List[Axis]], seeds: Sequence[int], task: TaskSpec,
                    progress: Progress, *, protocol: str = 'grid',
                    kept: Optional[Dict[str, Point]] = None, halving: Optional[int] = 3,
-                   eta: int = 3) -> tuple[Dict[str, Any], Dict[str, Point],
-                                          Dict[str, SearchResult]]:
+                   eta: int = 3, check_budget: bool = False
+                   ) -> tuple[Dict[str, Any], Dict[str, Point], Dict[str, SearchResult]]:
     """The searches as sources of trials, one per independent chain of :data:`CHAINS` (LP-FT
     needs LP's choice, DAFT w/o conversion DAFT's head scope); they fill ``chosen`` and
-    ``searches`` as they end. ``kept``: methods not searched again, with their recorded choice."""
+    ``searches`` as they end. ``kept``: methods not searched again, with their recorded choice.
+    ``check_budget``: FT at twice the budget starts as soon as FT is chosen, beside the rest of
+    its chain (the table later finds it in the cache)."""
     kept = kept or {}
     chosen: Dict[str, Point] = {}
     searches: Dict[str, SearchResult] = {}
 
     def chain(names: Sequence[str]):
+        extra: List[Job] = []
         for name in names:
             if name in kept:
                 chosen[name] = kept[name]
                 continue
             spec = get_method(name)
-            result = yield from method_search(
+            result = yield from _alongside(method_search(
                 spec, _space(spec, spaces, chosen), seeds, task, probe=chosen.get('LP'),
-                protocol=protocol, halving=halving, eta=eta)
+                protocol=protocol, halving=halving, eta=eta), extra)
+            extra = []
+            if name == 'FT' and check_budget:
+                extra = [Job('FT', result.chosen, seed, budget=2 * task.budget)
+                         for seed in seeds]
             searches[name], chosen[name] = result, result.chosen
             progress.note(f'{name}: chose {result.chosen.label()} (mean ID-val '
                           f'{result.mean(result.chosen):.2f} over {len(seeds)} seeds; '
@@ -302,6 +326,8 @@ def search_sources(spaces: Dict[str, List[Axis]], seeds: Sequence[int], task: Ta
                           f'{result.iterations["finalists"]} iterations)'
                           + (f'; still best at the edge of {result.on_edge}'
                              if result.on_edge else ''))
+        if extra:
+            yield extra
 
     return {' > '.join(c): chain(c) for c in CHAINS}, chosen, searches
 
@@ -468,17 +494,19 @@ class _Engine:
         elif job.kind == 'probe':
             if not r.get('reused'):
                 self.progress.step(f'{job.label()} trained{how}', trained=True)
+        elif job.budget is not None:
+            if phase == 'table' and self.opts.search and r.get('reused'):
+                return  # trained beside the search, said then
+            self.progress.step(f'budget check: {job.method} seed {job.seed} at {job.budget} '
+                               f'iterations (2x the budget): ID-val '
+                               f'{r["id_val"]:.2f}  ID {r["id"]:.2f}  OOD mean '
+                               f'{r["ood_mean"]:.2f}{how}', trained=not r.get('reused'))
         elif phase == 'search':
             if 'ood' in r:
                 self.full_runs.append(r)
             self.progress.step(f'search {job.label()}: ID-val {r["id_val"]:.2f}'
                                + (f' (ID {r["id"]:.2f}, OOD mean {r["ood_mean"]:.2f})'
                                   if 'ood' in r else '') + how, trained=not r.get('reused'))
-        elif job.budget is not None:
-            self.progress.step(f'budget check: {job.method} seed {job.seed} at {job.budget} '
-                               f'iterations (2x the budget): ID-val '
-                               f'{r["id_val"]:.2f}  ID {r["id"]:.2f}  OOD mean '
-                               f'{r["ood_mean"]:.2f}{how}', trained=not r.get('reused'))
         elif not (self.opts.search and r.get('reused')):
             self.progress.step(f'{job.method} seed {job.seed}: ID {r["id"]:.2f}  OOD mean '
                                f'{r["ood_mean"]:.2f}  cos {r["cosine"]:.4f}  '
@@ -565,7 +593,7 @@ def run_comparison(task: TaskSpec, opts: Options,
         if opts.search:
             sources, chosen, searches = search_sources(
                 spaces, seeds, task, progress, protocol=opts.protocol, kept=kept,
-                halving=opts.halving, eta=opts.eta)
+                halving=opts.halving, eta=opts.eta, check_budget=opts.check_budget)
             engine.run(sources, 'search')
             chosen = {m: chosen[m] for m in ORDER}
             searches = {m: searches[m] for m in ORDER if m in searches}
