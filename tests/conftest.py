@@ -76,6 +76,18 @@ def tiny_cfg(tmp_path: Path) -> Callable[..., Any]:
     return build
 
 
+@pytest.fixture(scope='module')
+def camvid_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed real CamVid sample with its day/dusk split lists, a copy per test module
+    (some modules add folders to it)."""
+    import shutil
+    root = tmp_path_factory.mktemp('camvid') / 'CamVid'
+    shutil.copytree(REPO / 'tests' / 'samples' / 'camvid' / 'CamVid', root)
+    from daft_mm.mm.datasets.camvid_splits import write_day_dusk_splits
+    write_day_dusk_splits(root, gap=1)
+    return root
+
+
 @pytest.fixture(scope='session')
 def python() -> str:
     """The interpreter running the tests (the project's .venv), for tool subprocesses."""

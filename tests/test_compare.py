@@ -30,15 +30,6 @@ def _compare(python: str, *args: str, timeout: int = 600) -> subprocess.Complete
 
 
 @pytest.fixture(scope='module')
-def camvid_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp('camvid') / 'CamVid'
-    shutil.copytree(SAMPLE, root)
-    from daft_mm.mm.datasets.camvid_splits import write_day_dusk_splits
-    write_day_dusk_splits(root, gap=1)
-    return root
-
-
-@pytest.fixture(scope='module')
 def compared(tmp_path_factory, camvid_root, python):
     work = tmp_path_factory.mktemp('compare')
     proc = _compare(python, CAMVID_SPEC, '--quick', '--search', '--work-dir', work,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -120,15 +119,6 @@ pytest.importorskip('ray.tune')
 
 SAMPLE = REPO / 'tests' / 'samples' / 'camvid' / 'CamVid'
 CAMVID_SPEC = REPO / 'configs' / 'camvid' / 'compare_camvid_day_dusk.py'
-
-
-@pytest.fixture(scope='module')
-def camvid_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp('camvid') / 'CamVid'
-    shutil.copytree(SAMPLE, root)
-    from daft_mm.mm.datasets.camvid_splits import write_day_dusk_splits
-    write_day_dusk_splits(root, gap=1)
-    return root
 
 
 def _task(camvid_root: Path, budget: int = 6):
