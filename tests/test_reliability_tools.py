@@ -153,7 +153,9 @@ def test_demo_rerun_after_kill_reuses_finished_runs_and_redoes_a_truncated_cache
 
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
-    assert rerun.stdout.count('finished earlier: reused') == len(finished), \
+    # every run finished before the kill is reused; a trial whose Ray worker was finishing as
+    # the driver died may have written its (complete) result too, and is then reused as well
+    assert rerun.stdout.count('finished earlier: reused') >= len(finished), \
         rerun.stdout[-3000:]
     report = json.loads((work / 'report.json').read_text())
     assert all(len(runs) == 1 for runs in report['runs'].values())
