@@ -23,7 +23,7 @@ import os
 import socket
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Generator, List, Optional, Tuple
 
@@ -46,10 +46,10 @@ _QUIET = {'RAY_USAGE_STATS_ENABLED': '0', 'RAY_AIR_NEW_OUTPUT': '0',
 
 @dataclass(frozen=True)
 class Resources:
-    """What one trial asks of a node."""
+    """What one trial asks of a node (``gpus=None``: one GPU where the cluster has GPUs)."""
 
     cpus: float = 1.0
-    gpus: float = 0.0
+    gpus: Optional[float] = 0.0
 
     def text(self) -> str:
         return f'{self.cpus:g} CPU' + (f' and {self.gpus:g} GPU' if self.gpus else '')
@@ -113,6 +113,9 @@ class RayCluster:
         else:
             ray.init(address=f'{host}:{port}', **kwargs)
             self.where = f'the Ray cluster at {self.address}'
+        if self.resources.gpus is None:  # a GPU per trial wherever there are GPUs
+            has_gpus = ray.cluster_resources().get('GPU', 0) > 0
+            self.resources = replace(self.resources, gpus=1.0 if has_gpus else 0.0)
         try:
             self.slots = self._check_placeable()
         except BaseException:

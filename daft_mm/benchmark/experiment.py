@@ -355,7 +355,7 @@ class Options:
     #: asks for, and how many run at once (None: as many as the cluster can place)
     address: Optional[str] = None
     cpus_per_trial: float = 1.0
-    gpus_per_trial: Optional[float] = None  # None: 1 where this machine has a GPU, else 0
+    gpus_per_trial: Optional[float] = None  # None: 1 where the cluster has GPUs, else 0
     concurrent: Optional[int] = None
 
 
@@ -377,7 +377,7 @@ def add_engine_args(p: Any) -> None:
     g.add_argument('--cpus-per-trial', type=float, default=1.0,
                    help='CPU cores per trial (its torch threads; default 1)')
     g.add_argument('--gpus-per-trial', type=float, default=None,
-                   help='GPUs per trial (default 1 where this machine has a GPU, else 0)')
+                   help='GPUs per trial (default 1 where the Ray cluster has GPUs, else 0)')
     g.add_argument('--concurrent-trials', '--workers', type=int, default=None, metavar='N',
                    dest='concurrent_trials',
                    help='at most N trials at once (default: as many as Ray can place: one per '
@@ -548,7 +548,6 @@ def run_comparison(task: TaskSpec, opts: Options,
     when searching) to the work dir and returns the report. What the user gave (every set's
     folder, a recorded-choices file, the backbone and its key prefix) is checked first:
     :class:`~daft_mm.benchmark.task.InputError` before any run starts."""
-    import torch
     from mmengine.registry import init_default_scope
     import daft_mm.mm  # noqa: F401  (registers DAFTHook, DAFTModel, ImageCorruption)
     init_default_scope('mmseg')
@@ -574,10 +573,7 @@ def run_comparison(task: TaskSpec, opts: Options,
     ctx = Context(task=task, work_dir=work_dir, step=progress.step, verbose=opts.verbose,
                   progress_bars=False, task_key=task_key)
     load_pretrained(ctx)
-    gpus = opts.gpus_per_trial
-    if gpus is None:
-        gpus = 1.0 if opts.address is None and torch.cuda.is_available() else 0.0
-    with RayCluster(opts.address, Resources(opts.cpus_per_trial, gpus),
+    with RayCluster(opts.address, Resources(opts.cpus_per_trial, opts.gpus_per_trial),
                     opts.verbose) as cluster:
         slots = min(cluster.slots, opts.concurrent or cluster.slots)
         progress.note(
