@@ -109,8 +109,9 @@ def compare_task(name: str, full_path: Path, halving_path: Path) -> Dict[str, An
     # the fixed part, the same with and without halving: LP-FT's probe stages (one per seed),
     # FT at twice the budget (the budget check); the table's seeds are the chosen finalists'
     fixed = seeds * stage_budgets(get_method('LP-FT'), budget)['lp'] + seeds * 2 * budget
-    return dict(budget=budget, seeds=seeds, full_record=str(full_path),
-                halving_record=halved['path'], methods=rows,
+    return dict(budget=budget, seeds=seeds, full_record=str(Path(full_path).relative_to(REPO)),
+                halving_record=f'<work_dir>/{Path(halved["path"]).name} of: '
+                               f'{halved.get("source") or "?"}', methods=rows,
                 search_ratio=totals['halving_grid'] / totals['full_grid'],
                 total_ratio=(totals['halving_search'] + fixed) / (totals['full_search'] + fixed),
                 iterations=dict(totals, fixed=fixed),

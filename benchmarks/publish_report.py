@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -33,7 +34,29 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     report = json.loads(report_file.read_text())
     if 'provenance' not in report:  # a report from before reports recorded it: read it now
         report['provenance'] = dict(provenance(report['task']), recorded='when published')
-    write_report(report, Path(args.out_dir), args.name)
+    write_report(portable(report, Path(args.work_dir)), Path(args.out_dir), args.name)
+
+
+#: Folders of a checkout: a path through one of them is written from there on.
+_CHECKOUT = ('configs', 'benchmarks', 'tests', 'daft_mm', 'tools', 'work_dirs')
+
+
+def portable(obj: Any, work_dir: Path) -> Any:
+    """The report without this machine's absolute paths: files of a checkout relative to it,
+    the work dir as ``<work_dir>``, a data root as ``data/<its name>``, any other folder as
+    ``<local>`` (the data's repository and commit are in the provenance)."""
+    work = str(Path(work_dir).resolve())
+    if isinstance(obj, dict):
+        return {k: (f'data/{Path(v).name}' if k == 'data_root' and isinstance(v, str)
+                    and v.startswith('/') else portable(v, work_dir)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v, work_dir) for v in obj]
+    if not isinstance(obj, str) or '/' not in obj:
+        return obj
+    obj = obj.replace(work, '<work_dir>')
+    obj = re.sub(r'/[^\s\'"()]*?/(' + '|'.join(_CHECKOUT) + r')/', r'\1/', obj)
+    # anything else of this machine (another work dir, a dataset folder): its last name only
+    return re.sub(r'(?<![\w.<>-])/(?:[\w.-]+/)+', '<local>/', obj)
 
 
 if __name__ == '__main__':
