@@ -66,7 +66,7 @@ def pretrained_backbone(cfg: Any) -> str:
 
     from mmengine.registry import MODELS, DefaultScope
 
-    from daft_mm.mm.settings import unwrap
+    from daft_mm.mm.plan import unwrap
     model_cfg = cfg.model.get('model', cfg.model) if cfg.model.get('type') in (
         'DAFTModel', 'daft_mm.DAFTModel') else cfg.model
     key = json.dumps(model_cfg.get('backbone'), sort_keys=True, default=str)

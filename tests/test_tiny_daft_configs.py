@@ -73,39 +73,3 @@ def test_tiny_daft_twin_trains_with_its_stock_schedule(twin, generated, tmp_path
     head = lr_of[id(dict(net.named_parameters())[f'{predictor}.weight'])]
     # the head/backbone ratio holds after the schedule stepped (PolyLR eta_min=1e-4 for seg)
     assert head / backbone == pytest.approx(hook.plan.head_lr_mult, rel=1e-9)
-
-
-def test_polylr_floor_is_kept_per_param_group():
-    from mmengine.optim.scheduler import CosineAnnealingLR, PolyLR
-
-    from daft_mm.mm.schedules import keep_lr_ratio
-    for make in (lambda opt: PolyLR(opt, eta_min=1e-4, power=0.9, begin=0, end=100,
-                                    by_epoch=False),
-                 lambda opt: CosineAnnealingLR(opt, eta_min=1e-4, begin=0, end=100, T_max=100,
-                                               by_epoch=False)):
-        backbone, head = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
-        opt = torch.optim.SGD([{'params': [backbone]}, {'params': [head], 'lr': 0.1}], lr=0.01)
-        sched = make(opt)
-        assert len(keep_lr_ratio([sched])) == 1
-        for _ in range(100):
-            opt.step()
-            sched.step()
-            lrs = [g['lr'] for g in opt.param_groups]
-            assert lrs[1] / lrs[0] == pytest.approx(10, rel=1e-9)
-        assert lrs[0] == pytest.approx(1e-4, rel=0.05)  # the backbone ends at its floor, eta_min
-        # the floors travel with the scheduler's checkpoint state, as plain numbers
-        state = sched.state_dict()
-        assert all(isinstance(v, (int, float, str, bool, list, dict, type(None)))
-                   for k, v in state.items()), state
-
-
-def test_an_absolute_floor_that_cannot_be_kept_is_refused():
-    from mmengine.optim.scheduler import LinearLR
-
-    from daft_mm.mm.schedules import keep_lr_ratio
-    opt = torch.optim.SGD([{'params': [torch.nn.Parameter(torch.zeros(1))]},
-                           {'params': [torch.nn.Parameter(torch.zeros(1))], 'lr': 0.1}], lr=0.01)
-    sched = LinearLR(opt, start_factor=0.1, begin=0, end=10, by_epoch=False)
-    sched.eta_min = 1e-4  # a custom scheduler with an absolute floor daft-mm does not know
-    with pytest.raises(ValueError, match=r'param_scheduler\[0\] \(LinearLR.*Fix: eta_min=0'):
-        keep_lr_ratio([sched])

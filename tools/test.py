@@ -115,7 +115,7 @@ class CheckpointMustFit(Hook):
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         from daft_mm.mm.cli import checkpoint_mismatch
-        from daft_mm.mm.settings import unwrap
+        from daft_mm.mm.plan import unwrap
         problem = checkpoint_mismatch(unwrap(runner.model), checkpoint.get('state_dict',
                                                                             checkpoint))
         if problem:

@@ -229,6 +229,8 @@ def _train(args: argparse.Namespace, cfg: Any, lock: 'WorkDirLock') -> None:
         cfg.auto_scale_lr.enable = True
 
     resume_note = resolve_resume(cfg, args.resume)
+    from daft_mm.mm.optim import complete_daft_config
+    complete_daft_config(cfg)  # again: resolve_resume may have set load_from / resume
 
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     if lock.taken_over:

@@ -243,6 +243,8 @@ def train(ctx: Context, spec: MethodSpec, point: Point, work_dir: Path, *, iters
             hook['progress_bar'] = ctx.progress_bars
     if work_dir.exists():
         shutil.rmtree(work_dir)
+    from daft_mm.mm.optim import complete_daft_config
+    complete_daft_config(cfg)  # after the method's keys and load_from are set
     runner = Runner.from_cfg(cfg)
     for hook in _run_hooks():
         runner.register_hook(hook)

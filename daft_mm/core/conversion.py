@@ -106,6 +106,14 @@ def find_batchnorms(model: nn.Module, modules: ModuleSpec = None) -> Dict[str, _
     else:
         chosen = _select(named, all_bn, [modules] if isinstance(modules, (str, nn.Module))
                          else modules)
+    refuse_non_batchnorms(chosen)
+    return chosen
+
+
+def refuse_non_batchnorms(chosen: Mapping[str, nn.Module]) -> None:
+    """The one test of what conversion accepts, for planning and converting alike: a layer with
+    running statistics that does not behave as BatchNorm (a tracked ``InstanceNorm``) is refused
+    with a ``ValueError`` naming it, instead of being left on the source statistics."""
     refused = {name: why for name, m in chosen.items() if (why := not_batchnorm_reason(m))}
     if refused:
         listed = '; '.join(f'{name} ({type(chosen[name]).__name__}): {why}'
@@ -113,7 +121,6 @@ def find_batchnorms(model: nn.Module, modules: ModuleSpec = None) -> Dict[str, _
         raise ValueError(f'{len(refused)} normalisation layer(s) keep running statistics but '
                          f'cannot be converted as BatchNorm ({listed}). Fix: exclude them with '
                          'modules=[...] (the BN layers or parents to convert)')
-    return chosen
 
 
 def split_batchnorms(model: nn.Module, pretrained: Optional[Iterable[str]],
@@ -126,13 +133,16 @@ def split_batchnorms(model: nn.Module, pretrained: Optional[Iterable[str]],
     nothing was pretrained) and leaves every other one exactly as initialised: a fresh head's BN
     has running statistics 0/1, and keeping "its function" would turn it into an identity on
     unnormalised activations. ``scope='all'`` converts every BN layer (the rule switched off).
-    Layers are BN-like by :func:`find_batchnorms`'s test; both lists are in model order.
+    Layers are BN-like by :func:`refuse_non_batchnorms`'s test (the one conversion applies), so a
+    layer conversion would refuse is refused here, when the plan is made; both lists are in model
+    order.
     """
     if scope not in CONVERT_SCOPES:
         raise ValueError(f'scope must be one of {CONVERT_SCOPES}, got {scope!r}')
     named = dict(model.named_modules())
     all_bn = [name for name, m in named.items() if has_running_stats(m)]
     if scope == 'all':
+        refuse_non_batchnorms({name: named[name] for name in all_bn})
         return all_bn, []
     inside = set()
     for path in pretrained or ():
@@ -142,6 +152,7 @@ def split_batchnorms(model: nn.Module, pretrained: Optional[Iterable[str]],
             raise ValueError(f'pretrained modules: the model has no submodule {path!r}{hint}')
         inside.update(id(sub) for sub in named[path].modules())
     converted = [name for name in all_bn if id(named[name]) in inside]
+    refuse_non_batchnorms({name: named[name] for name in converted})
     return converted, [name for name in all_bn if id(named[name]) not in inside]
 
 

@@ -9,5 +9,6 @@ from . import compat  # noqa: F401  (fixes applied on import)
 from . import datasets  # noqa: F401
 from . import hooks  # noqa: F401  (DistortionHook; DAFTHook)
 from . import models  # noqa: F401  (DAFTModel: the BN-conversion / fine-tuning-method wrapper)
+from . import optim  # noqa: F401  (DAFTOptimWrapperConstructor, PolyLRGroupFloors)
 # Every further submodule that registers something (hooks, models, transforms) gets one import
 # line above; a module left out here is invisible to configs.

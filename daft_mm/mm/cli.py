@@ -248,8 +248,10 @@ def load_config(path: str, cfg_options: Mapping[str, Any] | None = None, *,
                                 ) from exc
     cfg.launcher = launcher
     apply_cfg_options(cfg, cfg_options, used_loaders)
+    from .optim import complete_daft_config
     from .settings import check_daft_keys
     check_daft_keys(cfg)  # before any work: a misspelt key would silently keep its default
+    complete_daft_config(cfg)  # the optimizer constructor and per-group LR floors
     if launcher != 'none':
         distributed_on_cpu(cfg)
     if work_dir is not None:

@@ -1,11 +1,10 @@
-"""DAFT's preparation as functions a user can call without a Runner: the statistics pass over an
-mmengine model (its forward, a finite one-pass loader, the batch count), ``prepare(model, loader,
-plan)`` (BN conversion of what the plan names, then the zero predictors), and the start-up checks
-that BatchNorm will train.
+"""The statistics pass over an mmengine model, as functions a user can call without a Runner:
+its forward (:func:`mm_forward`), a finite one-pass loader, the batch count, errors that name the
+files of a bad batch, and the start-up checks that BatchNorm will train.
 
 Why here and not in the hook: mmpretrain's ``PreciseBNHook`` is a free function plus a hook that
-only decides when to call it; a user who fine-tunes with their own loop, or checks a model in a
-notebook, needs the same steps. ``DAFTHook`` calls :func:`prepare` once, before the first step.
+only decides when to call it. The preparation itself is :func:`daft_mm.core.prepare`, fed by
+these; ``DAFTHook`` calls it once, before the first step.
 """
 from __future__ import annotations
 
@@ -21,14 +20,10 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from daft_mm.core import (ConversionReport, convert_bn, is_batchnorm, kept_modes,
-                          zero_init_predictors)
-
-from .predictors import predictor_priors
-from .settings import DAFTPlan
+from daft_mm.core import is_batchnorm, kept_modes
 
 __all__ = ['mm_forward', 'one_pass_loader', 'count_batches', 'naming_files', 'bad_samples',
-           'Preparation', 'prepare', 'norm_eval_modules', 'frozen_batchnorms', 'require_bn_train']
+           'norm_eval_modules', 'frozen_batchnorms', 'require_bn_train']
 
 
 # ------------------------------------------------------------------------ the statistics pass
@@ -211,39 +206,6 @@ def naming_files(forward: Any) -> Any:
             raise RuntimeError(f'{type(exc).__name__}: {exc} -- in the batch of '
                                f'{", ".join(files)}') from exc
     return run
-
-
-# ------------------------------------------------------------------------------ the preparation
-@dataclass
-class Preparation:
-    """What :func:`prepare` did: the conversion report (None when nothing was converted) and the
-    zeroed predictors."""
-
-    report: Optional[ConversionReport]
-    zeroed: List[str]
-
-
-def prepare(model: nn.Module, loader: Any, plan: DAFTPlan, *, num_batches: Optional[int] = None,
-            var_mode: str = 'batch', forward_mode: str = 'loss', skip_incompatible: bool = False,
-            progress: Optional[Callable[[int], None]] = None) -> Preparation:
-    """DAFT's preparation of a segmentor / detector ``model`` (not a wrapper) as ``plan`` says:
-    BN conversion of ``plan.conversion.converted`` over one pass of ``loader`` (every rank must
-    call this under ``torch.distributed``; a rank with no batch still joins the pooling), then the
-    zero predictors, each at its head's prior bias. A failing conversion leaves the model as it
-    was, predictors included."""
-    report = None
-    if plan.convert and plan.conversion.converted:
-        report = convert_bn(
-            model, loader, forward=naming_files(mm_forward(forward_mode)),
-            max_batches=count_batches(loader, num_batches) or None, var_mode=var_mode,
-            modules=list(plan.conversion.converted), skip_incompatible=skip_incompatible,
-            progress=progress)
-        report.left_as_initialised = list(plan.conversion.left_new)
-    zeroed: List[str] = []
-    if plan.zero_init:
-        names = list(plan.predictors)
-        zeroed = zero_init_predictors(model, names, predictor_priors(model, names))
-    return Preparation(report, zeroed)
 
 
 # ---------------------------------------------------------------- does BatchNorm train at all?

@@ -15,8 +15,9 @@
 #                       proposals must be informative from the first step.
 #   daft_backbone       what DAFT needs of the backbone; stock mmdet configs freeze BN
 #                       (norm_eval=True, frozen_stages=1, caffe-style norm_cfg requires_grad=False)
-#   daft_head_lr_mult   the predictors' LR over the backbone's; DAFTHook adds it to
-#                       optim_wrapper.paramwise_cfg.custom_keys at start-up, one entry per
+#   daft_head_lr_mult   the predictors' LR over the backbone's; DAFTOptimWrapperConstructor adds
+#                       it to optim_wrapper.paramwise_cfg.custom_keys when the optimizer is
+#                       built (the config is completed when loaded), one entry per
 #                       predictor the head table found (exact module paths: no RPN layer, no inner
 #                       layer of a DETR MLP branch), and logs the effective LRs
 #
@@ -31,7 +32,7 @@
 #                                            checkpoint='torchvision://resnet101')))
 #
 # Your own optim_wrapper.paramwise_cfg (custom_keys for other modules, norm_decay_mult, ...) keeps
-# working: DAFTHook adds the predictors' entries to it; an entry of yours for a predictor with
+# working: the DAFT constructor adds the predictors' entries to it; an entry of yours for a predictor with
 # another lr_mult is an error naming both keys.
 #
 # SyncBN: detection trains with 1-2 images per GPU, too few for BatchNorm's batch statistics

@@ -20,7 +20,7 @@ from torch import nn
 from daft_mm.core import kept_modes
 from daft_mm.core.distortion import feature_similarity, relative_change
 
-from ..settings import unwrap
+from ..plan import unwrap
 
 __all__ = ['DistortionHook', 'backbone_inputs', 'as_feature_tuple', 'resolve_levels',
            'FeatureStats', 'compare_backbones']
