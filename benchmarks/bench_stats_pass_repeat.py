@@ -44,7 +44,8 @@ def main() -> None:
     from daft_mm.mm import preparation
     from daft_mm.mm.cli import load_config
     from daft_mm.mm.datasets import make_cityscapes
-    from daft_mm.mm.settings import decide_plan
+    from daft_mm.core import prepare
+    from daft_mm.mm.plan import decide_plan
 
     with tempfile.TemporaryDirectory() as tmp:
         make_cityscapes(tmp, num_train=args.images, num_val=1, seed=0, instances=True)
@@ -60,7 +61,7 @@ def main() -> None:
             model.init_weights()
             train = Runner.build_dataloader(cfg.train_dataloader, seed=0)
         net = getattr(model, 'model', model)
-        plan = decide_plan(cfg, model, net)
+        plan = decide_plan(cfg, model).core()
         times = {}
         for name, unwrap in (('each image once (now)', preparation.unrepeated),
                              ('the repeats too (before)', lambda dataset: dataset)):
@@ -70,7 +71,8 @@ def main() -> None:
                     loader = preparation.one_pass_loader(train, seed=0)
                     copy_ = copy.deepcopy(net)
                     start = time.perf_counter()
-                    done = preparation.prepare(copy_, loader, plan)
+                    done = prepare(copy_, loader, plan,
+                                   forward=preparation.mm_forward('loss'))
                     rounds.append(time.perf_counter() - start)
             images = done.report.layers[0].num_samples
             times[name] = dict(median_s=round(statistics.median(rounds), 3),

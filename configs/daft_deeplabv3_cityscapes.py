@@ -9,7 +9,5 @@ _base_ = [
 model = dict(_delete_=True, type='DAFTModel', method='daft', model={{_base_.model}})
 # The head (daft_head_modules: by default the whole new decode and auxiliary heads; the zero
 # predictors daft_predictors are part of it) trains at daft_head_lr_mult = 10x the backbone LR
-# (integrated LP+FT): DAFTHook adds that to optim_wrapper.paramwise_cfg at start-up.
-# eta_min=0 keeps the ratio to the end (stock eta_min=1e-4 is absolute and shared by all
-# groups); `end` defaults to max_iters.
-param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, by_epoch=False)]
+# (integrated LP+FT): DAFTOptimWrapperConstructor builds those parameter groups, and the stock
+# PolyLR's eta_min becomes a floor per group, so the ratio holds to the end (daft_mm/mm/optim.py).

@@ -5,4 +5,3 @@ _base_ = [
     './_base_/daft.py',
 ]
 model = dict(_delete_=True, type='DAFTModel', method='daft', model={{_base_.model}})
-param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, by_epoch=False)]

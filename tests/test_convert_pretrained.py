@@ -70,7 +70,7 @@ def test_pretrained_backbone_is_converted_fresh_heads_stay_as_initialised(
     assert all(_untouched(run, n) for n in heads)
     assert all(torch.equal(run['after'][f'{n}.running_var'],
                            torch.ones_like(run['after'][f'{n}.running_var'])) for n in heads)
-    plan = run['hook'].conversion_plan
+    plan = run['hook'].plan.conversion
     assert list(plan.converted) == backbone and list(plan.left_new) == heads
     assert plan.decided_by == 'pretrained weights'
     assert [p for p, _ in plan.pretrained] == ['backbone']
@@ -108,7 +108,7 @@ def test_load_from_a_whole_model_converts_every_module_it_holds(cityscapes_root,
     torch.save({'state_dict': state, 'meta': {}}, tmp_path / 'cityscapes_model.pth')
     cfg.load_from = str(tmp_path / 'cityscapes_model.pth')
     run = _train(cfg)
-    plan = run['hook'].conversion_plan
+    plan = run['hook'].plan.conversion
     assert list(plan.left_new) == ['decode_head.aspp_modules.1.bn']
     assert _untouched(run, 'decode_head.aspp_modules.1.bn')
     for layer in ('backbone.layer1.0.bn1', 'decode_head.aspp_modules.0.bn',
@@ -137,7 +137,7 @@ def test_explicit_choices_override_the_pretrained_weights(cityscapes_root, cfg_p
     run = _train(load_tiny(cfg_path, tmp_path, cityscapes_root, **{
         'train_cfg.max_iters': 1, 'train_dataloader.batch_size': 2, **options}))
     bns = _bn_paths(run['net'])
-    assert list(run['hook'].conversion_plan.converted) == [n for n in bns if converted(n)]
+    assert list(run['hook'].plan.conversion.converted) == [n for n in bns if converted(n)]
     for name in bns:
         assert _changed(run, name) if converted(name) else _untouched(run, name), name
 
@@ -170,7 +170,7 @@ def test_a_wrong_choice_fails_at_start_up_naming_the_key(cityscapes_root, cfg_pa
 def test_nothing_pretrained_converts_nothing_and_says_so(cityscapes_root, cfg_path, tmp_path):
     run = _train(load_tiny(cfg_path, tmp_path, cityscapes_root, pretrained=False, **{
         'train_cfg.max_iters': 1, 'train_dataloader.batch_size': 2}))
-    assert not run['hook'].conversion_plan.converted
+    assert not run['hook'].plan.conversion.converted
     assert all(_untouched(run, n) for n in _bn_paths(run['net']))
     log = next(tmp_path.glob('*/*.log')).read_text()
     assert 'no BatchNorm layer is converted' in log and 'init_cfg' in log
@@ -196,7 +196,7 @@ def test_detection_converts_the_pretrained_backbone_only(voc_det_root, tmp_path,
     runner.register_hook(after, priority='VERY_LOW')
     runner.train()
     run = dict(before=before.records[0], after=after.records[0])
-    plan = next(h for h in runner.hooks if isinstance(h, DAFTHook)).conversion_plan
+    plan = next(h for h in runner.hooks if isinstance(h, DAFTHook)).plan.conversion
     net = runner.model
     bns = _bn_paths(net)
     assert list(plan.converted) == [n for n in bns if n.startswith('backbone.')]
@@ -216,8 +216,8 @@ def shipped_conversion(name: str) -> Dict[str, Any]:
     from mmengine.config import Config
     from mmengine.registry import DefaultScope
 
-    from daft_mm.mm.settings import (checkpoint_pretrained, conversion_plan,
-                                     init_cfg_pretrained, unwrap)
+    from daft_mm.mm.loaded import checkpoint_pretrained, init_cfg_pretrained
+    from daft_mm.mm.plan import conversion_plan, unwrap
     cfg = Config.fromfile(str(CONFIGS / name))
     with DefaultScope.overwrite_default_scope(cfg.default_scope):
         model = unwrap(MODELS.build(cfg.model))
@@ -271,17 +271,18 @@ def test_prepare_without_a_runner(cityscapes_root, cfg_path, tmp_path):
     from mmengine.registry import DefaultScope
     from mmengine.runner import Runner as R
 
-    from daft_mm.mm.preparation import one_pass_loader, prepare
-    from daft_mm.mm.settings import decide_plan
+    from daft_mm.core import prepare
+    from daft_mm.mm.plan import decide_plan
+    from daft_mm.mm.preparation import mm_forward, one_pass_loader
     cfg = load_tiny(cfg_path, tmp_path, cityscapes_root, **{'train_dataloader.batch_size': 2})
     with DefaultScope.overwrite_default_scope('mmseg'):
         model = MODELS.build(cfg.model)
         model.init_weights()  # loads the pretrained backbone (init_cfg)
         loader = one_pass_loader(R.build_dataloader(cfg.train_dataloader, seed=0), seed=0)
     net = model.model
-    plan = decide_plan(cfg, model, net)
+    plan = decide_plan(cfg, model)
     before = state_copy(net)
-    done = prepare(net, loader, plan)
+    done = prepare(net, loader, plan.core(), forward=mm_forward('loss'))
     assert done.zeroed == ['decode_head.conv_seg', 'auxiliary_head.conv_seg']
     assert done.report.converted == list(plan.conversion.converted)
     assert done.report.layers[0].num_samples == 4  # every training image, once

@@ -154,22 +154,27 @@ def test_the_head_lr_reaches_exactly_the_predictors(config, predictors, untouche
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import DefaultScope
 
-    from daft_mm.mm.settings import decide_plan, predictor_lr_cfg
     import mmdet
     cfg = Config.fromfile(str(Path(mmdet.__file__).parent / '.mim' / 'configs' / config))
     cfg.merge_from_dict(dict(model=dict(backbone=dict(
         norm_cfg=dict(type='BN', requires_grad=True), norm_eval=False, frozen_stages=-1,
         init_cfg=None))))
     daft = Config.fromfile(str(CONFIGS / '_base_' / 'daft_detection.py'))
-    cfg.merge_from_dict(dict(daft_head_lr_mult=daft.daft_head_lr_mult,
-                             daft_head_modules=daft.daft_head_modules))
     with DefaultScope.overwrite_default_scope('mmdet'):
         model = MODELS.build(cfg.model)
-    plan = decide_plan(cfg, model, model)
+
+    def built(custom_keys=None):
+        paramwise = dict(daft=dict(head_lr_mult=daft.daft_head_lr_mult,
+                                   head_modules=daft.daft_head_modules))
+        if custom_keys:
+            paramwise['custom_keys'] = custom_keys
+        return build_optim_wrapper(model, dict(
+            type='OptimWrapper', optimizer=dict(type='SGD', lr=0.01),
+            constructor='DAFTOptimWrapperConstructor', paramwise_cfg=paramwise))
+
+    optim = built()
+    plan = optim.daft_plan
     assert list(plan.predictors) == predictors and list(plan.head_modules) == predictors
-    optim_cfg = predictor_lr_cfg(dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.01)),
-                                 list(plan.predictors), plan.head_lr_mult, 'test')
-    optim = build_optim_wrapper(model, optim_cfg)
     lr = {id(p): g['lr'] for g in optim.param_groups for p in g['params']}
     inside = {id(p) for name in predictors for p in model.get_submodule(name).parameters()}
     for name, param in model.named_parameters():
@@ -179,11 +184,9 @@ def test_the_head_lr_reaches_exactly_the_predictors(config, predictors, untouche
                    for p in model.get_submodule(name).parameters()), name
     # a user's own paramwise_cfg: other modules' entries are kept, a predictor's entry with
     # another multiplier is an error naming both keys
-    own = dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.01), paramwise_cfg=dict(
-        custom_keys={'neck': dict(lr_mult=0.5), predictors[0]: dict(lr_mult=3.0)}))
     with pytest.raises(ValueError, match=r"set twice.*10 from daft_head_lr_mult and "
                        r"optim_wrapper\.paramwise_cfg\.custom_keys\['" + predictors[0]):
-        predictor_lr_cfg(own, list(plan.predictors), plan.head_lr_mult, 'daft_head_lr_mult')
-    del own['paramwise_cfg']['custom_keys'][predictors[0]]
-    merged = predictor_lr_cfg(own, list(plan.predictors), plan.head_lr_mult, 'daft_head_lr_mult')
-    assert merged['paramwise_cfg']['custom_keys']['neck'] == dict(lr_mult=0.5)
+        built({'neck': dict(lr_mult=0.5), predictors[0]: dict(lr_mult=3.0)})
+    merged = built({'neck': dict(lr_mult=0.5)})
+    lr = {id(p): g['lr'] for g in merged.param_groups for p in g['params']}
+    assert all(lr[id(p)] == pytest.approx(0.005) for p in model.neck.parameters())

@@ -320,7 +320,6 @@ def _hook_only_cfg(data, cfgdir, tmp_path, **options):
     path.write_text(
         f"_base_ = ['{TINY / 'tiny_deeplabv3_cityscapes.py'}',\n"
         f"          '{CONFIGS / '_base_' / 'daft.py'}']\n"
-        "optim_wrapper = dict(paramwise_cfg={{_base_.daft_paramwise_cfg}})\n"
         "param_scheduler = [\n"
         "    dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, by_epoch=False)]\n")
     options.setdefault('train_cfg.max_iters', 1)
@@ -423,11 +422,13 @@ def test_fragment_works_with_read_base_style(tmp_path):
         'with read_base():\n'
         '    from ._base_.daft import *  # noqa: F401,F403\n\n'
         "optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.01),\n"
-        '                     paramwise_cfg=daft_paramwise_cfg)\n')
+        "optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.01))\n")
     cfg = Config.fromfile(str(tmp_path / 'user.py'))
     assert cfg.custom_hooks[0]['type'] == 'DAFTHook'
-    assert cfg.optim_wrapper.paramwise_cfg.custom_keys['decode_head.conv_seg'] == dict(
-        lr_mult=10.0)
+    from daft_mm.mm.optim import complete_daft_config
+    complete_daft_config(cfg)  # what load_config does
+    assert cfg.optim_wrapper.constructor == 'DAFTOptimWrapperConstructor'
+    assert cfg.optim_wrapper.paramwise_cfg.daft.head_lr_mult == 10.0
 
 
 def test_lp_keeps_mmcv_syncbn_in_eval_mode(tmp_path):

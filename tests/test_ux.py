@@ -127,22 +127,21 @@ def test_cfg_options_daft_settings_take_effect(daft_cfg, cityscapes_root, tmp_pa
     lrs = _daft_hook(runner).effective_lrs
     assert lrs['decode_head.conv_seg'] == pytest.approx([0.25, 0.25])
     assert 'auxiliary_head.conv_seg' not in lrs and set(lrs['auxiliary_head']) == {0.05}
-    assert runner.model.predictors == ('decode_head.conv_seg', )
+    assert _daft_hook(runner).plan.predictors == ('decode_head.conv_seg', )
 
 
 def _legacy_cfg(cfgdir: Path, body: str) -> Path:
-    """A config written before DAFTHook derived the LR: it copies daft_paramwise_cfg."""
-    path = cfgdir / f'legacy_{abs(hash(body))}.py'
+    """The DAFT fragment on a stock model (no DAFTModel wrapper): the detection-config style."""
+    path = cfgdir / f'fragment_{abs(hash(body))}.py'
     path.write_text(
         f"_base_ = ['{TINY / 'tiny_deeplabv3_cityscapes.py'}',\n"
         f"          '{CONFIGS / '_base_' / 'daft.py'}']\n"
-        "optim_wrapper = dict(paramwise_cfg={{_base_.daft_paramwise_cfg}})\n"
         "param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, by_epoch=False)]\n"
         + body)
     return path
 
 
-def test_legacy_paramwise_cfg_still_works(cfgdir, cityscapes_root, tmp_path):
+def test_fragment_on_a_stock_model_trains_the_head_at_its_lr(cfgdir, cityscapes_root, tmp_path):
     cfg = load_tiny(_legacy_cfg(cfgdir, ''), tmp_path, cityscapes_root,
                     **{'train_cfg.max_iters': 1, 'train_dataloader.batch_size': 2})
     runner = Runner.from_cfg(cfg)
@@ -154,9 +153,19 @@ def test_legacy_paramwise_cfg_still_works(cfgdir, cityscapes_root, tmp_path):
     assert {lr[id(p)] for p in net.backbone.parameters()} == {0.05}
 
 
+def test_a_config_using_the_removed_daft_paramwise_cfg_names_its_replacement(cfgdir):
+    path = _legacy_cfg(cfgdir, 'optim_wrapper = dict(paramwise_cfg={{_base_.daft_paramwise_cfg}})\n')
+    from daft_mm.mm.cli import load_config
+    with pytest.raises(ValueError, match=r'daft_paramwise_cfg was removed: '
+                       r'DAFTOptimWrapperConstructor builds .* daft_head_lr_mult'):
+        load_config(str(path))
+
+
 def test_conflicting_lr_settings_name_both_keys(cfgdir, cityscapes_root, tmp_path):
-    cfg = load_tiny(_legacy_cfg(cfgdir, 'daft_head_lr_mult = 20.0\n'), tmp_path,
-                    cityscapes_root, **{'train_cfg.max_iters': 1})
+    cfg = load_tiny(_legacy_cfg(cfgdir, (
+        'daft_head_lr_mult = 20.0\n'
+        "optim_wrapper = dict(paramwise_cfg=dict(custom_keys={'decode_head.conv_seg': "
+        'dict(lr_mult=10.0)}))\n')), tmp_path, cityscapes_root, **{'train_cfg.max_iters': 1})
     runner = Runner.from_cfg(cfg)
     no_step = NoStep()
     runner.register_hook(no_step)

@@ -22,13 +22,13 @@ torch.set_num_threads(1)
 
 def _plan(cfg, checkpoint: str, prefix: str = ''):
     """The DAFT plan of the tiny config whose backbone's init_cfg loads ``checkpoint``."""
-    from daft_mm.mm.settings import decide_plan
+    from daft_mm.mm.plan import decide_plan
     _inner(cfg).backbone.init_cfg = dict(type='Pretrained', checkpoint=checkpoint,
                                          **({'prefix': prefix} if prefix else {}))
     with DefaultScope.overwrite_default_scope('mmseg'):
         model = MODELS.build(cfg.model)
     net = getattr(model, 'model', model)
-    return decide_plan(cfg, model, net).conversion, net
+    return decide_plan(cfg, model).conversion, net
 
 
 def _inner(cfg):

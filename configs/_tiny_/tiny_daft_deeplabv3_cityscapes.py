@@ -8,5 +8,5 @@
 #                 model.backbone.init_cfg.checkpoint=work_dirs/demo/pretrain/<key>/backbone.pth
 # Without pretrained weights DAFTHook says so and runs integrated LP+FT alone.
 _base_ = ['./tiny_deeplabv3_cityscapes.py', '../_base_/daft.py']
-# The stock PolyLR floor (eta_min=1e-4, ./_base_/tiny_seg_runtime.py) is kept: DAFTHook gives
+# The stock PolyLR floor (eta_min=1e-4, ./_base_/tiny_seg_runtime.py) is kept: daft-mm gives
 # each param group its own floor, so the head/backbone LR ratio holds to the end.

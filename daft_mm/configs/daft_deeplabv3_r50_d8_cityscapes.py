@@ -132,9 +132,9 @@ optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=0.0005),
     clip_grad=None)
-# eta_min=0 (stock 1e-4): every group follows the same polynomial, so the predictors keep their
-# daft_head_lr_mult ratio to the end. DAFTHook adds that multiplier to paramwise_cfg.
-param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, end=max_iters,
+# The stock schedule: DAFTOptimWrapperConstructor gives the head daft_head_lr_mult x the LR, and
+# eta_min becomes a floor per parameter group when the config is loaded, so the ratio holds.
+param_scheduler = [dict(type='PolyLR', eta_min=1e-4, power=0.9, begin=0, end=max_iters,
                         by_epoch=False)]
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=4000)
 val_cfg = dict(type='ValLoop')

@@ -240,6 +240,12 @@ def load_config(path: str, cfg_options: Mapping[str, Any] | None = None, *,
                                 'config, e.g. configs/_tiny_/tiny_deeplabv3_cityscapes.py')
     try:
         cfg = Config.fromfile(path)
+    except KeyError as exc:  # {{_base_.key}} of a key the bases no longer define
+        from .settings import REMOVED_KEYS
+        key = exc.args[0] if exc.args else None
+        if key not in REMOVED_KEYS:
+            raise
+        raise ValueError(f'{path}: {key} was removed: {REMOVED_KEYS[key]}') from None
     except Exception as exc:  # mmengine's ConfigParsingError for a read_base import not found
         if 'not found!' not in str(exc) or 'read_base' not in str(exc):
             raise
