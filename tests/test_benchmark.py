@@ -214,20 +214,3 @@ def test_ablation_conversion_only_converts_and_keeps_the_head(daft_cfg, cityscap
     assert not torch.equal(probe.before['bn_mean'], bn_start)  # converted
     assert probe.before['conv_seg'].abs().sum() > 0  # standard init kept
     assert len({round(v, 12) for v in probe.lrs[0].values()}) == 1  # one LR for everything
-
-
-def test_head_modules_setting_resolves_scopes_and_refuses_a_bad_value():
-    from torch import nn
-
-    from daft_mm.mm.settings import head_modules
-    net = nn.Module()
-    net.backbone = nn.Conv2d(3, 4, 1)
-    net.decode_head = nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 1))
-    preds = ['decode_head.1']
-    assert head_modules({}, net, preds) == (['decode_head'], 'new_modules')  # recipe default
-    assert head_modules({'daft_head_modules': 'predictors'}, net, preds) == (preds, 'predictors')
-    assert head_modules({'daft_head_modules': ['decode_head']}, net, preds)[0] == ['decode_head']
-    with pytest.raises(ValueError, match="'decoder_head' is not one of"):
-        head_modules({'daft_head_modules': 'decoder_head'}, net, preds)
-    with pytest.raises(ValueError, match='leaves the predictors'):
-        head_modules({'daft_head_modules': ['decode_head.0']}, net, preds)

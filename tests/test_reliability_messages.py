@@ -38,6 +38,7 @@ pytest.importorskip('mmseg')
 
 import daft_mm  # noqa: E402,F401
 from _mm_helpers import CONFIGS, ProbeHook, load_tiny, shrink_config, state_copy  # noqa: E402
+from daft_mm.mm.optim import complete_daft_config  # noqa: E402
 from _tools import load_tool  # noqa: E402
 
 TINY_SEG = str(Path(__file__).resolve().parents[1] / 'configs' / '_tiny_' /
@@ -144,6 +145,7 @@ def _small_dataset_worker(rank: int, init_file: str, cfg_path: str, work_dir: st
         # the backbone only: one image gives its BN layers many values per channel (the ASPP
         # image-pool BN would see a single one, which has no variance)
         cfg.custom_hooks = [dict(type='DAFTHook', dataloader=loader, modules=['backbone'])]
+        complete_daft_config(cfg)  # the plan's arguments changed after loading
         runner = Runner.from_cfg(cfg)
         probe = ProbeHook(lambda model: state_copy(model.model))
         runner.register_hook(probe, priority='VERY_LOW')

@@ -28,6 +28,7 @@ from mmengine.registry import MODELS, init_default_scope  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 from daft_mm.utils import WorkDirBusyError, WorkDirLock  # noqa: E402
+from daft_mm.mm.optim import complete_daft_config  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 PREDICTORS = ['decode_head.conv_seg', 'auxiliary_head.conv_seg']
@@ -136,6 +137,7 @@ def test_load_from_a_finished_daft_checkpoint_is_refused(cityscapes_root, tmp_pa
 
     again = load_tiny(shrunk, tmp_path / 'again', cityscapes_root, **opts)
     again.load_from = str(daft_ckpt)
+    complete_daft_config(again)  # the plan reads load_from: complete after changing it
     with pytest.raises(RuntimeError, match=r'already went through DAFT.*--resume') as refused:
         Runner.from_cfg(again).train()
 
@@ -145,6 +147,7 @@ def test_load_from_a_finished_daft_checkpoint_is_refused(cityscapes_root, tmp_pa
                        str(refused.value)).group(1)
     keep = load_tiny(shrunk, tmp_path / 'keep', cityscapes_root, **opts, **{option: False})
     keep.load_from = str(daft_ckpt)
+    complete_daft_config(keep)
     runner = Runner.from_cfg(keep)
     runner.train()
     net = runner.model.model

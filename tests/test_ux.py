@@ -186,8 +186,8 @@ def test_dotted_custom_keys_option_is_refused_not_ignored(daft_cfg, cityscapes_r
 
 def test_conflicting_predictor_settings_name_both_keys(daft_cfg, cityscapes_root, tmp_path):
     cfg = load_tiny(daft_cfg, tmp_path, cityscapes_root, **{
-        'train_cfg.max_iters': 1, 'daft_predictors': ['decode_head.conv_seg']})
-    cfg.custom_hooks = [dict(type='DAFTHook', predictors=['auxiliary_head.conv_seg'])]
+        'train_cfg.max_iters': 1, 'daft_predictors': ['decode_head.conv_seg'],
+        'custom_hooks': [dict(type='DAFTHook', predictors=['auxiliary_head.conv_seg'])]})
     with pytest.raises(ValueError, match=r"custom_hooks\[DAFTHook\]\.predictors=.*auxiliary.*"
                        r"daft_predictors=\['decode_head\.conv_seg'\]"):
         Runner.from_cfg(cfg).train()

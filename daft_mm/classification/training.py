@@ -1,7 +1,7 @@
 """Fine-tune and evaluate a torch classifier with FT, LP, LP-FT or DAFT.
 
-Every DAFT-specific step comes from ``daft_mm.core`` (``convert_bn``,
-``zero_init_predictors``, ``split_param_groups``, ``new_modules``, the recipes); this module
+Every DAFT-specific step comes from ``daft_mm.core`` (``prepare`` with a ``make_plan``,
+``split_param_groups``, ``new_modules``, the recipes); this module
 is only the loop around them: SGD with momentum, a cosine or constant schedule per stage, and
 cross-entropy on ``(inputs, targets)`` batches.
 
@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from daft_mm.core import (ConversionReport, FineTuneRecipe, FineTuneStage, convert_bn,
-                          find_predictors, flush_subnormals, freeze_feature_extractor, get_recipe,
-                          kept_modes, resolve_modules, set_bn_eval, split_batchnorms,
-                          split_param_groups, zero_init_predictors)
+from daft_mm.core import (ConversionReport, FineTuneRecipe, FineTuneStage, find_predictors,
+                          flush_subnormals, freeze_feature_extractor, get_recipe, kept_modes,
+                          make_plan, prepare, resolve_modules, set_bn_eval, split_batchnorms,
+                          split_param_groups)
 from daft_mm.core import head_modules as core_head_modules
 
 __all__ = ['SCHEDULES', 'StageLog', 'StepInfo', 'FineTuneRun', 'finetune', 'evaluate',
@@ -257,18 +257,18 @@ def finetune(model: nn.Module, train_loader: Iterable[Any], *, method: str | Fin
     with flush_subnormals(zero_head and device.type == 'cpu'):
         last = len(recipe.stages) - 1
         for index, (stage, stage_iters) in enumerate(zip(recipe.stages, counts)):
-            if stage.convert_bn:
-                converted, fresh = split_batchnorms(model, pretrained_modules,
-                                                    stage.convert_scope)
-                run.bn_conversion = convert_bn(
-                    model, train_loader if bn_loader is None else bn_loader,
-                    max_batches=bn_max_batches, modules=converted,
-                    forward=lambda m, batch: m(_split_batch(batch, device)[0]))
-                run.bn_conversion.left_as_initialised = fresh
-                if log is not None:
-                    log(run.bn_conversion.summary())
-            if stage.zero_init_head:
-                zero_init_predictors(model, head_names)
+            if stage.convert_bn or stage.zero_init_head:
+                plan = make_plan(model, pretrained=pretrained_modules,
+                                 predictors=head_names if stage.zero_init_head else (),
+                                 convert=stage.convert_bn, zero_init=stage.zero_init_head,
+                                 convert_scope=stage.convert_scope)
+                done = prepare(model, train_loader if bn_loader is None else bn_loader, plan,
+                               max_batches=bn_max_batches,
+                               forward=lambda m, batch: m(_split_batch(batch, device)[0]))
+                if done.report is not None:
+                    run.bn_conversion = done.report
+                    if log is not None:
+                        log(run.bn_conversion.summary())
             stage_lr = lr if lp_lr is None or index == last else lp_lr
             run.stages.append(_train_stage(
                 model, batches, stage, iters=stage_iters, lr=stage_lr,

@@ -111,7 +111,7 @@ def analyze_distortion(cfg: Any, pretrained: str, finetuned: Sequence[Tuple[str,
     from mmengine.registry import MODELS, init_default_scope
     from mmengine.utils import ProgressBar
 
-    from daft_mm.core import convert_bn, relative_change
+    from daft_mm.core import make_plan, prepare, relative_change
 
     from .hooks.distortion_hook import backbone_inputs, compare_backbones
     from .preparation import count_batches, one_pass_loader
@@ -145,10 +145,11 @@ def analyze_distortion(cfg: Any, pretrained: str, finetuned: Sequence[Tuple[str,
         print(f'converting BN of the pretrained backbone on the {convert_split} split: '
               f'{total} batches', flush=True)
         bar = ProgressBar(total)
-        report = convert_bn(converted, loader, max_batches=total,
-                            var_mode=convert_var_mode,
-                            forward=lambda m, batch: m(backbone_inputs(model, batch, True)),
-                            progress=lambda _: bar.update())
+        # the whole backbone is the pretrained part: every BN layer of it is converted
+        plan = make_plan(converted, pretrained=[''], predictors=(), zero_init=False)
+        report = prepare(converted, loader, plan, max_batches=total, var_mode=convert_var_mode,
+                         forward=lambda m, batch: m(backbone_inputs(model, batch, True)),
+                         progress=lambda _: bar.update()).report
         bar.file.write('\n')
         print(report.summary(max_rows=5))
         desc = (f'pretrained converted here with convert_bn on the {convert_split} split '

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from daft_mm.core import convert_bn, find_batchnorms, split_batchnorms, zero_init_predictors
+from daft_mm.core import find_batchnorms, make_plan, prepare, split_batchnorms
 
 from .predictors import check_predictors, default_predictors, predictor_priors
 from .preparation import mm_forward, require_bn_train
@@ -99,7 +99,8 @@ def _run(model: nn.Module, batches: Sequence[Any], check: ModelCheck, pretrained
         _check_function(model, batches, check)
     check.stage = 'priors'
     priors = predictor_priors(model, names)
-    zero_init_predictors(model, names, priors)
+    prepare(model, None, make_plan(model, pretrained=None, predictors=names, convert=False,
+                                   priors=priors))
     modules = dict(model.named_modules(remove_duplicate=False))
     for name in names:
         layer = modules[name]
@@ -128,7 +129,7 @@ def _run(model: nn.Module, batches: Sequence[Any], check: ModelCheck, pretrained
 def _check_function(model: nn.Module, batches: Sequence[Any], check: ModelCheck) -> None:
     mode, before = eval_outputs(model, batches)
     unconverted_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    report = convert_bn(model, batches, forward=mm_forward('loss'))
+    report = _convert_all(model, batches)
     check.converted = len(report.layers)
     if report.skipped:
         raise AssertionError(f'BN layers left unconverted: {dict(report.skipped)}')
@@ -146,6 +147,13 @@ def _check_function(model: nn.Module, batches: Sequence[Any], check: ModelCheck)
     if len(before) != len(after) or not diff <= 1e-4:
         raise AssertionError(f'conversion changed the function ({mode} outputs differ by '
                              f'{diff:.3g}, relative)')
+
+
+def _convert_all(model: nn.Module, batches: Sequence[Any]) -> Any:
+    """Every BN-like layer converted (each layer type proven convertible), through the one
+    preparation DAFT runs, without zero-init."""
+    plan = make_plan(model, pretrained=None, predictors=(), zero_init=False, convert_scope='all')
+    return prepare(model, batches, plan, forward=mm_forward('loss')).report
 
 
 def _flatten(out: Any) -> List[torch.Tensor]:
@@ -223,7 +231,7 @@ def float64_function_diff(model: nn.Module, unconverted_state: Dict[str, torch.T
     try:
         copied.double()
         _, before = eval_outputs(copied, batches)
-        convert_bn(copied, batches, forward=mm_forward('loss'))
+        _convert_all(copied, batches)
         _, after = eval_outputs(copied, batches)
     finally:
         handle.remove()

@@ -22,7 +22,8 @@ from torch.utils.data import Dataset as TorchDataset
 
 from daft_mm.core import is_batchnorm, kept_modes
 
-__all__ = ['mm_forward', 'one_pass_loader', 'count_batches', 'naming_files', 'bad_samples',
+__all__ = ['mm_forward', 'one_pass_loader', 'count_batches', 'statistics_loader',
+           'naming_files', 'bad_samples',
            'norm_eval_modules', 'frozen_batchnorms', 'require_bn_train']
 
 
@@ -141,6 +142,26 @@ def count_batches(loader: Any, num_batches: Optional[int] = None) -> int:
     else:
         one_pass = len(loader)
     return min(one_pass, num_batches) if num_batches else one_pass
+
+
+def statistics_loader(runner: Any, dataloader: Any = None, num_batches: Optional[int] = None
+                      ) -> Tuple[Any, int]:
+    """The loader of a Runner's statistics pass and the batches this rank runs: ``dataloader``
+    (a config or a loader), default the training set in one finite pass. A rank without a batch
+    still joins the pooling (the core sums whatever each rank saw)."""
+    if dataloader is None:
+        loader = one_pass_loader(runner.train_dataloader, runner.seed)
+    elif isinstance(dataloader, dict):
+        loader = runner.build_dataloader(dataloader, seed=runner.seed)
+    else:
+        loader = dataloader
+    total = count_batches(loader, num_batches)
+    if total < 1 and len(loader.dataset) == 0:
+        raise ValueError(
+            'DAFTHook: the dataset of the statistics pass is empty (0 samples): check data_root '
+            "and the dataset's data_prefix / ann_file (or custom_hooks[DAFTHook].dataloader); "
+            'DAFT measures BN statistics on target images')
+    return loader, total
 
 
 def batch_files(data_batch: Any) -> List[str]:

@@ -1,11 +1,10 @@
 """DAFTHook: when DAFT's preparation happens in an mmengine Runner, and the state that says it did.
 
-The plan (what is converted, what is head) was decided when the Runner built the optimizer
-(:class:`daft_mm.mm.optim.DAFTOptimWrapperConstructor`); the preparation is
-:func:`daft_mm.core.prepare`. This hook runs it once, in ``before_train``: after the weights are
-loaded or resumed and after the optimizer is built (parameters are edited in place, so the
-optimizer and DDP keep the same tensors). Its state travels in every checkpoint, as EMAHook's
-does, so ``--resume`` never converts or zeroes a second time.
+The plan was decided when the Runner built the optimizer (:mod:`daft_mm.mm.optim`); the
+preparation is :func:`daft_mm.core.prepare`, run once in ``before_train``, after the weights are
+loaded and the optimizer built (parameters are edited in place: the optimizer and DDP keep the
+same tensors). Its state travels in every checkpoint, as EMAHook's does: ``--resume`` never
+converts or zeroes a second time.
 """
 from __future__ import annotations
 
@@ -21,10 +20,11 @@ from mmengine.utils import ProgressBar
 from daft_mm.core import VAR_MODES, flush_subnormals, prepare
 
 from .. import startup
-from ..optim import check_head_lr, check_lr_floors, daft_settings, effective_lrs
+from ..optim import check_head_lr, check_lr_floors, daft_settings, describe_lrs, effective_lrs
 from ..plan import DAFTPlan, split_model
 from ..predictors import predictor_priors
-from ..preparation import bad_samples, count_batches, mm_forward, naming_files, one_pass_loader
+from ..preparation import bad_samples, mm_forward, naming_files, statistics_loader
+from ..settings import check_daft_keys
 
 __all__ = ['DAFTHook']
 
@@ -99,12 +99,12 @@ class DAFTHook(Hook):
         self.plan: Optional[DAFTPlan] = None  # the optimizer constructor's, read in before_run
         self.effective_lrs: Dict[str, Any] = {}
         self._during_training = ExitStack()  # settings held from before_train to after_train
-        self._state: Dict[str, Any] = {}  # what is done; saved with every checkpoint
+        self._state: Dict[str, Any] = {}
         self._loaded_state: Optional[Dict[str, Any]] = None
 
     def before_run(self, runner: Any) -> None:
-        """Take the plan the optimizer was built from and check it still is the config's.
-        Only when the Runner trains (``tools/test.py`` runs the same hooks)."""
+        """Take the plan the optimizer was built from; check it is still the config's. Only
+        when the Runner trains (``tools/test.py`` runs the same hooks)."""
         if not isinstance(getattr(runner, '_train_loop', None), BaseLoop):
             return
         wrapper = runner.optim_wrapper
@@ -115,6 +115,7 @@ class DAFTHook(Hook):
                 'plan decided its parameter groups. Fix: load the config with '
                 'daft_mm.mm.cli.load_config (tools/train.py does), or call '
                 'daft_mm.mm.optim.complete_daft_config(cfg) before Runner.from_cfg(cfg)')
+        check_daft_keys(runner.cfg)  # a key misspelt after loading
         wanted = daft_settings(runner.cfg)
         if wrapper.daft_settings != wanted:
             raise RuntimeError(
@@ -127,10 +128,13 @@ class DAFTHook(Hook):
             self.effective_lrs = effective_lrs(wrapper.optimizer, split_model(runner.model)[1],
                                                self.plan)
             check_head_lr(self.effective_lrs, self.plan)
+            runner.logger.info(f'DAFTHook: effective start LRs (predictors: '
+                               f'{self.plan.head_lr_mult:g} from {self.plan.head_lr_mult_from}): '
+                               + describe_lrs(self.effective_lrs))
         runner.logger.info('DAFTHook: ' + self.plan.summary())
 
     def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
-        checkpoint[_CKPT_KEY] = dict(self._state)
+        checkpoint[_CKPT_KEY] = dict(self._state)  # what is done travels with the checkpoint
 
     def after_load_checkpoint(self, runner: Any, checkpoint: dict) -> None:
         """Resume and ``load_from`` alike; a resume of a checkpoint not trained with DAFT fails
@@ -142,7 +146,7 @@ class DAFTHook(Hook):
 
     @staticmethod
     def _require_done(state: Optional[dict], at: int) -> None:
-        if not state or not state.get('done'):
+        if not (state or {}).get('done'):
             raise RuntimeError(
                 f'resuming at iter {at} from a checkpoint without DAFTHook state: it was not '
                 'trained with DAFT, and converting BN or zeroing predictors in the middle of '
@@ -152,8 +156,7 @@ class DAFTHook(Hook):
     def before_train(self, runner: Any) -> None:
         model, net, _ = split_model(runner.model)
         plan = self.plan
-        if self.flush_subnormals and plan.zero_init and \
-                next(net.parameters()).device.type == 'cpu':
+        if self.flush_subnormals and plan.zero_init and next(net.parameters()).is_cpu:
             self._during_training.enter_context(flush_subnormals())
         if runner.iter > 0 or runner.epoch > 0:
             self._require_done(self._loaded_state, runner.iter)
@@ -167,7 +170,7 @@ class DAFTHook(Hook):
         core = plan.core(predictor_priors(net, list(plan.predictors)) if plan.zero_init else {})
         loader, bar, total = None, None, None
         if core.convert:
-            loader, total = self._build_loader(runner)
+            loader, total = statistics_loader(runner, self.dataloader, self.num_batches)
             if self.progress_bar and is_main_process() and total:
                 bar = ProgressBar(total)
         elif plan.convert:
@@ -231,20 +234,3 @@ class DAFTHook(Hook):
 
     def after_train(self, runner: Any) -> None:
         self._during_training.close()
-
-    def _build_loader(self, runner: Any) -> tuple:
-        """A finite loader and the number of batches this rank runs (a rank without a batch
-        still joins the pooling: the core sums whatever each rank saw)."""
-        if self.dataloader is None:
-            loader = one_pass_loader(runner.train_dataloader, runner.seed)
-        elif isinstance(self.dataloader, dict):
-            loader = runner.build_dataloader(self.dataloader, seed=runner.seed)
-        else:
-            loader = self.dataloader
-        total = count_batches(loader, self.num_batches)
-        if total < 1 and len(loader.dataset) == 0:
-            raise ValueError(
-                'DAFTHook: the dataset of the statistics pass is empty (0 samples): check '
-                "data_root and the dataset's data_prefix / ann_file (or "
-                'custom_hooks[DAFTHook].dataloader); DAFT measures BN statistics on target images')
-        return loader, total

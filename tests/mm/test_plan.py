@@ -18,6 +18,7 @@ from mmengine.registry import MODELS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 from daft_mm.mm.hooks import DAFTHook  # noqa: E402
+from daft_mm.mm.optim import complete_daft_config  # noqa: E402
 from _mm_helpers import CONFIGS, ProbeHook, load_tiny, shrink_config, state_copy  # noqa: E402
 
 torch.set_num_threads(1)
@@ -107,6 +108,7 @@ def test_load_from_a_whole_model_converts_every_module_it_holds(cityscapes_root,
     state['auxiliary_head.conv_seg.bias'] = torch.zeros(5)
     torch.save({'state_dict': state, 'meta': {}}, tmp_path / 'cityscapes_model.pth')
     cfg.load_from = str(tmp_path / 'cityscapes_model.pth')
+    complete_daft_config(cfg)  # the plan reads load_from: complete after changing it
     run = _train(cfg)
     plan = run['hook'].plan.conversion
     assert list(plan.left_new) == ['decode_head.aspp_modules.1.bn']
@@ -119,7 +121,7 @@ def test_load_from_a_whole_model_converts_every_module_it_holds(cityscapes_root,
     assert 'decode_head.aspp_modules.0' in reasons and 'decode_head' not in reasons
     assert 'auxiliary_head.convs' in reasons and 'auxiliary_head.conv_seg' not in reasons
     log = next(tmp_path.glob('*/*.log')).read_text()
-    assert 'DAFTHook: with load_from, BN layers converted: ' in log
+    assert f'backbone (load_from {cfg.load_from})' in log  # the plan, logged once
 
 
 @pytest.mark.parametrize('options,converted', [
@@ -265,29 +267,71 @@ def test_every_shipped_daft_config_converts_what_it_loads(name):
         assert list(plan.left_new) == [n for n in bns if not n.startswith('backbone.')]
 
 
-def test_prepare_without_a_runner(cityscapes_root, cfg_path, tmp_path):
-    """The preparation as functions: decide the plan from a config, build the model and a loader
-    yourself, ``prepare`` -- what DAFTHook does before the first step, no Runner involved."""
-    from mmengine.registry import DefaultScope
-    from mmengine.runner import Runner as R
+def test_head_modules_setting_resolves_scopes_and_refuses_a_bad_value():
+    from torch import nn
 
-    from daft_mm.core import prepare
-    from daft_mm.mm.plan import decide_plan
-    from daft_mm.mm.preparation import mm_forward, one_pass_loader
-    cfg = load_tiny(cfg_path, tmp_path, cityscapes_root, **{'train_dataloader.batch_size': 2})
+    from daft_mm.mm.plan import head_modules
+    net = nn.Module()
+    net.backbone = nn.Conv2d(3, 4, 1)
+    net.decode_head = nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 1))
+    preds = ['decode_head.1']
+    assert head_modules({}, net, preds) == (['decode_head'], 'new_modules')  # recipe default
+    assert head_modules({'daft_head_modules': 'predictors'}, net, preds) == (preds, 'predictors')
+    assert head_modules({'daft_head_modules': ['decode_head']}, net, preds)[0] == ['decode_head']
+    with pytest.raises(ValueError, match="'decoder_head' is not one of"):
+        head_modules({'daft_head_modules': 'decoder_head'}, net, preds)
+    with pytest.raises(ValueError, match='leaves the predictors'):
+        head_modules({'daft_head_modules': ['decode_head.0']}, net, preds)
+
+
+def test_a_tracked_instancenorm_in_the_backbone_is_refused_when_the_plan_is_made(
+        cityscapes_root, cfg_path, tmp_path):
+    """One BN-like test for planning and conversion: a layer conversion would refuse is refused
+    when the plan is made (the optimizer constructor), naming it, before any data is read."""
+    from daft_mm.core import make_plan
+
+    cfg = load_tiny(cfg_path, tmp_path, cityscapes_root, **{'train_cfg.max_iters': 1})
+    runner = Runner.from_cfg(cfg)
+    stem = runner.model.model.backbone.stem
+    index = next(i for i, m in enumerate(stem) if isinstance(m, _BatchNorm))
+    stem[index] = torch.nn.InstanceNorm2d(stem[index].num_features, affine=True,
+                                          track_running_stats=True)
+    read = []
+    runner.register_hook(ProbeHook(read.append), priority='VERY_HIGH')
+    with pytest.raises(ValueError, match=rf'backbone\.stem\.{index} \(InstanceNorm2d\): an '
+                                         'InstanceNorm normalises each sample'):
+        runner.train()
+    assert not read, 'refused before the Runner reached before_train'
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.InstanceNorm2d(
+        4, track_running_stats=True))
+    with pytest.raises(ValueError, match=r'^1 normalisation layer\(s\).*\b1 \(InstanceNorm2d\)'):
+        make_plan(net, pretrained=[''], predictors=())
+
+
+def test_load_from_is_planned_from_the_checkpoint_keys_without_reading_its_data(
+        cityscapes_root, cfg_path, tmp_path, monkeypatch):
+    from daft_mm.mm import plan as plan_module
+
+    cfg = load_tiny(cfg_path, tmp_path, cityscapes_root, pretrained=False)
+    with_backbone = tmp_path / 'whole.pth'
+    from mmengine.registry import DefaultScope
     with DefaultScope.overwrite_default_scope('mmseg'):
         model = MODELS.build(cfg.model)
-        model.init_weights()  # loads the pretrained backbone (init_cfg)
-        loader = one_pass_loader(R.build_dataloader(cfg.train_dataloader, seed=0), seed=0)
-    net = model.model
-    plan = decide_plan(cfg, model)
-    before = state_copy(net)
-    done = prepare(net, loader, plan.core(), forward=mm_forward('loss'))
-    assert done.zeroed == ['decode_head.conv_seg', 'auxiliary_head.conv_seg']
-    assert done.report.converted == list(plan.conversion.converted)
-    assert done.report.layers[0].num_samples == 4  # every training image, once
-    after = state_copy(net)
-    run = dict(before=before, after=after)
-    assert all(_changed(run, n) for n in plan.conversion.converted)
-    assert all(_untouched(run, n) for n in plan.conversion.left_new)
-    assert not after['decode_head.conv_seg.weight'].any()
+    state = {k: v for k, v in model.model.state_dict().items()
+             if not k.startswith('auxiliary_head')}
+    torch.save({'state_dict': state, 'meta': {}}, with_backbone)
+    loads = []
+    real = torch.load
+
+    def spy(*args, **kwargs):
+        loads.append(kwargs.get('map_location'))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, 'load', spy)
+    plan = plan_module.decide_plan(cfg, model, load_from=str(with_backbone))
+    assert loads == ['meta'], 'keys and shapes only: a meta-device load'
+    pretrained = dict(plan.conversion.pretrained)
+    assert {'backbone', 'decode_head'} <= set(pretrained)
+    assert 'auxiliary_head' not in pretrained
+    assert all(name.startswith(('backbone.', 'decode_head.')) for name in plan.conversion.converted)
+    assert all(name.startswith('auxiliary_head.') for name in plan.conversion.left_new)
