@@ -93,7 +93,7 @@ def test_truncated_and_unsafe_checkpoints_are_named(tmp_path):
     import argparse
     import pickle
 
-    from daft_mm.mm.compat import load_checkpoint_file
+    from daft_mm.mm.safe_load import load_checkpoint_file
     whole = tmp_path / 'whole.pth'
     torch.save({'state_dict': {'w': torch.ones(3)}}, whole)
     cut = tmp_path / 'cut.pth'
@@ -199,7 +199,7 @@ def test_nan_weights_are_named_as_the_checkpoints_not_the_datas():
 def test_a_blocked_global_in_a_checkpoint_is_named(tmp_path):
     import pickle
 
-    from daft_mm.mm.compat import load_checkpoint_file
+    from daft_mm.mm.safe_load import load_checkpoint_file
 
     class RunsCommand:
         def __reduce__(self):

@@ -158,7 +158,7 @@ def check_output(src: str, dst: str, overwrite: bool) -> None:
 def main(argv: List[str] | None = None) -> Dict[str, Any]:
     args = parse_args(argv)
     check_output(args.src, args.dst, args.overwrite)
-    from daft_mm.mm.compat import load_checkpoint_file  # weights_only unless trusted
+    from daft_mm.mm.safe_load import load_checkpoint_file  # weights_only unless trusted
     from daft_mm.utils import atomic_save
     state = find_state_dict(load_checkpoint_file(args.src, map_location='cpu'))
     converted, meta = convert(state)

@@ -61,7 +61,7 @@ def pretrain_demo_backbone(s: Settings, work_dir: Path, roots: DataRoots,
         shutil.rmtree(run_dir)
     Runner.from_cfg(cfg).train()
     # The project's loader: restricted unpickling with the mmengine allow-list on any torch.
-    from daft_mm.mm.compat import load_checkpoint_file
+    from daft_mm.mm.safe_load import load_checkpoint_file
     last = run_dir / f'iter_{s.pretrain_iters}.pth'
     state = {k: v for k, v in load_checkpoint_file(str(last), map_location='cpu')
              ['state_dict'].items() if k.startswith('backbone.')}

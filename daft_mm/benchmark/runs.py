@@ -387,7 +387,7 @@ def _load_backbone(task: TaskSpec, backbone: Any) -> None:
     init only warns about missing keys, and a half-random backbone would compare the methods on
     a premise nobody chose. The refusal says which prefix would load it."""
     from daft_mm.mm.cli import checkpoint_mismatch
-    from daft_mm.mm.compat import load_checkpoint_file
+    from daft_mm.mm.safe_load import load_checkpoint_file
     from daft_mm.mm.loaded import own_shapes
     saved = load_checkpoint_file(task.backbone, map_location='cpu')
     state = saved.get('state_dict', saved) if isinstance(saved, dict) else saved

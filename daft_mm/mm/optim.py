@@ -30,7 +30,7 @@ from torch import nn
 
 from daft_mm.core import resolve_modules
 
-from .plan import DAFTPlan, decide_plan, split_model
+from .plan import DAFTPlan, decide_plan
 from .settings import (CONVERT_MODULES_KEY, HEAD_MODULES_KEY, LR_MULT_KEY, PREDICTORS_KEY,
                        hook_config, is_daft_config)
 

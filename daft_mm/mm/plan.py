@@ -210,7 +210,7 @@ def load_from_modules(net: nn.Module, load_from: str) -> Dict[str, str]:
     """The modules a ``load_from`` checkpoint fills with the same shapes (:func:`checkpoint_
     pretrained`), read for its keys and shapes only: a ``meta``-device load reads no tensor data,
     so the Runner's own load stays the one that reads the weights."""
-    from .compat import safe_torch_load
+    from .safe_load import safe_torch_load
     try:
         saved = safe_torch_load(load_from, map_location='meta', source=str(load_from))
     except FileNotFoundError:

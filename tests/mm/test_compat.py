@@ -19,7 +19,7 @@ import torch.nn as nn
 from mmengine.logging import HistoryBuffer
 from mmengine.runner.checkpoint import CheckpointLoader, load_checkpoint
 
-from daft_mm.mm import compat
+from daft_mm.mm import compat, safe_load
 
 
 class Opaque:
@@ -59,7 +59,7 @@ def mechanism(request, monkeypatch) -> str:
     if request.param == 'torch' and not compat.torch_takes_allow_list():
         pytest.skip(f"torch {torch.__version__}'s weights_only unpickler cannot take the allow-list "
                     '(found by the probe): the restricted unpickler is what runs here')
-    monkeypatch.setattr(compat, '_TAKES_ALLOW_LIST', request.param == 'torch')
+    monkeypatch.setattr(safe_load, '_TAKES_ALLOW_LIST', request.param == 'torch')
     return request.param
 
 
@@ -68,7 +68,7 @@ def test_the_mechanism_is_chosen_by_probing_torch():
     serialization = torch.serialization
     if not hasattr(serialization, 'add_safe_globals') or not hasattr(serialization, 'safe_globals'):
         assert not compat.torch_takes_allow_list()
-    assert compat.torch_takes_allow_list() == compat._probe_allow_list()
+    assert compat.torch_takes_allow_list() == safe_load._probe_allow_list()
 
 
 def test_mmengine_objects_load(tmp_path, untrusted, mechanism):
@@ -163,7 +163,7 @@ def test_probing_keeps_globals_registered_before(untrusted):
                     'global allow-list to disturb')
     serialization.add_safe_globals([Opaque])
     try:
-        compat._probe_allow_list()
+        safe_load._probe_allow_list()
         assert Opaque in serialization.get_safe_globals()
         if compat.torch_takes_allow_list():
             assert HistoryBuffer in serialization.get_safe_globals()
