@@ -112,7 +112,7 @@ def test_auto_resume_before_first_checkpoint_starts_from_load_from(cityscapes_ro
 
 def test_auto_resume_with_a_checkpoint_resumes_it(cityscapes_root, tmp_path):
     """The other half of the rule: a checkpoint in the work dir wins over load_from."""
-    train = load_tool('train')
+    from daft_mm.mm import resume as train
     cfg = Config(dict(work_dir=str(tmp_path), load_from='/some/pretrained.pth'))
     torch.save({'state_dict': {}, 'meta': {'iter': 3}}, tmp_path / 'iter_3.pth')
     (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_3.pth'))

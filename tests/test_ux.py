@@ -437,13 +437,12 @@ def _distortion_result(bias_outlier: float) -> Dict[str, Any]:
 
 
 def test_distortion_plots_stay_readable(tmp_path):
-    from _tools import load_tool
-    tool = load_tool('analyze_distortion')
+    from daft_mm.mm import distortion_report as report
     result = _distortion_result(1.4e5)
-    scales = tool.plot_parameters(result, str(tmp_path / 'p.png'))
+    scales = report.plot_parameters(result, str(tmp_path / 'p.png'))
     assert scales['bn_bias'] == 'symlog' and scales['bn_weight'] == 'symlog'
     assert scales['bn_running_var'] == 'log'
-    legend = tool.plot_features(result, str(tmp_path / 'f.png'))
+    legend = report.plot_features(result, str(tmp_path / 'f.png'))
     (first, w0), (second, w1) = legend
     assert first == 'DAFT vs pretrained'
     assert second == 'DAFT vs converted (identical to DAFT vs pretrained)'

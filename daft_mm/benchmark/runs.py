@@ -344,7 +344,7 @@ def miou(model: Any, batches: List[Any], dataset_meta: Mapping[str, Any]) -> flo
 def evaluate(model: Any, ctx: Context) -> Dict[str, Any]:
     """ID-val (for choices), ID-test and OOD mIoU, and the deepest backbone features' cosine
     similarity to the pretrained backbone on the ID test images."""
-    from daft_mm.mm.hooks.distortion_hook import compare_backbones
+    from daft_mm.mm.distortion import compare_backbones
     if not ctx.full_sets:
         build_eval_sets(ctx)
     meta = ctx.dataset_meta

@@ -1,15 +1,14 @@
 """DistortionHook: watch how far fine-tuning moves the backbone, at every validation.
 
-The numbers come from :mod:`daft_mm.core.distortion`; this file only holds the OpenMMLab glue
-(running a model's data preprocessor + backbone on mmengine data batches, hook timing, logging to
-the visualizer backends). ``tools/analyze_distortion.py`` reuses the glue for offline analysis.
+The numbers come from :mod:`daft_mm.core.distortion` through the statistics of
+:mod:`daft_mm.mm.distortion` (which the offline analysis uses too); this file only decides when
+they are measured and logs them to the visualizer backends.
 """
 from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from mmengine.dist import is_main_process
@@ -17,162 +16,12 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from torch import nn
 
-from daft_mm.core import kept_modes
-from daft_mm.core.distortion import feature_similarity, relative_change
+from daft_mm.core.distortion import relative_change
 
+from ..distortion import compare_backbones
 from ..plan import unwrap
 
-__all__ = ['DistortionHook', 'backbone_inputs', 'as_feature_tuple', 'resolve_levels',
-           'FeatureStats', 'compare_backbones']
-
-
-# ------------------------------------------------------------------------------------- glue
-def backbone_inputs(model: nn.Module, data_batch: Any, training: bool = False) -> torch.Tensor:
-    """The image tensor the model's backbone sees for an mmengine data batch (dataloader output):
-    what ``model.data_preprocessor`` makes of it (normalised, padded, on the model's device)."""
-    data = model.data_preprocessor(data_batch, training)
-    inputs = data['inputs'] if isinstance(data, Mapping) else data[0]
-    if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f'data_preprocessor returned inputs of type {type(inputs).__name__}; the '
-                        'distortion analysis needs a batched image tensor')
-    return inputs
-
-
-def as_feature_tuple(out: Any) -> Tuple[torch.Tensor, ...]:
-    """A backbone's output as a tuple of feature maps (mmseg/mmdet backbones return tuples)."""
-    if isinstance(out, torch.Tensor):
-        return (out, )
-    if isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out):
-        return tuple(out)
-    raise TypeError(f'backbone returned {type(out).__name__}; expected a tensor or a tuple of them')
-
-
-def resolve_levels(levels: Sequence[int], num_outputs: int) -> List[int]:
-    """Negative output indices made positive, checked against the number of backbone outputs."""
-    resolved = []
-    for level in levels:
-        idx = level + num_outputs if level < 0 else level
-        if not 0 <= idx < num_outputs:
-            raise ValueError(f'feature level {level} does not exist: the backbone returns '
-                             f'{num_outputs} feature map(s) (valid: 0..{num_outputs - 1} or -1..'
-                             f'-{num_outputs})')
-        resolved.append(idx)
-    return resolved
-
-
-@contextmanager
-def eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Eval mode inside, every submodule's own flag restored after (some are kept eval on purpose,
-    e.g. by ``norm_eval``), and no autograd."""
-    with kept_modes(modules), torch.no_grad():
-        for module in modules:
-            module.eval()
-        yield
-
-
-def one_minus_cosine_edges(num_log_bins: int = 100) -> torch.Tensor:
-    """Histogram edges for ``1 - cosine``: ``[0, 1e-9)`` holds exact matches, then log-spaced up
-    to 2. Cosines of fine-tuned features crowd just below 1, where linear bins see nothing."""
-    return torch.cat([torch.zeros(1, dtype=torch.float64),
-                      torch.logspace(-9, math.log10(2.0), num_log_bins + 1, dtype=torch.float64)])
-
-
-class FeatureStats:
-    """Accumulates per-image similarities of one backbone output level against a reference;
-    per-pixel cosines are kept as a histogram of ``1 - cosine`` (bounded memory)."""
-
-    def __init__(self, num_log_bins: int = 100) -> None:
-        self.cosine: List[float] = []
-        self.l2: List[float] = []
-        self.pixel_cosine_per_image: List[float] = []
-        self.edges = one_minus_cosine_edges(num_log_bins)
-        self.pixel_hist = torch.zeros(len(self.edges) - 1, dtype=torch.float64)
-        self.num_pixels = 0
-        self._pixel_total = 0.0
-
-    def update(self, f0: torch.Tensor, f1: torch.Tensor) -> None:
-        sim = feature_similarity(f0, f1)
-        self.cosine += sim.cosine.cpu().tolist()
-        self.l2 += sim.l2.cpu().tolist()
-        if sim.pixel_cosine is not None:
-            pix = sim.pixel_cosine.flatten(1).cpu()
-            self.pixel_cosine_per_image += pix.mean(dim=1).tolist()
-            dist = (1.0 - pix.flatten()).clamp(0.0, 2.0)
-            idx = torch.bucketize(dist, self.edges, right=True) - 1
-            idx = idx.clamp(0, len(self.pixel_hist) - 1)  # 1 - cos == 2 goes in the last bin
-            self.pixel_hist += torch.bincount(idx, minlength=len(self.pixel_hist)).double()
-            self.num_pixels += pix.numel()
-            self._pixel_total += pix.sum().item()
-
-    def means(self) -> Dict[str, float]:
-        """Mean over images (pixel cosine: mean over all pixels of all images)."""
-        def mean(values: List[float]) -> float:
-            return sum(values) / len(values) if values else math.nan
-        out = {'cosine': mean(self.cosine), 'l2': mean(self.l2)}
-        if self.num_pixels:
-            # Pixel-weighted, so images of different sizes count by their area.
-            out['pixel_cosine'] = self._pixel_total / self.num_pixels
-        return out
-
-    def to_dict(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {'num_images': len(self.cosine), 'mean': self.means(),
-                               'per_image': {'cosine': self.cosine, 'l2': self.l2}}
-        if self.num_pixels:
-            out['per_image']['pixel_cosine_mean'] = self.pixel_cosine_per_image
-            out['pixel_one_minus_cosine_histogram'] = {
-                'edges': self.edges.tolist(), 'num_pixels': self.num_pixels,
-                'counts': [int(c) for c in self.pixel_hist.tolist()]}
-        return out
-
-
-def compare_backbones(model: nn.Module,
-                      backbones: Mapping[str, nn.Module],
-                      pairs: Sequence[Tuple[str, str]],
-                      batches: Iterable[Any],
-                      *,
-                      max_images: Optional[int] = None,
-                      levels: Sequence[int] = (-1, )
-                      ) -> Tuple[Dict[Tuple[str, str], Dict[int, FeatureStats]], int]:
-    """Feature similarity of backbone pairs on the same images, one pass over ``batches``.
-
-    Args:
-        model: supplies ``data_preprocessor`` (the backbones share it, as they share the config).
-        backbones: name -> backbone module; each runs once per batch.
-        pairs: ``(reference, compared)`` names; the reference's features are ``f0``.
-        batches: mmengine data batches (e.g. a val dataloader).
-        max_images: stop after this many images (the last batch is cut).
-        levels: backbone output indices to compare (negative counts from the deepest).
-
-    Returns ``({pair: {level: FeatureStats}}, number of images seen)``. Only one batch of features
-    is held at a time, so full-resolution datasets fit in memory.
-    """
-    for ref, other in pairs:
-        for name in (ref, other):
-            if name not in backbones:
-                raise KeyError(f'pair ({ref!r}, {other!r}) names unknown backbone {name!r}; '
-                               f'known: {sorted(backbones)}')
-    if max_images is not None and max_images < 1:
-        raise ValueError(f'max_images must be positive, got {max_images}')
-    stats: Dict[Tuple[str, str], Dict[int, FeatureStats]] = {}
-    needed = sorted({name for pair in pairs for name in pair})
-    seen = 0
-    with eval_mode(model, *backbones.values()):
-        for batch in batches:
-            inputs = backbone_inputs(model, batch, training=False)
-            if max_images is not None:
-                inputs = inputs[:max_images - seen]
-            feats = {name: as_feature_tuple(backbones[name](inputs)) for name in needed}
-            resolved = resolve_levels(levels, len(next(iter(feats.values()))))
-            for pair in pairs:
-                per_level = stats.setdefault(pair, {idx: FeatureStats() for idx in resolved})
-                for idx in resolved:
-                    per_level[idx].update(feats[pair[0]][idx], feats[pair[1]][idx])
-            seen += inputs.shape[0]
-            if max_images is not None and seen >= max_images:
-                break
-    if seen == 0:
-        raise ValueError('no images: the dataloader yielded nothing to compare features on')
-    return stats, seen
+__all__ = ['DistortionHook']
 
 
 # ------------------------------------------------------------------------------------- hook
