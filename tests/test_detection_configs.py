@@ -127,7 +127,8 @@ def test_full_size_configs_resolve_with_bn_training(name):
     hooks = [h['type'] for h in cfg.get('custom_hooks', [])]
     if name.startswith('detection/daft'):
         assert hooks == ['DAFTHook']
-        # no substring keys copied into the config: DAFTHook derives the entries at start-up
+        # no substring keys copied into the config: the DAFT constructor derives the entries
+        # when the optimizer is built
         assert not cfg.optim_wrapper.get('paramwise_cfg')
     else:
         assert 'DAFTHook' not in hooks and not cfg.optim_wrapper.get('paramwise_cfg')

@@ -45,7 +45,7 @@ class DAFTModel(BaseModel):
             ``daft_head_lr_mult``, applied by DAFTHook at start-up.
         feature_extractor: the pretrained part, frozen under LP (module paths); default
             backbone. Set explicitly, DAFT converts the BN layers in it and no others (default:
-            those that loaded pretrained weights, see :func:`daft_mm.mm.settings.conversion_plan`).
+            those that loaded pretrained weights, see :func:`daft_mm.mm.plan.conversion_plan`).
         data_preprocessor: used only if the wrapped model's config has none (the Runner passes a
             config's top-level ``data_preprocessor`` here).
         init_cfg: kept for the BaseModel interface; the wrapped model initialises itself.
