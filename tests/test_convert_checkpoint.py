@@ -89,7 +89,8 @@ def test_moco_v2_layout_to_load_from(tool, backbone_state, tmp_path):
     assert torch.equal(model.decode_head.conv_seg.weight, head_before)
 
 
-def test_truncated_checkpoint_is_refused(tool, backbone_state):
+def test_truncated_checkpoint_is_refused(backbone_state):
+    from daft_mm.mm import checkpoint_convert as tool
     state = {k: v for k, v in backbone_state.items() if not k.startswith('layer4.1.')}
     with pytest.raises(ValueError, match=r'\[2, 2, 2, 1\].*truncated'):
         tool.convert(state)

@@ -411,19 +411,20 @@ def test_an_edited_config_is_another_analysis(tiny_cfg_path, tmp_path):
     from mmengine.config import Config
 
     from _tools import load_tool
-    tool = load_tool('analyze_distortion')
+    from daft_mm.mm import distortion_report as report
+    tool = load_tool('analyze_distortion')  # its command line; the rest is the package's
     config = tmp_path / 'mine.py'
     shutil.copy(tiny_cfg_path, config)
     args = tool.parse_args([str(config), '--pretrained', 'p.pth', '--finetuned', 'a=a.pth'])
-    before = tool.analysis_inputs(args, Config.fromfile(str(config)))
+    before = report.analysis_inputs(args, Config.fromfile(str(config)))
     with open(config, 'a') as f:
         f.write('\ntest_dataloader = dict(batch_size=2)\n')
-    after = tool.analysis_inputs(args, Config.fromfile(str(config)))
+    after = report.analysis_inputs(args, Config.fromfile(str(config)))
     assert before['config'] == after['config'] and before != after
-    assert tool.default_out_dir(args, before) != tool.default_out_dir(args, after)
+    assert report.default_out_dir(args, before) != report.default_out_dir(args, after)
     out = tmp_path / 'out'
     out.mkdir()
     (out / 'distortion.json').write_text(json.dumps({'inputs': before}))
-    tool.refuse_other_analysis(str(out), before, overwrite=False)  # the same analysis: fine
+    report.refuse_other_analysis(str(out), before, overwrite=False)  # the same analysis: fine
     with pytest.raises(FileExistsError, match='holds an analysis of other inputs'):
-        tool.refuse_other_analysis(str(out), after, overwrite=False)
+        report.refuse_other_analysis(str(out), after, overwrite=False)

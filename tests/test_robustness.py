@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from _tools import load_tool
+from daft_mm.mm import robustness
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +104,7 @@ def test_seeded_corruption_leaves_global_numpy_state_alone():
 # ------------------------------------------------------------------------------ the tool
 def test_with_corruption_inserts_after_loading_in_every_dataset():
     from mmengine.config import ConfigDict
-    with_corruption = _tool().with_corruption
+    with_corruption = robustness.with_corruption
     pipe = [dict(type='LoadImageFromFile'), dict(type='Resize', scale=(8, 8))]
     cfg = ConfigDict(dataset=dict(type='ConcatDataset', datasets=[
         dict(type='A', pipeline=pipe), dict(type='RepeatDataset', dataset=dict(type='B',

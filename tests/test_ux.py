@@ -413,8 +413,7 @@ def test_robustness_terminal_has_summaries_and_the_json_the_per_class_tables(
 
 
 def test_robustness_plot_names_checkpoint_and_explains_mpc_rpc(tmp_path):
-    from _tools import load_tool
-    tool = load_tool('test_robustness')
+    from daft_mm.mm import robustness as tool
     results = dict(metric='mIoU', checkpoint='work_dirs/daft/iter_40000.pth', clean=60.0,
                    corrupted={'fog': {'1': 50.0, '3': 40.0}})
     results['summary'] = tool.summarize(results)

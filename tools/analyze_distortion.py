@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import os.path as osp
 import sys
@@ -34,8 +33,9 @@ if REPO not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, REPO)
 
 from daft_mm.mm.distortion import CONVERTED, PRETRAINED  # noqa: E402
-from daft_mm.mm.distortion_report import (format_summary, plot_features,  # noqa: E402
-                                          plot_parameters)
+from daft_mm.mm.distortion_report import (analysis_inputs, default_out_dir,  # noqa: E402
+                                          format_summary, plot_features, plot_parameters,
+                                          refuse_other_analysis)
 
 
 # ------------------------------------------------------------------------------------ args
@@ -101,58 +101,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.max_images is not None and args.max_images < 1:
         parser.error('--max-images must be positive')
     return args
-
-
-# ------------------------------------------------------------------------------------- output
-def analysis_inputs(args: argparse.Namespace, cfg: Any = None) -> Dict[str, Any]:
-    """What an analysis depends on: the config (its path and its resolved content, bases and
-    options included: an edited config is another analysis), the checkpoints' paths and bytes,
-    the options."""
-    from daft_mm.benchmark.data import stable_hash
-    from daft_mm.utils import file_digest
-
-    def digest(path: str) -> str:
-        return file_digest(path) if osp.isfile(path) else 'missing'
-
-    content = stable_hash(cfg.to_dict()) if cfg is not None else None
-    return {
-        'config': osp.abspath(args.config), 'config_content': content,
-        'cfg_options': list(args.cfg_options or []),
-        'pretrained': [osp.abspath(args.pretrained), digest(args.pretrained)],
-        'finetuned': {name: [osp.abspath(p), digest(p)] for name, p in args.finetuned},
-        'reference_converted': {name: [osp.abspath(p), digest(p)]
-                                for name, p in args.reference_converted},
-        'convert': sorted(args.convert), 'convert_split': args.convert_split,
-        'convert_batches': args.convert_batches, 'convert_var_mode': args.convert_var_mode,
-        'split': args.split, 'max_images': args.max_images, 'levels': list(args.levels),
-        'seed': args.seed}
-
-
-def default_out_dir(args: argparse.Namespace, inputs: Dict[str, Any]) -> str:
-    import hashlib
-    key = hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:8]
-    runs = '_'.join(name for name, _ in args.finetuned)[:60]
-    return osp.join('work_dirs', 'distortion', osp.splitext(osp.basename(args.config))[0],
-                    f'{runs}-{key}')
-
-
-def refuse_other_analysis(out_dir: str, inputs: Dict[str, Any], overwrite: bool) -> None:
-    """An earlier analysis of other inputs in ``out_dir`` is not replaced without --overwrite."""
-    path = osp.join(out_dir, 'distortion.json')
-    if overwrite or not osp.isfile(path):
-        return
-    try:
-        with open(path) as f:
-            earlier = json.load(f).get('inputs')
-    except (OSError, ValueError, AttributeError):
-        earlier = None
-    if earlier == inputs:
-        return
-    raise FileExistsError(
-        f'{path} holds an analysis of other inputs (runs '
-        f'{sorted((earlier or {}).get("finetuned", {})) or "unknown"}); writing here would '
-        'replace it. Fix: another --out-dir (the default gives every analysis its own folder), '
-        'or --overwrite to replace it')
 
 
 # ------------------------------------------------------------------------------------- main
