@@ -1,6 +1,8 @@
-"""Load a script of tools/ as a module, for tests that call its functions directly. Not a test
-module (no ``test_`` prefix). The module is registered as ``daft_tools_<name>``: several tools'
-names (test.py, test_robustness.py) would clash with test modules or with each other."""
+"""A script of tools/ (or benchmarks/) as a module, for the tests of its command line: they call
+its ``main(argv)`` / ``parse_args(argv)`` in-process (seconds instead of a fresh interpreter per
+run). Library code is not reached this way: it lives in the package and the tests import it. Not a
+test module (no ``test_`` prefix). The module is registered as ``daft_tools_<name>``: several
+tools' names (test.py, test_robustness.py) would clash with test modules or with each other."""
 from __future__ import annotations
 
 import importlib.util

@@ -350,10 +350,8 @@ def test_select_settings_widens_down_to_ratio_one_breaks_ties_by_loss_and_reuses
 
 
 def test_train_cls_runs_the_ablations_with_head_scope_and_named_pretrained_modules(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('train_cls', REPO / 'tools' / 'train_cls.py')
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from _tools import load_tool
+    tool = load_tool('train_cls')  # its command line, in-process
     from daft_mm.classification import generate_demo_datasets
     data = generate_demo_datasets(tmp_path / 'demo', train_per_class=4, test_per_class=2,
                                   image_size=12)

@@ -341,11 +341,8 @@ def test_train_cls_one_probe_rule_named_models_and_checked_flags(tmp_path):
 
 
 def _load_train_cls():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('train_cls', REPO / 'tools' / 'train_cls.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from _tools import load_tool
+    return load_tool('train_cls')  # its command line, in-process
 
 
 def test_warmup_ramps_the_learning_rate_from_zero():
