@@ -345,12 +345,13 @@ def evaluate(model: Any, ctx: Context) -> Dict[str, Any]:
     """ID-val (for choices), ID-test and OOD mIoU, and the deepest backbone features' cosine
     similarity to the pretrained backbone on the ID test images."""
     from daft_mm.mm.distortion import compare_backbones
+    from daft_mm.mm.plan import split_model
     if not ctx.full_sets:
         build_eval_sets(ctx)
     meta = ctx.dataset_meta
     scores = {name: miou(model, batches, meta) for name, batches in ctx.eval_sets.items()}
     ood = {k: v for k, v in scores.items() if k != 'ID'}
-    inner = getattr(model, 'model', model)  # DAFTModel -> segmentor
+    inner = split_model(model)[1]  # DAFTModel -> segmentor
     stats, _ = compare_backbones(inner, {'pretrained': ctx.pretrained_backbone,
                                          'finetuned': inner.backbone},
                                  [('pretrained', 'finetuned')], ctx.eval_sets['ID'], levels=(-1, ))
