@@ -298,7 +298,8 @@ def convert_bn(model: nn.Module,
                modules: ModuleSpec = None,
                skip_incompatible: bool = False,
                progress: Optional[Callable[[int], None]] = None,
-               process_group: Optional[dist.ProcessGroup] = None) -> ConversionReport:
+               process_group: Optional[dist.ProcessGroup] = None,
+               keep_function: bool = True) -> ConversionReport:
     """Converts the model's BN layers to the statistics of ``batches``, in place, keeping the
     eval-mode function. Returns a report of what moved and by how much.
 
@@ -317,6 +318,9 @@ def convert_bn(model: nn.Module,
             statistics instead of raising.
         progress: called with the number of batches done after each batch.
         process_group: the group whose ranks pool their statistics; default the world.
+        keep_function: ``False``: write the measured statistics only, weight and bias kept (the
+            statistics of a weight-space mix, which match none of its endpoints, re-estimated;
+            the function changes, as intended there).
 
     Under ``torch.distributed`` every rank must call this; the ranks agree after every batch (a
     failing rank stops the others at their next batch), statistics are pooled with one all-reduce
@@ -414,7 +418,7 @@ def convert_bn(model: nn.Module,
             except ValueError as exc:
                 raise ConversionError(f'{name}: {exc}. The model is unchanged.') from exc
 
-    updates, report = _plan_updates(layers, moments)
+    updates, report = _plan_updates(layers, moments, keep_function)
     report.var_mode, report.num_batches, report.world_size = var_mode, num_batches, world_size
     report.skipped = skipped
     _apply(layers, updates)
@@ -425,9 +429,8 @@ def convert_bn(model: nn.Module,
 _Update = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # mean, var, weight, bias
 
 
-def _plan_updates(layers: Mapping[str, _BatchNorm],
-                  moments: Mapping[str, ChannelMoments]) -> Tuple[Dict[str, _Update],
-                                                                  ConversionReport]:
+def _plan_updates(layers: Mapping[str, _BatchNorm], moments: Mapping[str, ChannelMoments],
+                  keep_function: bool = True) -> Tuple[Dict[str, _Update], ConversionReport]:
     """Every new value, computed and checked before anything is written.
 
     The checks and the report's per-layer figures are gathered into one tensor and read back
@@ -442,8 +445,8 @@ def _plan_updates(layers: Mapping[str, _BatchNorm],
         std_new = (mom.var + bn.eps).sqrt()
         w = bn.weight.detach().to(torch.float64)
         b = bn.bias.detach().to(torch.float64)
-        new_bias = b + (mom.mean - mu_old) * w / std_old
-        new_weight = w * std_new / std_old
+        new_bias = b + (mom.mean - mu_old) * w / std_old if keep_function else b
+        new_weight = w * std_new / std_old if keep_function else w
         updates[name] = (mom.mean, mom.var, new_weight, new_bias)
         shift = (mom.mean - mu_old).abs() / std_old
         finite = torch.stack([torch.isfinite(t).all() for t in updates[name]]).all()

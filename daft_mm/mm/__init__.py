@@ -10,5 +10,6 @@ from . import datasets  # noqa: F401
 from . import hooks  # noqa: F401  (DistortionHook; DAFTHook)
 from . import models  # noqa: F401  (DAFTModel: the BN-conversion / fine-tuning-method wrapper)
 from . import optim  # noqa: F401  (DAFTOptimWrapperConstructor, PolyLRGroupFloors)
+from . import l2sp  # noqa: F401  (L2SPOptimWrapper and its constructor: a baseline)
 # Every further submodule that registers something (hooks, models, transforms) gets one import
 # line above; a module left out here is invisible to configs.
