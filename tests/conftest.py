@@ -84,7 +84,7 @@ def camvid_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp('camvid') / 'CamVid'
     shutil.copytree(REPO / 'tests' / 'samples' / 'camvid' / 'CamVid', root)
     from daft_mm.mm.datasets.camvid_splits import write_day_dusk_splits
-    write_day_dusk_splits(root, gap=1)
+    write_day_dusk_splits(root)
     return root
 
 

