@@ -20,6 +20,8 @@ pytestmark = pytest.mark.filterwarnings('ignore::UserWarning', 'ignore::Deprecat
 SAMPLE = REPO / 'tests' / 'samples' / 'camvid' / 'CamVid'
 CAMVID_SPEC = CONFIGS / 'camvid' / 'compare_camvid_day_dusk.py'
 ROWS = ('FT', 'LP', 'LP-FT', 'DAFT', 'DAFT w/o conversion', 'conversion only')
+#: the CamVid specification adds the baselines users have and DAFT's parts at its choice
+CAMVID_ROWS = ROWS + ('FT, head at 10x', 'L2-SP', 'DAFT w/o zero init', 'DAFT at ratio 1')
 
 
 def _compare(python: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -41,7 +43,7 @@ def compared(tmp_path_factory, camvid_root, python):
 def test_camvid_specification_end_to_end(compared, camvid_root):
     work, out = compared
     report = json.loads((work / 'report.json').read_text())
-    assert tuple(report['methods']) == ROWS
+    assert tuple(report['methods']) == CAMVID_ROWS
     # the specification's OOD sets: the dusk drive and three corruptions of the ID test frames
     assert report['ood_sets'] == ['dusk', 'gaussian_noise-3', 'motion_blur-3', 'fog-3']
     task = report['task']
@@ -55,7 +57,13 @@ def test_camvid_specification_end_to_end(compared, camvid_root):
     assert report['methods']['LP']['cosine_similarity']['mean'] == pytest.approx(1.0, abs=1e-6)
     check = report['budget_check']
     assert check['budget'] == 4 and check['verdict'].startswith('FT at its choice')
-    assert json.loads((work / 'search.json').read_text())['chosen'].keys() == set(ROWS)
+    # the searched rows have a choice; DAFT's ablations at its choice run DAFT's setting
+    chosen = json.loads((work / 'search.json').read_text())['chosen']
+    assert chosen.keys() == set(CAMVID_ROWS) - {'DAFT w/o zero init', 'DAFT at ratio 1'}
+    assert chosen['L2-SP']['strength'] == 0.1
+    runs = report['runs']
+    assert runs['DAFT w/o zero init'][0]['setting'] == runs['DAFT'][0]['setting']
+    assert runs['DAFT at ratio 1'][0]['setting'] == dict(runs['DAFT'][0]['setting'], ratio=1.0)
     assert (work / 'report.png').stat().st_size > 1000
     md = (work / 'report.md').read_text()
     assert 'camvid_day_dusk' in md.splitlines()[0] and '| dusk |' in md and 'Budget: FT' in md
@@ -253,6 +261,19 @@ def test_every_method_is_derived_from_one_config():
     assert [h['type'] for h in daft.custom_hooks].count('DAFTHook') == 1
     assert derived['DAFT w/o conversion'].model.method == 'daft-no-convert'
     assert derived['conversion only'].model.method == 'daft-convert-only'
+    # the rows users already have: the stock head LR practice, L2-SP; DAFT without zero init
+    head10 = method_config(load_config(ft), get_method('FT, head at 10x'), Point(lr=0.01),
+                           backbone='b.pth')
+    assert head10.model.method == 'ft'
+    assert head10.optim_wrapper.paramwise_cfg.custom_keys['head'] == dict(lr_mult=10.0)
+    l2sp = method_config(load_config(ft), get_method('L2-SP'), Point(lr=0.01, strength=0.1),
+                         backbone='b.pth')
+    assert l2sp.optim_wrapper.constructor == 'L2SPOptimWrapperConstructor'
+    assert l2sp.optim_wrapper.paramwise_cfg.l2sp == dict(strength=0.1, modules=['backbone'])
+    plain = method_config(load_config(ft), get_method('DAFT w/o zero init'),
+                          Point(lr=0.01, ratio=10.0), backbone='b.pth')
+    hook = next(h for h in plain.custom_hooks if h['type'] == 'DAFTHook')
+    assert hook['zero_init'] is False and plain.daft_head_lr_mult == 10.0
     # a config already wrapped (the shipped DAFT config) is unwrapped, not wrapped twice
     shipped = load_config(str(CONFIGS / 'camvid' / 'daft_deeplabv3_r50-d8_camvid.py'))
     again = method_config(shipped, get_method('FT'), Point(lr=0.1), backbone='b.pth')

@@ -22,6 +22,7 @@ train_pipeline = [
     dict(type='RandomResize', scale=(128, 96), ratio_range=(1.0, 1.5), keep_ratio=True),
     dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
     dict(type='RandomFlip', prob=0.5),
+    dict(type='PhotoMetricDistortion'),  # as every stock mmseg config trains
     dict(type='PackSegInputs'),
 ]
 test_pipeline = [
@@ -53,5 +54,7 @@ compare = dict(
     ood=dict(dusk=dict(ann_file='daft_splits/ood_dusk.txt')),
     corruptions=(('gaussian_noise', 3), ('motion_blur', 3), ('fog', 3)),
     budget=300,
-    seeds=(0, 1, 2),
+    seeds=(0, 1, 2, 3, 4),
+    # what users of robust fine-tuning already have, and DAFT's parts at its own choice
+    methods=('FT, head at 10x', 'L2-SP', 'DAFT w/o zero init', 'DAFT at ratio 1'),
 )

@@ -14,7 +14,7 @@ import math
 import os.path as osp
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Generator, List, Mapping, Optional, Sequence
 
@@ -22,7 +22,8 @@ from daft_mm.utils import atomic_write, atomic_write_json
 
 from .data import DEFAULT, QUICK, repo_commit
 from .demo_task import DEMO_CONFIGS, demo_task
-from .methods import COMPARED, ABLATIONS, MethodSpec, Point, get_method, stage_budgets
+from .methods import (ABLATIONS, AT_DAFT, COMPARED, MethodSpec, Point, get_method,
+                      selected_methods, stage_budgets)
 from .report import (front_lines, markdown_table, paired_differences, paired_lines,
                      plot_report, report_title, stat, summarize, verdict_line)
 from .runs import Context, Job, code_hash, load_pretrained
@@ -50,6 +51,9 @@ SEARCH_SPACES: Dict[str, List[Axis]] = {
     'DAFT w/o conversion': [Axis('lr', (0.001, 0.01, 0.1), step=10.0),
                             Axis('ratio', (10.0, 100.0, 1000.0), step=10.0, floor=1.0)],
     'conversion only': [Axis('lr', (0.03, 0.1, 0.3), step=3.0)],
+    'FT, head at 10x': [Axis('lr', (0.03, 0.1, 0.3), step=3.0)],
+    'L2-SP': [Axis('lr', (0.03, 0.1, 0.3), step=3.0),
+              Axis('strength', (0.01, 0.1, 1.0), step=10.0)],
 }
 #: --quick: one point per method (a smoke test of the whole path, not a search).
 QUICK_SEARCH_SPACES: Dict[str, List[Axis]] = {
@@ -57,12 +61,16 @@ QUICK_SEARCH_SPACES: Dict[str, List[Axis]] = {
     'DAFT': [Axis('lr', (0.01, )), Axis('ratio', (10.0, )), Axis('scope', ('new_modules', ))],
     'DAFT w/o conversion': [Axis('lr', (0.01, )), Axis('ratio', (10.0, ))],
     'conversion only': [Axis('lr', (0.1, ))],
+    'FT, head at 10x': [Axis('lr', (0.1, ))],
+    'L2-SP': [Axis('lr', (0.1, )), Axis('strength', (0.1, ))],
 }
 #: Searched in this order: LP-FT's probe stage is LP at LP's choice; the DAFT ablation without
 #: conversion uses DAFT's head scope.
-ORDER = ('LP', 'FT', 'LP-FT', 'DAFT', 'DAFT w/o conversion', 'conversion only')
+ORDER = ('LP', 'FT', 'LP-FT', 'DAFT', 'DAFT w/o conversion', 'conversion only',
+         'FT, head at 10x', 'L2-SP')
 #: Independent chains of that order, searched side by side.
-CHAINS = (('LP', 'LP-FT'), ('DAFT', 'DAFT w/o conversion'), ('FT', 'conversion only'))
+CHAINS = (('LP', 'LP-FT'), ('DAFT', 'DAFT w/o conversion'), ('FT', 'conversion only'),
+          ('FT, head at 10x', ), ('L2-SP', ))
 
 
 def _clock(seconds: float) -> str:
@@ -329,7 +337,9 @@ def search_sources(spaces: Dict[str, List[Axis]], seeds: Sequence[int], task: Ta
         if extra:
             yield extra
 
-    return {' > '.join(c): chain(c) for c in CHAINS}, chosen, searches
+    rows = {m.name for m in selected_methods(task.methods)}
+    chains = [tuple(n for n in c if n in rows) for c in CHAINS]
+    return {' > '.join(c): chain(c) for c in chains if c}, chosen, searches
 
 
 @dataclass
@@ -432,11 +442,12 @@ def _estimate(task: TaskSpec, opts: Options, spaces: Dict[str, List[Axis]]
     its choice (those of a searched choice are the finalists'), and FT at twice the budget."""
     from .methods import method_name
     seeds = task.seeds
+    rows = selected_methods(task.methods)
     searched = {method_name(m) for m in opts.search_methods or ()} if opts.search else set()
     if opts.search and not searched:
-        searched = {m.name for m in COMPARED}
+        searched = {m.name for m in rows if not m.of_daft}
     trials = iterations = 0
-    for m in COMPARED:
+    for m in rows:
         budgets = stage_budgets(m, task.budget, task.lp_fraction)
         if m.lp_first:
             trials += len(seeds)
@@ -527,7 +538,7 @@ class _Engine:
         """What the comparison cost: per method the grid it searched and the iterations its
         search asked for (cached or not), and what this run trained; in all, in FT runs."""
         per = {}
-        for m in COMPARED:
+        for m in selected_methods(self.ctx.task.methods):
             s = searches.get(m.name)
             per[m.name] = dict(trained_iterations=self.trained.get(m.name, 0),
                                trials_run=self.trials.get(m.name, 0))
@@ -591,7 +602,7 @@ def run_comparison(task: TaskSpec, opts: Options,
                 spaces, seeds, task, progress, protocol=opts.protocol, kept=kept,
                 halving=opts.halving, eta=opts.eta, check_budget=opts.check_budget)
             engine.run(sources, 'search')
-            chosen = {m: chosen[m] for m in ORDER}
+            chosen = {m: chosen[m] for m in ORDER if m in chosen}
             searches = {m: searches[m] for m in ORDER if m in searches}
             searched = f' --search-methods {" / ".join(searches)}' if kept else ''
             record = dict(
@@ -627,17 +638,29 @@ def run_comparison(task: TaskSpec, opts: Options,
                           + ': not chosen on this task\'s ID-val at this budget (said in the '
                           'report); run --search for choices of your own')
 
+        rows_of_task = selected_methods(task.methods)
+        absent = [m.name for m in rows_of_task if not m.of_daft and m.name not in chosen]
+        if absent:
+            raise InputError(f'no chosen setting for {absent} in {source}: run --search with '
+                             f'--search-methods {" ".join(repr(m) for m in absent)}')
+
+        def setting(m: MethodSpec) -> Point:
+            if not m.of_daft:
+                return chosen[m.name]
+            daft = chosen['DAFT']
+            return daft if m.ratio is None else replace(daft, ratio=m.ratio)
+
         def table():
-            if any(m.lp_first for m in COMPARED):
+            if any(m.lp_first for m in rows_of_task):
                 yield [Job('LP-FT', chosen['LP'], seed, kind='probe') for seed in seeds]
-            jobs = [Job(m.name, chosen[m.name], seed,
+            jobs = [Job(m.name, setting(m), seed,
                         probe=chosen['LP'] if m.lp_first else None)
-                    for seed in seeds for m in COMPARED]
+                    for seed in seeds for m in rows_of_task]
             longer = [Job('FT', chosen['FT'], seed, budget=2 * task.budget) for seed in seeds]
             return jobs, (yield jobs + (longer if opts.check_budget else []))
 
         jobs, rows = engine.run({'table': table()}, 'table')['table']
-        results: Dict[str, List[Dict[str, Any]]] = {m.name: [] for m in COMPARED}
+        results: Dict[str, List[Dict[str, Any]]] = {m.name: [] for m in rows_of_task}
         for job, r in zip(jobs, rows):
             if 'error' not in r:
                 results[job.method].append(r)
@@ -738,8 +761,8 @@ def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str
         'budget_iterations': task.budget,
         'budget_check': budget_check,
         'ood_sets': ood_names,
-        'methods_described': {m.name: m.description for m in COMPARED},
-        'ablations': [m.name for m in ABLATIONS] + ['DAFT'],
+        'methods_described': {m.name: m.description for m in selected_methods(task.methods)},
+        'ablations': [m.name for m in ABLATIONS + AT_DAFT if m.name in results] + ['DAFT'],
         'chosen': {m: p.to_dict() for m, p in chosen.items()},
         'chosen_source': source,
         'chosen_for': dict(made_for),

@@ -11,8 +11,8 @@ from typing import Any, Dict, Optional, Tuple
 
 from daft_mm.core import get_recipe, recipe_name
 
-__all__ = ['MethodSpec', 'Point', 'METHODS', 'ABLATIONS', 'COMPARED', 'get_method',
-           'method_name', 'stage_budgets']
+__all__ = ['MethodSpec', 'Point', 'METHODS', 'ABLATIONS', 'COMPARED', 'BASELINES', 'AT_DAFT',
+           'ALL', 'get_method', 'method_name', 'selected_methods', 'stage_budgets']
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,13 @@ class MethodSpec:
         has_ratio: whether a head/backbone LR ratio is part of its setting.
         lp_first: LP-FT: a decode-head probe stage, then FT from it, within one budget.
         description: one line for the report.
+        head_lr_mult: the stock ``paramwise_cfg.custom_keys={'head': dict(lr_mult=...)}``
+            practice (every module named ``*head*`` at that multiple of the LR); None: one LR.
+        l2sp: L2-SP instead of weight decay on the backbone (``Point.strength``).
+        zero_init: False: DAFT without the zero-initialised predictors (an ablation).
+        of_daft: not searched: runs DAFT's chosen setting, changed as ``ratio`` says (the
+            paired ablations at DAFT's choice).
+        ratio: with ``of_daft``: this head/backbone LR ratio instead of DAFT's.
     """
 
     name: str
@@ -32,15 +39,22 @@ class MethodSpec:
     has_ratio: bool = False
     lp_first: bool = False
     description: str = ''
+    head_lr_mult: Optional[float] = None
+    l2sp: bool = False
+    zero_init: bool = True
+    of_daft: bool = False
+    ratio: Optional[float] = None
 
 
 @dataclass(frozen=True)
 class Point:
-    """A setting of one method: backbone LR, head/backbone LR ratio, head scope."""
+    """A setting of one method: backbone LR, head/backbone LR ratio, head scope, L2-SP
+    strength."""
 
     lr: float
     ratio: Optional[float] = None
     scope: Optional[str] = None
+    strength: Optional[float] = None
 
     def label(self) -> str:
         parts = [f'lr={self.lr:g}']
@@ -48,6 +62,8 @@ class Point:
             parts.append(f'ratio={self.ratio:g}')
         if self.scope is not None:
             parts.append(f'head={self.scope}')
+        if self.strength is not None:
+            parts.append(f'l2sp={self.strength:g}')
         return ' '.join(parts)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -56,7 +72,8 @@ class Point:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> 'Point':
         return cls(lr=float(d['lr']), ratio=None if d.get('ratio') is None else float(d['ratio']),
-                   scope=d.get('scope'))
+                   scope=d.get('scope'),
+                   strength=None if d.get('strength') is None else float(d['strength']))
 
 
 METHODS: Tuple[MethodSpec, ...] = (
@@ -80,6 +97,24 @@ ABLATIONS: Tuple[MethodSpec, ...] = (
                description='BN conversion alone, then FT at one LR with the standard head init'),
 )
 COMPARED: Tuple[MethodSpec, ...] = METHODS + ABLATIONS
+#: What users of robust fine-tuning already have; a task asks for them (``compare.methods``).
+BASELINES: Tuple[MethodSpec, ...] = (
+    MethodSpec('FT, head at 10x', 'ft', head_lr_mult=10.0,
+               description="FT with the stock custom_keys={'head': dict(lr_mult=10.)} "
+               '(mmseg SETR configs): every *head* module at 10x the LR'),
+    MethodSpec('L2-SP', 'ft', l2sp=True,
+               description='FT with an L2 pull toward the pretrained backbone weights instead '
+               'of weight decay on them (Li et al. 2018); strength and LR searched'),
+)
+#: Paired ablations at DAFT's chosen setting (not searched).
+AT_DAFT: Tuple[MethodSpec, ...] = (
+    MethodSpec('DAFT w/o zero init', 'daft', has_ratio=True, zero_init=False, of_daft=True,
+               description="DAFT's setting with the predictors at their standard init"),
+    MethodSpec('DAFT at ratio 1', 'daft', has_ratio=True, of_daft=True, ratio=1.0,
+               description="DAFT's setting with the head at the backbone's LR"),
+)
+#: Every row a comparison can have.
+ALL: Tuple[MethodSpec, ...] = COMPARED + BASELINES + AT_DAFT
 
 
 def method_name(name: str) -> str:
@@ -87,11 +122,14 @@ def method_name(name: str) -> str:
     (``'daft w/o conversion'``) or the recipe name configs and ``tools/train_cls.py`` use
     (``'daft-no-convert'``, ``'lp_ft'``). Unknown names raise ``KeyError`` with the choices."""
     by_recipe = {('lp-ft' if m.lp_first else m.recipe): m.name for m in COMPARED}
+    labels = [m.name for m in ALL]
+    exact = {label.lower(): label for label in labels}
+    if str(name).strip().lower() in exact:
+        return exact[str(name).strip().lower()]
     try:
         return by_recipe[recipe_name(name)]
     except KeyError:
         import difflib
-        labels = [m.name for m in COMPARED]
         spellings = dict(by_recipe, **{label.lower(): label for label in labels})
         close = difflib.get_close_matches(str(name).strip().lower(), list(spellings), n=1)
         hint = f'did you mean {spellings[close[0]]!r}? ' if close else ''
@@ -103,7 +141,14 @@ def method_name(name: str) -> str:
 def get_method(name: str) -> MethodSpec:
     """The compared method of ``name``, in any spelling :func:`method_name` accepts."""
     label = method_name(name)
-    return next(spec for spec in COMPARED if spec.name == label)
+    return next(spec for spec in ALL if spec.name == label)
+
+
+def selected_methods(names: Tuple[str, ...] = ()) -> Tuple[MethodSpec, ...]:
+    """The rows of a comparison: ``names`` added to :data:`COMPARED` (which every comparison
+    has), in :data:`ALL`'s order."""
+    wanted = {m.name for m in COMPARED} | {method_name(n) for n in names}
+    return tuple(m for m in ALL if m.name in wanted)
 
 
 def stage_budgets(spec: MethodSpec, budget: int, lp_fraction: float = 0.5) -> Dict[str, int]:

@@ -57,6 +57,8 @@ class TaskSpec:
     spaces: str = 'default'  # the search grids: 'default' or 'quick'
     max_images: Optional[int] = None  # --quick: the first N images of every set, training too
     description: str = ''  # one line for the report: what the task is
+    #: rows beyond FT, LP, LP-FT, DAFT and its two ablations (methods.BASELINES, AT_DAFT)
+    methods: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.budget < 2:
@@ -72,6 +74,11 @@ class TaskSpec:
             raise ValueError(f'{self.name}: max_images must be >= 1, got {self.max_images}')
         self.corruptions = tuple((str(c), int(s)) for c, s in self.corruptions)
         self.seeds = tuple(int(s) for s in self.seeds)
+        from .methods import method_name
+        try:
+            self.methods = tuple(method_name(m) for m in self.methods)
+        except KeyError as err:
+            raise ValueError(f'{self.name}: methods: {err.args[0]}') from None
 
     @property
     def ood_names(self) -> list:
@@ -85,6 +92,7 @@ class TaskSpec:
         spec = asdict(self)
         spec.pop('seeds')  # each run has its own seed in its key
         spec.pop('description')
+        spec.pop('methods')  # another row leaves every run of the others as it was
         spec['config'] = cfg.to_dict()
         return stable_hash(spec)
 
@@ -92,7 +100,7 @@ class TaskSpec:
 #: what a ``compare`` dict may hold (the fields a user sets; config and id_test are the config's)
 _SPEC_KEYS = frozenset({'name', 'description', 'backbone', 'backbone_prefix', 'id_val', 'ood',
                         'corruptions', 'options', 'budget', 'lp_fraction', 'batch_size',
-                        'seeds', 'eval_batch_size', 'spaces', 'max_images'})
+                        'seeds', 'eval_batch_size', 'spaces', 'max_images', 'methods'})
 
 
 def dataset_of(config: str, options: Mapping[str, Any], loader: str = 'test_dataloader'

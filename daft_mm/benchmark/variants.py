@@ -42,6 +42,18 @@ def method_config(cfg: Any, spec: MethodSpec, point: Point, *, backbone: str,
         wrapper['feature_extractor'] = ['backbone']
     cfg.model = wrapper
     cfg.optim_wrapper.optimizer.lr = point.lr
+    if spec.head_lr_mult is not None and recipe != 'lp':  # the stock practice, as users write it
+        paramwise = dict(cfg.optim_wrapper.get('paramwise_cfg') or {})
+        paramwise['custom_keys'] = dict(paramwise.get('custom_keys') or {},
+                                        head=dict(lr_mult=spec.head_lr_mult))
+        cfg.optim_wrapper.paramwise_cfg = paramwise
+    if spec.l2sp:
+        if point.strength is None:
+            raise ValueError(f'{spec.name} needs an L2-SP strength in its setting')
+        paramwise = dict(cfg.optim_wrapper.get('paramwise_cfg') or {})
+        paramwise['l2sp'] = dict(strength=point.strength, modules=['backbone'])
+        cfg.optim_wrapper.paramwise_cfg = paramwise
+        cfg.optim_wrapper.constructor = 'L2SPOptimWrapperConstructor'
     imports = list((cfg.get('custom_imports') or {}).get('imports', []))
     if 'daft_mm' not in imports:
         cfg.custom_imports = dict(imports=imports + ['daft_mm'], allow_failed_imports=False)
@@ -54,7 +66,9 @@ def method_config(cfg: Any, spec: MethodSpec, point: Point, *, backbone: str,
         if point.scope is not None:
             cfg.daft_head_modules = point.scope
         # converted.pth is for users' runs; a ratio of 1 (conversion only) is FT's single LR
-        hooks.append(dict(type='DAFTHook', save_converted=False,
-                          check_lr=ratio is None or ratio > 1))
+        hook = dict(type='DAFTHook', save_converted=False, check_lr=ratio is None or ratio > 1)
+        if not spec.zero_init:
+            hook['zero_init'] = False
+        hooks.append(hook)
     cfg.custom_hooks = hooks
     return cfg
