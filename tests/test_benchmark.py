@@ -214,3 +214,33 @@ def test_ablation_conversion_only_converts_and_keeps_the_head(daft_cfg, cityscap
     assert not torch.equal(probe.before['bn_mean'], bn_start)  # converted
     assert probe.before['conv_seg'].abs().sum() > 0  # standard init kept
     assert len({round(v, 12) for v in probe.lrs[0].values()}) == 1  # one LR for everything
+
+
+def test_block_bootstrap_pairs_seeds_and_resamples_blocks_of_images():
+    """The headline's paired differences: a method better on every image has an interval above
+    zero; the same predictions give exactly zero; mIoU from the counts skips absent classes."""
+    import numpy as np
+
+    from daft_mm.benchmark.report import block_bootstrap, counts_miou, per_class_iou
+    rng = np.random.default_rng(0)
+    union = rng.integers(50, 100, size=(40, 3))
+    union[:, 2] = 0  # a class no image has: skipped, not a zero
+    good = (union * 0.8).astype(int)
+    worse = (union * 0.6).astype(int)
+    assert counts_miou(good, union) == pytest.approx(80.0, abs=1.0)  # counts are whole pixels
+
+    def run(seed, inter):
+        return dict(seed=seed, counts={'dusk': dict(intersect=inter.tolist(),
+                                                    union=union.tolist())})
+
+    results = {'FT': [run(s, worse) for s in range(3)],
+               'DAFT': [run(s, good) for s in range(3)],
+               'copy': [run(s, worse) for s in range(3)]}
+    boot = block_bootstrap(results, 'dusk', samples=200)
+    assert boot['DAFT']['low'] > 0 and boot['DAFT']['higher'] == 3
+    assert boot['DAFT']['mean'] == pytest.approx(20.0, abs=1.0)
+    assert boot['copy']['low'] == boot['copy']['high'] == 0.0
+    one = block_bootstrap({k: v[:1] for k, v in results.items()}, 'dusk', samples=50)
+    assert one['DAFT']['low'] is None  # one seed: no interval
+    classes = per_class_iou(results['DAFT'], 'dusk', ['road', 'car', 'sign'])
+    assert classes['sign'] is None and classes['road'] == pytest.approx(80.0, abs=1.0)

@@ -57,6 +57,18 @@ def test_camvid_specification_end_to_end(compared, camvid_root):
     assert report['methods']['LP']['cosine_similarity']['mean'] == pytest.approx(1.0, abs=1e-6)
     check = report['budget_check']
     assert check['budget'] == 4 and check['verdict'].startswith('FT at its choice')
+    # the headline is the real shift: per class, and paired to FT with a bootstrap over blocks
+    # of consecutive dusk frames (one seed here: no interval, said so)
+    assert report['headline'] == 'dusk'
+    assert set(report['per_class']['DAFT']) == set(task['classes'])
+    assert report['bootstrap_to_ft']['DAFT']['low'] is None  # --quick: one seed
+    assert 'Paired differences to FT on dusk' in (work / 'report.md').read_text()
+    assert all('counts' not in r for rs in report['runs'].values() for r in rs)
+    from daft_mm.benchmark.report import counts_miou
+    cached = json.loads(next((work / 'runs' / 'DAFT').glob('*/result.json')).read_text())
+    dusk = cached['result']['counts']['dusk']
+    assert counts_miou(dusk['intersect'], dusk['union']) == pytest.approx(
+        cached['result']['ood']['dusk'], abs=0.005)  # what mmseg's mIoU sums (it rounds to .01)
     # the searched rows have a choice; DAFT's ablations at its choice run DAFT's setting
     chosen = json.loads((work / 'search.json').read_text())['chosen']
     assert chosen.keys() == set(CAMVID_ROWS) - {'DAFT w/o zero init', 'DAFT at ratio 1'}

@@ -55,6 +55,8 @@ compare = dict(
     corruptions=(('gaussian_noise', 3), ('motion_blur', 3), ('fog', 3)),
     budget=300,
     seeds=(0, 1, 2, 3, 4),
+    # the real shift is the verdict's measure; the corruptions are columns of their own
+    headline='dusk',
     # what users of robust fine-tuning already have, and DAFT's parts at its own choice
     methods=('FT, head at 10x', 'L2-SP', 'DAFT w/o zero init', 'DAFT at ratio 1'),
 )

@@ -24,7 +24,8 @@ from .data import DEFAULT, QUICK, repo_commit
 from .demo_task import DEMO_CONFIGS, demo_task
 from .methods import (ABLATIONS, AT_DAFT, COMPARED, MethodSpec, Point, get_method,
                       selected_methods, stage_budgets)
-from .report import (front_lines, markdown_table, paired_differences, paired_lines,
+from .report import (block_bootstrap, bootstrap_lines, front_lines, markdown_table,
+                     paired_differences, paired_lines, per_class_iou, per_class_lines,
                      plot_report, report_title, stat, summarize, verdict_line)
 from .runs import Context, Job, code_hash, load_pretrained
 from .selection import Axis, SearchResult, halving_cost, halving_rungs, search_steps
@@ -698,7 +699,7 @@ def _budget_check(budget: int, at_budget: List[Dict[str, Any]],
     return dict(budget=budget, id_val_at_budget=a, id_val_at_twice=b, gain=gain,
                 levelled=levelled,
                 at_twice_summary=summarize({'FT': at_twice}, ood_names)['FT'],
-                runs=[dict(r) for r in at_twice],
+                runs=[{k: v for k, v in r.items() if k != 'counts'} for r in at_twice],
                 verdict=f'FT at its choice: ID-val {a["mean"]:.2f} at {budget} iterations, '
                         f'{b["mean"]:.2f} at {2 * budget} ({gain:+.2f}): '
                         + ('levelled off (gain within 1 point or the seed spread)' if levelled
@@ -746,6 +747,13 @@ def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str
     else:
         chosen_how = 'every setting chosen on ID-val only'
     paired = paired_differences(results, ood_names)
+    headline = task.headline if task.headline in ood_names else None
+    boot = per_class = None
+    if headline and all('counts' in r for rs in results.values() for r in rs):
+        boot = block_bootstrap(results, headline)
+        per_class = {m: per_class_iou(rs, headline, classes) for m, rs in results.items()}
+    runs = {m: [{k: v for k, v in r.items() if k != 'counts'} for r in rs]
+            for m, rs in results.items()}  # per-image counts stay in the run cache
     return {
         'title': report_title(opts.quick, len(task.seeds), task.name, task.max_images,
                               task.budget),
@@ -769,12 +777,15 @@ def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str
         'search': record.get('search', {}),
         'search_runs': record.get('runs', []),
         'paired_to_ft': paired,
-        'verdict': verdict_line(paired, 'DAFT'),
+        'headline': headline,
+        'bootstrap_to_ft': boot,
+        'per_class': per_class,
+        'verdict': verdict_line(paired, 'DAFT', headline, boot),
         'task': dict(asdict(task), key=ctx.task_key, classes=list(classes)),
         'backbone_checkpoint': task.backbone,
         'provenance': provenance(task),
         'methods': summarize(results, ood_names),
-        'runs': {m: [dict(r) for r in rs] for m, rs in results.items()},
+        'runs': runs,
         'trained_runs': ctx.trained,
         'code': dict(hash=code_hash(), commit=repo_commit()),
         'seconds': time.time() - t_start,
@@ -858,6 +869,10 @@ def write_report(report: Dict[str, Any], out_dir: Path, stem: str = 'report') ->
           f'{report["cosine_similarity"]}.\n\nSettings from {report["chosen_source"]}.\n\n'
           f'{table}\n\nAblations: {", ".join(report["ablations"])}.\n\n'
           + (paired_lines(paired, report['ood_sets']) + '\n\n' if paired else '')
+          + (bootstrap_lines(report['bootstrap_to_ft'], report['headline']) + '\n\n'
+             if report.get('bootstrap_to_ft') else '')
+          + (per_class_lines(report['per_class'], report['headline']) + '\n\n'
+             if report.get('per_class') else '')
           + (f'**Verdict.** {report["verdict"]}\n\n' if report.get('verdict') else '')
           + (f'Budget: {check["verdict"]}.\n\n' if check else '')
           + ('Pareto front of each method\'s search runs (ID mIoU, OOD mean mIoU; mean over the '

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = ['stat', 'summarize', 'pareto_front', 'point_means', 'front_lines', 'report_title',
-           'markdown_table', 'plot_report', 'paired_differences', 'paired_lines', 'verdict_line']
+           'markdown_table', 'plot_report', 'paired_differences', 'paired_lines', 'verdict_line',
+           'counts_miou', 'per_class_iou', 'block_bootstrap', 'bootstrap_lines',
+           'per_class_lines']
 
 
 def stat(values: Sequence[float]) -> Dict[str, Any]:
@@ -155,19 +157,31 @@ def _direction(d: Mapping[str, Any]) -> str:
 
 
 #: The ablations that hold each half of a method alone: the verdict says which carries it.
-PARTS = {'DAFT': ('DAFT w/o conversion', 'conversion only')}
+PARTS = {'DAFT': ('DAFT w/o conversion', 'conversion only', 'DAFT w/o zero init',
+                  'DAFT at ratio 1')}
 
 
-def verdict_line(paired: Mapping[str, Mapping[str, Any]], method: str = 'DAFT') -> str:
+def verdict_line(paired: Mapping[str, Mapping[str, Any]], method: str = 'DAFT',
+                 ood_name: Optional[str] = None,
+                 intervals: Optional[Mapping[str, Mapping[str, Any]]] = None) -> str:
     """One sentence on ``method`` against FT from the paired differences: OOD (the mean over the
     OOD sets, or the one set) and ID, each higher / lower only when its 95% interval excludes
     zero, then each of its parts alone (:data:`PARTS`) on the same OOD measure, so the line says
-    which half carries the effect. One seed gives no interval and so no verdict."""
+    which half carries the effect. One seed gives no interval and so no verdict. ``ood_name``:
+    the headline set (a real shift) instead of the OOD mean; ``intervals``: its paired
+    differences with other intervals (:func:`block_bootstrap`), used where given."""
     if method not in paired:
         return ''
     by_metric = paired[method]
-    ood_name = 'OOD mean' if 'OOD mean' in by_metric else next(k for k in by_metric if k != 'ID')
-    ood, id_ = by_metric[ood_name], by_metric['ID']
+    if ood_name is None or ood_name not in by_metric:
+        ood_name = ('OOD mean' if 'OOD mean' in by_metric
+                    else next(k for k in by_metric if k != 'ID'))
+    intervals = intervals or {}
+
+    def on_ood(name: str) -> Mapping[str, Any]:
+        return intervals.get(name) or paired[name][ood_name]
+
+    ood, id_ = on_ood(method), by_metric['ID']
     head = (f'{method} vs FT over {ood["n"]} paired seed(s): {ood_name} {ood["mean"]:+.2f}, '
             f'higher on {ood["higher"]}/{ood["n"]}; ID {id_["mean"]:+.2f}')
     if ood['low'] is None:
@@ -175,7 +189,7 @@ def verdict_line(paired: Mapping[str, Mapping[str, Any]], method: str = 'DAFT') 
     head += (f' (95% intervals: {ood_name} [{ood["low"]:+.2f}, {ood["high"]:+.2f}], ID '
              f'[{id_["low"]:+.2f}, {id_["high"]:+.2f}])')
     o, i = _direction(ood), _direction(id_)
-    parts = [f'{part} {_direction(paired[part][ood_name])} ({paired[part][ood_name]["mean"]:+.2f})'
+    parts = [f'{part} {_direction(on_ood(part))} ({on_ood(part)["mean"]:+.2f})'
              for part in PARTS.get(method, ()) if part in paired]
     carried = f' Its parts alone vs FT on {ood_name}: {"; ".join(parts)}.' if parts else ''
     if o == 'higher' and i != 'lower':
@@ -258,3 +272,106 @@ def plot_report(summary: Mapping[str, Any], search_runs: Sequence[Mapping[str, A
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------- per image: classes, blocks
+def counts_miou(intersect: Any, union: Any) -> float:
+    """mIoU (%) of summed per-image counts (``[images, classes]``), classes with no pixel in
+    the labels or the predictions skipped, as mmseg's IoUMetric does."""
+    import numpy as np
+    inter, uni = np.asarray(intersect, float).sum(0), np.asarray(union, float).sum(0)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        return float(np.nanmean(np.where(uni > 0, inter / uni, np.nan)) * 100)
+
+
+def per_class_iou(runs: Sequence[Mapping[str, Any]], set_name: str,
+                  classes: Sequence[str]) -> Dict[str, Optional[float]]:
+    """Each class's IoU (%) on ``set_name``, mean over the runs (seeds); None where no run
+    saw the class in its labels or predictions."""
+    import numpy as np
+    per_seed = []
+    for r in runs:
+        c = r['counts'][set_name]
+        inter, uni = np.asarray(c['intersect'], float).sum(0), np.asarray(c['union'], float).sum(0)
+        with np.errstate(invalid='ignore', divide='ignore'):
+            per_seed.append(np.where(uni > 0, inter / uni * 100, np.nan))
+    with np.errstate(invalid='ignore'):
+        mean = np.nanmean(np.stack(per_seed), 0) if per_seed else []
+    return {name: (None if np.isnan(v) else float(v)) for name, v in zip(classes, mean)}
+
+
+def block_bootstrap(results: Mapping[str, List[Mapping[str, Any]]], set_name: str,
+                    reference: str = 'FT', block: int = 10, samples: int = 2000,
+                    seed: int = 0) -> Dict[str, Dict[str, Any]]:
+    """Per method, its ``set_name`` mIoU minus ``reference``'s, paired by seed, with a 95%
+    interval from a bootstrap that resamples both what varies: moving blocks of ``block``
+    consecutive images (neighbouring video frames are not independent samples; a block keeps
+    their correlation) and the seeds, the same draw for both methods. ``mean``: the difference
+    on the whole set, averaged over seeds; ``per_seed``: each seed's."""
+    import numpy as np
+    if reference not in results:
+        return {}
+    ref = {r['seed']: r for r in results[reference] if set_name in (r.get('counts') or {})}
+    rng = np.random.default_rng(seed)
+    out: Dict[str, Dict[str, Any]] = {}
+    for method, runs in results.items():
+        pairs = [(r, ref[r['seed']]) for r in runs
+                 if method != reference and r['seed'] in ref and set_name in (r.get('counts') or {})]
+        if not pairs:
+            continue
+        arrays = [tuple(np.asarray(run['counts'][set_name][k], float) for run in pair
+                        for k in ('intersect', 'union')) for pair in pairs]
+        n = len(arrays[0][0])
+        length = max(1, min(block, n))
+        starts = n - length + 1
+        per_seed = {str(r['seed']): counts_miou(a[0], a[1]) - counts_miou(a[2], a[3])
+                    for (r, _), a in zip(pairs, arrays)}
+        draws = []
+        for _ in range(samples):
+            first = rng.integers(0, starts, size=-(-n // length))
+            rows = (first[:, None] + np.arange(length)[None, :]).ravel()[:n]
+            chosen = rng.integers(0, len(arrays), size=len(arrays))
+            draws.append(np.mean([counts_miou(arrays[i][0][rows], arrays[i][1][rows])
+                                  - counts_miou(arrays[i][2][rows], arrays[i][3][rows])
+                                  for i in chosen]))
+        low, high = np.percentile(draws, [2.5, 97.5]) if len(pairs) > 1 else (None, None)
+        values = list(per_seed.values())
+        out[method] = dict(mean=float(np.mean(values)),
+                           low=None if low is None else float(low),
+                           high=None if high is None else float(high),
+                           per_seed=per_seed, higher=sum(v > 0 for v in values),
+                           n=len(values), block=length, samples=samples,
+                           interval='95% bootstrap over blocks of images and seeds')
+    return out
+
+
+def bootstrap_lines(boot: Mapping[str, Mapping[str, Any]], set_name: str) -> str:
+    """The Markdown table of :func:`block_bootstrap`."""
+    if not boot:
+        return ''
+    first = next(iter(boot.values()))
+    lines = [f'Paired differences to FT on {set_name} (method - FT per seed; mean [95% interval '
+             f'from a bootstrap over blocks of {first["block"]} consecutive images and over the '
+             f'seeds, {first["samples"]} draws]; seeds on which the method is higher):', '',
+             f'| Method | {set_name} |', '|---|---|']
+    for method, d in boot.items():
+        seeds = ', '.join(f'{v:+.2f}' for v in d['per_seed'].values())
+        interval = (f' [{d["low"]:+.2f}, {d["high"]:+.2f}]' if d['low'] is not None
+                    else ' (one seed: no interval)')
+        lines.append(f'| {method} | {d["mean"]:+.2f}{interval}; {d["higher"]}/{d["n"]} higher '
+                     f'({seeds}) |')
+    return '\n'.join(lines)
+
+
+def per_class_lines(per_class: Mapping[str, Mapping[str, Optional[float]]], set_name: str) -> str:
+    """The Markdown table of each method's per-class IoU on ``set_name``."""
+    if not per_class:
+        return ''
+    classes = list(next(iter(per_class.values())))
+    lines = [f'Per-class IoU (%) on {set_name}, mean over seeds (- : the class is in no label '
+             'or prediction):', '', '| Method | ' + ' | '.join(classes) + ' |',
+             '|' + '---|' * (len(classes) + 1)]
+    for method, values in per_class.items():
+        lines.append(f'| {method} | ' + ' | '.join('-' if values[c] is None else f'{values[c]:.1f}'
+                                                  for c in classes) + ' |')
+    return '\n'.join(lines)

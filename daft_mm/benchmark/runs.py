@@ -327,10 +327,19 @@ def _load_eval_sets(ctx: Context) -> bool:
 
 def miou(model: Any, batches: List[Any], dataset_meta: Mapping[str, Any]) -> float:
     """mIoU (%) of ``model`` on cached batches, with mmseg's IoUMetric."""
+    return miou_and_counts(model, batches, dataset_meta)[0]
+
+
+def miou_and_counts(model: Any, batches: List[Any], dataset_meta: Mapping[str, Any]
+                    ) -> Tuple[float, Dict[str, List[List[int]]]]:
+    """mIoU (%) with mmseg's IoUMetric, and each image's per-class pixel counts
+    (``{'intersect': [[...] per image], 'union': [...]}``, in the set's order): what per-class IoU
+    and a bootstrap over images are computed from."""
     import torch
     from mmengine.evaluator import Evaluator
     from mmseg.evaluation import IoUMetric
-    evaluator = Evaluator([IoUMetric(iou_metrics=['mIoU'])])
+    metric = IoUMetric(iou_metrics=['mIoU'])
+    evaluator = Evaluator([metric])
     evaluator.dataset_meta = dict(dataset_meta)
     model.eval()
     n = 0
@@ -338,7 +347,9 @@ def miou(model: Any, batches: List[Any], dataset_meta: Mapping[str, Any]) -> flo
         for batch in batches:
             evaluator.process(data_samples=model.test_step(batch), data_batch=batch)
             n += len(batch['inputs'])
-    return float(evaluator.evaluate(n)['mIoU'])
+    counts = {'intersect': [[int(v) for v in r[0].tolist()] for r in metric.results],
+              'union': [[int(v) for v in r[1].tolist()] for r in metric.results]}
+    return float(evaluator.evaluate(n)['mIoU']), counts
 
 
 def evaluate(model: Any, ctx: Context) -> Dict[str, Any]:
@@ -349,7 +360,9 @@ def evaluate(model: Any, ctx: Context) -> Dict[str, Any]:
     if not ctx.full_sets:
         build_eval_sets(ctx)
     meta = ctx.dataset_meta
-    scores = {name: miou(model, batches, meta) for name, batches in ctx.eval_sets.items()}
+    scores, counts = {}, {}
+    for name, batches in ctx.eval_sets.items():
+        scores[name], counts[name] = miou_and_counts(model, batches, meta)
     ood = {k: v for k, v in scores.items() if k != 'ID'}
     inner = split_model(model)[1]  # DAFTModel -> segmentor
     stats, _ = compare_backbones(inner, {'pretrained': ctx.pretrained_backbone,
@@ -358,7 +371,7 @@ def evaluate(model: Any, ctx: Context) -> Dict[str, Any]:
     means = next(iter(stats[('pretrained', 'finetuned')].values())).means()
     return dict(id_val=miou(model, ctx.id_val_batches, meta), id=scores['ID'], ood=ood,
                 ood_mean=sum(ood.values()) / len(ood), cosine=means['pixel_cosine'],
-                cosine_pooled=means['cosine'])
+                cosine_pooled=means['cosine'], counts=counts)
 
 
 def load_pretrained(ctx: Context, eval_sets: bool = True) -> None:

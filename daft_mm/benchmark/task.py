@@ -59,6 +59,9 @@ class TaskSpec:
     description: str = ''  # one line for the report: what the task is
     #: rows beyond FT, LP, LP-FT, DAFT and its two ablations (methods.BASELINES, AT_DAFT)
     methods: Tuple[str, ...] = ()
+    #: the OOD set the verdict is about (a real shift, reported per class with a bootstrap over
+    #: its images); None: the mean over the OOD sets
+    headline: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.budget < 2:
@@ -79,6 +82,9 @@ class TaskSpec:
             self.methods = tuple(method_name(m) for m in self.methods)
         except KeyError as err:
             raise ValueError(f'{self.name}: methods: {err.args[0]}') from None
+        if self.headline is not None and self.headline not in self.ood_names:
+            raise ValueError(f'{self.name}: headline {self.headline!r} is not an OOD set of the '
+                             f'task ({self.ood_names})')
 
     @property
     def ood_names(self) -> list:
@@ -93,6 +99,7 @@ class TaskSpec:
         spec.pop('seeds')  # each run has its own seed in its key
         spec.pop('description')
         spec.pop('methods')  # another row leaves every run of the others as it was
+        spec.pop('headline')
         spec['config'] = cfg.to_dict()
         return stable_hash(spec)
 
@@ -100,7 +107,8 @@ class TaskSpec:
 #: what a ``compare`` dict may hold (the fields a user sets; config and id_test are the config's)
 _SPEC_KEYS = frozenset({'name', 'description', 'backbone', 'backbone_prefix', 'id_val', 'ood',
                         'corruptions', 'options', 'budget', 'lp_fraction', 'batch_size',
-                        'seeds', 'eval_batch_size', 'spaces', 'max_images', 'methods'})
+                        'seeds', 'eval_batch_size', 'spaces', 'max_images', 'methods',
+                        'headline'})
 
 
 def dataset_of(config: str, options: Mapping[str, Any], loader: str = 'test_dataloader'
