@@ -43,7 +43,7 @@ def compared(tmp_path_factory, camvid_root, python):
 def test_camvid_specification_end_to_end(compared, camvid_root):
     work, out = compared
     report = json.loads((work / 'report.json').read_text())
-    assert tuple(report['methods']) == CAMVID_ROWS
+    assert tuple(report['methods']) == CAMVID_ROWS + ('image-blind prior', )
     # the specification's OOD sets: the dusk drive and three corruptions of the ID test frames
     assert report['ood_sets'] == ['dusk', 'gaussian_noise-3', 'motion_blur-3', 'fog-3']
     task = report['task']
@@ -60,6 +60,12 @@ def test_camvid_specification_end_to_end(compared, camvid_root):
     # the headline is the real shift: per class, and paired to FT with a bootstrap over blocks
     # of consecutive dusk frames (one seed here: no interval, said so)
     assert report['headline'] == 'dusk'
+    # the image-blind floor: a row of the table, never paired with FT
+    floor = report['methods']['image-blind prior']
+    assert report['floor']['method'] == 'image-blind prior'
+    assert 0 <= floor['ood_miou']['dusk']['mean'] == report['floor']['ood']['dusk'] < 100
+    assert 'image-blind prior' not in report['bootstrap_to_ft']
+    assert 'image-blind prior' not in report['paired_to_ft']
     assert set(report['per_class']['DAFT']) == set(task['classes'])
     assert report['bootstrap_to_ft']['DAFT']['low'] is None  # --quick: one seed
     assert 'Paired differences to FT on dusk' in (work / 'report.md').read_text()

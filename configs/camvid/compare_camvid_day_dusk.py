@@ -57,6 +57,7 @@ compare = dict(
     seeds=(0, 1, 2, 3, 4),
     # the real shift is the verdict's measure; the corruptions are columns of their own
     headline='dusk',
+    floor=True,  # the image-blind prior as a row: how far above it each method is
     # what users of robust fine-tuning already have, and DAFT's parts at its own choice
     methods=('FT, head at 10x', 'L2-SP', 'DAFT w/o zero init', 'DAFT at ratio 1'),
 )

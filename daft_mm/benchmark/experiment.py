@@ -27,7 +27,7 @@ from .methods import (ABLATIONS, AT_DAFT, COMPARED, MethodSpec, Point, get_metho
 from .report import (block_bootstrap, bootstrap_lines, front_lines, markdown_table,
                      paired_differences, paired_lines, per_class_iou, per_class_lines,
                      plot_report, report_title, stat, summarize, verdict_line)
-from .runs import Context, Job, code_hash, load_pretrained
+from .runs import Context, Job, code_hash, load_pretrained, load_run_config
 from .selection import Axis, SearchResult, halving_cost, halving_rungs, search_steps
 from .engine import RayCluster, Resources, run_trials
 from .task import InputError, TaskSpec, check_data, provenance
@@ -675,11 +675,18 @@ def run_comparison(task: TaskSpec, opts: Options,
             budget_check = _budget_check(task.budget, results['FT'], longer) if longer else None
             if budget_check:
                 progress.note(budget_check['verdict'])
+    floor = None
+    if task.floor:  # not trained: read from the training labels here, in seconds
+        from .prior import evaluate_prior
+        train = load_run_config(ctx, work_dir / 'unused', 1, {}).train_dataloader.dataset
+        floor = evaluate_prior(ctx, train)
+        progress.note(f'image-blind prior: ID {floor["id"]:.2f}, '
+                      + ', '.join(f'{k} {v:.2f}' for k, v in floor['ood'].items()))
     cost = engine.cost(task.budget, searches if opts.search else {}, estimate)
     progress.note(f'cost: {cost["trained_iterations"]} iterations trained '
                   f'({cost["ft_runs_trained"]:.1f} FT runs) in {_clock(cost["seconds"])}')
     report = _report(opts, task, chosen, source, record, results, ctx, t_start, budget_check,
-                     made_for)
+                     made_for, floor)
     report.update(cost=cost, failed_trials=engine.failed)
     write_report(report, work_dir)
     return report
@@ -735,7 +742,8 @@ def _brief(r: Dict[str, Any]) -> Dict[str, Any]:
 def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str,
             record: Dict[str, Any], results: Dict[str, List[Dict[str, Any]]], ctx: Context,
             t_start: float, budget_check: Optional[Dict[str, Any]],
-            made_for: Mapping[str, Any]) -> Dict[str, Any]:
+            made_for: Mapping[str, Any], floor: Optional[Dict[str, Any]] = None
+            ) -> Dict[str, Any]:
     ood_names = list(next(iter(results.values()))[0]['ood'])
     classes = ctx.dataset_meta.get('classes') or ()
     if made_for['matches'] is False:
@@ -749,9 +757,10 @@ def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str
     paired = paired_differences(results, ood_names)
     headline = task.headline if task.headline in ood_names else None
     boot = per_class = None
-    if headline and all('counts' in r for rs in results.values() for r in rs):
+    rows = dict(results, **({floor['method']: [floor]} if floor else {}))  # the floor: a row,
+    if headline and all('counts' in r for rs in rows.values() for r in rs):  # never paired
         boot = block_bootstrap(results, headline)
-        per_class = {m: per_class_iou(rs, headline, classes) for m, rs in results.items()}
+        per_class = {m: per_class_iou(rs, headline, classes) for m, rs in rows.items()}
     runs = {m: [{k: v for k, v in r.items() if k != 'counts'} for r in rs]
             for m, rs in results.items()}  # per-image counts stay in the run cache
     return {
@@ -784,7 +793,8 @@ def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str
         'task': dict(asdict(task), key=ctx.task_key, classes=list(classes)),
         'backbone_checkpoint': task.backbone,
         'provenance': provenance(task),
-        'methods': summarize(results, ood_names),
+        'methods': summarize(rows, ood_names),
+        'floor': {k: v for k, v in floor.items() if k != 'counts'} if floor else None,
         'runs': runs,
         'trained_runs': ctx.trained,
         'code': dict(hash=code_hash(), commit=repo_commit()),

@@ -62,6 +62,8 @@ class TaskSpec:
     #: the OOD set the verdict is about (a real shift, reported per class with a bootstrap over
     #: its images); None: the mean over the OOD sets
     headline: Optional[str] = None
+    #: add the image-blind floor (each pixel's most frequent training class) as a table row
+    floor: bool = False
 
     def __post_init__(self) -> None:
         if self.budget < 2:
@@ -100,6 +102,7 @@ class TaskSpec:
         spec.pop('description')
         spec.pop('methods')  # another row leaves every run of the others as it was
         spec.pop('headline')
+        spec.pop('floor')
         spec['config'] = cfg.to_dict()
         return stable_hash(spec)
 
@@ -108,7 +111,7 @@ class TaskSpec:
 _SPEC_KEYS = frozenset({'name', 'description', 'backbone', 'backbone_prefix', 'id_val', 'ood',
                         'corruptions', 'options', 'budget', 'lp_fraction', 'batch_size',
                         'seeds', 'eval_batch_size', 'spaces', 'max_images', 'methods',
-                        'headline'})
+                        'headline', 'floor'})
 
 
 def dataset_of(config: str, options: Mapping[str, Any], loader: str = 'test_dataloader'
