@@ -21,7 +21,8 @@ SAMPLE = REPO / 'tests' / 'samples' / 'camvid' / 'CamVid'
 CAMVID_SPEC = CONFIGS / 'camvid' / 'compare_camvid_day_dusk.py'
 ROWS = ('FT', 'LP', 'LP-FT', 'DAFT', 'DAFT w/o conversion', 'conversion only')
 #: the CamVid specification adds the baselines users have and DAFT's parts at its choice
-CAMVID_ROWS = ROWS + ('FT, head at 10x', 'L2-SP', 'DAFT w/o zero init', 'DAFT at ratio 1')
+CAMVID_ROWS = ROWS + ('FT, head at 10x', 'L2-SP', 'WiSE-FT', 'DAFT w/o zero init',
+                      'DAFT at ratio 1')
 
 
 def _compare(python: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -77,9 +78,16 @@ def test_camvid_specification_end_to_end(compared, camvid_root):
         cached['result']['ood']['dusk'], abs=0.005)  # what mmseg's mIoU sums (it rounds to .01)
     # the searched rows have a choice; DAFT's ablations at its choice run DAFT's setting
     chosen = json.loads((work / 'search.json').read_text())['chosen']
-    assert chosen.keys() == set(CAMVID_ROWS) - {'DAFT w/o zero init', 'DAFT at ratio 1'}
-    assert chosen['L2-SP']['strength'] == 0.1
+    assert chosen.keys() == set(CAMVID_ROWS) - {'DAFT w/o zero init', 'DAFT at ratio 1',
+                                                'WiSE-FT'}
+    # WiSE-FT: alpha chosen on ID-val among 0..1, from LP-FT's two ends (no training)
     runs = report['runs']
+    wise = report['wise_ft']
+    assert set(wise['id_val_by_alpha']) == {f'{i / 10:g}' for i in range(11)}
+    assert runs['WiSE-FT'][0]['setting']['alpha'] == wise['alpha']
+    best = max(v[0] for v in wise['id_val_by_alpha'].values())  # one seed (--quick)
+    assert runs['WiSE-FT'][0]['id_val'] == pytest.approx(best, abs=1e-6)
+    assert chosen['L2-SP']['strength'] == 0.1
     assert runs['DAFT w/o zero init'][0]['setting'] == runs['DAFT'][0]['setting']
     assert runs['DAFT at ratio 1'][0]['setting'] == dict(runs['DAFT'][0]['setting'], ratio=1.0)
     assert (work / 'report.png').stat().st_size > 1000

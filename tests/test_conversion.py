@@ -193,7 +193,13 @@ def test_split_batchnorms_converts_what_was_pretrained_only():
     assert split_batchnorms(net, ['backbone']) == (['backbone.1'], ['neck.1', 'head.1'])
     assert split_batchnorms(net, ['backbone.1', 'head']) == (['backbone.1', 'head.1'], ['neck.1'])
     assert split_batchnorms(net, None) == ([], ['backbone.1', 'neck.1', 'head.1'])
+    # 'all' would take the tracked InstanceNorm, which conversion refuses: refused at the plan,
+    # naming it (one BN-like test for planning and converting)
+    with pytest.raises(ValueError, match=r'neck\.1 \(InstanceNorm2d\)'):
+        split_batchnorms(net, ['backbone'], 'all')
+    net.neck[1] = nn.BatchNorm2d(4)
     assert split_batchnorms(net, ['backbone'], 'all') == (['backbone.1', 'neck.1', 'head.1'], [])
+    net.neck[1] = nn.InstanceNorm2d(4, track_running_stats=True)
     with pytest.raises(ValueError, match="no submodule 'backbon'.*did you mean"):
         split_batchnorms(net, ['backbon'])
     with pytest.raises(ValueError, match='scope must be one of'):

@@ -59,5 +59,5 @@ compare = dict(
     headline='dusk',
     floor=True,  # the image-blind prior as a row: how far above it each method is
     # what users of robust fine-tuning already have, and DAFT's parts at its own choice
-    methods=('FT, head at 10x', 'L2-SP', 'DAFT w/o zero init', 'DAFT at ratio 1'),
+    methods=('FT, head at 10x', 'L2-SP', 'WiSE-FT', 'DAFT w/o zero init', 'DAFT at ratio 1'),
 )

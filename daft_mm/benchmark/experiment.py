@@ -446,9 +446,11 @@ def _estimate(task: TaskSpec, opts: Options, spaces: Dict[str, List[Axis]]
     rows = selected_methods(task.methods)
     searched = {method_name(m) for m in opts.search_methods or ()} if opts.search else set()
     if opts.search and not searched:
-        searched = {m.name for m in rows if not m.of_daft}
+        searched = {m.name for m in rows if not (m.of_daft or m.wise)}
     trials = iterations = 0
     for m in rows:
+        if m.wise:  # not trained: mixed from LP-FT's runs
+            continue
         budgets = stage_budgets(m, task.budget, task.lp_fraction)
         if m.lp_first:
             trials += len(seeds)
@@ -640,7 +642,8 @@ def run_comparison(task: TaskSpec, opts: Options,
                           'report); run --search for choices of your own')
 
         rows_of_task = selected_methods(task.methods)
-        absent = [m.name for m in rows_of_task if not m.of_daft and m.name not in chosen]
+        absent = [m.name for m in rows_of_task
+                  if not (m.of_daft or m.wise) and m.name not in chosen]
         if absent:
             raise InputError(f'no chosen setting for {absent} in {source}: run --search with '
                              f'--search-methods {" ".join(repr(m) for m in absent)}')
@@ -656,7 +659,7 @@ def run_comparison(task: TaskSpec, opts: Options,
                 yield [Job('LP-FT', chosen['LP'], seed, kind='probe') for seed in seeds]
             jobs = [Job(m.name, setting(m), seed,
                         probe=chosen['LP'] if m.lp_first else None)
-                    for seed in seeds for m in rows_of_task]
+                    for seed in seeds for m in rows_of_task if not m.wise]
             longer = [Job('FT', chosen['FT'], seed, budget=2 * task.budget) for seed in seeds]
             return jobs, (yield jobs + (longer if opts.check_budget else []))
 
@@ -665,6 +668,15 @@ def run_comparison(task: TaskSpec, opts: Options,
         for job, r in zip(jobs, rows):
             if 'error' not in r:
                 results[job.method].append(r)
+        wise = None
+        if any(m.wise for m in rows_of_task):
+            from .wise import wise_ft
+            alpha, results['WiSE-FT'], by_alpha = wise_ft(
+                ctx, chosen['LP-FT'], chosen['LP'], [r['seed'] for r in results['LP-FT']])
+            wise = dict(alpha=alpha, id_val_by_alpha=by_alpha,
+                        chosen_on='mean ID-val over the seeds')
+            progress.note(f'WiSE-FT: alpha {alpha:g} chosen on ID-val (' + ', '.join(
+                f'{a} {sum(v) / len(v):.2f}' for a, v in by_alpha.items()) + ')')
         empty = [m for m, rs in results.items() if not rs]
         if empty:
             raise RuntimeError(f'every run of {empty} at its chosen setting failed: '
@@ -687,6 +699,7 @@ def run_comparison(task: TaskSpec, opts: Options,
                   f'({cost["ft_runs_trained"]:.1f} FT runs) in {_clock(cost["seconds"])}')
     report = _report(opts, task, chosen, source, record, results, ctx, t_start, budget_check,
                      made_for, floor)
+    report['wise_ft'] = wise
     report.update(cost=cost, failed_trials=engine.failed)
     write_report(report, work_dir)
     return report
@@ -851,6 +864,8 @@ def _provenance_md(record: Optional[Mapping[str, Any]]) -> str:
 def _labels(report: Mapping[str, Any]) -> Dict[str, str]:
     """Each row's setting as the table shows it; LP-FT's includes its probe stage's LR."""
     labels = {m: Point.from_dict(p).label() for m, p in report['chosen'].items()}
+    if report.get('wise_ft'):
+        labels['WiSE-FT'] = f'alpha={report["wise_ft"]["alpha"]:g} on LP-FT\'s two ends'
     runs = (report.get('runs') or {}).get('LP-FT') or []
     probe = runs[0].get('lp_setting') if runs else report['chosen'].get('LP')
     if 'LP-FT' in labels and probe:

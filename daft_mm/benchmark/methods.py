@@ -32,6 +32,7 @@ class MethodSpec:
         of_daft: not searched: runs DAFT's chosen setting, changed as ``ratio`` says (the
             paired ablations at DAFT's choice).
         ratio: with ``of_daft``: this head/backbone LR ratio instead of DAFT's.
+        wise: WiSE-FT: not trained, mixed from the two ends of LP-FT's runs (:mod:`.wise`).
     """
 
     name: str
@@ -44,6 +45,7 @@ class MethodSpec:
     zero_init: bool = True
     of_daft: bool = False
     ratio: Optional[float] = None
+    wise: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,10 @@ BASELINES: Tuple[MethodSpec, ...] = (
     MethodSpec('L2-SP', 'ft', l2sp=True,
                description='FT with an L2 pull toward the pretrained backbone weights instead '
                'of weight decay on them (Li et al. 2018); strength and LR searched'),
+    MethodSpec('WiSE-FT', 'ft', wise=True,
+               description="LP-FT's two ends (after the probe, at the end) mixed in weight space "
+               'at alpha, BN statistics re-estimated on ID train, alpha chosen on ID-val '
+               '(Wortsman et al. 2022); no extra training'),
 )
 #: Paired ablations at DAFT's chosen setting (not searched).
 AT_DAFT: Tuple[MethodSpec, ...] = (

@@ -35,7 +35,8 @@ from .task import InputError, TaskSpec, limit_images
 from .variants import method_config
 
 __all__ = ['Context', 'Job', 'load_pretrained', 'run_config', 'run_trial', 'cached_result',
-           'worker_context', 'save_eval_sets', 'miou', 'code_hash']
+           'worker_context', 'save_eval_sets', 'miou', 'miou_and_counts', 'code_hash',
+           'lpft_endpoints', 'FINAL_WEIGHTS']
 
 
 _RUN_NUMBER = itertools.count(1)
@@ -469,6 +470,36 @@ def code_hash() -> str:
     return stable_hash([(str(p.relative_to(package)), file_hash(p)) for p in files])
 
 
+#: an LP-FT run's weights at its end (``runs/LP-FT/<key>/``), one of WiSE-FT's two endpoints
+FINAL_WEIGHTS = 'final_weights.pth'
+
+
+def _save_weights(model: Any, path: Path) -> None:
+    import torch
+    from daft_mm.mm.plan import split_model
+    state = {k: v.detach().cpu() for k, v in split_model(model)[1].state_dict().items()}
+    tmp = path.with_suffix(f'.{os.getpid()}.tmp')
+    torch.save({'state_dict': state}, tmp)
+    os.replace(tmp, path)
+
+
+def lpft_endpoints(ctx: Context, point: Point, probe: Point, seed: int) -> Tuple[Path, Path]:
+    """The two ends of one LP-FT run (its probe stage's checkpoint, its final weights): what
+    WiSE-FT interpolates. Raises ``FileNotFoundError`` when the run is not there."""
+    spec = get_method('LP-FT')
+    budgets = stage_budgets(spec, ctx.task.budget, ctx.task.lp_fraction)
+    start = ctx.work_dir / 'runs' / 'LP-FT_stage1' / _run_key(
+        ctx, stage='lp', point=probe.to_dict(), seed=seed, iters=budgets['lp'])
+    start = start / f'iter_{budgets["lp"]}.pth'
+    _, work = _run_dir(ctx, Job('LP-FT', point, seed, probe=probe))
+    end = work / FINAL_WEIGHTS
+    for path in (start, end):
+        if not path.is_file():
+            raise FileNotFoundError(f'WiSE-FT needs {path} (LP-FT seed {seed}): train LP-FT '
+                                    'at its choice first (the table does)')
+    return start, end
+
+
 def _run_key(ctx: Context, **parts: Any) -> str:
     return stable_hash(dict(parts, task=ctx.task_key, code=code_hash(),
                             start=file_hash(Path(ctx.task.backbone))))
@@ -552,6 +583,8 @@ def run_trial(ctx: Context, job: Job) -> Dict[str, Any]:
     model, last = train(ctx, spec, job.point, part, iters=stop, seed=job.seed,
                         load_from=load_from, schedule=length, resume=bool(start))
     if stop == length:
+        if spec.lp_first:  # WiSE-FT mixes the two ends of this run: keep the end's weights
+            _save_weights(model, work / FINAL_WEIGHTS)
         result = evaluate(model, ctx)
         result.update(method=spec.name, setting=job.point.to_dict(), seed=job.seed,
                       budgets=budgets, lp_setting=job.probe.to_dict() if spec.lp_first else None,
