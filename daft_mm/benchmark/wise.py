@@ -8,7 +8,7 @@ full evaluation at the chosen one. Every result is cached in the work dir.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from daft_mm.utils import atomic_write_json
 
@@ -62,39 +62,30 @@ def wise_ft(ctx: Context, lpft: Point, probe: Point, seeds: Sequence[int],
                                 task=ctx.task_key, ends=[str(p) for p in ends[seed]],
                                 lpft=lpft.to_dict(), probe=probe.to_dict()))
 
-    def cached(path: Any, k: str) -> Any:
+    def computed(seed: int, alpha: float, what: str, compute: Callable[[], Any]) -> Any:
+        """The cached value of ``what`` for this seed and alpha, else computed on the mix."""
+        k = key(seed, alpha, what)
+        path = root / f'{k}.json'
         if path.is_file():
             saved = json.loads(path.read_text())
             if saved.get('key') == k:
                 return saved['result']
-        return None
+        mixed(seed, alpha)
+        value = compute()
+        atomic_write_json(str(path), dict(key=k, result=value), default=str)
+        return value
 
-    id_val: Dict[str, List[float]] = {}
-    for alpha in alphas:
-        scores = []
-        for seed in seeds:
-            k = key(seed, alpha, 'id_val')
-            path = root / f'{k}.json'
-            value = cached(path, k)
-            if value is None:
-                mixed(seed, alpha)
-                value = miou(model, ctx.id_val_batches, ctx.dataset_meta)
-                atomic_write_json(str(path), dict(key=k, result=value))
-            scores.append(value)
-        id_val[f'{alpha:g}'] = scores
+    def full(seed: int, alpha: float) -> Dict[str, Any]:
+        result = evaluate(model, ctx)
+        result.update(method=NAME, setting=dict(alpha=alpha), seed=seed,
+                      budgets=stage_budgets(get_method('LP-FT'), ctx.task.budget,
+                                            ctx.task.lp_fraction),  # LP-FT's: no more
+                      lp_setting=probe.to_dict(), lpft_setting=lpft.to_dict())
+        return result
+
+    id_val = {f'{alpha:g}': [computed(seed, alpha, 'id_val', lambda: miou(
+        model, ctx.id_val_batches, ctx.dataset_meta)) for seed in seeds] for alpha in alphas}
     best = max(alphas, key=lambda a: (sum(id_val[f'{a:g}']) / len(seeds), -a))
-    results = []
-    for seed in seeds:
-        k = key(seed, best, 'full')
-        path = root / f'{k}.json'
-        result = cached(path, k)
-        if result is None:
-            mixed(seed, best)
-            result = evaluate(model, ctx)
-            result.update(method=NAME, setting=dict(alpha=best), seed=seed,
-                          budgets=stage_budgets(get_method('LP-FT'), ctx.task.budget,
-                                                ctx.task.lp_fraction),  # LP-FT's: no more
-                          lp_setting=probe.to_dict(), lpft_setting=lpft.to_dict())
-            atomic_write_json(str(path), dict(key=k, result=result), default=str)
-        results.append(result)
+    results = [computed(seed, best, 'full', lambda seed=seed: full(seed, best))
+               for seed in seeds]
     return best, results, id_val

@@ -47,7 +47,6 @@ import os.path as osp
 import pickle
 import re
 import types
-import warnings
 from typing import Any, Callable
 
 __all__ = ['TRUST_ENV', 'trust_checkpoints', 'checkpoints_trusted', 'checkpoint_safe_globals',
@@ -57,36 +56,6 @@ __all__ = ['TRUST_ENV', 'trust_checkpoints', 'checkpoints_trusted', 'checkpoint_
 #: Environment variable that opts in to full (unsafe) unpickling of trusted checkpoints.
 TRUST_ENV = 'DAFT_MM_TRUST_CHECKPOINTS'
 _TRUSTED: bool | None = None  # set by trust_checkpoints(); None -> look at the environment
-
-
-# ---------------------------------------------------------------------------------------------
-# Fix 1: pkg_resources (setuptools < 82)
-# ---------------------------------------------------------------------------------------------
-def require_pkg_resources() -> None:
-    """Fail early and clearly when ``pkg_resources`` is missing.
-
-    What breaks: mmengine 0.10.7 imports ``pkg_resources`` (lazily, in
-    ``mmengine.utils.package_utils``) to locate installed OpenMMLab packages. Every config with an
-    ``mmseg::`` / ``mmdet::`` base needs it, and setuptools 82 removed the module, so without this
-    check the failure surfaces deep inside ``Config.fromfile`` as a bare ModuleNotFoundError.
-    """
-    if importlib.util.find_spec('pkg_resources') is None:
-        raise ImportError(
-            'daft_mm needs `pkg_resources` (from setuptools < 82): mmengine 0.10.7 uses it to '
-            'resolve `mmseg::` / `mmdet::` config bases. Reinstall the pinned stack with '
-            '`bash tools/install.sh`, or run `pip install "setuptools>=77.0.3,<82"` in this '
-            'environment.')
-
-
-def silence_pkg_resources_deprecation() -> None:
-    """Hide setuptools' "pkg_resources is deprecated" UserWarning.
-
-    What breaks: nothing, but the warning is printed twice on every config load with an
-    ``mmseg::`` / ``mmdet::`` base, burying real warnings. The pin to setuptools < 82 is
-    deliberate (fix 1), so the warning carries no information for users of this stack.
-    """
-    warnings.filterwarnings(
-        'ignore', message=r'pkg_resources is deprecated as an API', category=UserWarning)
 
 
 # ---------------------------------------------------------------------------------------------
