@@ -8,7 +8,8 @@ full evaluation at the chosen one. Every result is cached in the work dir.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 from daft_mm.utils import atomic_write_json
 
@@ -38,6 +39,25 @@ def _train_batches(ctx: Context, cfg: Any, seed: int) -> Any:
     return one_pass_loader(Runner.build_dataloader(cfg.train_dataloader, seed=seed), seed)
 
 
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's random streams seeded, and put back afterwards."""
+    import random
+
+    import numpy as np
+    import torch
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
 def wise_ft(ctx: Context, lpft: Point, probe: Point, seeds: Sequence[int],
             alphas: Sequence[float] = ALPHAS) -> Tuple[float, List[Dict[str, Any]],
                                                        Dict[str, List[float]]]:
@@ -54,8 +74,9 @@ def wise_ft(ctx: Context, lpft: Point, probe: Point, seeds: Sequence[int],
     def mixed(seed: int, alpha: float) -> None:
         start, end = (load_checkpoint_file(str(p), map_location='cpu')['state_dict']
                       for p in ends[seed])
-        mix_with_statistics(net, start, end, alpha, _train_batches(ctx, cfg, seed),
-                            forward=mm_forward('loss'))
+        with _seeded(seed):  # the pipeline's random augmentations: the same on every rerun
+            mix_with_statistics(net, start, end, alpha, _train_batches(ctx, cfg, seed),
+                                forward=mm_forward('loss'))
 
     def key(seed: int, alpha: float, what: str) -> str:
         return stable_hash(dict(what=what, seed=seed, alpha=alpha, code=code_hash(),
