@@ -173,6 +173,8 @@ def task_from_config(config: str, *, backbone: Optional[str] = None,
         spec['id_val'] = id_val
     if ood:
         spec['ood'] = dict(ood)
+        if spec.get('headline') not in spec['ood']:  # the config's headline set was replaced
+            spec.pop('headline', None)
     if corruptions is not None:
         spec['corruptions'] = tuple(corruptions)
     spec.update({k: v for k, v in overrides.items() if v is not None})
