@@ -53,7 +53,10 @@ compare = dict(
     # with the dusk list, read by the same pipeline
     ood=dict(dusk=dict(ann_file='daft_splits/ood_dusk.txt')),
     corruptions=(('gaussian_noise', 3), ('motion_blur', 3), ('fog', 3)),
-    budget=300,
+    # FT's ID-val at 600 and 1200 iterations within a point on one seed
+    # (benchmarks/results/camvid_levelling_hint.json); the budget check (FT at 1200, every seed)
+    # says whether it holds. The 300-iteration study: benchmarks/results/camvid_300it.*
+    budget=600,
     seeds=(0, 1, 2, 3, 4),
     # the real shift is the verdict's measure; the corruptions are columns of their own
     headline='dusk',
