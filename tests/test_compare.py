@@ -210,6 +210,24 @@ def test_rerun_reuses_every_run_and_one_seed_gives_identical_numbers(compared, c
             (b['id_val'], b['id'], b['ood'], b['cosine']), method
 
 
+def test_chosen_rows_on_a_second_backbone(compared, camvid_root, python, tmp_path):
+    """Issue 29: FT and DAFT at the choices made on one pretraining run, trained from another
+    (the seed-1 Imagenette backbone): --rows keeps just those rows; the report says the choices
+    were made for another specification."""
+    work, _ = compared
+    other = REPO / 'benchmarks' / 'pretrained' / 'imagenette_resnetv1c18w16_64px_seed1.pth'
+    proc = _compare(python, CAMVID_SPEC, '--quick', '--recorded', work / 'search.json',
+                    '--backbone', other, '--rows', 'FT', 'daft', '--work-dir', tmp_path / 'w',
+                    '--cfg-options', f'data_root={camvid_root}')
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / 'w' / 'report.json').read_text())
+    assert list(report['runs']) == ['FT', 'DAFT'] and report['budget_check']
+    assert report['task']['backbone'].endswith('_seed1.pth')
+    assert report['chosen_for']['matches'] is False  # chosen on the other backbone's task
+    chosen = json.loads((work / 'search.json').read_text())['chosen']
+    assert report['runs']['DAFT'][0]['setting'] == chosen['DAFT']
+
+
 def _tiny_user_task(tmp_path: Path):
     """A user's config and data: the tiny DeepLabV3 on generated scenes, ID-val and two OOD
     looks as config files of their own."""

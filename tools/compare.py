@@ -96,6 +96,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help='without --search: the choices of an earlier comparison (its '
                    'search.json or report.json, e.g. benchmarks/results/camvid.json); the report '
                    'says when they were made for another task or budget')
+    p.add_argument('--rows', nargs='+', metavar='METHOD', default=None, type=_method,
+                   help='only these rows of the table (e.g. --recorded CHOICES --backbone OTHER '
+                   '--rows FT DAFT: the same choices from another pretraining run)')
     p.add_argument('--search-methods', nargs='+', metavar='METHOD', default=None,
                    type=_method, help=f'with --search: search only these ({", ".join(ORDER)}; '
                    'any case, or the recipe names of configs and train_cls.py: ft, lp, lp-ft, '
@@ -136,6 +139,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                      backbone_prefix=args.backbone_prefix)
     if args.seeds is not None:
         overrides['seeds'] = tuple(range(args.seeds))
+    if args.rows:
+        overrides['only'] = tuple(args.rows)
     if args.quick:
         overrides.update(budget=args.budget or QUICK['budget'], spaces='quick',
                          max_images=QUICK['max_images'],

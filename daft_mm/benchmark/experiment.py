@@ -338,7 +338,7 @@ def search_sources(spaces: Dict[str, List[Axis]], seeds: Sequence[int], task: Ta
         if extra:
             yield extra
 
-    rows = {m.name for m in selected_methods(task.methods)}
+    rows = {m.name for m in selected_methods(task.methods, task.only)}
     chains = [tuple(n for n in c if n in rows) for c in CHAINS]
     return {' > '.join(c): chain(c) for c in chains if c}, chosen, searches
 
@@ -443,7 +443,7 @@ def _estimate(task: TaskSpec, opts: Options, spaces: Dict[str, List[Axis]]
     its choice (those of a searched choice are the finalists'), and FT at twice the budget."""
     from .methods import method_name
     seeds = task.seeds
-    rows = selected_methods(task.methods)
+    rows = selected_methods(task.methods, task.only)
     searched = {method_name(m) for m in opts.search_methods or ()} if opts.search else set()
     if opts.search and not searched:
         searched = {m.name for m in rows if not (m.of_daft or m.wise)}
@@ -465,7 +465,7 @@ def _estimate(task: TaskSpec, opts: Options, spaces: Dict[str, List[Axis]]
         cost = halving_cost(n, rungs, eta=opts.eta, seeds=len(seeds))
         iterations += cost['grid'] + cost['finalists']
         trials += cost['trials']
-    if opts.check_budget:
+    if opts.check_budget and any(m.name == 'FT' for m in rows):
         trials += len(seeds)
         iterations += len(seeds) * 2 * task.budget
     return dict(trials=trials, iterations=iterations)
@@ -541,7 +541,7 @@ class _Engine:
         """What the comparison cost: per method the grid it searched and the iterations its
         search asked for (cached or not), and what this run trained; in all, in FT runs."""
         per = {}
-        for m in selected_methods(self.ctx.task.methods):
+        for m in selected_methods(self.ctx.task.methods, self.ctx.task.only):
             s = searches.get(m.name)
             per[m.name] = dict(trained_iterations=self.trained.get(m.name, 0),
                                trials_run=self.trials.get(m.name, 0))
@@ -641,7 +641,11 @@ def run_comparison(task: TaskSpec, opts: Options,
                           + ': not chosen on this task\'s ID-val at this budget (said in the '
                           'report); run --search for choices of your own')
 
-        rows_of_task = selected_methods(task.methods)
+        rows_of_task = selected_methods(task.methods, task.only)
+        names = {m.name for m in rows_of_task}
+        if 'WiSE-FT' in names and 'LP-FT' not in names:
+            raise InputError('WiSE-FT mixes the two ends of LP-FT\'s runs: list LP-FT in the rows '
+                             'too')
         absent = [m.name for m in rows_of_task
                   if not (m.of_daft or m.wise) and m.name not in chosen]
         if absent:
@@ -661,7 +665,8 @@ def run_comparison(task: TaskSpec, opts: Options,
                         probe=chosen['LP'] if m.lp_first else None)
                     for seed in seeds for m in rows_of_task if not m.wise]
             longer = [Job('FT', chosen['FT'], seed, budget=2 * task.budget) for seed in seeds]
-            return jobs, (yield jobs + (longer if opts.check_budget else []))
+            check = opts.check_budget and 'FT' in names
+            return jobs, (yield jobs + (longer if check else []))
 
         jobs, rows = engine.run({'table': table()}, 'table')['table']
         results: Dict[str, List[Dict[str, Any]]] = {m.name: [] for m in rows_of_task}
@@ -682,7 +687,7 @@ def run_comparison(task: TaskSpec, opts: Options,
             raise RuntimeError(f'every run of {empty} at its chosen setting failed: '
                                + '; '.join(f'{f["trial"]}: {f["error"]}' for f in engine.failed))
         budget_check = None
-        if opts.check_budget:
+        if opts.check_budget and 'FT' in names:
             longer = [r for r in rows[len(jobs):] if 'error' not in r]
             budget_check = _budget_check(task.budget, results['FT'], longer) if longer else None
             if budget_check:
@@ -791,7 +796,8 @@ def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str
         'budget_iterations': task.budget,
         'budget_check': budget_check,
         'ood_sets': ood_names,
-        'methods_described': {m.name: m.description for m in selected_methods(task.methods)},
+        'methods_described': {m.name: m.description
+                              for m in selected_methods(task.methods, task.only)},
         'ablations': [m.name for m in ABLATIONS + AT_DAFT if m.name in results] + ['DAFT'],
         'chosen': {m: p.to_dict() for m, p in chosen.items()},
         'chosen_source': source,

@@ -150,10 +150,14 @@ def get_method(name: str) -> MethodSpec:
     return next(spec for spec in ALL if spec.name == label)
 
 
-def selected_methods(names: Tuple[str, ...] = ()) -> Tuple[MethodSpec, ...]:
+def selected_methods(names: Tuple[str, ...] = (), only: Tuple[str, ...] = ()
+                     ) -> Tuple[MethodSpec, ...]:
     """The rows of a comparison: ``names`` added to :data:`COMPARED` (which every comparison
-    has), in :data:`ALL`'s order."""
+    has), in :data:`ALL`'s order; ``only``: just these of them (the same choices on another
+    backbone, say)."""
     wanted = {m.name for m in COMPARED} | {method_name(n) for n in names}
+    if only:
+        wanted &= {method_name(n) for n in only}
     return tuple(m for m in ALL if m.name in wanted)
 
 

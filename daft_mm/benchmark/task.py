@@ -64,6 +64,9 @@ class TaskSpec:
     headline: Optional[str] = None
     #: add the image-blind floor (each pixel's most frequent training class) as a table row
     floor: bool = False
+    #: only these rows (``tools/compare.py --rows``): e.g. FT and DAFT at recorded choices on a
+    #: second backbone
+    only: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.budget < 2:
@@ -82,6 +85,7 @@ class TaskSpec:
         from .methods import method_name
         try:
             self.methods = tuple(method_name(m) for m in self.methods)
+            self.only = tuple(method_name(m) for m in self.only)
         except KeyError as err:
             raise ValueError(f'{self.name}: methods: {err.args[0]}') from None
         if self.headline is not None and self.headline not in self.ood_names:
@@ -103,6 +107,7 @@ class TaskSpec:
         spec.pop('methods')  # another row leaves every run of the others as it was
         spec.pop('headline')
         spec.pop('floor')
+        spec.pop('only')
         spec['config'] = cfg.to_dict()
         return stable_hash(spec)
 
@@ -111,7 +116,7 @@ class TaskSpec:
 _SPEC_KEYS = frozenset({'name', 'description', 'backbone', 'backbone_prefix', 'id_val', 'ood',
                         'corruptions', 'options', 'budget', 'lp_fraction', 'batch_size',
                         'seeds', 'eval_batch_size', 'spaces', 'max_images', 'methods',
-                        'headline', 'floor'})
+                        'headline', 'floor', 'only'})
 
 
 def dataset_of(config: str, options: Mapping[str, Any], loader: str = 'test_dataloader'
