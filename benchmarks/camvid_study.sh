@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The CamVid day -> dusk study (issue 29), resumable: every trial is cached in the work dirs, so a
+# stopped run continues where it stopped (run it again with the same code). On 2 CPU cores it is
+# several hours; run it in the background early in a session.
+#
+#   bash benchmarks/camvid_study.sh [DATA_ROOT] [WORK_ROOT]     # default data/CamVid, work_dirs
+#
+# 1. the comparison: every row searched on ID-val with successive halving, 5 seeds, FT at twice
+#    the budget (the budget check), the dusk headline with its bootstrap, the image-blind floor;
+# 2. FT and DAFT at those choices, trained from the second pretraining run (seed-1 backbone);
+# 3. both reports published under benchmarks/results/ (camvid.*, camvid_backbone_seed1.*), the
+#    300-iteration study kept as camvid_300it.*.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+DATA=${1:-data/CamVid}
+WORK=${2:-work_dirs}
+PY=${PYTHON:-.venv/bin/python}
+[ -f "$DATA/daft_splits/id_val.txt" ] || "$PY" -m daft_mm.mm.datasets.camvid_splits "$DATA"
+"$PY" tools/compare.py configs/camvid/compare_camvid_day_dusk.py --search \
+    --work-dir "$WORK/camvid_study" --cfg-options data_root="$DATA"
+"$PY" tools/compare.py configs/camvid/compare_camvid_day_dusk.py \
+    --recorded "$WORK/camvid_study/search.json" --rows FT DAFT \
+    --backbone benchmarks/pretrained/imagenette_resnetv1c18w16_64px_seed1.pth \
+    --work-dir "$WORK/camvid_study_backbone_seed1" --cfg-options data_root="$DATA"
+if [ ! -f benchmarks/results/camvid_300it.json ]; then
+  for ext in json md png; do
+    git mv "benchmarks/results/camvid.$ext" "benchmarks/results/camvid_300it.$ext"
+  done
+  sed -i 's/](camvid\.png)/](camvid_300it.png)/; s/^!\[camvid\]/![camvid_300it]/' \
+      benchmarks/results/camvid_300it.md
+fi
+"$PY" benchmarks/publish_report.py "$WORK/camvid_study" camvid
+"$PY" benchmarks/publish_report.py "$WORK/camvid_study_backbone_seed1" camvid_backbone_seed1
