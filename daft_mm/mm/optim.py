@@ -117,6 +117,15 @@ def group_floors(schedulers: Any, base_lr: Optional[float]) -> List[str]:
     return notes
 
 
+def _is_daft_constructor(name: Any) -> bool:
+    """A registered constructor derived from :class:`DAFTOptimWrapperConstructor`."""
+    try:
+        found = OPTIM_WRAPPER_CONSTRUCTORS.get(name) if isinstance(name, str) else name
+    except KeyError:
+        return False
+    return isinstance(found, type) and issubclass(found, DAFTOptimWrapperConstructor)
+
+
 def complete_daft_config(cfg: Any) -> List[str]:
     """Complete a loaded DAFT config in place (a non-DAFT config is left alone): the optimizer
     constructor with the final ``daft_*`` keys (``optim_wrapper.paramwise_cfg.daft``, rewritten
@@ -128,14 +137,17 @@ def complete_daft_config(cfg: Any) -> List[str]:
     if not isinstance(optim, Mapping) or 'optimizer' not in optim:
         return []  # several optimizers (OptimWrapperDict): DAFTHook checks what it can
     constructor = optim.get('constructor')
-    if constructor not in (None, 'DefaultOptimWrapperConstructor', CONSTRUCTOR):
+    if constructor not in (None, 'DefaultOptimWrapperConstructor', CONSTRUCTOR) \
+            and not _is_daft_constructor(constructor):
         raise ValueError(
             f'optim_wrapper.constructor={constructor!r}: DAFT builds its parameter groups with '
             f'{CONSTRUCTOR} (the head at {LR_MULT_KEY} x the base LR), and two constructors '
             f'cannot both build the optimizer. Fix: drop the constructor, or derive yours from '
             f'daft_mm.mm.optim.{CONSTRUCTOR}')
-    notes = [] if constructor == CONSTRUCTOR else [f'optim_wrapper.constructor={CONSTRUCTOR!r}']
-    optim['constructor'] = CONSTRUCTOR
+    notes = []
+    if constructor in (None, 'DefaultOptimWrapperConstructor'):
+        optim['constructor'] = CONSTRUCTOR
+        notes.append(f'optim_wrapper.constructor={CONSTRUCTOR!r}')
     paramwise = optim.get('paramwise_cfg') or {}
     paramwise['daft'] = daft_settings(cfg)
     optim['paramwise_cfg'] = paramwise

@@ -122,3 +122,19 @@ def test_the_removed_daft_paramwise_cfg_names_what_replaced_it(tmp_path):
     with pytest.raises(ValueError, match='daft_paramwise_cfg was removed: '
                                          'DAFTOptimWrapperConstructor.*daft_head_lr_mult'):
         load_config(str(config))
+
+
+def test_another_constructor_is_refused_and_a_derived_one_kept(tiny_cfg, cityscapes_root):
+    from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
+
+    @OPTIM_WRAPPER_CONSTRUCTORS.register_module(force=True)
+    class MyDAFTConstructor(optim.DAFTOptimWrapperConstructor):
+        pass
+
+    cfg = tiny_cfg('tiny_daft_deeplabv3_cityscapes', cityscapes_root)
+    cfg.optim_wrapper.constructor = 'MyDAFTConstructor'
+    optim.complete_daft_config(cfg)
+    assert cfg.optim_wrapper.constructor == 'MyDAFTConstructor'
+    cfg.optim_wrapper.constructor = 'LearningRateDecayOptimWrapperConstructor'
+    with pytest.raises(ValueError, match='two constructors cannot both build the optimizer'):
+        optim.complete_daft_config(cfg)
