@@ -31,7 +31,8 @@ class Plan:
         convert: BN layers conversion rewrites (empty: no conversion).
         left_new: BN layers left exactly as initialised (new to the pretrained model).
         predictors: final predictors zeroed when ``zero_init`` (always inside the head).
-        priors: ``{predictor: prior bias}`` of sigmoid/focal classifiers; others start at 0.
+        priors: ``(predictor, prior bias)`` pairs of sigmoid/focal classifiers (a number or a
+            tensor per output); the other predictors start at bias 0.
         zero_init: zero the predictors.
         head_modules: modules trained at ``head_lr_mult`` x the base LR.
         head_lr_mult: the head/backbone LR ratio (1: one LR).
@@ -40,14 +41,15 @@ class Plan:
     convert: Tuple[str, ...] = ()
     left_new: Tuple[str, ...] = ()
     predictors: Tuple[str, ...] = ()
-    priors: Tuple[Tuple[str, float], ...] = ()
+    priors: Tuple[Tuple[str, Any], ...] = ()
     zero_init: bool = True
     head_modules: Tuple[str, ...] = ()
     head_lr_mult: float = 1.0
 
     def to_dict(self) -> Dict[str, Any]:
         return {'convert': list(self.convert), 'left_new': list(self.left_new),
-                'predictors': list(self.predictors), 'priors': dict(self.priors),
+                'predictors': list(self.predictors),
+                'priors': {k: v.tolist() if hasattr(v, 'tolist') else v for k, v in self.priors},
                 'zero_init': self.zero_init, 'head_modules': list(self.head_modules),
                 'head_lr_mult': self.head_lr_mult}
 
@@ -64,7 +66,7 @@ class Preparation:
 def make_plan(model: nn.Module, *, pretrained: Optional[Iterable[str]],
               predictors: Sequence[str], convert: bool = True, zero_init: bool = True,
               convert_scope: str = 'pretrained', head_scope: str = 'predictors',
-              head_lr_mult: float = 1.0, priors: Optional[Mapping[str, float]] = None) -> Plan:
+              head_lr_mult: float = 1.0, priors: Optional[Mapping[str, Any]] = None) -> Plan:
     """The plan of one model, every name checked now: the BN layers of the ``pretrained``
     modules are converted (``convert_scope='all'``: every BN layer), the rest left as
     initialised; a layer with running statistics that conversion cannot treat as BatchNorm (a

@@ -258,7 +258,7 @@ class DAFTPlan:
     pretrained: Tuple[Tuple[str, str], ...] = ()
     convert_scope: str = 'pretrained'
 
-    def core(self, priors: Optional[Mapping[str, float]] = None) -> Plan:
+    def core(self, priors: Optional[Mapping[str, Any]] = None) -> Plan:
         """The torch-only plan :func:`daft_mm.core.prepare` carries out (``priors``: the prior
         bias of each sigmoid/focal predictor, from its head's own init)."""
         conv = self.conversion
