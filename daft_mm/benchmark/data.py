@@ -103,6 +103,16 @@ def file_hash(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()[:10] if path.is_file() else 'missing'
 
 
+def source_repository(root: Path) -> Optional[str]:
+    """The repository the data came from (``owner/name``), as a ``.source_repository`` file in
+    ``root`` or a folder above says (written next to ``.source_commit`` when extracting)."""
+    for folder in [root, *root.parents]:
+        marker = folder / '.source_repository'
+        if marker.is_file():
+            return marker.read_text().strip()
+    return None
+
+
 def source_commit(root: Path) -> Optional[str]:
     """The commit of the repository the data came from, as a ``.source_commit`` file in ``root``
     or a folder above says (write it when extracting: ``git -C <mirror> rev-parse HEAD``); None

@@ -817,6 +817,9 @@ def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str
         'runs': runs,
         'trained_runs': ctx.trained,
         'code': dict(hash=code_hash(), commit=repo_commit()),
+        # the augmentation every method trained with (the user's, e.g. PhotoMetricDistortion)
+        'train_pipeline': [dict(t) for t in load_run_config(
+            ctx, ctx.work_dir / 'unused', 1, {}).train_dataloader.dataset.get('pipeline', [])],
         'seconds': time.time() - t_start,
     }
 
@@ -843,7 +846,9 @@ def _set_md(s: Mapping[str, Any]) -> str:
         return f'{len(s["parts"])} concatenated sets'
     where = s.get('ann_file') or s.get('img_path') or ''
     count = f', {s["images"]} images' if s.get('images') is not None else ''
-    commit = f', source commit {s["source_commit"][:12]}' if s.get('source_commit') else ''
+    repo = f' {s["source_repository"]}' if s.get('source_repository') else ''
+    commit = (f', source{repo} commit {s["source_commit"][:12]}' if s.get('source_commit')
+              else '')
     return f'`{where}` under `{s.get("data_root")}`{count}{commit}'
 
 
@@ -864,6 +869,10 @@ def _provenance_md(record: Optional[Mapping[str, Any]]) -> str:
            f'val top-1 {pre["val_top1"]:.1f}%)' if 'val_top1' in pre else '')
     lines.append(f'- backbone: `{osp.basename(bb["checkpoint"])}` sha256 '
                  f'{bb.get("sha256", "?")[:16]}{how}')
+    splits = record.get('splits') or {}
+    if 'val_gap_seconds' in splits:
+        lines.append(f'- ID-val: {splits.get("id_val", "")}, {splits["val_gap_seconds"]:g} s '
+                     'of driving from the nearest training frame')
     return 'Data and backbone:\n\n' + '\n'.join(lines) + '\n\n'
 
 

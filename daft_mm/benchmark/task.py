@@ -21,7 +21,7 @@ from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from .data import source_commit, stable_hash
+from .data import source_commit, source_repository, stable_hash
 
 __all__ = ['InputError', 'TaskSpec', 'task_from_config', 'dataset_of', 'plain', 'provenance',
            'limit_images', 'check_data']
@@ -242,6 +242,7 @@ def _set_record(dataset: Mapping[str, Any]) -> Dict[str, Any]:
             record['images'] = sum(1 for line in f if line.strip())
     elif img and osp.isdir(img_dir):
         record['images'] = sum(len(files) for _, _, files in os.walk(img_dir))
+    record['source_repository'] = source_repository(Path(root).resolve()) if root else None
     record['source_commit'] = source_commit(Path(root).resolve()) if root else None
     return record
 
@@ -261,6 +262,12 @@ def provenance(task: Any) -> Dict[str, Any]:
     sets['id_test'] = _set_record(spec['id_test'])
     for name, dataset in (spec.get('ood') or {}).items():
         sets[f'ood/{name}'] = _set_record(dataset)
+    splits = None  # how the lists were made (a split tool's record next to them: the ID-val gap)
+    val = spec['id_val']
+    if val.get('ann_file'):
+        record = Path(val.get('data_root') or '') / Path(val['ann_file']).parent / 'splits.json'
+        if record.is_file():
+            splits = json.loads(record.read_text())
     backbone: Dict[str, Any] = dict(checkpoint=spec['backbone'])
     if osp.isfile(spec['backbone']):
         backbone['sha256'] = hashlib.sha256(Path(spec['backbone']).read_bytes()).hexdigest()
@@ -268,7 +275,7 @@ def provenance(task: Any) -> Dict[str, Any]:
         if osp.isfile(sidecar):
             with open(sidecar) as f:
                 backbone['pretraining'] = json.load(f)
-    return dict(sets=sets, backbone=backbone)
+    return dict(sets=sets, backbone=backbone, splits=splits)
 
 
 def limit_images(dataset: Mapping[str, Any], n: Optional[int]) -> Dict[str, Any]:

@@ -105,7 +105,14 @@ def write_day_dusk_splits(root: str | os.PathLike, out_dir: Optional[str | os.Pa
     out = Path(out_dir) if out_dir is not None else root / 'daft_splits'
     out.mkdir(parents=True, exist_ok=True)
     written = {}
-    for name, frames in day_dusk_splits(camvid_frames(root), min_gap_seconds).items():
+    splits = day_dusk_splits(camvid_frames(root), min_gap_seconds)
+    # what the lists are, next to them: a comparison's report records it (the ID-val gap)
+    (out / 'splits.json').write_text(json.dumps(dict(
+        frames={name: len(frames) for name, frames in splits.items()},
+        id_val='the first stretch of 0016E5 (before its longest pause)',
+        val_gap_seconds=round(val_gap_seconds(splits), 2), min_gap_seconds=min_gap_seconds,
+        fps=FPS), indent=1) + '\n')
+    for name, frames in splits.items():
         path = out / f'{name}.txt'
         path.write_text(''.join(f'{folder}/{file} {annot}/{file}\n'
                                 for folder, annot, file, _, _ in frames))
