@@ -98,7 +98,8 @@ def group_floors(schedulers: Any, base_lr: Optional[float]) -> List[str]:
     for i, sched in enumerate(schedulers if isinstance(schedulers, (list, tuple)) else
                               [schedulers] if schedulers else []):
         eta_min = sched.get('eta_min')
-        kind = str(sched.get('type', '')).split('.')[-1]
+        kind = sched.get('type', '')  # a name, or the class itself in a pure-Python config
+        kind = getattr(kind, '__name__', None) or str(kind).split('.')[-1]
         if not eta_min or sched.get('param_name', 'lr') != 'lr' or kind == 'PolyLRGroupFloors':
             continue
         if kind in ('PolyLR', 'CosineAnnealingLR', 'CosineRestartLR') and base_lr:
