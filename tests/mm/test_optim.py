@@ -93,10 +93,10 @@ def test_eta_min_becomes_a_floor_per_param_group(kind):
         cfg[0]['power'] = 0.9
     else:
         cfg[0]['T_max'] = 100
-    assert len(optim.group_floors(cfg, 0.01)) == 1
     # a pure-Python config names the class itself
     from mmengine.optim import scheduler
     assert len(optim.group_floors([dict(cfg[0], type=getattr(scheduler, kind))], 0.01)) == 1
+    assert len(optim.group_floors(cfg, 0.01)) == 1
     backbone, head = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{'params': [backbone]}, {'params': [head], 'lr': 0.1}], lr=0.01)
     sched = PARAM_SCHEDULERS.build(dict(cfg[0], optimizer=opt))
