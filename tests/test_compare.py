@@ -564,6 +564,10 @@ def test_verdict_from_paired_differences():
     noise = paired_differences({'FT': ft, 'DAFT': runs([40, 41, 39, 40, 42],
                                                         [21, 20, 19.5, 20.5, 21.5])}, ['a', 'b'])
     assert 'no clear OOD difference from FT' in verdict_line(noise)
+    # with the image-blind floor, the line says how far above it both models are
+    floored = verdict_line(better, floor=19.0, scores={'FT': 20.4, 'DAFT': 22.6})
+    assert floored.endswith('The image-blind floor scores 19.00 on OOD mean; FT 20.40 '
+                            '(+1.40 above it), DAFT 22.60 (+3.60).')
 
 
 def test_the_docs_own_split_example_is_a_valid_task(tmp_path):

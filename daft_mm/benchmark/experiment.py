@@ -760,6 +760,18 @@ def _brief(r: Dict[str, Any]) -> Dict[str, Any]:
     return {k: r[k] for k in keys}
 
 
+def _floor_args(floor: Optional[Mapping[str, Any]], results: Mapping[str, List[Dict[str, Any]]],
+                on: str) -> Dict[str, Any]:
+    """The floor's score and the methods' mean scores on the verdict's set, for the verdict."""
+    if not floor:
+        return {}
+
+    def score(r: Mapping[str, Any]) -> float:
+        return r['ood_mean'] if on == 'OOD mean' else r['ood'][on]
+    return dict(floor=score(floor),
+                scores={m: sum(score(r) for r in rs) / len(rs) for m, rs in results.items()})
+
+
 def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str,
             record: Dict[str, Any], results: Dict[str, List[Dict[str, Any]]], ctx: Context,
             t_start: float, budget_check: Optional[Dict[str, Any]],
@@ -811,7 +823,8 @@ def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str
         'headline': headline,
         'bootstrap_to_ft': boot,
         'per_class': per_class,
-        'verdict': verdict_line(paired, 'DAFT', headline, boot),
+        'verdict': verdict_line(paired, 'DAFT', headline, boot, **_floor_args(
+            floor, results, headline or ('OOD mean' if len(ood_names) > 1 else ood_names[0]))),
         'task': dict(asdict(task), key=ctx.task_key, classes=list(classes)),
         'backbone_checkpoint': task.backbone,
         'provenance': provenance(task),

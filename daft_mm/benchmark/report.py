@@ -163,13 +163,18 @@ PARTS = {'DAFT': ('DAFT w/o conversion', 'conversion only', 'DAFT w/o zero init'
 
 def verdict_line(paired: Mapping[str, Mapping[str, Any]], method: str = 'DAFT',
                  ood_name: Optional[str] = None,
-                 intervals: Optional[Mapping[str, Mapping[str, Any]]] = None) -> str:
+                 intervals: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                 floor: Optional[float] = None,
+                 scores: Optional[Mapping[str, float]] = None) -> str:
     """One sentence on ``method`` against FT from the paired differences: OOD (the mean over the
     OOD sets, or the one set) and ID, each higher / lower only when its 95% interval excludes
     zero, then each of its parts alone (:data:`PARTS`) on the same OOD measure, so the line says
     which half carries the effect. One seed gives no interval and so no verdict. ``ood_name``:
     the headline set (a real shift) instead of the OOD mean; ``intervals``: its paired
-    differences with other intervals (:func:`block_bootstrap`), used where given."""
+    differences with other intervals (:func:`block_bootstrap`), used where given. ``floor``:
+    the image-blind prior's score on that set and ``scores`` the methods' mean scores there: a
+    difference between two models barely above an image-blind floor is not robustness, so the
+    line says how far above it they are."""
     if method not in paired:
         return ''
     by_metric = paired[method]
@@ -202,7 +207,12 @@ def verdict_line(paired: Mapping[str, Mapping[str, Any]], method: str = 'DAFT',
     else:
         says = ('no clear OOD difference from FT'
                 + ('; ID higher' if i == 'higher' else '; ID lower' if i == 'lower' else ''))
-    return f'{head}: {says}, at this budget and with these seeds.{carried}'
+    above = ''
+    if floor is not None and scores and 'FT' in scores and method in scores:
+        above = (f' The image-blind floor scores {floor:.2f} on {ood_name}; FT '
+                 f'{scores["FT"]:.2f} ({scores["FT"] - floor:+.2f} above it), {method} '
+                 f'{scores[method]:.2f} ({scores[method] - floor:+.2f}).')
+    return f'{head}: {says}, at this budget and with these seeds.{carried}{above}'
 
 
 def _fmt(s: Mapping[str, Any], digits: int = 2) -> str:
