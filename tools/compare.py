@@ -133,8 +133,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     warnings.filterwarnings('ignore')  # mmengine/mmseg deprecation chatter; errors still raise
     import daft_mm.mm  # noqa: F401  (registers DAFTHook, DAFTModel, ImageCorruption, CamVid)
-    from mmengine.registry import init_default_scope
-    init_default_scope('mmseg')
     overrides: Dict[str, Any] = dict(budget=args.budget, batch_size=args.batch_size,
                                      backbone_prefix=args.backbone_prefix)
     if args.seeds is not None:
@@ -149,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         task = task_from_config(args.config, backbone=args.backbone, id_val=args.id_val,
                                 ood=dict(args.ood) or None, corruptions=args.corruptions,
                                 options=args.cfg_options, **overrides)
-    except (InputError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # InputError too: a task that cannot be run
         _refuse(err)
     work_dir = args.work_dir or str(Path('work_dirs') / 'compare' / task.name)
     command = 'tools/compare.py ' + ' '.join(shlex.quote(a) for a in (argv or sys.argv[1:])

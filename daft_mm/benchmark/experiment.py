@@ -22,12 +22,13 @@ from daft_mm.utils import atomic_write, atomic_write_json
 
 from .data import DEFAULT, QUICK, repo_commit
 from .demo_task import DEMO_CONFIGS, demo_task
-from .methods import (ABLATIONS, AT_DAFT, COMPARED, MethodSpec, Point, get_method,
+from .methods import (ABLATIONS, AT_DAFT, COMPARED, MethodSpec, Point, describe, get_method,
                       selected_methods, stage_budgets)
 from .report import (block_bootstrap, bootstrap_lines, front_lines, markdown_table,
                      paired_differences, paired_lines, per_class_iou, per_class_lines,
                      plot_report, report_title, stat, summarize, verdict_line)
 from .runs import Context, Job, code_hash, load_pretrained, load_run_config
+from .scoring import METRIC_NAMES, SCOPES
 from .selection import Axis, SearchResult, halving_cost, halving_rungs, search_steps
 from .engine import RayCluster, Resources, run_trials
 from .task import InputError, TaskSpec, check_data, provenance
@@ -567,7 +568,7 @@ def run_comparison(task: TaskSpec, opts: Options,
     :class:`~daft_mm.benchmark.task.InputError` before any run starts."""
     from mmengine.registry import init_default_scope
     import daft_mm.mm  # noqa: F401  (registers DAFTHook, DAFTModel, ImageCorruption)
-    init_default_scope('mmseg')
+    init_default_scope(SCOPES[task.kind])  # the runs are built in the config's own scope
     progress = progress or Progress(0)
     t_start = progress.start
     seeds = task.seeds
@@ -622,7 +623,7 @@ def run_comparison(task: TaskSpec, opts: Options,
                 failed=engine.failed,
                 source=f'{opts.command} --search{" --quick" if opts.quick else ""} --protocol '
                        f'{opts.protocol}{searched}, {time.strftime("%Y-%m-%d")}: best mean '
-                       'ID-val mIoU of the finalists (never OOD data)'
+                       f'ID-val {METRIC_NAMES[task.kind]} of the finalists (never OOD data)'
                        + (f'; {", ".join(kept)}: kept from {earlier.get("source") or "?"}'
                           if kept else ''),
                 task=task.name, task_key=task_key, budget=task.budget)
@@ -800,18 +801,24 @@ def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str
         'title': report_title(opts.quick, len(task.seeds), task.name, task.max_images,
                               task.budget),
         'premise': (task.description + '; ' if task.description else '')
-        + 'every method starts from the same pretrained backbone with a fresh decode head and '
-          'gets the same iteration budget',
-        'metric': f'mIoU (%) on {len(classes)} classes of the ID test set\'s dataset (absent and '
-                  'never-predicted classes skipped, as in mmseg IoUMetric); spread = sample std '
-                  f'over seeds; {chosen_how}',
+        + 'every method starts from the same pretrained backbone with '
+        + ('a fresh decode head' if task.kind == 'seg' else 'a fresh neck and heads')
+        + ' and gets the same iteration budget',
+        'score': METRIC_NAMES[task.kind],
+        'metric': (f'mIoU (%) on {len(classes)} classes of the ID test set\'s dataset (absent '
+                   'and never-predicted classes skipped, as in mmseg IoUMetric)'
+                   if task.kind == 'seg' else
+                   f'bbox mAP (%) on {len(classes)} classes with the config\'s own mmdet metric '
+                   '(CocoMetric: AP over IoU 0.50:0.95, which mmdet rounds to 0.1 point; '
+                   'no per-image counts, so intervals are over seeds only)')
+                  + f'; spread = sample std over seeds; {chosen_how}',
         'cosine_similarity': 'mean per-pixel cosine of the deepest backbone features, '
                              'fine-tuned vs pretrained, on the ID test images',
         'seeds': list(task.seeds),
         'budget_iterations': task.budget,
         'budget_check': budget_check,
         'ood_sets': ood_names,
-        'methods_described': {m.name: m.description
+        'methods_described': {m.name: describe(m, task.kind)
                               for m in selected_methods(task.methods, task.only)},
         'ablations': [m.name for m in ABLATIONS + AT_DAFT if m.name in results] + ['DAFT'],
         'chosen': {m: p.to_dict() for m, p in chosen.items()},
@@ -918,7 +925,8 @@ def write_report(report: Dict[str, Any], out_dir: Path, stem: str = 'report') ->
         row = f'FT at 2x budget ({2 * check["budget"]} it., the budget check)'
         rows[row] = check['at_twice_summary']
         labels[row] = labels.get('FT', '')
-    table = markdown_table(rows, report['ood_sets'], labels)
+    metric = report.get('score', 'mIoU')
+    table = markdown_table(rows, report['ood_sets'], labels, metric)
     paired = report.get('paired_to_ft')
     fronts = front_lines(report['search_runs'])
     md = (f'# {report["title"]}\n\n{report["premise"]}. {report["metric"]}. Feature cos: '
@@ -931,7 +939,8 @@ def write_report(report: Dict[str, Any], out_dir: Path, stem: str = 'report') ->
              if report.get('per_class') else '')
           + (f'**Verdict.** {report["verdict"]}\n\n' if report.get('verdict') else '')
           + (f'Budget: {check["verdict"]}.\n\n' if check else '')
-          + ('Pareto front of each method\'s search runs (ID mIoU, OOD mean mIoU; mean over the '
+          + (f'Pareto front of each method\'s search runs (ID {metric}, OOD mean {metric}; mean '
+             'over the '
              'seeds a point ran with):\n\n' + '\n'.join(f'- {line}' for line in fronts) + '\n\n'
              if fronts else 'Pareto fronts: no search runs in this report (the settings were '
              'recorded by an earlier search; its file holds none).\n\n')
@@ -942,7 +951,7 @@ def write_report(report: Dict[str, Any], out_dir: Path, stem: str = 'report') ->
     with atomic_write(str(out_dir / f'{stem}.md')) as f:
         f.write(md)
     plot_report(report['methods'], report['search_runs'], out_dir / f'{stem}.png',
-                report['title'], ood_label=_ood_label(report['ood_sets']))
+                report['title'], ood_label=_ood_label(report['ood_sets']), metric=metric)
     print('\n' + table + '\n', flush=True)
     if report.get('verdict'):
         print(report['verdict'] + '\n', flush=True)

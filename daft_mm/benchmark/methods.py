@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 from daft_mm.core import get_recipe, recipe_name
 
 __all__ = ['MethodSpec', 'Point', 'METHODS', 'ABLATIONS', 'COMPARED', 'BASELINES', 'AT_DAFT',
-           'ALL', 'get_method', 'method_name', 'selected_methods', 'stage_budgets']
+           'ALL', 'get_method', 'method_name', 'selected_methods', 'stage_budgets', 'describe']
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,20 @@ AT_DAFT: Tuple[MethodSpec, ...] = (
 )
 #: Every row a comparison can have.
 ALL: Tuple[MethodSpec, ...] = COMPARED + BASELINES + AT_DAFT
+
+
+#: What the probe is on a detector: the backbone is what was pretrained, everything else is new.
+_ON_DETECTORS = {
+    'LP': 'backbone frozen (its BN in eval mode); the fresh neck and heads train (a two-stage '
+          "detector's RPN and RoI heads on the frozen features)",
+    'LP-FT': 'LP (backbone frozen, neck and heads train) for half the budget, then FT of '
+             'everything from it for the other half',
+}
+
+
+def describe(spec: MethodSpec, kind: str = 'seg') -> str:
+    """The report's line for ``spec`` on a segmentation (``'seg'``) or detection task."""
+    return _ON_DETECTORS.get(spec.name, spec.description) if kind == 'det' else spec.description
 
 
 def method_name(name: str) -> str:

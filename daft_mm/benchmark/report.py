@@ -223,9 +223,10 @@ def _fmt(s: Mapping[str, Any], digits: int = 2) -> str:
 
 
 def markdown_table(summary: Mapping[str, Any], ood_names: Sequence[str],
-                   settings: Mapping[str, str]) -> str:
+                   settings: Mapping[str, str], metric: str = 'mIoU') -> str:
+    """``metric``: the score's name (the summary keys say miou for every task's score)."""
     mean = len(ood_names) > 1  # with one OOD set its mean would repeat it
-    head = (['Method', 'setting', 'ID-val mIoU', 'ID mIoU'] + list(ood_names)
+    head = (['Method', 'setting', f'ID-val {metric}', f'ID {metric}'] + list(ood_names)
             + (['OOD mean'] if mean else []) + ['feature cos'])
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for method, m in summary.items():
@@ -237,7 +238,8 @@ def markdown_table(summary: Mapping[str, Any], ood_names: Sequence[str],
 
 
 def plot_report(summary: Mapping[str, Any], search_runs: Sequence[Mapping[str, Any]],
-                out: Path, title: str = '', ood_label: str = 'OOD mean') -> None:
+                out: Path, title: str = '', ood_label: str = 'OOD mean',
+                metric: str = 'mIoU') -> None:
     """Left: ID and OOD-mean bars at the chosen settings. Right: every search run in
     (ID, OOD mean) with each method's Pareto front (mean over a point's seeds)."""
     import matplotlib
@@ -254,7 +256,7 @@ def plot_report(summary: Mapping[str, Any], search_runs: Sequence[Mapping[str, A
                yerr=[summary[m][key]['std'] for m in methods], capsize=3, label=label,
                color=('tab:blue', 'tab:orange')[i])
     ax.set_xticks(range(len(methods)), [m.replace(' ', '\n') for m in methods], fontsize=8)
-    ax.set_ylabel('mIoU (%)')
+    ax.set_ylabel(f'{metric} (%)')
     ax.set_title('at the settings chosen on ID-val', fontsize=10)
     ax.legend(fontsize=8)
     means = point_means(search_runs)
@@ -267,8 +269,8 @@ def plot_report(summary: Mapping[str, Any], search_runs: Sequence[Mapping[str, A
         front = pareto_front(pts)
         ax2.plot([p[0] for p in front], [p[1] for p in front], '-o', ms=4, color=colour[method],
                  label=method)
-    ax2.set_xlabel('ID mIoU (%)')
-    ax2.set_ylabel(f'{ood_label} mIoU (%)')
+    ax2.set_xlabel(f'ID {metric} (%)')
+    ax2.set_ylabel(f'{ood_label} {metric} (%)')
     ax2.set_title('every search run (mean over its seeds); lines: Pareto fronts', fontsize=10)
     if means:
         ax2.legend(fontsize=7)

@@ -14,8 +14,10 @@ checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import io
 import itertools
 import json
 import math
@@ -31,11 +33,12 @@ from daft_mm.utils import atomic_write_json
 
 from .data import file_hash, stable_hash
 from .methods import MethodSpec, Point, get_method, stage_budgets
+from .scoring import SCOPES, score
 from .task import InputError, TaskSpec, limit_images
 from .variants import method_config
 
 __all__ = ['Context', 'Job', 'load_pretrained', 'run_config', 'run_trial', 'cached_result',
-           'worker_context', 'save_eval_sets', 'miou', 'miou_and_counts', 'code_hash',
+           'worker_context', 'save_eval_sets', 'set_score', 'id_val_score', 'code_hash',
            'lpft_endpoints', 'FINAL_WEIGHTS']
 
 
@@ -55,6 +58,7 @@ class Context:
     eval_sets: Dict[str, List[Any]] = field(default_factory=dict)  # name -> cached batches
     id_val_batches: List[Any] = field(default_factory=list)
     dataset_meta: Dict[str, Any] = field(default_factory=dict)  # the ID test set's classes
+    evaluator: Any = None  # detection: the config's test_evaluator (mmdet's own metric)
     pretrained_backbone: Any = None
     task_key: str = ''
     runs: int = 0
@@ -267,7 +271,8 @@ def _batches(ctx: Context, dataset: Dict[str, Any], what: str
             batch_size=ctx.task.eval_batch_size, num_workers=0,
             sampler=dict(type='DefaultSampler', shuffle=False),
             dataset=limit_images(dataset, ctx.task.max_images)))
-        batches = list(dl)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it indexes
+            batches = list(dl)
     except OSError as err:  # a file the folder check could not see (an image in a list)
         raise InputError(f'{what}: {err}. Fix: check that set\'s data_root / ann_file / '
                          'data_prefix (--cfg-options data_root=DIR for every set)') from err
@@ -326,53 +331,54 @@ def _load_eval_sets(ctx: Context) -> bool:
     return True
 
 
-def miou(model: Any, batches: List[Any], dataset_meta: Mapping[str, Any]) -> float:
-    """mIoU (%) of ``model`` on cached batches, with mmseg's IoUMetric."""
-    return miou_and_counts(model, batches, dataset_meta)[0]
+def _set_dataset(ctx: Context, name: str) -> Mapping[str, Any]:
+    """The dataset config of an evaluation set (``'id_val'``, ``'ID'``, an OOD set's name; a
+    corruption is of the ID test images): a detection metric reads its annotation file."""
+    task = ctx.task
+    return (task.id_val if name == 'id_val' else task.ood[name] if name in task.ood
+            else task.id_test)
 
 
-def miou_and_counts(model: Any, batches: List[Any], dataset_meta: Mapping[str, Any]
-                    ) -> Tuple[float, Dict[str, List[List[int]]]]:
-    """mIoU (%) with mmseg's IoUMetric, and each image's per-class pixel counts
-    (``{'intersect': [[...] per image], 'union': [...]}``, in the set's order): what per-class IoU
-    and a bootstrap over images are computed from."""
-    import torch
-    from mmengine.evaluator import Evaluator
-    from mmseg.evaluation import IoUMetric
-    metric = IoUMetric(iou_metrics=['mIoU'])
-    evaluator = Evaluator([metric])
-    evaluator.dataset_meta = dict(dataset_meta)
-    model.eval()
-    n = 0
-    with torch.no_grad():
-        for batch in batches:
-            evaluator.process(data_samples=model.test_step(batch), data_batch=batch)
-            n += len(batch['inputs'])
-    counts = {'intersect': [[int(v) for v in r[0].tolist()] for r in metric.results],
-              'union': [[int(v) for v in r[1].tolist()] for r in metric.results]}
-    return float(evaluator.evaluate(n)['mIoU']), counts
+def set_score(model: Any, ctx: Context, name: str) -> Tuple[float, Optional[Dict[str, Any]],
+                                                            Dict[str, float]]:
+    """``model``'s score on one evaluation set with the task's metric
+    (:func:`daft_mm.benchmark.scoring.score`)."""
+    batches = ctx.id_val_batches if name == 'id_val' else ctx.eval_sets[name]
+    return score(model, batches, ctx.dataset_meta, task=ctx.task.kind,
+                 evaluator_cfg=ctx.evaluator, dataset=_set_dataset(ctx, name))
+
+
+def id_val_score(model: Any, ctx: Context) -> float:
+    """The score every choice is made on."""
+    return set_score(model, ctx, 'id_val')[0]
 
 
 def evaluate(model: Any, ctx: Context) -> Dict[str, Any]:
-    """ID-val (for choices), ID-test and OOD mIoU, and the deepest backbone features' cosine
-    similarity to the pretrained backbone on the ID test images."""
+    """ID-val (for choices), ID-test and OOD scores (mIoU, or a detector's mAP), and the deepest
+    backbone features' cosine similarity to the pretrained backbone on the ID test images.
+    Segmentation keeps each image's per-class counts (``counts``); detection its other mAPs
+    (``extra``: mask mAP)."""
     from daft_mm.mm.distortion import compare_backbones
     from daft_mm.mm.plan import split_model
     if not ctx.full_sets:
         build_eval_sets(ctx)
-    meta = ctx.dataset_meta
-    scores, counts = {}, {}
-    for name, batches in ctx.eval_sets.items():
-        scores[name], counts[name] = miou_and_counts(model, batches, meta)
+    scores, counts, extra = {}, {}, {}
+    for name in ctx.eval_sets:
+        scores[name], counts[name], extra[name] = set_score(model, ctx, name)
     ood = {k: v for k, v in scores.items() if k != 'ID'}
     inner = split_model(model)[1]  # DAFTModel -> segmentor
     stats, _ = compare_backbones(inner, {'pretrained': ctx.pretrained_backbone,
                                          'finetuned': inner.backbone},
                                  [('pretrained', 'finetuned')], ctx.eval_sets['ID'], levels=(-1, ))
     means = next(iter(stats[('pretrained', 'finetuned')].values())).means()
-    return dict(id_val=miou(model, ctx.id_val_batches, meta), id=scores['ID'], ood=ood,
-                ood_mean=sum(ood.values()) / len(ood), cosine=means['pixel_cosine'],
-                cosine_pooled=means['cosine'], counts=counts)
+    result = dict(id_val=id_val_score(model, ctx), id=scores['ID'], ood=ood,
+                  ood_mean=sum(ood.values()) / len(ood), cosine=means['pixel_cosine'],
+                  cosine_pooled=means['cosine'])
+    if ctx.task.kind == 'seg':
+        result['counts'] = counts
+    if any(extra.values()):
+        result['extra'] = extra
+    return result
 
 
 def load_pretrained(ctx: Context, eval_sets: bool = True) -> None:
@@ -385,7 +391,9 @@ def load_pretrained(ctx: Context, eval_sets: bool = True) -> None:
     method_config(cfg, get_method('FT'), Point(lr=0.0), backbone=ctx.task.backbone,
                   backbone_prefix=ctx.task.backbone_prefix)
     backbone = MODELS.build(cfg.model).model.backbone
+    _refuse_without_bn(ctx.task, backbone)
     _load_backbone(ctx.task, backbone)
+    ctx.evaluator = cfg.get('test_evaluator')
     ctx.task_key = ctx.task_key or ctx.task.key()
     if eval_sets:
         build_eval_sets(ctx)
@@ -394,6 +402,21 @@ def load_pretrained(ctx: Context, eval_sets: bool = True) -> None:
     ctx.pretrained_backbone = copy.deepcopy(backbone)
     ctx.pretrained_backbone.eval()  # not chained: mmseg's ResNet.train() returns None
     ctx.task_key = ctx.task_key or ctx.task.key()
+
+
+def _refuse_without_bn(task: TaskSpec, backbone: Any) -> None:
+    """A backbone without BatchNorm has no statistics to convert: DAFT's first half would do
+    nothing, and the comparison would measure integrated LP+FT under DAFT's name."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    if not any(isinstance(m, _BatchNorm) for m in backbone.modules()):
+        norm = [type(m).__name__ for m in backbone.modules()
+                if 'norm' in type(m).__name__.lower()][:1]
+        raise InputError(
+            f'{task.config}: the backbone ({type(backbone).__name__}) has no BatchNorm layer'
+            + (f' (its norm layers are {norm[0]})' if norm else '') + ': DAFT converts BN '
+            'statistics, so there is nothing to convert and its rows would be integrated LP+FT '
+            "alone. Fix: a backbone with BN (norm_cfg=dict(type='BN', requires_grad=True)), "
+            'as the pretrained ResNets have')
 
 
 def _load_backbone(task: TaskSpec, backbone: Any) -> None:
@@ -595,7 +618,7 @@ def run_trial(ctx: Context, job: Job) -> Dict[str, Any]:
             old.unlink()
     else:
         result = dict(method=spec.name, setting=job.point.to_dict(), seed=job.seed,
-                      iters=stop, id_val=miou(model, ctx.id_val_batches, ctx.dataset_meta),
+                      iters=stop, id_val=id_val_score(model, ctx),
                       seconds=time.time() - t0)
         os.replace(last, work / f'rung_{stop}.pth')
         atomic_write_json(str(work / f'rung_{stop}.json'), dict(key=key, result=result),
@@ -626,7 +649,7 @@ def worker_context(task: TaskSpec, task_key: str, work_dir: Path, threads: int =
     warnings.filterwarnings('ignore')
     from mmengine.registry import init_default_scope
     import daft_mm.mm  # noqa: F401  (registers DAFTHook, DAFTModel, ImageCorruption)
-    init_default_scope('mmseg')
+    init_default_scope(SCOPES[task.kind])
     ctx = Context(task=task, work_dir=Path(work_dir), step=lambda _: None, verbose=verbose,
                   progress_bars=False, task_key=task_key)
     load_pretrained(ctx, eval_sets=False)

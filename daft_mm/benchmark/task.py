@@ -67,6 +67,8 @@ class TaskSpec:
     #: only these rows (``tools/compare.py --rows``): e.g. FT and DAFT at recorded choices on a
     #: second backbone
     only: Tuple[str, ...] = ()
+    #: 'seg' or 'det' (``daft_mm.mm.cli.detect_task`` of the config): the metric and the scope
+    kind: str = 'seg'
 
     def __post_init__(self) -> None:
         if self.budget < 2:
@@ -78,6 +80,13 @@ class TaskSpec:
         if self.spaces not in ('default', 'quick'):
             raise ValueError(f'{self.name}: spaces must be "default" or "quick", got '
                              f'{self.spaces!r}')
+        if self.kind not in ('seg', 'det'):
+            raise ValueError(f'{self.name}: kind must be "seg" or "det", got {self.kind!r}')
+        if self.kind == 'det' and self.floor:
+            raise ValueError(
+                f'{self.name}: floor=True is a segmentation option (the image-blind prior '
+                'predicts each pixel\'s most frequent training class; a detector has no such '
+                'floor). Fix: remove floor from the compare dict of a detection config')
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f'{self.name}: max_images must be >= 1, got {self.max_images}')
         self.corruptions = tuple((str(c), int(s)) for c, s in self.corruptions)
@@ -117,6 +126,7 @@ _SPEC_KEYS = frozenset({'name', 'description', 'backbone', 'backbone_prefix', 'i
                         'corruptions', 'options', 'budget', 'lp_fraction', 'batch_size',
                         'seeds', 'eval_batch_size', 'spaces', 'max_images', 'methods',
                         'headline', 'floor', 'only'})
+# (``kind`` is not among them: it is the config's, from its default scope)
 
 
 def dataset_of(config: str, options: Mapping[str, Any], loader: str = 'test_dataloader'
@@ -222,6 +232,8 @@ def task_from_config(config: str, *, backbone: Optional[str] = None,
     spec['ood'] = {name: _dataset(v, spec_options, base_dir, f'OOD set {name!r}', test)
                    for name, v in (spec.get('ood') or {}).items()}
     spec.setdefault('name', osp.splitext(osp.basename(config))[0])
+    from daft_mm.mm.cli import detect_task
+    spec['kind'] = detect_task(cfg)
     return TaskSpec(config=osp.abspath(config), id_test=test, options=spec_options, **spec)
 
 

@@ -4,7 +4,9 @@ A user has one config (their model, data, pipelines, schedule). FT is that confi
 its backbone; LP-FT's second stage is FT from the probe; DAFT and its ablations add what the DAFT
 fragment (``configs/_base_/daft.py``) adds: the ``DAFTModel`` method, ``DAFTHook`` and the head
 LR keys. Deriving them here, instead of asking for one config per method, is what lets
-``tools/compare.py`` compare methods on any segmentation config with the same code path.
+``tools/compare.py`` compare methods on any segmentation or detection config with the same code
+path: the model is the segmentor or the detector, its ``backbone`` is what was pretrained, and
+everything else (decode head; neck, RPN, RoI and dense heads) is new.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ __all__ = ['segmentor_of', 'method_config']
 
 
 def segmentor_of(cfg: Any) -> dict:
-    """The segmentor's model config, unwrapped from a ``DAFTModel`` if the config has one."""
+    """The model config (segmentor or detector), unwrapped from a ``DAFTModel`` if the config
+    has one."""
     model = cfg.model
     inner = model.get('model') if model.get('type') == 'DAFTModel' else model
     return copy.deepcopy(inner.to_dict() if hasattr(inner, 'to_dict') else dict(inner))
@@ -31,7 +34,8 @@ def method_config(cfg: Any, spec: MethodSpec, point: Point, *, backbone: str,
     inner = segmentor_of(cfg)
     # The backbone comes from the pretrained checkpoint, the way a user starts from ImageNet
     # weights; every head keeps its own fresh initialisation. `pretrained` would conflict.
-    inner['pretrained'] = None
+    if 'pretrained' in inner:  # mmseg segmentors have the key, mmdet detectors do not
+        inner['pretrained'] = None
     init = dict(type='Pretrained', checkpoint=backbone)
     if backbone_prefix:  # none: the checkpoint is the backbone's own state dict
         init['prefix'] = backbone_prefix
@@ -61,6 +65,7 @@ def method_config(cfg: Any, spec: MethodSpec, point: Point, *, backbone: str,
     hooks = [h for h in (cfg.get('custom_hooks') or [])
              if h.get('type') not in ('DAFTHook', 'daft_mm.DAFTHook')]
     if recipe.startswith('daft'):
+        _trainable_bn(inner['backbone'])
         ratio = point.ratio if spec.has_ratio else None
         cfg.daft_head_lr_mult = ratio if ratio is not None else 1.0
         if point.scope is not None:
@@ -72,3 +77,16 @@ def method_config(cfg: Any, spec: MethodSpec, point: Point, *, backbone: str,
         hooks.append(hook)
     cfg.custom_hooks = hooks
     return cfg
+
+
+def _trainable_bn(backbone: dict) -> None:
+    """What DAFT needs of the backbone, as the DAFT fragments set it: BN in train mode with
+    trainable affine weights and no frozen stage (stock mmdet configs freeze BN, which DAFTHook
+    refuses). The other rows keep the config's settings: that is the FT users have."""
+    if backbone.get('norm_eval'):
+        backbone['norm_eval'] = False
+    if (backbone.get('frozen_stages') or -1) > 0:
+        backbone['frozen_stages'] = -1
+    norm = backbone.get('norm_cfg')
+    if isinstance(norm, dict) and norm.get('requires_grad') is False:
+        backbone['norm_cfg'] = dict(norm, requires_grad=True)

@@ -15,7 +15,8 @@ from daft_mm.utils import atomic_write_json
 
 from .data import stable_hash
 from .methods import Point, get_method, stage_budgets
-from .runs import (Context, code_hash, evaluate, load_run_config, lpft_endpoints, miou)
+from .runs import (Context, code_hash, evaluate, id_val_score, load_run_config,
+                   lpft_endpoints)
 from .variants import method_config
 
 __all__ = ['ALPHAS', 'wise_ft']
@@ -104,8 +105,8 @@ def wise_ft(ctx: Context, lpft: Point, probe: Point, seeds: Sequence[int],
                       lp_setting=probe.to_dict(), lpft_setting=lpft.to_dict())
         return result
 
-    id_val = {f'{alpha:g}': [computed(seed, alpha, 'id_val', lambda: miou(
-        model, ctx.id_val_batches, ctx.dataset_meta)) for seed in seeds] for alpha in alphas}
+    id_val = {f'{alpha:g}': [computed(seed, alpha, 'id_val', lambda: id_val_score(model, ctx))
+                             for seed in seeds] for alpha in alphas}
     best = max(alphas, key=lambda a: (sum(id_val[f'{a:g}']) / len(seeds), -a))
     results = [computed(seed, best, 'full', lambda seed=seed: full(seed, best))
                for seed in seeds]

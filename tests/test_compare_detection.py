@@ -1,0 +1,201 @@
+"""tools/compare.py on mmdet configs: the same comparison as segmentation, scored with mmdet's own
+metric. End to end in its seconds-long mode for a RetinaNet and a Faster R-CNN on the committed
+real CamVid sample, with boxes derived from its label maps; LP leaves the pretrained backbone bit
+for bit; the metric scores each set against its own annotations; and the refusals (no BN in the
+backbone, a segmentation-only option)."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _mm_helpers import CONFIGS, REPO, cpu_env
+
+pytestmark = pytest.mark.filterwarnings('ignore::UserWarning', 'ignore::DeprecationWarning')
+
+RETINANET = CONFIGS / 'camvid' / 'compare_camvid_boxes_day_dusk.py'
+FASTER_RCNN = CONFIGS / 'camvid' / 'compare_camvid_boxes_day_dusk_faster-rcnn.py'
+ROWS = ('FT', 'LP', 'LP-FT', 'DAFT', 'DAFT w/o conversion', 'conversion only')
+
+
+def _compare(python: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([python, str(REPO / 'tools' / 'compare.py'), *map(str, args)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900, env=cpu_env())
+
+
+@pytest.fixture(scope='module')
+def boxes_root(camvid_root) -> Path:
+    """The CamVid sample's day/dusk lists with their boxes (COCO json) beside them."""
+    from daft_mm.mm.datasets.camvid_boxes import write_box_annotations
+    write_box_annotations(camvid_root)
+    return camvid_root
+
+
+# ------------------------------------------------------------------------------ the boxes
+def test_boxes_are_the_connected_regions_of_the_countable_classes():
+    from daft_mm.mm.datasets.camvid_boxes import label_boxes
+    label = np.full((360, 480), 3, np.uint8)  # road
+    label[10:30, 20:60] = 8  # a car, 800 px
+    label[10:30, 70:90] = 8  # another car beside it: a separate region, a separate box
+    label[100:102, 100:104] = 8  # 8 px: a fragment, dropped
+    label[200:240, 300:310] = 9  # a pedestrian
+    boxes = label_boxes(label, min_area=64)
+    assert [(b['category'], b['bbox'], b['area']) for b in boxes] == [
+        (0, [20.0, 10.0, 40.0, 20.0], 800.0), (0, [70.0, 10.0, 20.0, 20.0], 400.0),
+        (1, [300.0, 200.0, 10.0, 40.0], 400.0)]
+    # the minimum area is counted at 360x480: a quarter-size map keeps the same regions
+    small = label[::4, ::4]
+    assert [b['category'] for b in label_boxes(small, min_area=64)] == [0, 0, 1]
+
+
+def test_box_files_need_the_split_lists(tmp_path):
+    from daft_mm.mm.datasets.camvid_boxes import write_box_annotations
+    with pytest.raises(FileNotFoundError, match='camvid_splits'):
+        write_box_annotations(tmp_path)
+
+
+def test_box_files_follow_the_split_lists(boxes_root):
+    for split in ('id_train', 'id_val', 'id_test', 'ood_dusk'):
+        coco = json.loads((boxes_root / 'daft_splits' / f'boxes_{split}.json').read_text())
+        listed = (boxes_root / 'daft_splits' / f'{split}.txt').read_text().split()[::2]
+        assert [im['file_name'] for im in coco['images']] == listed
+        assert [c['name'] for c in coco['categories']] == ['Car', 'Pedestrian', 'Bicyclist']
+    dusk = json.loads((boxes_root / 'daft_splits' / 'boxes_ood_dusk.json').read_text())
+    assert dusk['annotations'] and 'derived from CamVid semantic label maps' in \
+        dusk['info']['description']
+
+
+# ------------------------------------------------------------------------------ the metric
+def _batches(config: Path, root: Path, ann_file: str):
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import Runner
+    from daft_mm.benchmark.task import task_from_config
+    import daft_mm.mm  # noqa: F401
+    init_default_scope('mmdet')
+    task = task_from_config(str(config), options={'data_root': str(root)})
+    dataset = dict(task.id_test, ann_file=ann_file)
+    loader = Runner.build_dataloader(dict(batch_size=2, num_workers=0, dataset=dataset,
+                                          sampler=dict(type='DefaultSampler', shuffle=False)))
+    return task, dataset, list(loader), dict(loader.dataset.metainfo)
+
+
+class _Oracle:
+    """Predicts each image's ground-truth boxes, moved by ``shift`` pixels (the test pipeline
+    loads them after its Resize: they are in the original image's pixels, as predictions are)."""
+
+    def __init__(self, shift: float = 0.0) -> None:
+        self.shift = shift
+
+    def eval(self) -> None:
+        pass
+
+    def test_step(self, batch):
+        import torch
+        from mmengine.structures import InstanceData
+        out = []
+        for sample in batch['data_samples']:
+            gt = sample.gt_instances
+            boxes = getattr(gt.bboxes, "tensor", gt.bboxes)  # mmdet box type or tensor
+            pred = InstanceData(bboxes=boxes + self.shift,
+                                scores=torch.ones(len(gt)), labels=gt.labels)
+            sample.pred_instances = pred
+            out.append(sample)
+        return out
+
+
+def test_detection_score_reads_each_sets_own_annotations(boxes_root):
+    """Perfect boxes score 100 on the dusk set, when the metric reads the dusk annotation
+    file (the config names the ID test set's); shifted boxes score less."""
+    from daft_mm.benchmark.scoring import score
+    task, dataset, batches, meta = _batches(RETINANET, boxes_root,
+                                            'daft_splits/boxes_ood_dusk.json')
+    from daft_mm.mm.cli import load_config
+    evaluator = load_config(str(RETINANET), {'data_root': str(boxes_root)},
+                            work_dir='unused').test_evaluator
+    assert evaluator['ann_file'].endswith('boxes_id_test.json')
+    perfect, counts, extra = score(_Oracle(), batches, meta, task='det',
+                                   evaluator_cfg=evaluator, dataset=dataset)
+    assert perfect == pytest.approx(100.0) and counts is None and extra == {}
+    shifted, _, _ = score(_Oracle(shift=3.0), batches, meta, task='det',
+                          evaluator_cfg=evaluator, dataset=dataset)
+    assert 0.0 <= shifted < 90.0
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.mark.parametrize('config', [RETINANET, FASTER_RCNN], ids=['retinanet', 'faster-rcnn'])
+def test_detection_comparison_end_to_end(config, boxes_root, python, tmp_path):
+    work = tmp_path / 'work'
+    proc = _compare(python, config, '--quick', '--search', '--work-dir', work,
+                    '--cfg-options', f'data_root={boxes_root}')
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((work / 'report.json').read_text())
+    assert report['task']['kind'] == 'det' and report['score'] == 'bbox mAP'
+    assert tuple(report['methods']) == ROWS
+    assert report['ood_sets'] == ['dusk', 'gaussian_noise-3', 'motion_blur-3', 'fog-3']
+    assert report['headline'] == 'dusk' and report['task']['classes'] == [
+        'Car', 'Pedestrian', 'Bicyclist']
+    assert report['task']['ood']['dusk']['ann_file'] == 'daft_splits/boxes_ood_dusk.json'
+    for name, runs in report['runs'].items():
+        for r in runs:
+            assert sum(r['budgets'].values()) == 4, name
+            assert 0.0 <= r['id'] <= 100.0 and 'counts' not in r
+    # a mAP is not a sum over images: no per-class IoU, no bootstrap over frames
+    assert report['per_class'] is None and report['bootstrap_to_ft'] is None
+    # LP: the backbone is frozen, so its features are the pretrained ones
+    assert report['methods']['LP']['cosine_similarity']['mean'] == pytest.approx(1.0, abs=1e-6)
+    assert 'neck and heads' in report['methods_described']['LP']
+    assert 'a fresh neck and heads' in report['premise']
+    md = (work / 'report.md').read_text()
+    assert '| ID-val bbox mAP | ID bbox mAP |' in md and 'CocoMetric' in md
+
+
+def test_lp_leaves_the_detectors_backbone_bit_identical(boxes_root, tmp_path, one_torch_thread):
+    """LP trains the neck and heads on a frozen backbone: its weights and its BN statistics
+    (running mean / variance, batches tracked) are the pretrained checkpoint's, bit for bit."""
+    import torch
+    from mmengine.registry import init_default_scope
+    import daft_mm.mm  # noqa: F401
+    from daft_mm.benchmark.methods import Point, get_method
+    from daft_mm.benchmark.runs import Context, train
+    from daft_mm.benchmark.task import task_from_config
+    from daft_mm.mm.plan import split_model
+    init_default_scope('mmdet')
+    task = task_from_config(str(FASTER_RCNN), options={'data_root': str(boxes_root)},
+                            max_images=4, budget=3)
+    ctx = Context(task=task, work_dir=tmp_path, step=lambda _: None)
+    model, _ = train(ctx, get_method('LP'), Point(lr=0.3), tmp_path / 'lp', iters=3, seed=0,
+                     stage='lp')
+    detector = split_model(model)[1]
+    saved = torch.load(task.backbone, map_location='cpu', weights_only=False)
+    saved = saved.get('state_dict', saved)
+    state = detector.backbone.state_dict()
+    assert state and all(torch.equal(v, saved[f'backbone.{k}']) for k, v in state.items()
+                         if f'backbone.{k}' in saved)
+    assert any(k.endswith('running_var') for k in state)
+    assert all(f'backbone.{k}' in saved for k in state)
+    # and it did train: SGD kept momentum for the parameters that learned (neck, RPN, RoI head)
+    ckpt = torch.load(tmp_path / 'lp' / 'iter_3.pth', map_location='cpu', weights_only=False)
+    assert len(ckpt['optimizer']['state']) > 0
+
+
+def test_a_detector_without_batchnorm_is_refused(boxes_root, python, tmp_path):
+    proc = _compare(python, RETINANET, '--quick', '--search', '--work-dir', tmp_path / 'w',
+                    '--cfg-options', f'data_root={boxes_root}', 'model.backbone.norm_cfg.type=GN',
+                    'model.backbone.norm_cfg.num_groups=4')
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    assert 'has no BatchNorm layer' in proc.stderr and 'GroupNorm' in proc.stderr
+    assert 'nothing to convert' in proc.stderr and not (tmp_path / 'w' / 'runs').exists()
+
+
+def test_a_segmentation_option_on_a_detection_config_is_refused(boxes_root, python, tmp_path):
+    config = tmp_path / 'with_floor.py'
+    config.write_text(f"_base_ = ['{RETINANET}']\ncompare = dict(floor=True)\n")
+    backbone = REPO / 'benchmarks' / 'pretrained' / 'imagenette_resnetv1c18w16_64px.pth'
+    proc = _compare(python, config, '--quick', '--search', '--work-dir', tmp_path / 'w',
+                    '--backbone', backbone, '--cfg-options', f'data_root={boxes_root}')
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    assert 'floor=True is a segmentation option' in proc.stderr
+    assert 'remove floor' in proc.stderr
