@@ -1,16 +1,19 @@
-"""Compare FT, LP, LP-FT, DAFT and DAFT's ablations on your own segmentation config.
+"""Compare FT, LP, LP-FT, DAFT and DAFT's ablations on your own segmentation or detection config.
 
 Every method's config is derived from CONFIG (your FT config: model, training set, pipelines,
-schedule); each starts from the same pretrained backbone with a fresh decode head, gets the same
-iteration budget and seeds, and has its setting chosen on ID-val only (grids widened at their
-edges, pruned by successive halving, finalists re-run with every seed). ID test is CONFIG's test
-set; OOD sets are named dataset configs and common corruptions of the ID test images. Trials run
-on Ray Tune: a local Ray by default (one trial per core, or per GPU), a running cluster with
---address. Runs are cached under the work dir: stop at any time and run the same command again to
-pick up where it stopped.
+schedule); each starts from the same pretrained backbone with a fresh decode head (detection: a
+fresh neck and heads), gets the same iteration budget and seeds, and has its setting chosen on
+ID-val only (grids widened at their edges, pruned by successive halving, finalists re-run with
+every seed). ID test is CONFIG's test set; OOD sets are named dataset configs and common
+corruptions of the ID test images. Scores: mIoU, or a detection config's own mmdet metric (bbox
+mAP). Trials run on Ray Tune: a local Ray by default (one trial per core, or per GPU), a running
+cluster with --address. Runs are cached under the work dir: stop at any time and run the same
+command again to pick up where it stopped.
 
     python tools/compare.py configs/camvid/compare_camvid_day_dusk.py --search \\
         --cfg-options data_root=data/CamVid
+    python tools/compare.py configs/camvid/compare_camvid_boxes_day_dusk.py --search \\
+        --cfg-options data_root=data/CamVid            # detection: RetinaNet, mmdet's bbox mAP
     python tools/compare.py MY_CONFIG.py --search --backbone my_backbone.pth \\
         --id-val configs/my_val.py --ood night=configs/my_night.py --ood fog=configs/my_fog.py
 

@@ -4,8 +4,9 @@
 :func:`run_benchmark` is the embedded demo (``tools/demo.py``): its data and backbone, then the
 same.
 
-Every method: the same pretrained backbone, a fresh decode head, the same iteration budget, the
-same seeds; every choice on ID-val only (OOD sets are evaluated, never used to choose).
+Every method: the same pretrained backbone, a fresh decode head (or neck and heads), the same
+iteration budget, the same seeds; every choice on ID-val only (OOD sets are evaluated, never
+used to choose).
 """
 from __future__ import annotations
 
