@@ -116,10 +116,10 @@ def test_detection_score_reads_each_sets_own_annotations(boxes_root):
     evaluator = load_config(str(RETINANET), {'data_root': str(boxes_root)},
                             work_dir='unused').test_evaluator
     assert evaluator['ann_file'].endswith('boxes_id_test.json')
-    perfect, counts, extra = score(_Oracle(), batches, meta, task='det',
+    perfect, counts, extra = score(_Oracle(), batches, meta, kind='det',
                                    evaluator_cfg=evaluator, dataset=dataset)
     assert perfect == pytest.approx(100.0) and counts is None and extra == {}
-    shifted, _, _ = score(_Oracle(shift=3.0), batches, meta, task='det',
+    shifted, _, _ = score(_Oracle(shift=3.0), batches, meta, kind='det',
                           evaluator_cfg=evaluator, dataset=dataset)
     assert 0.0 <= shifted < 90.0
 

@@ -344,7 +344,7 @@ def set_score(model: Any, ctx: Context, name: str) -> Tuple[float, Optional[Dict
     """``model``'s score on one evaluation set with the task's metric
     (:func:`daft_mm.benchmark.scoring.score`)."""
     batches = ctx.id_val_batches if name == 'id_val' else ctx.eval_sets[name]
-    return score(model, batches, ctx.dataset_meta, task=ctx.task.kind,
+    return score(model, batches, ctx.dataset_meta, kind=ctx.task.kind,
                  evaluator_cfg=ctx.evaluator, dataset=_set_dataset(ctx, name))
 
 

@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 __all__ = ['SCOPES', 'METRIC_NAMES', 'segmentation_score', 'detection_score', 'score']
 
-#: task (``daft_mm.mm.cli.detect_task``) -> the default scope its runs are built in
+#: a task's kind (``daft_mm.mm.cli.detect_task``) -> the default scope its runs are built in
 SCOPES = {'seg': 'mmseg', 'det': 'mmdet'}
-#: task -> the name of the score in tables and plots
+#: kind -> the name of the score in tables and plots
 METRIC_NAMES = {'seg': 'mIoU', 'det': 'bbox mAP'}
 
 Counts = Dict[str, List[List[int]]]
@@ -92,15 +92,15 @@ def detection_score(model: Any, batches: List[Any], dataset_meta: Mapping[str, A
     return maps.get('bbox', 0.0), maps
 
 
-def score(model: Any, batches: List[Any], dataset_meta: Mapping[str, Any], *, task: str,
+def score(model: Any, batches: List[Any], dataset_meta: Mapping[str, Any], *, kind: str,
           evaluator_cfg: Any = None, dataset: Optional[Mapping[str, Any]] = None
           ) -> Tuple[float, Optional[Counts], Dict[str, float]]:
     """``(score, per-image counts or None, extra scores)`` of ``model`` on cached batches of one
-    set, with the task's metric (:data:`METRIC_NAMES`)."""
-    if task == 'seg':
+    set, with the metric of the task's ``kind`` (:data:`METRIC_NAMES`)."""
+    if kind == 'seg':
         value, counts = segmentation_score(model, batches, dataset_meta)
         return value, counts, {}
-    if task == 'det':
+    if kind == 'det':
         if evaluator_cfg is None:
             raise ValueError('a detection comparison scores with the config\'s test_evaluator; '
                              'the config has none. Fix: set test_evaluator (e.g. '
@@ -108,4 +108,4 @@ def score(model: Any, batches: List[Any], dataset_meta: Mapping[str, Any], *, ta
         value, maps = detection_score(model, batches, dataset_meta, evaluator_cfg,
                                       dataset or {})
         return value, None, {k: v for k, v in maps.items() if k != 'bbox'}
-    raise ValueError(f'unknown task {task!r}: one of {sorted(SCOPES)}')
+    raise ValueError(f'unknown task kind {kind!r}: one of {sorted(SCOPES)}')
