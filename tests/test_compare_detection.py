@@ -199,3 +199,45 @@ def test_a_segmentation_option_on_a_detection_config_is_refused(boxes_root, pyth
     assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
     assert 'floor=True is a segmentation option' in proc.stderr
     assert 'remove floor' in proc.stderr
+
+
+def test_daft_rows_train_bn_and_the_others_keep_the_users_backbone(boxes_root):
+    """A stock mmdet backbone freezes BN (norm_eval, frozen stage, frozen affine weights), which
+    DAFT cannot use: the DAFT rows get the fragment's trainable BN, FT and LP keep the user's."""
+    from daft_mm.benchmark.methods import Point, get_method
+    from daft_mm.benchmark.variants import method_config
+    from daft_mm.mm.cli import load_config
+    stock = {'data_root': str(boxes_root), 'model.backbone.norm_eval': True,
+             'model.backbone.frozen_stages': 1, 'model.backbone.norm_cfg.requires_grad': False}
+
+    def backbone_of(method: str) -> dict:
+        cfg = load_config(str(FASTER_RCNN), stock, work_dir='unused')
+        method_config(cfg, get_method(method), Point(lr=0.01, ratio=10.0), backbone='b.pth')
+        return cfg.model.model.backbone
+
+    for daft in ('DAFT', 'DAFT w/o conversion', 'conversion only'):
+        b = backbone_of(daft)
+        assert (b.norm_eval, b.frozen_stages, b.norm_cfg.requires_grad) == (False, -1, True)
+        assert b.init_cfg == dict(type='Pretrained', checkpoint='b.pth', prefix='backbone.')
+    for kept in ('FT', 'LP'):
+        b = backbone_of(kept)
+        assert (b.norm_eval, b.frozen_stages, b.norm_cfg.requires_grad) == (True, 1, False)
+
+
+def test_daft_trains_from_a_config_that_freezes_bn(boxes_root, tmp_path, one_torch_thread):
+    """The derived DAFT run of a stock-style config (BN frozen) starts and trains: DAFTHook would
+    refuse a frozen BN, so this fails if the DAFT rows kept the user's backbone settings."""
+    from mmengine.registry import init_default_scope
+    import daft_mm.mm  # noqa: F401
+    from daft_mm.benchmark.methods import Point, get_method
+    from daft_mm.benchmark.runs import Context, train
+    from daft_mm.benchmark.task import task_from_config
+    init_default_scope('mmdet')
+    stock = {'data_root': str(boxes_root), 'model.backbone.norm_eval': True,
+             'model.backbone.frozen_stages': 1, 'model.backbone.norm_cfg.requires_grad': False}
+    task = task_from_config(str(RETINANET), options=stock, max_images=4, budget=2)
+    ctx = Context(task=task, work_dir=tmp_path, step=lambda _: None)
+    model, ckpt = train(ctx, get_method('DAFT'), Point(lr=0.01, ratio=10.0), tmp_path / 'daft',
+                        iters=2, seed=0)
+    bn = next(m for m in model.modules() if type(m).__name__ == 'BatchNorm2d')
+    assert bn.weight.requires_grad and Path(ckpt).is_file()

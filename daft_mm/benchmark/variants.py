@@ -41,6 +41,8 @@ def method_config(cfg: Any, spec: MethodSpec, point: Point, *, backbone: str,
         init['prefix'] = backbone_prefix
     inner.setdefault('backbone', {})['init_cfg'] = init
     recipe = 'lp' if stage == 'lp' else spec.recipe
+    if recipe.startswith('daft'):
+        _trainable_bn(inner['backbone'])
     wrapper = dict(type='DAFTModel', method=recipe, model=inner)
     if recipe == 'lp':
         wrapper['feature_extractor'] = ['backbone']
@@ -65,7 +67,6 @@ def method_config(cfg: Any, spec: MethodSpec, point: Point, *, backbone: str,
     hooks = [h for h in (cfg.get('custom_hooks') or [])
              if h.get('type') not in ('DAFTHook', 'daft_mm.DAFTHook')]
     if recipe.startswith('daft'):
-        _trainable_bn(inner['backbone'])
         ratio = point.ratio if spec.has_ratio else None
         cfg.daft_head_lr_mult = ratio if ratio is not None else 1.0
         if point.scope is not None:
