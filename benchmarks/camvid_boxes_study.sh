@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The CamVid day -> dusk detection study (issue 30), resumable: every trial is cached in the work
+# dir, so a stopped run continues where it stopped (run it again with the same code). Faster
+# R-CNN on boxes derived from the label maps, 5 seeds, budget 2000 (FT checked at 4000); about
+# 15 CPU-hours on 2 cores (benchmarks/results/camvid_boxes_exploration.json): several sessions.
+#
+#   bash benchmarks/camvid_boxes_study.sh [DATA_ROOT] [WORK_ROOT]   # default data/CamVid, work_dirs
+#
+# Publishes benchmarks/results/camvid_boxes.{json,md,png}.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+DATA=${1:-data/CamVid}
+WORK=${2:-work_dirs}
+PY=${PYTHON:-.venv/bin/python}
+[ -f "$DATA/daft_splits/id_val.txt" ] || "$PY" -m daft_mm.mm.datasets.camvid_splits "$DATA"
+[ -f "$DATA/daft_splits/boxes_id_val.json" ] || "$PY" -m daft_mm.mm.datasets.camvid_boxes "$DATA"
+"$PY" tools/compare.py configs/camvid/compare_camvid_boxes_day_dusk_faster-rcnn.py --search \
+    --work-dir "$WORK/camvid_boxes_study" --cfg-options data_root="$DATA"
+"$PY" benchmarks/publish_report.py "$WORK/camvid_boxes_study" camvid_boxes
