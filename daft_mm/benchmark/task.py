@@ -117,6 +117,7 @@ class TaskSpec:
         spec.pop('headline')
         spec.pop('floor')
         spec.pop('only')
+        spec.pop('kind')  # the config's own (hashed below): keys stay those of older reports
         spec['config'] = cfg.to_dict()
         return stable_hash(spec)
 
