@@ -208,7 +208,8 @@ def test_daft_rows_train_bn_and_the_others_keep_the_users_backbone(boxes_root):
     from daft_mm.benchmark.variants import method_config
     from daft_mm.mm.cli import load_config
     stock = {'data_root': str(boxes_root), 'model.backbone.norm_eval': True,
-             'model.backbone.frozen_stages': 1, 'model.backbone.norm_cfg.requires_grad': False}
+             'model.backbone.frozen_stages': 1, 'model.backbone.norm_cfg.requires_grad': False,
+             'model.backbone.norm_cfg.eps': 0.0}  # NAS-FCOS's: train-mode BN needs eps > 0
 
     def backbone_of(method: str) -> dict:
         cfg = load_config(str(FASTER_RCNN), stock, work_dir='unused')
@@ -218,10 +219,12 @@ def test_daft_rows_train_bn_and_the_others_keep_the_users_backbone(boxes_root):
     for daft in ('DAFT', 'DAFT w/o conversion', 'conversion only'):
         b = backbone_of(daft)
         assert (b.norm_eval, b.frozen_stages, b.norm_cfg.requires_grad) == (False, -1, True)
+        assert (b.norm_cfg.type, b.norm_cfg.eps) == ('BN', 1e-5)  # the user's type kept
         assert b.init_cfg == dict(type='Pretrained', checkpoint='b.pth', prefix='backbone.')
     for kept in ('FT', 'LP'):
         b = backbone_of(kept)
         assert (b.norm_eval, b.frozen_stages, b.norm_cfg.requires_grad) == (True, 1, False)
+        assert b.norm_cfg.eps == 0.0
 
 
 def test_daft_trains_from_a_config_that_freezes_bn(boxes_root, tmp_path, one_torch_thread):

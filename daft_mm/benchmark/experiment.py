@@ -762,16 +762,23 @@ def _brief(r: Dict[str, Any]) -> Dict[str, Any]:
     return {k: r[k] for k in keys}
 
 
-def _floor_args(floor: Optional[Mapping[str, Any]], results: Mapping[str, List[Dict[str, Any]]],
+def _floor_args(summary: Mapping[str, Any], floor: Optional[Mapping[str, Any]],
                 on: str) -> Dict[str, Any]:
-    """The floor's score and the methods' mean scores on the verdict's set, for the verdict."""
+    """The floor's mean score and FT's and DAFT's on the verdict's set (``on``), from the
+    table's summary (the floor is one of its rows)."""
+    def mean(method: str) -> float:
+        s = summary[method]
+        return (s['ood_mean_miou'] if on == 'OOD mean' else s['ood_miou'][on])['mean']
     if not floor:
         return {}
+    return dict(floor=mean(floor['method']),
+                scores={m: mean(m) for m in ('FT', 'DAFT') if m in summary})
 
-    def score(r: Mapping[str, Any]) -> float:
-        return r['ood_mean'] if on == 'OOD mean' else r['ood'][on]
-    return dict(floor=score(floor),
-                scores={m: sum(score(r) for r in rs) / len(rs) for m, rs in results.items()})
+
+def _evaluator_types(evaluator: Any) -> str:
+    """The metric types of an evaluator config (one metric or a list)."""
+    cfgs = [evaluator] if isinstance(evaluator, Mapping) else list(evaluator or ())
+    return ', '.join(str(c.get('type')) for c in cfgs) or 'none'
 
 
 def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str,
@@ -796,6 +803,7 @@ def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str
     if headline and all('counts' in r for rs in rows.values() for r in rs):  # never paired
         boot = block_bootstrap(results, headline)
         per_class = {m: per_class_iou(rs, headline, classes) for m, rs in rows.items()}
+    summary = summarize(rows, ood_names)
     runs = {m: [{k: v for k, v in r.items() if k != 'counts'} for r in rs]
             for m, rs in results.items()}  # per-image counts stay in the run cache
     return {
@@ -810,8 +818,9 @@ def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str
                    'and never-predicted classes skipped, as in mmseg IoUMetric)'
                    if task.kind == 'seg' else
                    f'bbox mAP (%) on {len(classes)} classes with the config\'s own mmdet metric '
-                   '(CocoMetric: AP over IoU 0.50:0.95, which mmdet rounds to 0.1 point; '
-                   'no per-image counts, so intervals are over seeds only)')
+                   f'({_evaluator_types(ctx.evaluator)}; CocoMetric\'s is AP over IoU '
+                   '0.50:0.95, rounded by mmdet to 0.1 point; no per-image counts, so intervals '
+                   'are over seeds only)')
                   + f'; spread = sample std over seeds; {chosen_how}',
         'cosine_similarity': 'mean per-pixel cosine of the deepest backbone features, '
                              'fine-tuned vs pretrained, on the ID test images',
@@ -832,11 +841,11 @@ def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str
         'bootstrap_to_ft': boot,
         'per_class': per_class,
         'verdict': verdict_line(paired, 'DAFT', headline, boot, **_floor_args(
-            floor, results, headline or ('OOD mean' if len(ood_names) > 1 else ood_names[0]))),
+            summary, floor, headline or ('OOD mean' if len(ood_names) > 1 else ood_names[0]))),
         'task': dict(asdict(task), key=ctx.task_key, classes=list(classes)),
         'backbone_checkpoint': task.backbone,
         'provenance': provenance(task),
-        'methods': summarize(rows, ood_names),
+        'methods': summary,
         'floor': {k: v for k, v in floor.items() if k != 'counts'} if floor else None,
         'runs': runs,
         'trained_runs': ctx.trained,

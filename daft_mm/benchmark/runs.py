@@ -407,8 +407,8 @@ def load_pretrained(ctx: Context, eval_sets: bool = True) -> None:
 def _refuse_without_bn(task: TaskSpec, backbone: Any) -> None:
     """A backbone without BatchNorm has no statistics to convert: DAFT's first half would do
     nothing, and the comparison would measure integrated LP+FT under DAFT's name."""
-    from torch.nn.modules.batchnorm import _BatchNorm
-    if not any(isinstance(m, _BatchNorm) for m in backbone.modules()):
+    from daft_mm.core.modules import is_batchnorm
+    if not any(is_batchnorm(m) for m in backbone.modules()):
         norm = [type(m).__name__ for m in backbone.modules()
                 if 'norm' in type(m).__name__.lower()][:1]
         raise InputError(

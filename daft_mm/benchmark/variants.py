@@ -81,13 +81,22 @@ def method_config(cfg: Any, spec: MethodSpec, point: Point, *, backbone: str,
 
 
 def _trainable_bn(backbone: dict) -> None:
-    """What DAFT needs of the backbone, as the DAFT fragments set it: BN in train mode with
-    trainable affine weights and no frozen stage (stock mmdet configs freeze BN, which DAFTHook
-    refuses). The other rows keep the config's settings: that is the FT users have."""
+    """Give the backbone what the detection DAFT fragment asks of one (its ``daft_backbone``: BN
+    in train mode, trainable, no frozen stage, eps > 0; stock mmdet configs freeze BN, which
+    DAFTHook refuses), changing only the settings that keep BN from training: the norm type and
+    a nonzero eps stay the user's. The other rows keep the config's backbone: that is the FT users
+    have."""
+    from daft_mm.mm.zoo import daft_backbone
+    wanted = daft_backbone('mmdet')
     if backbone.get('norm_eval'):
-        backbone['norm_eval'] = False
-    if (backbone.get('frozen_stages') or -1) > 0:
-        backbone['frozen_stages'] = -1
+        backbone['norm_eval'] = wanted['norm_eval']
+    if (backbone.get('frozen_stages') or -1) > 0:  # 0 (the stem alone) is allowed
+        backbone['frozen_stages'] = wanted['frozen_stages']
     norm = backbone.get('norm_cfg')
-    if isinstance(norm, dict) and norm.get('requires_grad') is False:
-        backbone['norm_cfg'] = dict(norm, requires_grad=True)
+    if isinstance(norm, dict):
+        norm = dict(norm)
+        if norm.get('requires_grad') is False:
+            norm['requires_grad'] = wanted['norm_cfg']['requires_grad']
+        if norm.get('eps') == 0:
+            norm['eps'] = wanted['norm_cfg']['eps']
+        backbone['norm_cfg'] = norm
