@@ -121,10 +121,11 @@ SAMPLE = REPO / 'tests' / 'samples' / 'camvid' / 'CamVid'
 CAMVID_SPEC = REPO / 'configs' / 'camvid' / 'compare_camvid_day_dusk.py'
 
 
-def _task(camvid_root: Path, budget: int = 6):
+def _task(camvid_root: Path, budget: int = 6, **overrides):
     from daft_mm.benchmark.task import task_from_config
     return task_from_config(str(CAMVID_SPEC), options={'data_root': str(camvid_root)},
-                            budget=budget, max_images=4, seeds=(0, ), spaces='quick')
+                            budget=budget, max_images=4, seeds=(0, ), spaces='quick',
+                            **overrides)
 
 
 def _context(task, work: Path):
@@ -135,6 +136,25 @@ def _context(task, work: Path):
     ctx = Context(task=task, work_dir=work, step=print, task_key=task.key())
     load_pretrained(ctx)
     return ctx
+
+
+def test_lr_scale_moves_every_lr_grid_and_is_part_of_the_task(camvid_root):
+    """A detection task's grids sit lower than segmentation's: every 'lr' axis times the
+    task's ``lr_scale`` (the other axes and the widening step as they were); runs at another
+    scale are another task's runs."""
+    from daft_mm.benchmark.experiment import SEARCH_SPACES, _space
+    from daft_mm.benchmark.methods import get_method
+    axes = _space(get_method('DAFT'), SEARCH_SPACES, {}, 0.125)
+    assert [(a.name, a.values, a.step) for a in axes] == [
+        ('lr', (0.000125, 0.00125, 0.0125), 10.0), ('ratio', (10.0, 100.0, 1000.0), 10.0),
+        ('scope', ('new_modules', ), None)]
+    assert _space(get_method('FT'), SEARCH_SPACES, {}, 0.125)[0].values[:3] == (
+        0.00125, 0.0025, 0.005)
+    task = _task(camvid_root)
+    assert task.lr_scale == 1.0
+    assert _task(camvid_root, lr_scale=0.5).key() != task.key()
+    with pytest.raises(ValueError, match='lr_scale must be > 0'):
+        _task(camvid_root, lr_scale=0)
 
 
 @pytest.mark.parametrize('method, point', [

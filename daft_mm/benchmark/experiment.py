@@ -226,11 +226,18 @@ def recorded_for(rec: Mapping[str, Any], task: TaskSpec, task_key: str) -> Dict[
 
 
 def _space(spec: MethodSpec, spaces: Dict[str, List[Axis]],
-           chosen: Dict[str, Point]) -> List[Axis]:
-    axes = list(spaces[spec.name])
+           chosen: Dict[str, Point], lr_scale: float = 1.0) -> List[Axis]:
+    axes = [Axis(a.name, tuple(_scaled(v, lr_scale) for v in a.values), a.step, a.floor)
+            if a.name == 'lr' else a for a in spaces[spec.name]]
     if spec.name == 'DAFT w/o conversion' and 'DAFT' in chosen:
         axes.append(Axis('scope', (chosen['DAFT'].scope, )))
     return axes
+
+
+def _scaled(lr: float, scale: float) -> float:
+    """``lr * scale`` rounded to 12 significant digits: 0.01 x 0.125 is 0.00125, not
+    0.0012500000000000002, in run keys, logs and reports."""
+    return float(f'{lr * scale:.12g}')
 
 
 #: What a search is sent back for a trial: its ID-val (a failed trial's is NaN: ranked last).
@@ -326,9 +333,10 @@ def search_sources(spaces: Dict[str, List[Axis]], seeds: Sequence[int], task: Ta
                 chosen[name] = kept[name]
                 continue
             spec = get_method(name)
+            axes = _space(spec, spaces, chosen, task.lr_scale)
             result = yield from _alongside(method_search(
-                spec, _space(spec, spaces, chosen), seeds, task, probe=chosen.get('LP'),
-                protocol=protocol, halving=halving, eta=eta), extra)
+                spec, axes, seeds, task, probe=chosen.get('LP'), protocol=protocol,
+                halving=halving, eta=eta), extra)
             extra = []
             if name == 'FT' and check_budget:
                 extra = [Job('FT', result.chosen, seed, budget=2 * task.budget)

@@ -69,6 +69,10 @@ class TaskSpec:
     only: Tuple[str, ...] = ()
     #: 'seg' or 'det' (``daft_mm.mm.cli.detect_task`` of the config): the metric and the scope
     kind: str = 'seg'
+    #: every LR of the search grids times this. The grids were set on the segmentation tasks
+    #: (SGD, poly schedule); a detector trains at LRs several times lower (mmdet's Faster R-CNN:
+    #: 0.02 at batch 16), and a grid whose every point but its edge diverges wastes the search
+    lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.budget < 2:
@@ -87,6 +91,8 @@ class TaskSpec:
                 f'{self.name}: floor=True is a segmentation option (the image-blind prior '
                 'predicts each pixel\'s most frequent training class; a detector has no such '
                 'floor). Fix: remove floor from the compare dict of a detection config')
+        if not self.lr_scale > 0:
+            raise ValueError(f'{self.name}: lr_scale must be > 0, got {self.lr_scale!r}')
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f'{self.name}: max_images must be >= 1, got {self.max_images}')
         self.corruptions = tuple((str(c), int(s)) for c, s in self.corruptions)
@@ -118,6 +124,8 @@ class TaskSpec:
         spec.pop('floor')
         spec.pop('only')
         spec.pop('kind')  # the config's own (hashed below): keys stay those of older reports
+        if spec['lr_scale'] == 1.0:  # each run's LR is in its own key; 1.0: older reports' keys
+            spec.pop('lr_scale')
         spec['config'] = cfg.to_dict()
         return stable_hash(spec)
 
@@ -126,7 +134,7 @@ class TaskSpec:
 _SPEC_KEYS = frozenset({'name', 'description', 'backbone', 'backbone_prefix', 'id_val', 'ood',
                         'corruptions', 'options', 'budget', 'lp_fraction', 'batch_size',
                         'seeds', 'eval_batch_size', 'spaces', 'max_images', 'methods',
-                        'headline', 'floor', 'only'})
+                        'headline', 'floor', 'only', 'lr_scale'})
 # (``kind`` is not among them: it is the config's, from its default scope)
 
 
