@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The CamVid day -> dusk detection study (issue 30), resumable: every trial is cached in the work
 # dir, so a stopped run continues where it stopped (run it again with the same code). Faster
-# R-CNN on boxes derived from the label maps, 5 seeds, budget 2000 (FT checked at 4000); about
-# 15 CPU-hours on 2 cores (benchmarks/results/camvid_boxes_exploration.json): several sessions.
+# R-CNN on boxes derived from the label maps, 5 seeds, budget 2000 (FT checked at 4000), then FT
+# and DAFT at those choices from the second pretraining run (seed-1 backbone). About 146,000
+# iterations: 25 to 50 core-hours on this machine, so several sessions.
 #
 #   bash benchmarks/camvid_boxes_study.sh [DATA_ROOT] [WORK_ROOT]   # default data/CamVid, work_dirs
 #
-# Publishes benchmarks/results/camvid_boxes.{json,md,png}.
+# Publishes benchmarks/results/camvid_boxes.{json,md,png} and camvid_boxes_backbone_seed1.*.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DATA=${1:-data/CamVid}
@@ -16,4 +17,10 @@ PY=${PYTHON:-.venv/bin/python}
 [ -f "$DATA/daft_splits/boxes_id_val.json" ] || "$PY" -m daft_mm.mm.datasets.camvid_boxes "$DATA"
 "$PY" tools/compare.py configs/camvid/compare_camvid_boxes_day_dusk_faster-rcnn.py --search \
     --work-dir "$WORK/camvid_boxes_study" --cfg-options data_root="$DATA"
+"$PY" tools/compare.py configs/camvid/compare_camvid_boxes_day_dusk_faster-rcnn.py \
+    --recorded "$WORK/camvid_boxes_study/search.json" --rows FT DAFT \
+    --backbone benchmarks/pretrained/imagenette_resnetv1c18w16_64px_seed1.pth \
+    --work-dir "$WORK/camvid_boxes_study_backbone_seed1" --cfg-options data_root="$DATA"
 "$PY" benchmarks/publish_report.py "$WORK/camvid_boxes_study" camvid_boxes
+"$PY" benchmarks/publish_report.py "$WORK/camvid_boxes_study_backbone_seed1" \
+    camvid_boxes_backbone_seed1
