@@ -4,7 +4,7 @@ Two parts, both printed as a table and written to one JSON:
 
 * ``cost``: for each task given (the embedded demo, CamVid at 300 iterations), the full grid's
   record (every grid point trained the whole budget: ``configs/demo/recorded_search.json``,
-  ``benchmarks/results/camvid.json``) and a halving search's record (the ``search.json`` /
+  ``benchmarks/results/camvid_300it.json``) and a halving search's record (the ``search.json`` /
   ``report.json`` of ``tools/demo.py --search`` / ``tools/compare.py --search`` at this commit).
   Per method: each search's choice and the 3-seed mean ID-val of that choice, whether the halving
   choice lies within the full grid's seed spread, the grid points, and the iterations. In all:
@@ -42,7 +42,7 @@ from daft_mm.benchmark.methods import COMPARED, Point, get_method, stage_budgets
 SAMPLE = REPO / 'tests' / 'samples' / 'camvid' / 'CamVid'
 SPEC = REPO / 'configs' / 'camvid' / 'compare_camvid_day_dusk.py'
 FULL = {'demo': REPO / 'configs' / 'demo' / 'recorded_search.json',
-        'camvid': REPO / 'benchmarks' / 'results' / 'camvid.json'}
+        'camvid': REPO / 'benchmarks' / 'results' / 'camvid_300it.json'}
 
 
 def _record(path: Path) -> Dict[str, Any]:
