@@ -9,7 +9,7 @@
 #    the budget (the budget check), the dusk headline with its bootstrap, the image-blind floor;
 # 2. FT and DAFT at those choices, trained from the second pretraining run (seed-1 backbone);
 # 3. both reports published under benchmarks/results/ (camvid.*, camvid_backbone_seed1.*), the
-#    300-iteration study kept as camvid_300it.*.
+#    600-iteration study's kept as camvid_600it.*, camvid_backbone_seed1_600it.*.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DATA=${1:-data/CamVid}
@@ -22,12 +22,14 @@ PY=${PYTHON:-.venv/bin/python}
     --recorded "$WORK/camvid_study/search.json" --rows FT DAFT \
     --backbone benchmarks/pretrained/imagenette_resnetv1c18w16_64px_seed1.pth \
     --work-dir "$WORK/camvid_study_backbone_seed1" --cfg-options data_root="$DATA"
-if [ ! -f benchmarks/results/camvid_300it.json ]; then
-  for ext in json md png; do
-    git mv "benchmarks/results/camvid.$ext" "benchmarks/results/camvid_300it.$ext"
+if [ ! -f benchmarks/results/camvid_600it.json ]; then  # the study before, at 600 iterations
+  for name in camvid camvid_backbone_seed1; do
+    for ext in json md png; do
+      git mv "benchmarks/results/$name.$ext" "benchmarks/results/${name}_600it.$ext"
+    done
+    sed -i "s/]($name\.png)/](${name}_600it.png)/; s/^!\[$name\]/![${name}_600it]/" \
+        "benchmarks/results/${name}_600it.md"
   done
-  sed -i 's/](camvid\.png)/](camvid_300it.png)/; s/^!\[camvid\]/![camvid_300it]/' \
-      benchmarks/results/camvid_300it.md
 fi
 "$PY" benchmarks/publish_report.py "$WORK/camvid_study" camvid
 "$PY" benchmarks/publish_report.py "$WORK/camvid_study_backbone_seed1" camvid_backbone_seed1

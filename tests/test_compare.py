@@ -338,7 +338,7 @@ def test_specification_keys_and_id_val_are_checked(tmp_path):
     task = task_from_config(str(CAMVID_SPEC), options={'data_root': str(tmp_path)})
     # a dict without `type` changes the ID test set: same dataset and pipeline, another list
     assert task.ood['dusk'] == dict(task.id_test, ann_file='daft_splits/ood_dusk.txt')
-    assert task.id_test['data_root'] == str(tmp_path) and task.budget == 600
+    assert task.id_test['data_root'] == str(tmp_path) and task.budget == 1200
     assert task.ood_names == ['dusk', 'gaussian_noise-3', 'motion_blur-3', 'fog-3']
     spec = tmp_path / 'spec.py'
     spec.write_text(f"_base_ = ['{CAMVID_SPEC}']\ncompare = dict(budgt=100)\n")
