@@ -138,7 +138,7 @@ def _context(task, work: Path):
     return ctx
 
 
-def test_lr_scale_moves_every_lr_grid_and_is_part_of_the_task(camvid_root):
+def test_lr_scale_moves_every_lr_grid_and_leaves_the_task_key(camvid_root):
     """A detection task's grids sit lower than segmentation's: every 'lr' axis times the
     task's ``lr_scale`` (the other axes and the widening step as they were). The task key leaves
     it out: a run's key holds its own LR, so a run that two grids share is trained once."""
