@@ -3,7 +3,7 @@
 # dir, so a stopped run continues where it stopped (run it again with the same code). Faster
 # R-CNN on boxes derived from the label maps, 5 seeds, budget 2000 (FT checked at 4000), then FT
 # and DAFT at those choices from the second pretraining run (seed-1 backbone). About 146,000
-# iterations: 25 to 50 core-hours on this machine, so several sessions.
+# iterations: about 25 core-hours on this machine, so several sessions.
 #
 #   bash benchmarks/camvid_boxes_study.sh [DATA_ROOT] [WORK_ROOT]   # default data/CamVid, work_dirs
 #

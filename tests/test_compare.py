@@ -381,8 +381,8 @@ def test_a_report_file_as_recorded_runs_to_a_report_that_says_so(compared, camvi
     the report says they were not chosen on this task's ID-val. A file of neither form is
     refused before anything trains."""
     shipped = REPO / 'benchmarks' / 'results' / 'camvid_300it.json'
-    # that report (the 300-iteration study) predates the added rows: they are not asked for here (a recorded file without
-    # their choices is refused, naming them: below)
+    # that report (the 300-iteration study) predates the added rows: they are not asked for
+    # here (a recorded file without their choices is refused, naming them: below)
     proc = _compare(python, CAMVID_SPEC, '--quick', '--recorded', shipped, '--no-budget-check',
                     '--work-dir', tmp_path / 'w', '--cfg-options', f'data_root={camvid_root}',
                     'compare.methods=[]')

@@ -227,7 +227,7 @@ def recorded_for(rec: Mapping[str, Any], task: TaskSpec, task_key: str) -> Dict[
 
 def _space(spec: MethodSpec, spaces: Dict[str, List[Axis]],
            chosen: Dict[str, Point], lr_scale: float = 1.0) -> List[Axis]:
-    axes = [Axis(a.name, tuple(_scaled(v, lr_scale) for v in a.values), a.step, a.floor)
+    axes = [replace(a, values=tuple(_scaled(v, lr_scale) for v in a.values))
             if a.name == 'lr' else a for a in spaces[spec.name]]
     if spec.name == 'DAFT w/o conversion' and 'DAFT' in chosen:
         axes.append(Axis('scope', (chosen['DAFT'].scope, )))
