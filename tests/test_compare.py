@@ -233,6 +233,37 @@ def test_chosen_rows_on_a_second_backbone(compared, camvid_root, python, tmp_pat
     assert report['runs']['DAFT'][0]['setting'] == chosen['DAFT']
 
 
+def test_trial_cache_carries_finished_trials_to_another_work_dir(compared, camvid_root, python,
+                                                                 tmp_path):
+    """benchmarks/trial_cache.py: a study longer than a session goes on on the next machine
+    from its results saved in the repository (JSON only); code of another hash is refused."""
+    work, _ = compared
+    script = str(REPO / 'benchmarks' / 'trial_cache.py')
+    saved, fresh = tmp_path / 'saved', tmp_path / 'fresh'
+    proc = subprocess.run([python, script, 'save', str(work), str(saved)], capture_output=True,
+                          text=True, timeout=120, env=cpu_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(saved.rglob('*.pth')) and (saved / 'search.json').is_file()
+    assert list(saved.glob('runs/DAFT/*/result.json'))
+    proc = subprocess.run([python, script, 'restore', str(saved), str(fresh)],
+                          capture_output=True, text=True, timeout=120, env=cpu_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _compare(python, CAMVID_SPEC, '--quick', '--recorded', fresh / 'search.json',
+                    '--rows', 'FT', 'DAFT', '--no-budget-check', '--work-dir', fresh,
+                    '--cfg-options', f'data_root={camvid_root}')
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = json.loads((fresh / 'report.json').read_text())
+    first = json.loads((work / 'report.json').read_text())
+    assert again['trained_runs'] == 0  # nothing trained: every trial came from the copy
+    assert again['runs']['DAFT'][0]['ood'] == first['runs']['DAFT'][0]['ood']
+    manifest = json.loads((saved / 'manifest.json').read_text())
+    (saved / 'manifest.json').write_text(json.dumps(dict(manifest, code_hash='other')))
+    proc = subprocess.run([python, script, 'restore', str(saved), str(tmp_path / 'x')],
+                          capture_output=True, text=True, timeout=120, env=cpu_env())
+    assert proc.returncode != 0 and 'made by other code' in proc.stderr
+    assert 'git worktree add' in proc.stderr and not (tmp_path / 'x').exists()
+
+
 def _tiny_user_task(tmp_path: Path):
     """A user's config and data: the tiny DeepLabV3 on generated scenes, ID-val and two OOD
     looks as config files of their own."""
