@@ -42,7 +42,10 @@ _SKIP = {'done.json'}
 def trial_files(work_dir: Path) -> List[Path]:
     """The results worth carrying, relative to ``work_dir``: every JSON under ``runs/`` (final
     results, rungs, WiSE-FT's mixes) and the search record."""
-    files = [p for p in (work_dir / 'runs').rglob('*.json') if p.name not in _SKIP]
+    runs = work_dir / 'runs'
+    # runs/<method>/<key>/*.json, runs/WiSE-FT/*.json; never a log of a run still training
+    files = [p for p in runs.rglob('*.json')
+             if p.name not in _SKIP and len(p.relative_to(runs).parts) <= 3]
     files += [p for p in [work_dir / 'search.json'] if p.is_file()]
     return sorted(p.relative_to(work_dir) for p in files)
 
