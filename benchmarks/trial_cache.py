@@ -50,6 +50,22 @@ def trial_files(work_dir: Path) -> List[Path]:
     return sorted(p.relative_to(work_dir) for p in files)
 
 
+def trial_seconds(root: Path, files: Sequence[Path]) -> float:
+    """The time the trials took, summed over every part of every trial (a rung, the rest of a
+    promoted run, a run to the end): what a study cost, whatever sessions it ran in. A report
+    records only its last invocation's time; a trial runs on one core, so this is core-seconds
+    (inflated when more processes than cores ran)."""
+    total = 0.0
+    for rel in files:
+        try:
+            result = json.loads((root / rel).read_text()).get('result')
+        except ValueError:
+            continue
+        if isinstance(result, dict) and isinstance(result.get('seconds'), (int, float)):
+            total += result['seconds']
+    return total
+
+
 def _commit() -> Optional[str]:
     try:
         return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=CODE, capture_output=True,
@@ -68,7 +84,8 @@ def save(work_dir: Path, dest: Path) -> int:
         shutil.copy2(work_dir / rel, dest / rel)
     atomic_write_json(str(dest / MANIFEST), dict(
         work_dir=str(work_dir.resolve()), code_hash=code_hash(), commit=_commit(),
-        files=len(files), results=sum(f.name == 'result.json' for f in files)), indent=1)
+        files=len(files), results=sum(f.name == 'result.json' for f in files),
+        trial_seconds=round(trial_seconds(dest, files), 1)), indent=1)
     return len(files)
 
 

@@ -257,6 +257,9 @@ def test_trial_cache_carries_finished_trials_to_another_work_dir(compared, camvi
     assert again['trained_runs'] == 0  # nothing trained: every trial came from the copy
     assert again['runs']['DAFT'][0]['ood'] == first['runs']['DAFT'][0]['ood']
     manifest = json.loads((saved / 'manifest.json').read_text())
+    runs = [json.loads(p.read_text())['result'] for p in saved.glob('runs/*/*/*.json')]
+    assert manifest['trial_seconds'] == pytest.approx(sum(r['seconds'] for r in runs), abs=0.1)
+    assert manifest['results'] == len(list(saved.glob('runs/*/*/result.json'))) > 0
     (saved / 'manifest.json').write_text(json.dumps(dict(manifest, code_hash='other')))
     proc = subprocess.run([python, script, 'restore', str(saved), str(tmp_path / 'x')],
                           capture_output=True, text=True, timeout=120, env=cpu_env())
