@@ -27,9 +27,13 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-import daft_mm
-from daft_mm.benchmark.runs import code_hash
-from daft_mm.utils import atomic_write_json
+try:  # the installed daft_mm, or the one on PYTHONPATH (a study's worktree) ...
+    import daft_mm
+except ImportError:  # ... else this checkout's
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import daft_mm
+from daft_mm.benchmark.runs import code_hash  # noqa: E402
+from daft_mm.utils import atomic_write_json  # noqa: E402
 
 #: the checkout whose code runs: the installed one, or the one on PYTHONPATH (a study's worktree)
 CODE = Path(daft_mm.__file__).resolve().parents[1]
