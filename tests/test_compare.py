@@ -267,6 +267,37 @@ def test_trial_cache_carries_finished_trials_to_another_work_dir(compared, camvi
     assert 'git worktree add' in proc.stderr and not (tmp_path / 'x').exists()
 
 
+def test_wise_ft_on_carried_results_trains_lpft_again_only_for_a_missing_mix(
+        compared, camvid_root, python, tmp_path):
+    """A study carried to another machine has its results, not its checkpoints: with WiSE-FT's
+    mixes cached nothing trains (not even LP-FT's probe stage); with a mix missing, the LP-FT
+    run it mixes trains again and WiSE-FT's numbers come out the same."""
+    work, _ = compared
+    copy = tmp_path / 'copy'
+    shutil.copytree(work, copy)
+    ends = list(copy.glob('runs/LP-FT/*/final_weights.pth')) + \
+        list(copy.glob('runs/LP-FT_stage1/*/*.pth'))
+    assert len(ends) == 2
+    for path in ends:
+        path.unlink()
+    args = (python, CAMVID_SPEC, '--quick', '--recorded', copy / 'search.json',
+            '--no-budget-check', '--work-dir', copy, '--cfg-options', f'data_root={camvid_root}')
+    first = json.loads((work / 'report.json').read_text())['runs']['WiSE-FT'][0]
+    proc = _compare(*args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((copy / 'report.json').read_text())
+    assert report['trained_runs'] == 0 and not list(copy.glob('runs/LP-FT_stage1/*/*.pth'))
+    assert report['runs']['WiSE-FT'][0]['ood'] == first['ood']
+    shutil.rmtree(copy / 'runs' / 'WiSE-FT')  # the mixes were not carried
+    proc = _compare(*args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((copy / 'report.json').read_text())
+    assert report['trained_runs'] == 1  # LP-FT seed 0, its probe stage first
+    again = report['runs']['WiSE-FT'][0]
+    assert (again['id_val'], again['id'], again['ood']) == \
+        (first['id_val'], first['id'], first['ood'])
+
+
 def _tiny_user_task(tmp_path: Path):
     """A user's config and data: the tiny DeepLabV3 on generated scenes, ID-val and two OOD
     looks as config files of their own."""

@@ -335,9 +335,10 @@ def run_trials(ctx: Context, sources: Dict[str, Source], *, cluster: RayCluster,
 def run_jobs(ctx: Context, jobs: List[Job], *, cluster: RayCluster, **kwargs: Any
              ) -> List[Dict[str, Any]]:
     """Results of a flat list of independent jobs (LP-FT's probe stages are trained first, once
-    per seed); ``kwargs`` as for :func:`run_trials`."""
+    per seed, for the LP-FT runs that will train); ``kwargs`` as for :func:`run_trials`."""
     probes = list(dict.fromkeys(Job('LP-FT', j.probe, j.seed, budget=j.budget, kind='probe')
-                                for j in jobs if j.probe is not None and j.kind == 'run'))
+                                for j in jobs if j.probe is not None and j.kind == 'run'
+                                and cached_result(ctx, j) is None))
 
     def source():
         if probes:

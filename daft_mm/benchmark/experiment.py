@@ -28,7 +28,7 @@ from .methods import (ABLATIONS, AT_DAFT, COMPARED, MethodSpec, Point, describe,
 from .report import (block_bootstrap, bootstrap_lines, front_lines, markdown_table,
                      paired_differences, paired_lines, per_class_iou, per_class_lines,
                      plot_report, report_title, stat, summarize, verdict_line)
-from .runs import Context, Job, code_hash, load_pretrained, load_run_config
+from .runs import Context, Job, cached_result, code_hash, load_pretrained, load_run_config
 from .scoring import METRIC_NAMES, SCOPES
 from .selection import Axis, SearchResult, halving_cost, halving_rungs, search_steps
 from .engine import RayCluster, Resources, run_trials
@@ -672,11 +672,20 @@ def run_comparison(task: TaskSpec, opts: Options,
             return daft if m.ratio is None else replace(daft, ratio=m.ratio)
 
         def table():
-            if any(m.lp_first for m in rows_of_task):
-                yield [Job('LP-FT', chosen['LP'], seed, kind='probe') for seed in seeds]
+            # an LP-FT run whose two ends WiSE-FT still needs trains again if they are gone
+            rerun = set()
+            if any(m.wise for m in rows_of_task):
+                from .wise import seeds_to_rerun
+                rerun = set(seeds_to_rerun(ctx, chosen['LP-FT'], chosen['LP'], seeds))
             jobs = [Job(m.name, setting(m), seed,
-                        probe=chosen['LP'] if m.lp_first else None)
+                        probe=chosen['LP'] if m.lp_first else None,
+                        rerun=m.lp_first and seed in rerun)
                     for seed in seeds for m in rows_of_task if not m.wise]
+            # the probe stages of the LP-FT runs that will train (none when all are cached)
+            probes = sorted({j.seed for j in jobs
+                             if j.probe is not None and cached_result(ctx, j) is None})
+            if probes:
+                yield [Job('LP-FT', chosen['LP'], seed, kind='probe') for seed in probes]
             longer = [Job('FT', chosen['FT'], seed, budget=2 * task.budget) for seed in seeds]
             check = opts.check_budget and 'FT' in names
             return jobs, (yield jobs + (longer if check else []))

@@ -72,7 +72,9 @@ class Job:
     (last) stage (None: to the end) under the whole budget's schedule, continuing from its rung
     checkpoint at ``start`` (0: from the start). ``probe``: LP's setting, LP-FT's probe stage;
     ``budget``: another budget than the task's (the check that FT has levelled off);
-    ``kind='probe'``: LP-FT's probe stage alone (one per seed, before the LP-FT trials)."""
+    ``kind='probe'``: LP-FT's probe stage alone (one per seed, before the LP-FT trials);
+    ``rerun``: train even though a result is cached (WiSE-FT needs an LP-FT run's two ends,
+    checkpoints that a study carried to another machine has not got)."""
 
     method: str
     point: Point
@@ -82,6 +84,7 @@ class Job:
     probe: Optional[Point] = None
     budget: Optional[int] = None
     kind: str = 'run'
+    rerun: bool = False
 
     def label(self) -> str:
         text = f'{self.method} {self.point.label()} seed {self.seed}'
@@ -506,9 +509,11 @@ def _save_weights(model: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def lpft_endpoints(ctx: Context, point: Point, probe: Point, seed: int) -> Tuple[Path, Path]:
+def lpft_endpoints(ctx: Context, point: Point, probe: Point, seed: int,
+                   must_exist: bool = True) -> Tuple[Path, Path]:
     """The two ends of one LP-FT run (its probe stage's checkpoint, its final weights): what
-    WiSE-FT interpolates. Raises ``FileNotFoundError`` when the run is not there."""
+    WiSE-FT interpolates. Raises ``FileNotFoundError`` when the run is not there, unless
+    ``must_exist`` is False."""
     spec = get_method('LP-FT')
     budgets = stage_budgets(spec, ctx.task.budget, ctx.task.lp_fraction)
     start = ctx.work_dir / 'runs' / 'LP-FT_stage1' / _run_key(
@@ -516,7 +521,7 @@ def lpft_endpoints(ctx: Context, point: Point, probe: Point, seed: int) -> Tuple
     start = start / f'iter_{budgets["lp"]}.pth'
     _, work = _run_dir(ctx, Job('LP-FT', point, seed, probe=probe))
     end = work / FINAL_WEIGHTS
-    for path in (start, end):
+    for path in (start, end) if must_exist else ():
         if not path.is_file():
             raise FileNotFoundError(f'WiSE-FT needs {path} (LP-FT seed {seed}): train LP-FT '
                                     'at its choice first (the table does)')
@@ -562,6 +567,8 @@ def _run_dir(ctx: Context, job: Job) -> Tuple[str, Path]:
 
 def cached_result(ctx: Context, job: Job) -> Optional[Dict[str, Any]]:
     """A finished trial's result, without training (the driver asks before it starts one)."""
+    if job.rerun:
+        return None
     if job.kind == 'probe':
         iters = stage_budgets(get_method('LP-FT'), job.budget or ctx.task.budget,
                               ctx.task.lp_fraction)['lp']

@@ -19,7 +19,7 @@ from .runs import (Context, code_hash, evaluate, id_val_score, load_run_config,
                    lpft_endpoints)
 from .variants import method_config
 
-__all__ = ['ALPHAS', 'wise_ft']
+__all__ = ['ALPHAS', 'wise_ft', 'seeds_to_rerun']
 
 ALPHAS: Tuple[float, ...] = tuple(i / 10 for i in range(11))
 NAME = 'WiSE-FT'
@@ -59,45 +59,87 @@ def _seeded(seed: int) -> Iterator[None]:
         torch.set_rng_state(states[2])
 
 
+_MISSING = object()
+
+
+def _key(ctx: Context, lpft: Point, probe: Point, seed: int, alpha: float, what: str) -> str:
+    """A mix's cache key: its two ends named relative to the work dir, so that trials carried
+    to another work dir (``benchmarks/trial_cache.py``) are found there."""
+    ends = lpft_endpoints(ctx, lpft, probe, seed, must_exist=False)
+    return stable_hash(dict(what=what, seed=seed, alpha=alpha, code=code_hash(),
+                            task=ctx.task_key,
+                            ends=[p.relative_to(ctx.work_dir).as_posix() for p in ends],
+                            lpft=lpft.to_dict(), probe=probe.to_dict()))
+
+
+def _saved(ctx: Context, key: str) -> Any:
+    """The cached value under ``key``, else :data:`_MISSING`."""
+    path = ctx.work_dir / 'runs' / NAME / f'{key}.json'
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get('key') == key:
+            return saved['result']
+    return _MISSING
+
+
+def _best(id_val: Dict[str, List[float]], alphas: Sequence[float]) -> float:
+    """The alpha of the highest mean ID-val over the seeds (ties: the smaller alpha)."""
+    return max(alphas, key=lambda a: (sum(id_val[f'{a:g}']) / len(id_val[f'{a:g}']), -a))
+
+
+def seeds_to_rerun(ctx: Context, lpft: Point, probe: Point, seeds: Sequence[int],
+                   alphas: Sequence[float] = ALPHAS) -> List[int]:
+    """The seeds whose LP-FT run must train again before WiSE-FT can mix it: its two ends are
+    gone (the study's results were carried to another machine without checkpoints) and a mix it
+    takes part in is not cached yet."""
+    def cached(seed: int, alpha: float, what: str) -> Any:
+        return _saved(ctx, _key(ctx, lpft, probe, seed, alpha, what))
+
+    id_val = {f'{a:g}': [cached(seed, a, 'id_val') for seed in seeds] for a in alphas}
+    if any(v is _MISSING for values in id_val.values() for v in values):
+        needed = list(seeds)  # the chosen alpha is not known yet: every seed's full run may mix
+    else:
+        best = _best(id_val, alphas)
+        needed = [seed for seed in seeds if cached(seed, best, 'full') is _MISSING]
+    return [seed for seed in needed
+            if not all(p.is_file() for p in lpft_endpoints(ctx, lpft, probe, seed,
+                                                           must_exist=False))]
+
+
 def wise_ft(ctx: Context, lpft: Point, probe: Point, seeds: Sequence[int],
             alphas: Sequence[float] = ALPHAS) -> Tuple[float, List[Dict[str, Any]],
                                                        Dict[str, List[float]]]:
-    """(the chosen ``alpha``, each seed's full result at it, ID-val per ``alpha`` and seed)."""
+    """(the chosen ``alpha``, each seed's full result at it, ID-val per ``alpha`` and seed).
+    Raises ``FileNotFoundError`` when a mix is not cached and its LP-FT run's ends are gone
+    (:func:`seeds_to_rerun` names the runs to train again first)."""
     from daft_mm.core import mix_with_statistics
     from daft_mm.mm.plan import split_model
     from daft_mm.mm.preparation import mm_forward
     from daft_mm.mm.safe_load import load_checkpoint_file
-    model, cfg = _model(ctx)
-    net = split_model(model)[1]
-    root = ctx.work_dir / 'runs' / NAME
-    ends = {seed: lpft_endpoints(ctx, lpft, probe, seed) for seed in seeds}
+    built: List[Any] = []  # the model, built at the first mix that is not cached
 
-    def mixed(seed: int, alpha: float) -> None:
+    def mixed(seed: int, alpha: float) -> Any:
+        if not built:
+            built.append(_model(ctx))
+        model, cfg = built[0]
         start, end = (load_checkpoint_file(str(p), map_location='cpu')['state_dict']
-                      for p in ends[seed])
+                      for p in lpft_endpoints(ctx, lpft, probe, seed))
         with _seeded(seed):  # the pipeline's random augmentations: the same on every rerun
-            mix_with_statistics(net, start, end, alpha, _train_batches(ctx, cfg, seed),
-                                forward=mm_forward('loss'))
+            mix_with_statistics(split_model(model)[1], start, end, alpha,
+                                _train_batches(ctx, cfg, seed), forward=mm_forward('loss'))
+        return model
 
-    def key(seed: int, alpha: float, what: str) -> str:
-        return stable_hash(dict(what=what, seed=seed, alpha=alpha, code=code_hash(),
-                                task=ctx.task_key, ends=[str(p) for p in ends[seed]],
-                                lpft=lpft.to_dict(), probe=probe.to_dict()))
-
-    def computed(seed: int, alpha: float, what: str, compute: Callable[[], Any]) -> Any:
+    def computed(seed: int, alpha: float, what: str, compute: Callable[[Any], Any]) -> Any:
         """The cached value of ``what`` for this seed and alpha, else computed on the mix."""
-        k = key(seed, alpha, what)
-        path = root / f'{k}.json'
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get('key') == k:
-                return saved['result']
-        mixed(seed, alpha)
-        value = compute()
-        atomic_write_json(str(path), dict(key=k, result=value), default=str)
+        key = _key(ctx, lpft, probe, seed, alpha, what)
+        value = _saved(ctx, key)
+        if value is _MISSING:
+            value = compute(mixed(seed, alpha))
+            atomic_write_json(str(ctx.work_dir / 'runs' / NAME / f'{key}.json'),
+                              dict(key=key, result=value), default=str)
         return value
 
-    def full(seed: int, alpha: float) -> Dict[str, Any]:
+    def full(model: Any, seed: int, alpha: float) -> Dict[str, Any]:
         result = evaluate(model, ctx)
         result.update(method=NAME, setting=dict(alpha=alpha), seed=seed,
                       budgets=stage_budgets(get_method('LP-FT'), ctx.task.budget,
@@ -105,9 +147,10 @@ def wise_ft(ctx: Context, lpft: Point, probe: Point, seeds: Sequence[int],
                       lp_setting=probe.to_dict(), lpft_setting=lpft.to_dict())
         return result
 
-    id_val = {f'{alpha:g}': [computed(seed, alpha, 'id_val', lambda: id_val_score(model, ctx))
+    id_val = {f'{alpha:g}': [computed(seed, alpha, 'id_val',
+                                      lambda model: id_val_score(model, ctx))
                              for seed in seeds] for alpha in alphas}
-    best = max(alphas, key=lambda a: (sum(id_val[f'{a:g}']) / len(seeds), -a))
-    results = [computed(seed, best, 'full', lambda seed=seed: full(seed, best))
+    best = _best(id_val, alphas)
+    results = [computed(seed, best, 'full', lambda model, seed=seed: full(model, seed, best))
                for seed in seeds]
     return best, results, id_val
