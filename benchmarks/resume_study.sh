@@ -39,6 +39,7 @@ if [[ ${#commits[@]} -gt 1 ]]; then
   say "ERROR: the trials carried for $WORK were made by several commits (${commits[*]}): a study runs with one"; exit 1
 fi
 CODE=$WORK/code
+git worktree prune  # a worktree of a work root since removed
 if [[ ${#commits[@]} -eq 1 ]]; then COMMIT=${commits[0]}
 elif [[ -d $CODE ]]; then COMMIT=$(git -C "$CODE" rev-parse HEAD)  # begun here, nothing saved yet
 else COMMIT=$(git rev-parse HEAD); fi
@@ -63,9 +64,9 @@ save() {
     PYTHONPATH=$CODE "$PY" "$REPO/benchmarks/trial_cache.py" save "$dir" "$TRIALS/$(basename "$dir")" || true
   done
 }
-( while sleep "$SAVE_EVERY"; do save; done ) &
+( while sleep "$SAVE_EVERY"; do save; done ) >> "$WORK/resume_study_saves.log" 2>&1 &
 SAVER=$!
-trap 'kill $SAVER 2>/dev/null; save' EXIT
+trap 'pkill -P $SAVER 2>/dev/null; kill $SAVER 2>/dev/null; save' EXIT
 trap 'exit 143' TERM INT  # a stopped study saves too
 cd "$CODE"
 PYTHONPATH=$CODE PYTHON=$PY bash "$SCRIPT" "$DATA" "$WORK"

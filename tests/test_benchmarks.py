@@ -59,3 +59,53 @@ def test_bench_agreement_quick(tmp_path):
     stop = result['stop_after_interrupt']
     assert stop['outcomes'] == ['ConversionError', 'KeyboardInterrupt']
     assert 0 <= stop['rank0_stopped_after_s'] < stop['whole_pass_s']
+
+
+#: a stand-in study: one more trial result per run, and what it found and ran with
+_STUDY = '''set -e
+mkdir -p "$2/toy/runs/FT"
+before=$(ls "$2/toy/runs/FT" | wc -l)
+mkdir -p "$2/toy/runs/FT/k$before"
+echo '{"key": "k", "result": {"seconds": 2.5}}' > "$2/toy/runs/FT/k$before/result.json"
+echo "trials before: $before; code: $(git rev-parse HEAD); data: $1"
+'''
+
+
+def test_resume_study_goes_on_with_the_commit_that_made_the_trials(tmp_path):
+    """benchmarks/resume_study.sh: what one run saves into benchmarks/trials/ the next run
+    restores on a new machine (a fresh work root), running the study from the commit that made
+    the trials although the checkout has moved on."""
+    import os
+    import shutil
+    clone, work = tmp_path / 'clone', tmp_path / 'work'
+    git = ['git', '-c', 'user.name=test', '-c', 'user.email=test@localhost']
+    subprocess.run(['git', 'clone', '-q', str(REPO), str(clone)], check=True, timeout=300)
+    for rel in ('benchmarks/resume_study.sh', 'benchmarks/trial_cache.py'):  # as edited here
+        shutil.copy(REPO / rel, clone / rel)
+    (clone / 'study.sh').write_text(_STUDY)
+    subprocess.run(git + ['add', '-A'], cwd=clone, check=True)
+    subprocess.run(git + ['commit', '-qm', 'a study'], cwd=clone, check=True)
+    made = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=clone, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+    def resume() -> subprocess.CompletedProcess:
+        proc = subprocess.run(['bash', 'benchmarks/resume_study.sh', 'study.sh',
+                               str(tmp_path / 'data'), str(work)], cwd=clone,
+                              env=dict(os.environ, PYTHON=sys.executable), capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    first = resume()
+    assert f'trials before: 0; code: {made}' in first.stdout
+    manifest = json.loads((clone / 'benchmarks/trials/toy/manifest.json').read_text())
+    assert manifest['commit'] == made and manifest['results'] == 1
+    assert manifest['work_dir'] == str((work / 'toy').resolve())
+    # a new machine: the work root is gone, and the checkout has a commit more
+    shutil.rmtree(work)
+    subprocess.run(git + ['add', '-A'], cwd=clone, check=True)
+    subprocess.run(git + ['commit', '-qm', 'trials carried'], cwd=clone, check=True)
+    second = resume()
+    assert f'trials before: 1; code: {made}' in second.stdout  # restored, and the study's code
+    assert json.loads((clone / 'benchmarks/trials/toy/manifest.json').read_text())[
+        'results'] == 2
