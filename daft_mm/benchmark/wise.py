@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 from daft_mm.utils import atomic_write_json
@@ -62,14 +63,20 @@ def _seeded(seed: int) -> Iterator[None]:
 _MISSING = object()
 
 
-def _key(ctx: Context, lpft: Point, probe: Point, seed: int, alpha: float, what: str) -> str:
+def _key(ctx: Context, lpft: Point, probe: Point, seed: int, alpha: float, what: str,
+         ends: Tuple[Path, Path]) -> str:
     """A mix's cache key: its two ends named relative to the work dir, so that trials carried
     to another work dir (``benchmarks/trial_cache.py``) are found there."""
-    ends = lpft_endpoints(ctx, lpft, probe, seed, must_exist=False)
     return stable_hash(dict(what=what, seed=seed, alpha=alpha, code=code_hash(),
                             task=ctx.task_key,
                             ends=[p.relative_to(ctx.work_dir).as_posix() for p in ends],
                             lpft=lpft.to_dict(), probe=probe.to_dict()))
+
+
+def _ends(ctx: Context, lpft: Point, probe: Point, seeds: Sequence[int]
+          ) -> Dict[int, Tuple[Path, Path]]:
+    """Each seed's LP-FT ends, whether they are there or not."""
+    return {seed: lpft_endpoints(ctx, lpft, probe, seed, must_exist=False) for seed in seeds}
 
 
 def _saved(ctx: Context, key: str) -> Any:
@@ -92,8 +99,10 @@ def seeds_to_rerun(ctx: Context, lpft: Point, probe: Point, seeds: Sequence[int]
     """The seeds whose LP-FT run must train again before WiSE-FT can mix it: its two ends are
     gone (the study's results were carried to another machine without checkpoints) and a mix it
     takes part in is not cached yet."""
+    ends = _ends(ctx, lpft, probe, seeds)
+
     def cached(seed: int, alpha: float, what: str) -> Any:
-        return _saved(ctx, _key(ctx, lpft, probe, seed, alpha, what))
+        return _saved(ctx, _key(ctx, lpft, probe, seed, alpha, what, ends[seed]))
 
     id_val = {f'{a:g}': [cached(seed, a, 'id_val') for seed in seeds] for a in alphas}
     if any(v is _MISSING for values in id_val.values() for v in values):
@@ -101,9 +110,7 @@ def seeds_to_rerun(ctx: Context, lpft: Point, probe: Point, seeds: Sequence[int]
     else:
         best = _best(id_val, alphas)
         needed = [seed for seed in seeds if cached(seed, best, 'full') is _MISSING]
-    return [seed for seed in needed
-            if not all(p.is_file() for p in lpft_endpoints(ctx, lpft, probe, seed,
-                                                           must_exist=False))]
+    return [seed for seed in needed if not all(p.is_file() for p in ends[seed])]
 
 
 def wise_ft(ctx: Context, lpft: Point, probe: Point, seeds: Sequence[int],
@@ -116,6 +123,7 @@ def wise_ft(ctx: Context, lpft: Point, probe: Point, seeds: Sequence[int],
     from daft_mm.mm.plan import split_model
     from daft_mm.mm.preparation import mm_forward
     from daft_mm.mm.safe_load import load_checkpoint_file
+    ends = _ends(ctx, lpft, probe, seeds)
     built: List[Any] = []  # the model, built at the first mix that is not cached
 
     def mixed(seed: int, alpha: float) -> Any:
@@ -131,7 +139,7 @@ def wise_ft(ctx: Context, lpft: Point, probe: Point, seeds: Sequence[int],
 
     def computed(seed: int, alpha: float, what: str, compute: Callable[[Any], Any]) -> Any:
         """The cached value of ``what`` for this seed and alpha, else computed on the mix."""
-        key = _key(ctx, lpft, probe, seed, alpha, what)
+        key = _key(ctx, lpft, probe, seed, alpha, what, ends[seed])
         value = _saved(ctx, key)
         if value is _MISSING:
             value = compute(mixed(seed, alpha))
