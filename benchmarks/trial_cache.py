@@ -10,12 +10,12 @@ trains that prefix again, which the cache already allows.
     python benchmarks/trial_cache.py save WORK_DIR benchmarks/trials/NAME
     python benchmarks/trial_cache.py restore benchmarks/trials/NAME WORK_DIR
 
-The keys hold the task's absolute data root, the absolute work dir (WiSE-FT's) and the hash of
-the code under ``daft_mm/{core,mm,benchmark,utils}``: restore into the same work dir, with the
-data at the same place, and run with code of the same hash (the manifest records it, and the
-commit it was saved from), or the copied trials are silently not reused. Run this script with
-the study's code importable (``PYTHONPATH=<the study's worktree>``): the hash and commit it records
-are that code's.
+The keys hold the task's absolute data root and the hash of the code under
+``daft_mm/{core,mm,benchmark,utils}`` (code older than 4c4567a: WiSE-FT's keys also hold the work
+dir's path): restore with the data at the same place, and run with code of the same hash (the
+manifest records it and the commit it was saved from), or the copied trials are silently not
+reused. Run this script with the study's code importable (``PYTHONPATH=<the study's
+worktree>``): the hash and commit it records are that code's.
 """
 from __future__ import annotations
 
@@ -106,8 +106,8 @@ def restore(src: Path, work_dir: Path) -> int:
             f'Fix: run from a worktree of that commit (git worktree add DIR '
             f'{manifest.get("commit")}) with PYTHONPATH=DIR')
     if str(work_dir.resolve()) != manifest['work_dir']:
-        print(f'[trial_cache] note: saved from {manifest["work_dir"]}; WiSE-FT\'s keys hold that '
-              'path, so its mixes are only reused there', file=sys.stderr)
+        print(f'[trial_cache] note: saved from {manifest["work_dir"]}; code older than 4c4567a '
+              'reuses WiSE-FT\'s mixes only there', file=sys.stderr)
     copied = 0
     for path in sorted(src.rglob('*.json')):
         rel = path.relative_to(src)
