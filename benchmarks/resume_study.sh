@@ -66,7 +66,9 @@ save() {
 }
 ( while sleep "$SAVE_EVERY"; do save; done ) >> "$WORK/resume_study_saves.log" 2>&1 &
 SAVER=$!
-trap 'pkill -P $SAVER 2>/dev/null; kill $SAVER 2>/dev/null; save' EXIT
+# (|| true: under set -e a failing command in the trap would turn the study's status into 1, and
+# pkill finds no child when the study ends before the saver has started its sleep)
+trap '{ pkill -P $SAVER; kill $SAVER; } 2>/dev/null || true; save' EXIT
 trap 'exit 143' TERM INT  # a stopped study saves too
 cd "$CODE"
 PYTHONPATH=$CODE PYTHON=$PY bash "$SCRIPT" "$DATA" "$WORK"

@@ -68,6 +68,7 @@ before=$(ls "$2/toy/runs/FT" | wc -l)
 mkdir -p "$2/toy/runs/FT/k$before"
 echo '{"key": "k", "result": {"seconds": 2.5}}' > "$2/toy/runs/FT/k$before/result.json"
 echo "trials before: $before; code: $(git rev-parse HEAD); data: $1"
+exit "${STUDY_EXIT:-0}"
 '''
 
 
@@ -88,13 +89,16 @@ def test_resume_study_goes_on_with_the_commit_that_made_the_trials(tmp_path):
     made = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=clone, check=True,
                           capture_output=True, text=True).stdout.strip()
 
-    def resume() -> subprocess.CompletedProcess:
+    def resume(rc: int = 0, **env: str) -> subprocess.CompletedProcess:
         proc = subprocess.run(['bash', 'benchmarks/resume_study.sh', 'study.sh',
                                str(tmp_path / 'data'), str(work)], cwd=clone,
-                              env=dict(os.environ, PYTHON=sys.executable), capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+                              env=dict(os.environ, PYTHON=sys.executable, **env),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == rc, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc
+
+    def carried() -> int:
+        return json.loads((clone / 'benchmarks/trials/toy/manifest.json').read_text())['results']
 
     first = resume()
     assert f'trials before: 0; code: {made}' in first.stdout
@@ -107,5 +111,14 @@ def test_resume_study_goes_on_with_the_commit_that_made_the_trials(tmp_path):
     subprocess.run(git + ['commit', '-qm', 'trials carried'], cwd=clone, check=True)
     second = resume()
     assert f'trials before: 1; code: {made}' in second.stdout  # restored, and the study's code
-    assert json.loads((clone / 'benchmarks/trials/toy/manifest.json').read_text())[
-        'results'] == 2
+    assert carried() == 2
+    # a study that ends before the saver has started its sleep (pkill finds no child: what CI
+    # met) still ends well and is saved; a failing study keeps its status and is saved too
+    shim = tmp_path / 'bin'
+    shim.mkdir()
+    (shim / 'pkill').write_text('#!/bin/sh\nexit 1\n')
+    (shim / 'pkill').chmod(0o755)
+    resume(PATH=f'{shim}:{os.environ["PATH"]}')
+    assert carried() == 3
+    resume(rc=3, STUDY_EXIT='3')
+    assert carried() == 4
