@@ -8,8 +8,8 @@
 #
 # Every compare work dir the study writes under WORK_ROOT is carried as benchmarks/trials/<its
 # folder name>/. The script and the code come from the commit its manifests record (one commit
-# per study; a worktree under WORK_ROOT/code); a study with nothing carried yet runs from HEAD
-# (or from the worktree it began in).
+# per study; a worktree where the manifests say the code was, else WORK_ROOT/code); a study with
+# nothing carried yet runs from HEAD (or from the worktree it began in).
 # The trial keys hold DATA_ROOT's and WORK_ROOT's absolute paths: use the same ones every session
 # (benchmarks/trials/README.md lists them). Environment: PYTHON (default .venv/bin/python),
 # SAVE_EVERY (default 900).
@@ -26,19 +26,23 @@ SAVE_EVERY=${SAVE_EVERY:-900}
 TRIALS=$REPO/benchmarks/trials
 say() { printf '[resume_study] %s\n' "$*"; }
 
-# the commit of the study's carried trials (they must all agree), else this checkout's HEAD
-commits=()
+# the study's carried trials: their folders, the commit and the checkout that made them (all agree)
+folders=(); dirs=(); commits=(); codes=()
 for m in "$TRIALS"/*/manifest.json; do
   [[ -f $m ]] || continue
-  dir=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["work_dir"])' "$m")
+  IFS=$'\x1f' read -r dir commit code < <("$PY" -c 'import json,sys; m=json.load(open(sys.argv[1]))
+print(m["work_dir"], m.get("commit") or "", m.get("code_dir") or "", sep="\x1f")' "$m")
   [[ $(dirname "$dir") == "$WORK" ]] || continue
-  commits+=("$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["commit"])' "$m")")
+  folders+=("$(dirname "$m")"); dirs+=("$dir"); commits+=("$commit"); codes+=("$code")
 done
 mapfile -t commits < <(printf '%s\n' "${commits[@]}" | sort -u | sed '/^$/d')
-if [[ ${#commits[@]} -gt 1 ]]; then
-  say "ERROR: the trials carried for $WORK were made by several commits (${commits[*]}): a study runs with one"; exit 1
+mapfile -t codes < <(printf '%s\n' "${codes[@]}" | sort -u | sed '/^$/d')
+if [[ ${#commits[@]} -gt 1 || ${#codes[@]} -gt 1 ]]; then
+  say "ERROR: the trials carried for $WORK were made by several commits or checkouts (${commits[*]} ${codes[*]}): a study runs with one"; exit 1
 fi
-CODE=$WORK/code
+# the checkout where the trials were made (older code's keys hold the backbone's path inside it),
+# else one under the work root
+CODE=${codes[0]:-$WORK/code}
 git worktree prune  # a worktree of a work root since removed
 if [[ ${#commits[@]} -eq 1 ]]; then COMMIT=${commits[0]}
 elif [[ -d $CODE ]]; then COMMIT=$(git -C "$CODE" rev-parse HEAD)  # begun here, nothing saved yet
@@ -50,11 +54,8 @@ elif [[ $(git -C "$CODE" rev-parse HEAD) != "$(git rev-parse "$COMMIT")" ]]; the
 fi
 say "the study's code: $COMMIT in $CODE"
 
-for m in "$TRIALS"/*/manifest.json; do
-  [[ -f $m ]] || continue
-  dir=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["work_dir"])' "$m")
-  [[ $(dirname "$dir") == "$WORK" ]] || continue
-  PYTHONPATH=$CODE "$PY" "$REPO/benchmarks/trial_cache.py" restore "$(dirname "$m")" "$dir"
+for i in "${!folders[@]}"; do
+  PYTHONPATH=$CODE "$PY" "$REPO/benchmarks/trial_cache.py" restore "${folders[$i]}" "${dirs[$i]}"
 done
 
 save() {

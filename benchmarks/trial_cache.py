@@ -15,7 +15,9 @@ The keys hold the task's absolute data root and the hash of the code under
 dir's path): restore with the data at the same place, and run with code of the same hash (the
 manifest records it and the commit it was saved from), or the copied trials are silently not
 reused. Run this script with the study's code importable (``PYTHONPATH=<the study's
-worktree>``): the hash and commit it records are that code's.
+worktree>``): the hash, commit and checkout (``code_dir``) it records are that code's. Code older
+than 56dc072 also hashes the backbone checkpoint's absolute path, which lies inside the checkout:
+resume such a study from a worktree at the same ``code_dir`` (``resume_study.sh`` does).
 """
 from __future__ import annotations
 
@@ -88,6 +90,7 @@ def save(work_dir: Path, dest: Path) -> int:
         shutil.copy2(work_dir / rel, dest / rel)
     atomic_write_json(str(dest / MANIFEST), dict(
         work_dir=str(work_dir.resolve()), code_hash=code_hash(), commit=_commit(),
+        code_dir=str(CODE),
         files=len(files), results=sum(f.name == 'result.json' for f in files),
         trial_seconds=round(trial_seconds(dest, files), 1)), indent=1)
     return len(files)

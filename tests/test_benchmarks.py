@@ -105,12 +105,18 @@ def test_resume_study_goes_on_with_the_commit_that_made_the_trials(tmp_path):
     manifest = json.loads((clone / 'benchmarks/trials/toy/manifest.json').read_text())
     assert manifest['commit'] == made and manifest['results'] == 1
     assert manifest['work_dir'] == str((work / 'toy').resolve())
-    # a new machine: the work root is gone, and the checkout has a commit more
+    assert manifest['code_dir'] == str((work / 'code').resolve())
+    # a new machine: the work root is gone, and the checkout has a commit more; the study was
+    # begun by hand in a worktree elsewhere (older code's keys hold paths inside it)
     shutil.rmtree(work)
+    elsewhere = (tmp_path / 'study_code').resolve()
+    (clone / 'benchmarks/trials/toy/manifest.json').write_text(
+        json.dumps(dict(manifest, code_dir=str(elsewhere))))
     subprocess.run(git + ['add', '-A'], cwd=clone, check=True)
     subprocess.run(git + ['commit', '-qm', 'trials carried'], cwd=clone, check=True)
     second = resume()
     assert f'trials before: 1; code: {made}' in second.stdout  # restored, and the study's code
+    assert f'the study\'s code: {made} in {elsewhere}' in second.stdout
     assert carried() == 2
     # a study that ends before the saver has started its sleep (pkill finds no child: what CI
     # met) still ends well and is saved; a failing study keeps its status and is saved too

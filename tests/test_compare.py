@@ -413,6 +413,22 @@ def test_specification_keys_and_id_val_are_checked(tmp_path):
         task_from_config(str(CAMVID_SPEC), id_val=dict(ann_file='daft_splits/id_test.txt'))
 
 
+def test_task_key_holds_the_backbone_bytes_not_its_path(tmp_path):
+    """Trials carried to another machine or worktree are reused: the checkpoint's place is not
+    part of the key, its content is."""
+    import shutil
+    from daft_mm.benchmark.task import task_from_config
+    here = task_from_config(str(CAMVID_SPEC), options={'data_root': str(tmp_path)})
+    (tmp_path / 'elsewhere').mkdir()
+    moved = shutil.copy(here.backbone, tmp_path / 'elsewhere' / 'backbone.pth')
+    assert task_from_config(str(CAMVID_SPEC), backbone=moved,
+                            options={'data_root': str(tmp_path)}).key() == here.key()
+    with open(moved, 'ab') as f:
+        f.write(b'another checkpoint')
+    assert task_from_config(str(CAMVID_SPEC), backbone=moved,
+                            options={'data_root': str(tmp_path)}).key() != here.key()
+
+
 def test_provenance_counts_each_part_of_a_concatenated_set(tmp_path):
     """VOC-aug style training sets are ConcatDatasets: each part is recorded and shown."""
     from daft_mm.benchmark.experiment import _provenance_md
