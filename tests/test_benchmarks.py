@@ -128,3 +128,39 @@ def test_resume_study_goes_on_with_the_commit_that_made_the_trials(tmp_path):
     assert carried() == 3
     resume(rc=3, STUDY_EXIT='3')
     assert carried() == 4
+
+
+def test_levelling_hint_goes_on_from_its_last_rung_and_leaves_the_budget_check_run(
+        tmp_path, camvid_root):
+    """benchmarks/levelling_hint.py: FT at a longer budget scored on ID-val at every rung; run
+    again, every rung is reused, and its last rung is the run the study's budget check asks for."""
+    spec = REPO / 'configs' / 'camvid' / 'compare_camvid_day_dusk.py'
+    work = tmp_path / 'levelling'
+    argv = [sys.executable, str(REPO / 'benchmarks' / 'levelling_hint.py'), str(spec),
+            '--lr', '0.01', '--budget', '4', '--every', '2', '--max-images', '4',
+            '--work-dir', str(work), '--cfg-options', f'data_root={camvid_root}',
+            'train_dataloader.batch_size=2']
+    first = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    curve = json.loads((work / 'levelling.json').read_text())
+    assert [r['iters'] for r in curve['id_val']] == [2, 4]
+    assert not any(r['reused'] for r in curve['id_val'])
+    assert set(curve['final']['ood']) == {'dusk', 'gaussian_noise-3', 'motion_blur-3', 'fog-3'}
+    assert curve['final']['id_val'] == curve['id_val'][-1]['id_val']
+    again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert all(r['reused'] for r in json.loads((work / 'levelling.json').read_text())['id_val'])
+    # the budget check's FT run (the whole budget at once) is this one
+    code = (f'from pathlib import Path\nimport daft_mm.mm\nfrom mmengine.registry import '
+            f'init_default_scope\ninit_default_scope("mmseg")\n'
+            f'from daft_mm.benchmark.methods import Point\n'
+            f'from daft_mm.benchmark.runs import Context, Job, cached_result\n'
+            f'from daft_mm.benchmark.task import task_from_config\n'
+            f'task = task_from_config({str(spec)!r}, options={{"data_root": {str(camvid_root)!r}, '
+            f'"train_dataloader.batch_size": 2}}, max_images=4)\n'
+            f'ctx = Context(task=task, work_dir=Path({str(work)!r}), step=print, '
+            f'task_key=task.key())\n'
+            f'print(cached_result(ctx, Job("FT", Point(lr=0.01), 0, budget=4)) is not None)\n')
+    check = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+    assert check.stdout.strip().endswith('True'), check.stdout[-2000:] + check.stderr[-2000:]
