@@ -41,12 +41,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument('--every', type=int, default=500, help='iterations between ID-val scores')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--work-dir', required=True)
+    p.add_argument('--threads', type=int, default=None,
+                   help="torch threads (default torch's own; 1 beside other runs on a shared "
+                   'machine, as the comparison\'s trials use)')
     p.add_argument('--max-images', type=int, default=None,
                    help='the first N images of every set (a quick check, not a hint)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
     args = p.parse_args(argv)
     stops = rungs(args.budget, args.every)
 
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from mmengine.registry import init_default_scope
     import daft_mm.mm  # noqa: F401  (registers the models and hooks)
     from daft_mm.benchmark.methods import Point
