@@ -225,9 +225,12 @@ def _run_hooks():
 
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
             loss = (outputs or {}).get('loss')
-            if loss is not None and not math.isfinite(float(loss)):
+            if loss is None:
+                return
+            loss = float(loss.detach() if hasattr(loss, 'detach') else loss)
+            if not math.isfinite(loss):
                 raise FloatingPointError(
-                    f'the training loss became {float(loss)} at iteration {runner.iter + 1}: '
+                    f'the training loss became {loss} at iteration {runner.iter + 1}: '
                     'this setting diverges (a lower learning rate would not)')
 
     return [RandomStreams(), StopOnDivergence()]

@@ -13,7 +13,6 @@ A specification can live in the config itself, as a ``compare`` dict (see
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from .data import source_commit, source_repository, stable_hash
+from .data import file_hash, source_commit, source_repository, stable_hash
 
 __all__ = ['InputError', 'TaskSpec', 'task_from_config', 'dataset_of', 'plain', 'provenance',
            'limit_images', 'check_data']
@@ -128,7 +127,7 @@ class TaskSpec:
         spec.pop('lr_scale')  # each run's key holds its own LR: a run two grids share is reused
         # the checkpoint's bytes, not where it lies: a checkout elsewhere (another machine, a
         # worktree) reuses the runs its trials were carried with
-        spec['backbone'] = _sha256(self.backbone)
+        spec['backbone'] = file_hash(Path(self.backbone))
         spec['config'] = cfg.to_dict()
         return stable_hash(spec)
 
@@ -271,17 +270,6 @@ def _set_record(dataset: Mapping[str, Any]) -> Dict[str, Any]:
     return record
 
 
-def _sha256(path: str) -> str:
-    st = os.stat(path)
-    return _sha256_of(path, st.st_mtime_ns, st.st_size)
-
-
-@functools.lru_cache(maxsize=8)
-def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
-    """Read once per file version: the task key is asked for by every worker."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def provenance(task: Any) -> Dict[str, Any]:
     """The data and backbone a comparison ran on, as they are on this machine: every set's
     folder, list and image count, the source repository commit where one was recorded, and
@@ -305,7 +293,7 @@ def provenance(task: Any) -> Dict[str, Any]:
             splits = json.loads(record.read_text())
     backbone: Dict[str, Any] = dict(checkpoint=spec['backbone'])
     if osp.isfile(spec['backbone']):
-        backbone['sha256'] = _sha256(spec['backbone'])
+        backbone['sha256'] = hashlib.sha256(Path(spec['backbone']).read_bytes()).hexdigest()
         sidecar = osp.splitext(spec['backbone'])[0] + '.json'
         if osp.isfile(sidecar):
             with open(sidecar) as f:
