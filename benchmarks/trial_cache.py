@@ -16,7 +16,7 @@ dir's path): restore with the data at the same place, and run with code of the s
 manifest records it and the commit it was saved from), or the copied trials are silently not
 reused. Run this script with the study's code importable (``PYTHONPATH=<the study's
 worktree>``): the hash, commit and checkout (``code_dir``) it records are that code's. Code older
-than 56dc072 also hashes the backbone checkpoint's absolute path, which lies inside the checkout:
+than 82c77e2 also hashes the backbone checkpoint's absolute path, which lies inside the checkout:
 resume such a study from a worktree at the same ``code_dir`` (``resume_study.sh`` does).
 """
 from __future__ import annotations
