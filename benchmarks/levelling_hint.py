@@ -9,13 +9,12 @@ hours at a budget FT has not finished (one seed; the study's budget check runs e
 The rungs are the comparison's own (:func:`daft_mm.benchmark.runs.run_trial`): stop it at any
 time and run it again, it goes on from the last rung; the scores at the rungs are within the one
 schedule of ``--budget`` iterations (poly decay to its end), not runs of their own budgets. The
-last rung is the study's FT run at that budget and seed (the same key): the study's budget check
-reuses it. Writes ``levelling.json`` in the work dir.
+last rung is the FT run of that budget and seed (the same key): with ``--budget`` twice the task's
+and ``--lr`` FT's choice, the study's budget check reuses it. Writes ``levelling.json`` in the work dir.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
