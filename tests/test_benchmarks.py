@@ -158,3 +158,26 @@ def test_levelling_hint_goes_on_from_its_last_rung_and_leaves_the_budget_check_r
                                                  'train_dataloader.batch_size': 2}, max_images=4)
     ctx = Context(task=task, work_dir=work, step=print, task_key=task.key())
     assert cached_result(ctx, Job('FT', Point(lr=0.01), 0, budget=4)) is not None
+
+
+def test_bench_detection_step_times_each_variant_on_the_real_config(tmp_path, camvid_root):
+    """benchmarks/bench_detection_step.py: the task's detector trains on the CamVid sample's boxes
+    for the config as it is and for a named variant, and the study's core-hours follow."""
+    from daft_mm.mm.datasets.camvid_boxes import write_box_annotations
+    write_box_annotations(camvid_root)
+    out = tmp_path / 'detection_step.json'
+    config = REPO / 'configs' / 'camvid' / 'compare_camvid_boxes_day_dusk_faster-rcnn.py'
+    done = subprocess.run(
+        [sys.executable, str(REPO / 'benchmarks' / 'bench_detection_step.py'), str(config),
+         '--quick', '--threads', '1', '--study-iterations', '1000', '--out', str(out),
+         '--cfg-options', f'data_root={camvid_root}', 'train_dataloader.batch_size=2',
+         '--variant', 'small', 'train_dataloader.dataset.pipeline.2.scale=(160,120)'],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result['median_step_s']) == {'config', 'small'}
+    assert all(t > 0 for t in result['median_step_s'].values())
+    assert result['variants']['small'] == {'train_dataloader.dataset.pipeline.2.scale': '(160, 120)'}
+    assert result['relative_to_config']['config'] == 1.0
+    for name, hours in result['study_core_hours'].items():
+        assert math.isclose(hours, 1000 * result['median_step_s'][name] / 3600)
