@@ -8,7 +8,8 @@ config, in interleaved rounds so that a shared machine's drift hits every varian
 the median seconds per iteration and, with ``--study-iterations``, the core-hours of a study of
 that many iterations run one trial per core.
 
-    python benchmarks/bench_detection_step.py configs/camvid/compare_camvid_boxes_day_dusk_faster-rcnn.py \\
+    python benchmarks/bench_detection_step.py \\
+        configs/camvid/compare_camvid_boxes_day_dusk_faster-rcnn.py \\
         --cfg-options data_root=data/CamVid --threads 1 --study-iterations 420000 \\
         --variant batch4 train_dataloader.batch_size=4 \\
         --variant 240x180 'train_dataloader.dataset.pipeline.2.scale=(240,180)'

@@ -177,7 +177,8 @@ def test_bench_detection_step_times_each_variant_on_the_real_config(tmp_path, ca
     result = json.loads(out.read_text())
     assert set(result['median_step_s']) == {'config', 'small'}
     assert all(t > 0 for t in result['median_step_s'].values())
-    assert result['variants']['small'] == {'train_dataloader.dataset.pipeline.2.scale': '(160, 120)'}
+    scale = 'train_dataloader.dataset.pipeline.2.scale'
+    assert result['variants']['small'] == {scale: '(160, 120)'}
     assert result['relative_to_config']['config'] == 1.0
     for name, hours in result['study_core_hours'].items():
         assert math.isclose(hours, 1000 * result['median_step_s'][name] / 3600)
