@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The CamVid day -> dusk detection study (issue 30), resumable: every trial is cached in the work
 # dir, so a stopped run continues where it stopped (run it again with the same code). Faster
-# R-CNN on boxes derived from the label maps, 5 seeds, budget 2000 (FT checked at 4000), then FT
-# and DAFT at those choices from the second pretraining run (seed-1 backbone). About 146,000
-# iterations: about 25 core-hours on this machine, so several sessions.
+# R-CNN on boxes derived from the label maps, 5 seeds, budget 4000 (FT checked at 8000), then FT
+# and DAFT at those choices from the second pretraining run (seed-1 backbone). About 290,000
+# iterations at 1.38 s each on one core (benchmarks/results/detection_step.json): some 110
+# core-hours, far more than a session; docs/compare.md has cheaper variants' measured costs.
 #
 #   bash benchmarks/camvid_boxes_study.sh [DATA_ROOT] [WORK_ROOT]   # default data/CamVid, work_dirs
 #
