@@ -23,7 +23,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
@@ -46,22 +45,24 @@ def parse_options(pairs: Sequence[str]) -> Dict[str, Any]:
     return options
 
 
-def run_once(config: str, options: Mapping[str, Any], work_dir: Path, iters: int,
-             warmup: int) -> List[float]:
-    """The per-iteration times of one short FT run after ``warmup`` iterations."""
-    from mmengine.runner import Runner
-
+def missing_keys(config: str, common: Mapping[str, Any], options: Mapping[str, Any]
+                 ) -> List[str]:
+    """The keys of ``options`` that name nothing in the config: mmengine would add them, and
+    the variant would time the config itself under another name."""
     from daft_mm.mm.cli import load_config
-    cfg = load_config(config, {**options, 'train_cfg.max_iters': warmup + iters,
-                               'default_hooks.checkpoint.interval': 10**9,
-                               'default_hooks.logger.interval': 10**9, 'log_level': 'WARNING'},
-                      work_dir=str(work_dir))
-    cfg.experiment_name = f'bench_{time.time_ns()}'
-    cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
-    cfg.default_hooks.pop('visualization', None)
-    runner = Runner.from_cfg(cfg)
-    runner.train()
-    return runner.message_hub.get_scalar('train/time').data[0].tolist()[warmup:]
+    cfg = load_config(config, dict(common), work_dir='unused').to_dict()
+    missing = []
+    for key in options:
+        node: Any = cfg
+        for part in key.split('.'):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                missing.append(key)
+                break
+    return missing
 
 
 def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
@@ -99,6 +100,14 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
     import torch
 
     import daft_mm  # noqa: F401  (registers the project's modules)
+    from bench_train_step import time_steps
+    for name, opts in variants.items():
+        missing = missing_keys(args.config, common, opts)
+        if missing:
+            p.error(f'variant {name!r}: {", ".join(missing)} names nothing in {args.config}; '
+                    'a variant changes keys the config has (e.g. '
+                    'train_dataloader.batch_size=4, train_dataloader.dataset.pipeline.2.scale='
+                    '(240,180))')
     if args.threads:
         torch.set_num_threads(args.threads)
     steps: Dict[str, List[float]] = {name: [] for name in variants}
@@ -107,8 +116,8 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
         for r in range(rounds):
             order = list(variants) if r % 2 == 0 else list(variants)[::-1]
             for name in order:
-                times = run_once(args.config, {**common, **variants[name]},
-                                 Path(tmp) / f'{name}_{r}', iters, warmup)
+                times = time_steps(args.config, {**common, **variants[name]},
+                                   Path(tmp) / f'{name}_{r}', iters, warmup)['step_times']
                 steps[name].extend(times)
                 round_medians[name].append(statistics.median(times))
                 print(f'round {r + 1}/{rounds} {name}: median '

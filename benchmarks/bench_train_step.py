@@ -20,7 +20,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List, Mapping
 
 import torch
 
@@ -28,17 +28,18 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {'FT': REPO / 'configs/demo/ft_demo.py', 'DAFT': REPO / 'configs/demo/daft_demo.py'}
 
 
-def run_once(method: str, data_root: Path, work_dir: Path, iters: int, warmup: int
-             ) -> Dict[str, object]:
-    """One training run; per-iteration times after ``warmup`` and the before_train cost."""
+def time_steps(config: str, options: Mapping[str, Any], work_dir: Path, iters: int,
+               warmup: int) -> Dict[str, Any]:
+    """One training run of ``config`` with ``options`` (no validation, no checkpoints): the
+    per-iteration times after ``warmup`` and the cost of everything around them."""
     from mmengine.runner import Runner
 
     from daft_mm.mm.cli import load_config
-    cfg = load_config(str(CONFIGS[method]), {
-        'data_root': str(data_root), 'train_cfg.max_iters': warmup + iters,
+    cfg = load_config(config, {
+        **options, 'train_cfg.max_iters': warmup + iters,
         'default_hooks.checkpoint.interval': 10**9, 'default_hooks.logger.interval': 10**9,
         'log_level': 'WARNING'}, work_dir=str(work_dir))
-    cfg.experiment_name = f'bench_{method}_{time.time_ns()}'
+    cfg.experiment_name = f'bench_{time.time_ns()}'
     cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
     cfg.default_hooks.pop('visualization', None)
     runner = Runner.from_cfg(cfg)
@@ -48,6 +49,13 @@ def run_once(method: str, data_root: Path, work_dir: Path, iters: int, warmup: i
     times = runner.message_hub.get_scalar('train/time').data[0].tolist()
     steps = times[warmup:]
     return {'step_times': steps, 'before_train_s': total - sum(times)}
+
+
+def run_once(method: str, data_root: Path, work_dir: Path, iters: int, warmup: int
+             ) -> Dict[str, Any]:
+    """One training run of the demo's FT or DAFT config on ``data_root``."""
+    return time_steps(str(CONFIGS[method]), {'data_root': str(data_root)}, work_dir, iters,
+                      warmup)
 
 
 def main() -> None:

@@ -8,10 +8,10 @@
 # 1. the comparison: every row searched on ID-val with successive halving, 5 seeds, FT at twice
 #    the budget (the budget check), the dusk headline with its bootstrap, the image-blind floor;
 # 2. FT and DAFT at those choices, trained from the second pretraining run (seed-1 backbone), and
-#    DAFT w/o conversion at DAFT's own choice (the controlled ablation);
-# 3. the three reports published under benchmarks/results/ (camvid.*, camvid_backbone_seed1.*,
-#    camvid_ablation_at_daft_choice.*), the 600-iteration study's kept as camvid_600it.*,
-#    camvid_backbone_seed1_600it.*.
+#    DAFT w/o conversion at DAFT's own choice and conversion only at FT's (controlled rows);
+# 3. the reports published under benchmarks/results/ (camvid.*, camvid_backbone_seed1.*,
+#    camvid_ablation_at_daft_choice.*, camvid_conversion_at_ft_lr.*), the 600-iteration study's
+#    kept as camvid_600it.*, camvid_backbone_seed1_600it.*.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DATA=${1:-data/CamVid}
@@ -24,22 +24,31 @@ PY=${PYTHON:-.venv/bin/python}
     --recorded "$WORK/camvid_study/search.json" --rows FT DAFT \
     --backbone benchmarks/pretrained/imagenette_resnetv1c18w16_64px_seed1.pth \
     --work-dir "$WORK/camvid_study_backbone_seed1" --cfg-options data_root="$DATA"
-# DAFT w/o conversion at DAFT's own setting (the searched row chose its own): the study's choices
-# with that one entry set by hand; FT's and DAFT's runs shared with the study, so 5 runs train
-ABL=$WORK/camvid_ablation_at_daft_choice
-mkdir -p "$ABL/runs"
-for row in FT DAFT; do ln -sfn "$(realpath "$WORK/camvid_study/runs/$row")" "$ABL/runs/$row"; done
-"$PY" - "$WORK/camvid_study/search.json" "$ABL/search_controlled.json" <<'END'
+# at_choice NAME ROW FROM RUN_DIR...: ROW at FROM's ID-val choice (every other row as the search
+# chose), in $WORK/NAME; the listed run folders are shared with the study, so only new runs train
+at_choice() {
+  local dir=$WORK/$1 row=$2 from=$3 run; shift 3
+  mkdir -p "$dir/runs"
+  for run in "$@"; do ln -sfn "$(realpath "$WORK/camvid_study/runs/$run")" "$dir/runs/$run"; done
+  "$PY" - "$WORK/camvid_study/search.json" "$dir/search_controlled.json" "$row" "$from" <<'END'
 import json, sys
 record = json.load(open(sys.argv[1]))
-record['chosen']['DAFT w/o conversion'] = dict(record['chosen']['DAFT'])
-record['source'] = ("hand-set for the controlled ablation: 'DAFT w/o conversion' at DAFT's ID-val "
+row, source = sys.argv[3], sys.argv[4]
+record['chosen'][row] = dict(record['chosen'][source])
+record['source'] = (f"hand-set for a controlled comparison: {row!r} at {source}'s ID-val "
                     "choice, every other row as chosen by " + record['source'])
 json.dump(record, open(sys.argv[2], 'w'), indent=1)
 END
-"$PY" tools/compare.py configs/camvid/compare_camvid_day_dusk.py \
-    --recorded "$ABL/search_controlled.json" --rows FT DAFT "DAFT w/o conversion" \
-    --no-budget-check --work-dir "$ABL" --cfg-options data_root="$DATA"
+  local rows=(FT)
+  [[ $from == FT ]] || rows+=("$from")
+  "$PY" tools/compare.py configs/camvid/compare_camvid_day_dusk.py \
+      --recorded "$dir/search_controlled.json" --rows "${rows[@]}" "$row" \
+      --no-budget-check --work-dir "$dir" --cfg-options data_root="$DATA"
+}
+# DAFT w/o conversion at DAFT's setting (the searched row chose its own LR): 5 runs train;
+# conversion only at FT's LR (a finalist of its own search): nothing trains
+at_choice camvid_ablation_at_daft_choice "DAFT w/o conversion" DAFT FT DAFT
+at_choice camvid_conversion_at_ft_lr "conversion only" FT FT conversion_only
 if [ ! -f benchmarks/results/camvid_600it.json ]; then  # the study before, at 600 iterations
   for name in camvid camvid_backbone_seed1; do
     for ext in json md png; do
@@ -51,4 +60,6 @@ if [ ! -f benchmarks/results/camvid_600it.json ]; then  # the study before, at 6
 fi
 "$PY" benchmarks/publish_report.py "$WORK/camvid_study" camvid
 "$PY" benchmarks/publish_report.py "$WORK/camvid_study_backbone_seed1" camvid_backbone_seed1
-"$PY" benchmarks/publish_report.py "$ABL" camvid_ablation_at_daft_choice
+for name in camvid_ablation_at_daft_choice camvid_conversion_at_ft_lr; do
+  "$PY" benchmarks/publish_report.py "$WORK/$name" "$name"
+done

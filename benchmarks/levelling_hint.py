@@ -10,7 +10,8 @@ The rungs are the comparison's own (:func:`daft_mm.benchmark.runs.run_trial`): s
 time and run it again, it goes on from the last rung; the scores at the rungs are within the one
 schedule of ``--budget`` iterations (poly decay to its end), not runs of their own budgets. The
 last rung is the FT run of that budget and seed (the same key): with ``--budget`` twice the task's
-and ``--lr`` FT's choice, the study's budget check reuses it. Writes ``levelling.json`` in the work dir.
+and ``--lr`` FT's choice, the study's budget check reuses it. Writes ``levelling.json`` in the
+work dir.
 """
 from __future__ import annotations
 

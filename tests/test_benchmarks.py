@@ -182,3 +182,13 @@ def test_bench_detection_step_times_each_variant_on_the_real_config(tmp_path, ca
     assert result['relative_to_config']['config'] == 1.0
     for name, hours in result['study_core_hours'].items():
         assert math.isclose(hours, 1000 * result['median_step_s'][name] / 3600)
+    # a misspelt key would time the config itself under the variant's name: refused up front
+    out.unlink()
+    wrong = subprocess.run(
+        [sys.executable, str(REPO / 'benchmarks' / 'bench_detection_step.py'), str(config),
+         '--quick', '--out', str(out), '--cfg-options', f'data_root={camvid_root}',
+         '--variant', 'small', 'train_dataloader.dataset.pipline.2.scale=(160,120)'],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert wrong.returncode == 2 and 'Traceback' not in wrong.stderr, wrong.stderr[-2000:]
+    assert "'small': train_dataloader.dataset.pipline.2.scale names nothing" in wrong.stderr
+    assert not out.exists()
