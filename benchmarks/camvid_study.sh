@@ -24,31 +24,15 @@ PY=${PYTHON:-.venv/bin/python}
     --recorded "$WORK/camvid_study/search.json" --rows FT DAFT \
     --backbone benchmarks/pretrained/imagenette_resnetv1c18w16_64px_seed1.pth \
     --work-dir "$WORK/camvid_study_backbone_seed1" --cfg-options data_root="$DATA"
-# at_choice NAME ROW FROM RUN_DIR...: ROW at FROM's ID-val choice (every other row as the search
-# chose), in $WORK/NAME; the listed run folders are shared with the study, so only new runs train
-at_choice() {
-  local dir=$WORK/$1 row=$2 from=$3 run; shift 3
-  mkdir -p "$dir/runs"
-  for run in "$@"; do ln -sfn "$(realpath "$WORK/camvid_study/runs/$run")" "$dir/runs/$run"; done
-  "$PY" - "$WORK/camvid_study/search.json" "$dir/search_controlled.json" "$row" "$from" <<'END'
-import json, sys
-record = json.load(open(sys.argv[1]))
-row, source = sys.argv[3], sys.argv[4]
-record['chosen'][row] = dict(record['chosen'][source])
-record['source'] = (f"hand-set for a controlled comparison: {row!r} at {source}'s ID-val "
-                    "choice, every other row as chosen by " + record['source'])
-json.dump(record, open(sys.argv[2], 'w'), indent=1)
-END
-  local rows=(FT)
-  [[ $from == FT ]] || rows+=("$from")
-  "$PY" tools/compare.py configs/camvid/compare_camvid_day_dusk.py \
-      --recorded "$dir/search_controlled.json" --rows "${rows[@]}" "$row" \
-      --no-budget-check --work-dir "$dir" --cfg-options data_root="$DATA"
-}
+# shared: at_choice (a row at another row's ID-val choice, the study's runs linked)
+source benchmarks/study_lib.sh
+CFG=configs/camvid/compare_camvid_day_dusk.py
 # DAFT w/o conversion at DAFT's setting (the searched row chose its own LR): 5 runs train;
 # conversion only at FT's LR (a finalist of its own search): nothing trains
-at_choice camvid_ablation_at_daft_choice "DAFT w/o conversion" DAFT FT DAFT
-at_choice camvid_conversion_at_ft_lr "conversion only" FT FT conversion_only
+at_choice $CFG "$WORK/camvid_study" camvid_ablation_at_daft_choice "DAFT w/o conversion" DAFT \
+    FT DAFT
+at_choice $CFG "$WORK/camvid_study" camvid_conversion_at_ft_lr "conversion only" FT \
+    FT conversion_only
 if [ ! -f benchmarks/results/camvid_600it.json ]; then  # the study before, at 600 iterations
   for name in camvid camvid_backbone_seed1; do
     for ext in json md png; do

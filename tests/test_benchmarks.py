@@ -192,3 +192,32 @@ def test_bench_detection_step_times_each_variant_on_the_real_config(tmp_path, ca
     assert wrong.returncode == 2 and 'Traceback' not in wrong.stderr, wrong.stderr[-2000:]
     assert "'small': train_dataloader.dataset.pipline.2.scale names nothing" in wrong.stderr
     assert not out.exists()
+
+
+def test_at_choice_trains_only_the_row_it_sets(camvid_root, tmp_path):
+    """benchmarks/study_lib.sh's at_choice: a controlled row at another row's ID-val choice. The
+    row takes that choice, the study's runs of the other rows are reused, not trained again, and
+    their scores are the study's."""
+    from _mm_helpers import cpu_env
+    work, cfg = tmp_path / 'work', 'configs/camvid/compare_camvid_day_dusk.py'
+    study = subprocess.run(
+        [sys.executable, 'tools/compare.py', cfg, '--quick', '--search', '--rows', 'FT', 'DAFT',
+         '--no-budget-check', '--work-dir', str(work / 'study'), '--cfg-options',
+         f'data_root={camvid_root}'], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+        timeout=600)
+    assert study.returncode == 0, study.stdout[-3000:] + study.stderr[-3000:]
+    script = ('source benchmarks/study_lib.sh; at_choice "$CFG" "$WORK/study" controlled '
+              '"DAFT w/o conversion" DAFT FT DAFT')
+    proc = subprocess.run(['bash', '-c', script], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=dict(cpu_env(), PY=sys.executable, CFG=cfg,
+                                                DATA=str(camvid_root), WORK=str(work),
+                                                COMPARE_ARGS='--quick'))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    made = json.loads((work / 'study' / 'report.json').read_text())
+    report = json.loads((work / 'controlled' / 'report.json').read_text())
+    assert list(report['methods'])[:3] == ['FT', 'DAFT', 'DAFT w/o conversion']
+    assert report['chosen']['DAFT w/o conversion'] == made['chosen']['DAFT']
+    assert "'DAFT w/o conversion' at DAFT's ID-val choice" in report['chosen_source']
+    assert report['trained_runs'] == 1  # the new row's one quick seed; FT and DAFT reused
+    for row in ('FT', 'DAFT'):
+        assert [r['id'] for r in report['runs'][row]] == [r['id'] for r in made['runs'][row]]

@@ -488,6 +488,12 @@ def test_a_report_file_as_recorded_runs_to_a_report_that_says_so(compared, camvi
                     tmp_path / 'w2', '--cfg-options', f'data_root={camvid_root}')
     assert proc.returncode == 2 and 'holds no chosen settings' in proc.stderr
     assert 'Traceback' not in proc.stderr and not (tmp_path / 'w2' / 'runs').exists()
+    # a record of some rows serves those rows; LP-FT also needs LP's choice (its probe stage)
+    some = tmp_path / 'some.json'
+    some.write_text(json.dumps({'chosen': {k: published['chosen'][k] for k in ('FT', 'LP-FT')}}))
+    proc = _compare(python, CAMVID_SPEC, '--quick', '--recorded', some, '--rows', 'FT', 'LP-FT',
+                    '--work-dir', tmp_path / 'w4', '--cfg-options', f'data_root={camvid_root}')
+    assert proc.returncode == 2 and "no chosen setting for ['LP']" in proc.stderr
 
 
 def _backbone_error(tmp_path: Path, state: dict, prefix: str) -> str:

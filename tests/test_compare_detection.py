@@ -135,10 +135,10 @@ def test_detection_comparison_end_to_end(config, boxes_root, python, tmp_path):
     assert report['task']['kind'] == 'det' and report['score'] == 'bbox mAP'
     assert tuple(report['methods']) == ROWS
     assert report['ood_sets'] == ['dusk', 'gaussian_noise-3', 'motion_blur-3', 'fog-3']
-    # the task's lr_scale (1/8) on the grids: the quick grids' FT 0.1, LP 0.3, DAFT 0.01
-    assert report['task']['lr_scale'] == 0.125
+    # the task's lr_scale (1/16) on the grids: the quick grids' FT 0.1, LP 0.3, DAFT 0.01
+    assert report['task']['lr_scale'] == 0.0625
     assert {m: report['chosen'][m]['lr'] for m in ('FT', 'LP', 'DAFT')} == {
-        'FT': 0.0125, 'LP': 0.0375, 'DAFT': 0.00125}
+        'FT': 0.00625, 'LP': 0.01875, 'DAFT': 0.000625}
     assert report['headline'] == 'dusk' and report['task']['classes'] == [
         'Car', 'Pedestrian', 'Bicyclist']
     assert report['task']['ood']['dusk']['ann_file'] == 'daft_splits/boxes_ood_dusk.json'

@@ -17,13 +17,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Generator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Generator, List, Mapping, Optional, Sequence, Tuple
 
 from daft_mm.utils import atomic_write, atomic_write_json
 
 from .data import DEFAULT, QUICK, repo_commit
 from .demo_task import DEMO_CONFIGS, demo_task
-from .methods import (ABLATIONS, AT_DAFT, COMPARED, MethodSpec, Point, describe, get_method,
+from .methods import (ABLATIONS, AT_DAFT, MethodSpec, Point, describe, get_method,
                       selected_methods, stage_budgets)
 from .report import (block_bootstrap, bootstrap_lines, front_lines, markdown_table,
                      paired_differences, paired_lines, per_class_iou, per_class_lines,
@@ -172,8 +172,9 @@ def load_recorded(path: Optional[Path], command: str = 'tools/demo.py') -> Dict[
     """The recorded choices of an earlier comparison, from its ``search.json`` or its report
     (``report.json``, e.g. ``benchmarks/results/camvid.json``), in one form: ``chosen``,
     ``search``, ``runs`` (the search runs, a list), ``source``, and the ``task`` / ``task_key``
-    / ``budget`` they were made for where the file records them. Every compared method must
-    have a choice; anything else is refused before a run starts."""
+    / ``budget`` they were made for where the file records them. A file that is not one is
+    refused before a run starts; whether it has a choice for every row the comparison runs is
+    the comparison's check (a study of some rows is a valid record for those rows)."""
     if path is None or not Path(path).is_file():
         raise InputError(f'{path} does not exist: run `python {command} --search` once to '
                          'choose every method\'s setting on the ID-val split')
@@ -194,9 +195,6 @@ def load_recorded(path: Optional[Path], command: str = 'tools/demo.py') -> Dict[
                    budget=rec.get('budget_iterations'), form='report')
     else:
         rec = dict(rec, runs=list(rec.get('runs') or []), form='search')
-    missing = [m.name for m in COMPARED if m.name not in rec['chosen']]
-    if missing:
-        raise InputError(f'{path} has no recorded setting for {missing}; re-run --search')
     try:
         for setting in rec['chosen'].values():
             Point.from_dict(setting)
@@ -659,8 +657,8 @@ def run_comparison(task: TaskSpec, opts: Options,
         if 'WiSE-FT' in names and 'LP-FT' not in names:
             raise InputError('WiSE-FT mixes the two ends of LP-FT\'s runs: list LP-FT in the rows '
                              'too')
-        absent = [m.name for m in rows_of_task
-                  if not (m.of_daft or m.wise) and m.name not in chosen]
+        absent = [name for name in dict.fromkeys(n for m in rows_of_task for n in _needs(m))
+                  if name not in chosen]
         if absent:
             raise InputError(f'no chosen setting for {absent} in {source}: run --search with '
                              f'--search-methods {" ".join(repr(m) for m in absent)}')
@@ -751,6 +749,16 @@ def _budget_check(budget: int, at_budget: List[Dict[str, Any]],
                         f'{b["mean"]:.2f} at {2 * budget} ({gain:+.2f}): '
                         + ('levelled off (gain within 1 point or the seed spread)' if levelled
                            else 'still improving: the budget favours fast starters'))
+
+
+def _needs(m: MethodSpec) -> Tuple[str, ...]:
+    """The methods whose chosen settings a row runs with: its own; LP's too for LP-FT's probe
+    stage; DAFT's for DAFT's variants; LP-FT's (and LP's) for WiSE-FT, which mixes its runs."""
+    if m.of_daft:
+        return ('DAFT', )
+    if m.wise:
+        return ('LP', 'LP-FT')
+    return ('LP', m.name) if m.lp_first else (m.name, )
 
 
 def _kept(opts: Options) -> tuple[Dict[str, Point], Dict[str, Any]]:
