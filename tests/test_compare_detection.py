@@ -146,6 +146,12 @@ def test_detection_comparison_end_to_end(config, boxes_root, python, tmp_path):
         for r in runs:
             assert sum(r['budgets'].values()) == 4, name
             assert 0.0 <= r['id'] <= 100.0 and 'counts' not in r
+    # the provenance counts a COCO file's images and boxes (not its lines)
+    for key, split in (('id_train', 'id_train'), ('ood/dusk', 'ood_dusk')):
+        coco = json.loads((boxes_root / 'daft_splits' / f'boxes_{split}.json').read_text())
+        record = report['provenance']['sets'][key]
+        assert (record['images'], record['boxes']) == (
+            len(coco['images']), len(coco['annotations'])) and record['images'] > 1, key
     # a mAP is not a sum over images: no per-class IoU, no bootstrap over frames
     assert report['per_class'] is None and report['bootstrap_to_ft'] is None
     # LP: the backbone is frozen, so its features are the pretrained ones

@@ -249,7 +249,8 @@ def task_from_config(config: str, *, backbone: Optional[str] = None,
 
 
 def _set_record(dataset: Mapping[str, Any]) -> Dict[str, Any]:
-    """Where a dataset config's images come from and how many it lists."""
+    """Where a dataset config's images come from and how many it lists (and boxes, for a COCO
+    annotation file)."""
     if 'dataset' in dataset:  # a wrapper (RepeatDataset, ...)
         return _set_record(dataset['dataset'])
     if 'datasets' in dataset:
@@ -260,7 +261,12 @@ def _set_record(dataset: Mapping[str, Any]) -> Dict[str, Any]:
     record: Dict[str, Any] = dict(type=dataset.get('type'), data_root=osp.abspath(root) if root
                                   else None, ann_file=ann or None, img_path=img or None)
     ann_path, img_dir = osp.join(root, ann), osp.join(root, img)
-    if ann and osp.isfile(ann_path):
+    if ann and osp.isfile(ann_path) and ann.endswith('.json'):  # COCO-style: images and boxes
+        with open(ann_path) as f:
+            coco = json.load(f)
+        record['images'] = len(coco.get('images') or [])
+        record['boxes'] = len(coco.get('annotations') or [])
+    elif ann and osp.isfile(ann_path):  # a list, one image per line
         with open(ann_path) as f:
             record['images'] = sum(1 for line in f if line.strip())
     elif img and osp.isdir(img_dir):
