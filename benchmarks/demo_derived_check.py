@@ -64,7 +64,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     out = dict(rows=rows, published=args.published, commit=repo_commit(),
                seconds=time.time() - t0)
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1) + '\n')
+        from publish_report import portable  # benchmarks/ is on sys.path when run as a script
+        Path(args.out).write_text(json.dumps(portable(out, Path(args.work_dir)), indent=1) + '\n')
     return out
 
 

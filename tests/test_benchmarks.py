@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -227,3 +228,13 @@ def test_at_choice_trains_only_the_row_it_sets(camvid_root, tmp_path):
     assert report['trained_runs'] == 1  # the new row's one quick seed; FT and DAFT reused
     for row in ('FT', 'DAFT'):
         assert [r['id'] for r in report['runs'][row]] == [r['id'] for r in made['runs'][row]]
+
+
+def test_published_results_hold_no_machine_paths():
+    # a reader's checkout has neither this machine's work dirs nor its data folders: published
+    # figures name files relative to the checkout, <work_dir> or <local> (see publish_report.py)
+    results = REPO / 'benchmarks' / 'results'
+    pattern = re.compile(r'(?<![\w.<>-])/(?:work|home|tmp|root|mnt|data)/')
+    found = [f'{p.name}: {m.group(0)}' for p in sorted(results.iterdir()) if p.suffix in ('.json', '.md')
+             for m in [pattern.search(p.read_text())] if m]
+    assert not found, f'absolute paths in published results: {found}'
