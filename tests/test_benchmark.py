@@ -234,12 +234,15 @@ def test_block_bootstrap_pairs_seeds_and_resamples_blocks_of_images():
                                                     union=union.tolist())})
 
     results = {'FT': [run(s, worse) for s in range(3)],
-               'DAFT': [run(s, good) for s in range(3)],
-               'copy': [run(s, worse) for s in range(3)]}
+               'copy': [run(s, worse) for s in range(3)],
+               'DAFT': [run(s, good) for s in range(3)]}
     boot = block_bootstrap(results, 'dusk', samples=200)
     assert boot['DAFT']['low'] > 0 and boot['DAFT']['higher'] == 3
     assert boot['DAFT']['mean'] == pytest.approx(20.0, abs=1.0)
     assert boot['copy']['low'] == boot['copy']['high'] == 0.0
+    # a row's interval is the same whatever other rows the report has
+    alone = block_bootstrap({k: results[k] for k in ('FT', 'DAFT')}, 'dusk', samples=200)
+    assert alone['DAFT'] == boot['DAFT']
     one = block_bootstrap({k: v[:1] for k, v in results.items()}, 'dusk', samples=50)
     assert one['DAFT']['low'] is None  # one seed: no interval
     classes = per_class_iou(results['DAFT'], 'dusk', ['road', 'car', 'sign'])

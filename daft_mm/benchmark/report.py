@@ -319,14 +319,18 @@ def block_bootstrap(results: Mapping[str, List[Mapping[str, Any]]], set_name: st
     interval from a bootstrap that resamples both what varies: moving blocks of ``block``
     consecutive images (neighbouring video frames are not independent samples; a block keeps
     their correlation) and the seeds, the same draw for both methods. ``mean``: the difference
-    on the whole set, averaged over seeds; ``per_seed``: each seed's."""
+    on the whole set, averaged over seeds; ``per_seed``: each seed's. Each method draws from its
+    own stream (``seed`` and its name), so its interval does not depend on the report's other
+    rows."""
+    import zlib
+
     import numpy as np
     if reference not in results:
         return {}
     ref = {r['seed']: r for r in results[reference] if set_name in (r.get('counts') or {})}
-    rng = np.random.default_rng(seed)
     out: Dict[str, Dict[str, Any]] = {}
     for method, runs in results.items():
+        rng = np.random.default_rng([seed, zlib.crc32(method.encode())])
         pairs = [(r, ref[r['seed']]) for r in runs
                  if method != reference and r['seed'] in ref and set_name in (r.get('counts') or {})]
         if not pairs:
