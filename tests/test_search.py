@@ -157,6 +157,33 @@ def test_lr_scale_moves_every_lr_grid_and_leaves_the_task_key(camvid_root):
         _task(camvid_root, lr_scale=0)
 
 
+def test_a_task_may_place_a_methods_grid_and_a_wrong_axis_is_refused(camvid_root):
+    """A task's ``grids`` replace a method's starting axes as given (``lr_scale`` does not touch
+    them; the other axes and the widening steps stay), for the search only (``--quick`` keeps its
+    one point), and leave the task key; a method or axis the comparison lacks is refused."""
+    from daft_mm.benchmark.experiment import (QUICK_SEARCH_SPACES, SEARCH_SPACES, _grids,
+                                              _space)
+    from daft_mm.benchmark.methods import get_method
+    from daft_mm.benchmark.task import InputError
+    task = _task(camvid_root, lr_scale=0.5, grids={'daft': dict(lr=[4e-5, 4e-4, 4e-3])})
+    assert task.grids == {'DAFT': {'lr': (4e-5, 4e-4, 4e-3)}}
+    axes = _space(get_method('DAFT'), SEARCH_SPACES, {}, task.lr_scale,
+                  _grids(task, SEARCH_SPACES))
+    assert [(a.name, a.values, a.step) for a in axes] == [
+        ('lr', (4e-5, 4e-4, 4e-3), 10.0), ('ratio', (10.0, 100.0, 1000.0), 10.0),
+        ('scope', ('new_modules', ), None)]
+    assert _space(get_method('FT'), SEARCH_SPACES, {}, task.lr_scale,
+                  _grids(task, SEARCH_SPACES))[0].values[0] == 0.005  # 0.01 x 0.5
+    assert _grids(task, QUICK_SEARCH_SPACES) == {}
+    assert task.key() == _task(camvid_root).key()
+    with pytest.raises(InputError, match="DAFT has no axis 'lrs'.*lr, ratio, scope"):
+        _grids(_task(camvid_root, grids={'DAFT': dict(lrs=(0.1, ))}), SEARCH_SPACES)
+    with pytest.raises(ValueError, match="grids: .*'DFAT'"):
+        _task(camvid_root, grids={'DFAT': dict(lr=(0.1, ))})
+    with pytest.raises(ValueError, match='FT lr has no values'):
+        _task(camvid_root, grids={'FT': dict(lr=())})
+
+
 @pytest.mark.parametrize('method, point', [
     ('DAFT', Point(lr=0.01, ratio=10.0, scope='new_modules')),
     ('LP-FT', Point(lr=0.1))])

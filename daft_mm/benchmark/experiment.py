@@ -224,12 +224,33 @@ def recorded_for(rec: Mapping[str, Any], task: TaskSpec, task_key: str) -> Dict[
 
 
 def _space(spec: MethodSpec, spaces: Dict[str, List[Axis]],
-           chosen: Dict[str, Point], lr_scale: float = 1.0) -> List[Axis]:
-    axes = [replace(a, values=tuple(_scaled(v, lr_scale) for v in a.values))
+           chosen: Dict[str, Point], lr_scale: float = 1.0,
+           grids: Optional[Dict[str, Dict[str, Tuple[Any, ...]]]] = None) -> List[Axis]:
+    """A method's starting grid: the default one, its LRs times ``lr_scale``, with the axes
+    the task's ``grids`` gives for it replaced by those values."""
+    given = (grids or {}).get(spec.name, {})
+    axes = [replace(a, values=tuple(given[a.name])) if a.name in given
+            else replace(a, values=tuple(_scaled(v, lr_scale) for v in a.values))
             if a.name == 'lr' else a for a in spaces[spec.name]]
     if spec.name == 'DAFT w/o conversion' and 'DAFT' in chosen:
         axes.append(Axis('scope', (chosen['DAFT'].scope, )))
     return axes
+
+
+def _grids(task: TaskSpec, spaces: Dict[str, List[Axis]]
+           ) -> Dict[str, Dict[str, Tuple[Any, ...]]]:
+    """The task's own starting grids, checked against the methods' axes (``--quick``'s one-point
+    grids keep their point: a smoke run is not a search)."""
+    if spaces is not SEARCH_SPACES:
+        return {}
+    for method, axes in task.grids.items():
+        names = [a.name for a in spaces[method]]
+        for name in axes:
+            if name not in names:
+                raise InputError(
+                    f'{task.name}: grids: {method} has no axis {name!r} (its axes: '
+                    f'{", ".join(names)}). Fix: name one of those in the compare dict\'s grids')
+    return task.grids
 
 
 def _scaled(lr: float, scale: float) -> float:
@@ -323,6 +344,7 @@ def search_sources(spaces: Dict[str, List[Axis]], seeds: Sequence[int], task: Ta
     kept = kept or {}
     chosen: Dict[str, Point] = {}
     searches: Dict[str, SearchResult] = {}
+    grids = _grids(task, spaces)
 
     def chain(names: Sequence[str]):
         extra: List[Job] = []
@@ -331,7 +353,7 @@ def search_sources(spaces: Dict[str, List[Axis]], seeds: Sequence[int], task: Ta
                 chosen[name] = kept[name]
                 continue
             spec = get_method(name)
-            axes = _space(spec, spaces, chosen, task.lr_scale)
+            axes = _space(spec, spaces, chosen, task.lr_scale, grids)
             result = yield from _alongside(method_search(
                 spec, axes, seeds, task, probe=chosen.get('LP'), protocol=protocol,
                 halving=halving, eta=eta), extra)
@@ -472,7 +494,7 @@ def _estimate(task: TaskSpec, opts: Options, spaces: Dict[str, List[Axis]]
                 len(seeds) * budgets['lp'] if m.lp_first else 0)
             continue
         rungs = _rungs(m, task, opts.halving, opts.eta)
-        n = _grid_size(spaces[m.name])
+        n = _grid_size(_space(m, spaces, {}, task.lr_scale, _grids(task, spaces)))
         cost = halving_cost(n, rungs, eta=opts.eta, seeds=len(seeds))
         iterations += cost['grid'] + cost['finalists']
         trials += cost['trials']

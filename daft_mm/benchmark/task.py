@@ -73,6 +73,11 @@ class TaskSpec:
     #: (SGD, poly schedule, FT 0.01 .. 2.56); detectors train at 0.01 .. 0.02 (mmdet), below
     #: all but the grids' lowest points
     lr_scale: float = 1.0
+    #: a method's starting grid, axis by axis (``dict(DAFT=dict(lr=(4e-5, 4e-4, 4e-3)))``):
+    #: these values replace the default ones, as given (``lr_scale`` does not multiply them).
+    #: For a task where a method's default grid sits mostly where training fails (a detector's
+    #: new heads diverge above some LR); the widening steps stay the default grid's
+    grids: Dict[str, Dict[str, Tuple[Any, ...]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.budget < 2:
@@ -103,6 +108,20 @@ class TaskSpec:
             self.only = tuple(method_name(m) for m in self.only)
         except KeyError as err:
             raise ValueError(f'{self.name}: methods: {err.args[0]}') from None
+        try:
+            self.grids = {method_name(m): {str(a): tuple(v) if isinstance(v, (list, tuple))
+                                           else (v, ) for a, v in axes.items()}
+                          for m, axes in (self.grids or {}).items()}
+        except KeyError as err:
+            raise ValueError(f'{self.name}: grids: {err.args[0]}') from None
+        except (AttributeError, TypeError):
+            raise ValueError(f'{self.name}: grids must map a method to its axes, each a list of '
+                             f'values, e.g. dict(DAFT=dict(lr=(4e-5, 4e-4, 4e-3))); got '
+                             f'{self.grids!r}') from None
+        for m, axes in self.grids.items():
+            for a, values in axes.items():
+                if not values:
+                    raise ValueError(f'{self.name}: grids: {m} {a} has no values')
         if self.headline is not None and self.headline not in self.ood_names:
             raise ValueError(f'{self.name}: headline {self.headline!r} is not an OOD set of the '
                              f'task ({self.ood_names})')
@@ -125,6 +144,7 @@ class TaskSpec:
         spec.pop('only')
         spec.pop('kind')  # the config's own (hashed below): keys stay those of older reports
         spec.pop('lr_scale')  # each run's key holds its own LR: a run two grids share is reused
+        spec.pop('grids')  # (the same)
         # the checkpoint's bytes, not where it lies: a checkout elsewhere (another machine, a
         # worktree) reuses the runs its trials were carried with
         spec['backbone'] = file_hash(Path(self.backbone))
@@ -136,7 +156,7 @@ class TaskSpec:
 _SPEC_KEYS = frozenset({'name', 'description', 'backbone', 'backbone_prefix', 'id_val', 'ood',
                         'corruptions', 'options', 'budget', 'lp_fraction', 'batch_size',
                         'seeds', 'eval_batch_size', 'spaces', 'max_images', 'methods',
-                        'headline', 'floor', 'only', 'lr_scale'})
+                        'headline', 'floor', 'only', 'lr_scale', 'grids'})
 # (``kind`` is not among them: it is the config's, from its default scope)
 
 
