@@ -178,6 +178,8 @@ def test_a_task_may_place_a_methods_grid_and_a_wrong_axis_is_refused(camvid_root
     assert task.key() == _task(camvid_root).key()
     with pytest.raises(InputError, match="DAFT has no axis 'lrs'.*lr, ratio, scope"):
         _grids(_task(camvid_root, grids={'DAFT': dict(lrs=(0.1, ))}), SEARCH_SPACES)
+    with pytest.raises(InputError, match='WiSE-FT is not searched'):
+        _grids(_task(camvid_root, grids={'wise-ft': dict(alpha=(0.5, ))}), SEARCH_SPACES)
     with pytest.raises(ValueError, match="grids: .*'DFAT'"):
         _task(camvid_root, grids={'DFAT': dict(lr=(0.1, ))})
     with pytest.raises(ValueError, match='FT lr has no values'):

@@ -229,9 +229,15 @@ def _space(spec: MethodSpec, spaces: Dict[str, List[Axis]],
     """A method's starting grid: the default one, its LRs times ``lr_scale``, with the axes
     the task's ``grids`` gives for it replaced by those values."""
     given = (grids or {}).get(spec.name, {})
-    axes = [replace(a, values=tuple(given[a.name])) if a.name in given
-            else replace(a, values=tuple(_scaled(v, lr_scale) for v in a.values))
-            if a.name == 'lr' else a for a in spaces[spec.name]]
+
+    def start(a: Axis) -> Axis:
+        if a.name in given:
+            return replace(a, values=tuple(given[a.name]))
+        if a.name == 'lr':
+            return replace(a, values=tuple(_scaled(v, lr_scale) for v in a.values))
+        return a
+
+    axes = [start(a) for a in spaces[spec.name]]
     if spec.name == 'DAFT w/o conversion' and 'DAFT' in chosen:
         axes.append(Axis('scope', (chosen['DAFT'].scope, )))
     return axes
@@ -244,6 +250,9 @@ def _grids(task: TaskSpec, spaces: Dict[str, List[Axis]]
     if spaces is not SEARCH_SPACES:
         return {}
     for method, axes in task.grids.items():
+        if method not in spaces:
+            raise InputError(f'{task.name}: grids: {method} is not searched, so it has no grid '
+                             f'(searched: {", ".join(spaces)}). Fix: remove it from grids')
         names = [a.name for a in spaces[method]]
         for name in axes:
             if name not in names:
