@@ -157,7 +157,7 @@ def test_lr_scale_moves_every_lr_grid_and_leaves_the_task_key(camvid_root):
         _task(camvid_root, lr_scale=0)
 
 
-def test_a_task_may_place_a_methods_grid_and_a_wrong_axis_is_refused(camvid_root):
+def test_a_task_may_place_a_methods_grid_and_a_wrong_axis_is_refused(camvid_root, tmp_path):
     """A task's ``grids`` replace a method's starting axes as given (``lr_scale`` does not touch
     them; the other axes and the widening steps stay), for the search only (``--quick`` keeps its
     one point), and leave the task key; a method or axis the comparison lacks is refused."""
@@ -176,6 +176,15 @@ def test_a_task_may_place_a_methods_grid_and_a_wrong_axis_is_refused(camvid_root
                   _grids(task, SEARCH_SPACES))[0].values[0] == 0.005  # 0.01 x 0.5
     assert _grids(task, QUICK_SEARCH_SPACES) == {}
     assert task.key() == _task(camvid_root).key()
+    # set in a config's compare dict (where users set them), they leave the key too
+    config = tmp_path / 'placed.py'
+    config.write_text(f'_base_ = [{str(CAMVID_SPEC)!r}]\n'
+                      "compare = dict(lr_scale=0.5, grids={'DAFT': dict(lr=(4e-5, ))}, "
+                      f"backbone={str(task.backbone)!r})\n")
+    from daft_mm.benchmark.task import task_from_config
+    placed = task_from_config(str(config), options={'data_root': str(camvid_root)}, budget=6,
+                              max_images=4, seeds=(0, ), spaces='quick')
+    assert placed.grids == {'DAFT': {'lr': (4e-5, )}} and placed.key() == task.key()
     with pytest.raises(InputError, match="DAFT has no axis 'lrs'.*lr, ratio, scope"):
         _grids(_task(camvid_root, grids={'DAFT': dict(lrs=(0.1, ))}), SEARCH_SPACES)
     with pytest.raises(InputError, match='WiSE-FT is not searched'):

@@ -148,7 +148,9 @@ class TaskSpec:
         # the checkpoint's bytes, not where it lies: a checkout elsewhere (another machine, a
         # worktree) reuses the runs its trials were carried with
         spec['backbone'] = file_hash(Path(self.backbone))
-        spec['config'] = cfg.to_dict()
+        # the config less its compare dict: that dict is the fields above, where some are left
+        # out on purpose (with it hashed, a config's lr_scale or grids would key every run)
+        spec['config'] = {k: v for k, v in cfg.to_dict().items() if k != 'compare'}
         return stable_hash(spec)
 
 
