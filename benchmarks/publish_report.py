@@ -27,15 +27,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument('work_dir', help='the work dir holding report.json')
     p.add_argument('name', help='the stem under --out-dir, e.g. camvid')
     p.add_argument('--out-dir', default=str(REPO / 'benchmarks' / 'results'))
-    p.add_argument('--provenance-now', action='store_true',
-                   help='record the data and backbone as they are now instead of as the report '
-                   'recorded them (a report made by code that miscounted them)')
     args = p.parse_args(argv)
     report_file = Path(args.work_dir) / 'report.json'
     if not report_file.is_file():
         p.error(f'{report_file} does not exist: run tools/compare.py (or tools/demo.py) first')
     report = json.loads(report_file.read_text())
-    if 'provenance' not in report or args.provenance_now:  # read it now
+    if 'provenance' not in report:  # a report from before reports recorded it: read it now
         report['provenance'] = dict(provenance(report['task']), recorded='when published')
     write_report(portable(report, Path(args.work_dir)), Path(args.out_dir), args.name)
 

@@ -235,6 +235,6 @@ def test_published_results_hold_no_machine_paths():
     # figures name files relative to the checkout, <work_dir> or <local> (see publish_report.py)
     results = REPO / 'benchmarks' / 'results'
     pattern = re.compile(r'(?<![\w.<>-])/(?:work|home|tmp|root|mnt|data)/')
-    found = [f'{p.name}: {m.group(0)}' for p in sorted(results.iterdir()) if p.suffix in ('.json', '.md')
-             for m in [pattern.search(p.read_text())] if m]
+    found = [f'{p.name}: {m.group(0)}' for p in sorted(results.iterdir())
+             if p.suffix in ('.json', '.md') for m in [pattern.search(p.read_text())] if m]
     assert not found, f'absolute paths in published results: {found}'

@@ -124,8 +124,8 @@ CAMVID_SPEC = REPO / 'configs' / 'camvid' / 'compare_camvid_day_dusk.py'
 def _task(camvid_root: Path, budget: int = 6, **overrides):
     from daft_mm.benchmark.task import task_from_config
     return task_from_config(str(CAMVID_SPEC), options={'data_root': str(camvid_root)},
-                            budget=budget, max_images=4, seeds=(0, ), spaces='quick',
-                            **overrides)
+                            budget=budget, max_images=4, seeds=(0, ),
+                            **{'spaces': 'quick', **overrides})
 
 
 def _context(task, work: Path):
@@ -161,21 +161,20 @@ def test_a_task_may_place_a_methods_grid_and_a_wrong_axis_is_refused(camvid_root
     """A task's ``grids`` replace a method's starting axes as given (``lr_scale`` does not touch
     them; the other axes and the widening steps stay), for the search only (``--quick`` keeps its
     one point), and leave the task key; a method or axis the comparison lacks is refused."""
-    from daft_mm.benchmark.experiment import (QUICK_SEARCH_SPACES, SEARCH_SPACES, _grids,
-                                              _space)
+    from daft_mm.benchmark.experiment import SEARCH_SPACES, _grids, _space
     from daft_mm.benchmark.methods import get_method
     from daft_mm.benchmark.task import InputError
-    task = _task(camvid_root, lr_scale=0.5, grids={'daft': dict(lr=[4e-5, 4e-4, 4e-3])})
+    task = _task(camvid_root, lr_scale=0.5, grids={'daft': dict(lr=[4e-5, 4e-4, 4e-3])},
+                 spaces='default')
     assert task.grids == {'DAFT': {'lr': (4e-5, 4e-4, 4e-3)}}
-    axes = _space(get_method('DAFT'), SEARCH_SPACES, {}, task.lr_scale,
-                  _grids(task, SEARCH_SPACES))
+    axes = _space(get_method('DAFT'), SEARCH_SPACES, {}, task.lr_scale, _grids(task))
     assert [(a.name, a.values, a.step) for a in axes] == [
         ('lr', (4e-5, 4e-4, 4e-3), 10.0), ('ratio', (10.0, 100.0, 1000.0), 10.0),
         ('scope', ('new_modules', ), None)]
     assert _space(get_method('FT'), SEARCH_SPACES, {}, task.lr_scale,
-                  _grids(task, SEARCH_SPACES))[0].values[0] == 0.005  # 0.01 x 0.5
-    assert _grids(task, QUICK_SEARCH_SPACES) == {}
-    assert task.key() == _task(camvid_root).key()
+                  _grids(task))[0].values[0] == 0.005  # 0.01 x 0.5
+    assert _grids(_task(camvid_root, grids={'DAFT': dict(lr=(4e-5, ))})) == {}  # --quick
+    assert task.key() == _task(camvid_root, spaces='default').key()
     # set in a config's compare dict (where users set them), they leave the key too
     config = tmp_path / 'placed.py'
     config.write_text(f'_base_ = [{str(CAMVID_SPEC)!r}]\n'
@@ -183,12 +182,12 @@ def test_a_task_may_place_a_methods_grid_and_a_wrong_axis_is_refused(camvid_root
                       f"backbone={str(task.backbone)!r})\n")
     from daft_mm.benchmark.task import task_from_config
     placed = task_from_config(str(config), options={'data_root': str(camvid_root)}, budget=6,
-                              max_images=4, seeds=(0, ), spaces='quick')
+                              max_images=4, seeds=(0, ), spaces='default')
     assert placed.grids == {'DAFT': {'lr': (4e-5, )}} and placed.key() == task.key()
     with pytest.raises(InputError, match="DAFT has no axis 'lrs'.*lr, ratio, scope"):
-        _grids(_task(camvid_root, grids={'DAFT': dict(lrs=(0.1, ))}), SEARCH_SPACES)
+        _grids(_task(camvid_root, grids={'DAFT': dict(lrs=(0.1, ))}, spaces='default'))
     with pytest.raises(InputError, match='WiSE-FT is not searched'):
-        _grids(_task(camvid_root, grids={'wise-ft': dict(alpha=(0.5, ))}), SEARCH_SPACES)
+        _grids(_task(camvid_root, grids={'wise-ft': dict(alpha=(0.5, ))}, spaces='default'))
     with pytest.raises(ValueError, match="grids: .*'DFAT'"):
         _task(camvid_root, grids={'DFAT': dict(lr=(0.1, ))})
     with pytest.raises(ValueError, match='FT lr has no values'):

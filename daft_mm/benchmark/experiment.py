@@ -243,12 +243,12 @@ def _space(spec: MethodSpec, spaces: Dict[str, List[Axis]],
     return axes
 
 
-def _grids(task: TaskSpec, spaces: Dict[str, List[Axis]]
-           ) -> Dict[str, Dict[str, Tuple[Any, ...]]]:
+def _grids(task: TaskSpec) -> Dict[str, Dict[str, Tuple[Any, ...]]]:
     """The task's own starting grids, checked against the methods' axes (``--quick``'s one-point
     grids keep their point: a smoke run is not a search)."""
-    if spaces is not SEARCH_SPACES:
+    if task.spaces == 'quick':
         return {}
+    spaces = SEARCH_SPACES
     for method, axes in task.grids.items():
         if method not in spaces:
             raise InputError(f'{task.name}: grids: {method} is not searched, so it has no grid '
@@ -353,7 +353,7 @@ def search_sources(spaces: Dict[str, List[Axis]], seeds: Sequence[int], task: Ta
     kept = kept or {}
     chosen: Dict[str, Point] = {}
     searches: Dict[str, SearchResult] = {}
-    grids = _grids(task, spaces)
+    grids = _grids(task)
 
     def chain(names: Sequence[str]):
         extra: List[Job] = []
@@ -503,7 +503,7 @@ def _estimate(task: TaskSpec, opts: Options, spaces: Dict[str, List[Axis]]
                 len(seeds) * budgets['lp'] if m.lp_first else 0)
             continue
         rungs = _rungs(m, task, opts.halving, opts.eta)
-        n = _grid_size(_space(m, spaces, {}, task.lr_scale, _grids(task, spaces)))
+        n = _grid_size(_space(m, spaces, {}, task.lr_scale, _grids(task)))
         cost = halving_cost(n, rungs, eta=opts.eta, seeds=len(seeds))
         iterations += cost['grid'] + cost['finalists']
         trials += cost['trials']
