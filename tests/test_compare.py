@@ -192,6 +192,66 @@ def test_publish_report_rerenders_under_a_name(compared, python, tmp_path):
         published['sets']
 
 
+def test_a_floor_computed_alone_is_the_comparisons_own(compared, camvid_root, python,
+                                                       tmp_path):
+    """benchmarks/image_blind_floor.py scores the floor a comparison scores, and
+    publish_report.py --floor puts it into a report made without it (a study whose code
+    predates its floor); a floor of another task or other sets is refused."""
+    work, _ = compared
+    report = json.loads((work / 'report.json').read_text())
+    alone = tmp_path / 'floor.json'
+
+    def floor_of(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([python, str(REPO / 'benchmarks' / 'image_blind_floor.py'),
+                               str(CAMVID_SPEC), str(out), *extra, '--cfg-options',
+                               f'data_root={camvid_root}'], capture_output=True, text=True,
+                              timeout=600, env=cpu_env())
+
+    proc = floor_of(alone, '--max-images', str(report['task']['max_images']))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    floor = json.loads(alone.read_text())
+    own = report['floor']
+
+    def scores(r):  # every set's score, NaN and float noise aside
+        return json.loads(json.dumps(r).replace('NaN', 'null'),
+                          parse_float=lambda v: round(float(v), 6))
+
+    assert scores([floor['id_val'], floor['id'], floor['ood']]) == \
+        scores([own['id_val'], own['id'], own['ood']])
+    assert str(camvid_root) not in alone.read_text()
+    bare = dict(report, floor=None, methods={k: v for k, v in report['methods'].items()
+                                             if k != own['method']})
+    (tmp_path / 'bare').mkdir()
+    (tmp_path / 'bare' / 'report.json').write_text(json.dumps(bare))
+
+    def publish(source: Path, floor_file: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([python, str(REPO / 'benchmarks' / 'publish_report.py'),
+                               str(source), 'out', '--out-dir', str(tmp_path), '--floor',
+                               str(floor_file)], capture_output=True, text=True, timeout=300,
+                              env=cpu_env())
+
+    proc = publish(tmp_path / 'bare', alone)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    published = json.loads((tmp_path / 'out.json').read_text())
+    assert list(published['methods']) == list(report['methods'])
+    assert scores(published['methods'][own['method']]) == \
+        scores(report['methods'][own['method']])
+    assert published['verdict'] == report['verdict']
+    assert '| image-blind prior |' in (tmp_path / 'out.md').read_text()
+    # refused: a report with its floor; a floor of other images (the whole sets, not --quick's
+    # first ones) or of other data (another dusk list)
+    proc = publish(work, alone)
+    assert proc.returncode == 2 and 'floor already' in proc.stderr
+    other = tmp_path / 'other.json'
+    other.write_text(json.dumps(dict(floor, task_max_images=None)))
+    proc = publish(tmp_path / 'bare', other)
+    assert proc.returncode == 2 and 'max_images' in proc.stderr, proc.stderr[-2000:]
+    floor['provenance']['sets']['ood/dusk']['images'] += 1
+    other.write_text(json.dumps(floor))
+    proc = publish(tmp_path / 'bare', other)
+    assert proc.returncode == 2 and 'different data (ood/dusk)' in proc.stderr
+
+
 def test_rerun_reuses_every_run_and_one_seed_gives_identical_numbers(compared, camvid_root,
                                                                      python, tmp_path):
     work, _ = compared

@@ -1,8 +1,8 @@
 """tools/compare.py on mmdet configs: the same comparison as segmentation, scored with mmdet's own
 metric. End to end in its seconds-long mode for a RetinaNet and a Faster R-CNN on the committed
 real CamVid sample, with boxes derived from its label maps; LP leaves the pretrained backbone bit
-for bit; the metric scores each set against its own annotations; and the refusals (no BN in the
-backbone, a segmentation-only option)."""
+for bit; the metric scores each set against its own annotations; the image-blind box floor; and
+the refusal of a backbone without BN."""
 from __future__ import annotations
 
 import json
@@ -133,7 +133,11 @@ def test_detection_comparison_end_to_end(config, boxes_root, python, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((work / 'report.json').read_text())
     assert report['task']['kind'] == 'det' and report['score'] == 'bbox mAP'
-    assert tuple(report['methods']) == ROWS
+    # the image-blind floor (the training set's typical boxes on every image): a row, unpaired
+    assert tuple(report['methods']) == ROWS + ('image-blind prior', )
+    assert report['floor']['method'] == 'image-blind prior' and 'image-blind prior' not in \
+        report['paired_to_ft']
+    assert 0.0 <= report['floor']['ood']['dusk'] < 100.0
     assert report['ood_sets'] == ['dusk', 'gaussian_noise-3', 'motion_blur-3', 'fog-3']
     # the task's lr_scale (1/16) on the grids: the quick grids' FT 0.1, LP 0.3, DAFT 0.01
     assert report['task']['lr_scale'] == 0.0625
@@ -200,15 +204,55 @@ def test_a_detector_without_batchnorm_is_refused(boxes_root, python, tmp_path):
     assert 'nothing to convert' in proc.stderr and not (tmp_path / 'w' / 'runs').exists()
 
 
-def test_a_segmentation_option_on_a_detection_config_is_refused(boxes_root, python, tmp_path):
-    config = tmp_path / 'with_floor.py'
-    config.write_text(f"_base_ = ['{RETINANET}']\ncompare = dict(floor=True)\n")
-    backbone = REPO / 'benchmarks' / 'pretrained' / 'imagenette_resnetv1c18w16_64px.pth'
-    proc = _compare(python, config, '--quick', '--search', '--work-dir', tmp_path / 'w',
-                    '--backbone', backbone, '--cfg-options', f'data_root={boxes_root}')
-    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
-    assert 'floor=True is a segmentation option' in proc.stderr
-    assert 'remove floor' in proc.stderr
+# ------------------------------------------------------------------------------ the floor
+def test_the_box_floor_is_each_classes_typical_boxes_scored_by_frequency():
+    from daft_mm.benchmark.prior import box_prior
+    rng = np.random.default_rng(0)
+    near = lambda c, n: np.asarray(c) + rng.normal(0, 0.005, (n, 4))  # noqa: E731
+    boxes = np.concatenate([near((0.1, 0.5, 0.2, 0.7), 20), near((0.6, 0.4, 0.9, 0.9), 10),
+                            near((0.4, 0.3, 0.5, 0.6), 10)])
+    labels = np.array([0] * 30 + [1] * 10)
+    prior = box_prior(boxes, labels, images=50, total=3)  # shares 2.25 and 0.75: 2 boxes and 1
+    assert prior.labels.tolist() == [0, 0, 1]
+    first = np.argmax(prior.scores[:2])  # the group of 20 is the more frequent box
+    assert np.allclose(prior.boxes[first], (0.1, 0.5, 0.2, 0.7), atol=0.01)
+    assert sorted(prior.scores[:2].tolist()) == [10 / 50, 20 / 50] and prior.scores[2] == 10 / 50
+    # never more boxes than a class has distinct ones; every class present gets one
+    same = box_prior(np.tile([[0.1, 0.1, 0.3, 0.3]], (5, 1)), np.zeros(5, int), images=5)
+    assert len(same.boxes) == 1 and same.scores.tolist() == [1.0]
+    rare = box_prior(boxes, np.array([0] * 39 + [1]), images=50, total=4)
+    assert (rare.labels == 1).sum() == 1 and len(rare.boxes) == 4
+    with pytest.raises(ValueError, match='no box'):
+        box_prior(np.zeros((0, 4)), np.zeros(0, int), images=3)
+
+
+def test_the_box_floor_ignores_the_image(boxes_root):
+    """Every image gets the same boxes, in its own pixels; on the real sample it scores far below
+    perfect boxes (the metric reads the set's own annotations, as for a model)."""
+    from daft_mm.benchmark.prior import BoxPrior, ImageBlindDetector, _training_boxes, box_prior
+    from daft_mm.benchmark.scoring import score
+    task, dataset, batches, meta = _batches(RETINANET, boxes_root,
+                                            'daft_splits/boxes_id_test.json')
+    from daft_mm.mm.cli import load_config
+    cfg = load_config(str(RETINANET), {'data_root': str(boxes_root)}, work_dir='unused')
+    boxes, labels, images = _training_boxes(cfg.train_dataloader.dataset)
+    coco = json.loads((boxes_root / 'daft_splits' / 'boxes_id_train.json').read_text())
+    assert (len(boxes), images) == (len(coco['annotations']), len(coco['images']))
+    assert boxes.min() >= 0 and boxes.max() <= 1  # image fractions
+    prior = box_prior(boxes, labels, images)
+    assert len(prior.boxes) <= 100 and set(prior.labels.tolist()) == set(labels.tolist())
+    model = ImageBlindDetector(prior)
+    blind = score(model, batches, meta, kind='det', evaluator_cfg=cfg.test_evaluator,
+                  dataset=dataset)[0]
+    perfect = score(_Oracle(), batches, meta, kind='det', evaluator_cfg=cfg.test_evaluator,
+                    dataset=dataset)[0]
+    assert 0.0 <= blind < 10.0 < perfect
+    one = ImageBlindDetector(BoxPrior(np.array([[0.25, 0.5, 0.5, 1.0]]), np.array([1]),
+                                      np.array([0.5])))
+    out = one.test_step(batches[0])
+    for sample in out:
+        h, w = sample.metainfo['ori_shape'][:2]
+        assert sample.pred_instances.bboxes.tolist() == [[w / 4, h / 2, w / 2, h]]
 
 
 def test_daft_rows_train_bn_and_the_others_keep_the_users_backbone(boxes_root):

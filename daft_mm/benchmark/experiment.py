@@ -35,7 +35,7 @@ from .engine import RayCluster, Resources, run_trials
 from .task import InputError, TaskSpec, check_data, provenance
 
 __all__ = ['RECORDED', 'SEARCH_SPACES', 'QUICK_SEARCH_SPACES', 'Progress', 'Options',
-           'run_benchmark', 'run_comparison', 'load_recorded', 'write_report']
+           'run_benchmark', 'run_comparison', 'load_recorded', 'write_report', 'attach_floor']
 
 #: The choices ``--search`` made on ID-val, with every search run (for the Pareto plot).
 RECORDED = DEMO_CONFIGS / 'recorded_search.json'
@@ -829,6 +829,47 @@ def _floor_args(summary: Mapping[str, Any], floor: Optional[Mapping[str, Any]],
         return {}
     return dict(floor=mean(floor['method']),
                 scores={m: mean(m) for m in ('FT', 'DAFT') if m in summary})
+
+
+#: what says two records were made on the same data (a set's folder differs between machines)
+_SAME_DATA = ('type', 'ann_file', 'img_path', 'images', 'boxes', 'parts', 'source_repository',
+              'source_commit')
+
+
+def attach_floor(report: Dict[str, Any], floor: Mapping[str, Any]) -> Dict[str, Any]:
+    """``report`` with the image-blind floor as a row and in its verdict, for a report made
+    without it (``benchmarks/image_blind_floor.py`` computes it alone). Refused if the report has
+    one, or if the floor was scored on other sets or data (the provenance's counts and commits)."""
+    if report.get('floor'):
+        raise ValueError('the report has its image-blind floor already')
+    task = report.get('task') or {}
+    for key in ('name', 'max_images'):
+        if floor.get(f'task_{key}') != task.get(key):
+            raise ValueError(f'the floor is of {key} {floor.get(f"task_{key}")!r}, the report '
+                             f'of {task.get(key)!r}: compute it for the report\'s task')
+    if list(floor['ood']) != list(report['ood_sets']):
+        raise ValueError(f'the floor was scored on the OOD sets {list(floor["ood"])}, the report '
+                         f'on {report["ood_sets"]}: compute it for the report\'s task')
+    mine = (floor.get('provenance') or {}).get('sets', {})
+    theirs = (report.get('provenance') or {}).get('sets', {})
+    differ = sorted(k for k in set(mine) | set(theirs)
+                    if {f: (mine.get(k) or {}).get(f) for f in _SAME_DATA}
+                    != {f: (theirs.get(k) or {}).get(f) for f in _SAME_DATA})
+    if differ or not mine:
+        which = ', '.join(differ) if differ else 'the floor records none'
+        raise ValueError(f'the floor and the report were made on different data ({which}): '
+                         'compute the floor on the report\'s sets')
+    row = {k: floor[k] for k in ('method', 'seed', 'setting', 'id_val', 'id', 'ood', 'ood_mean',
+                                 'cosine', 'cosine_pooled')}
+    out = dict(report, floor=row)
+    out['methods'] = dict(report['methods'], **summarize({row['method']: [row]},
+                                                         report['ood_sets']))
+    on = report.get('headline') or ('OOD mean' if len(report['ood_sets']) > 1
+                                    else report['ood_sets'][0])
+    out['verdict'] = verdict_line(report['paired_to_ft'], 'DAFT', report.get('headline'),
+                                  report.get('bootstrap_to_ft'),
+                                  **_floor_args(out['methods'], row, on))
+    return out
 
 
 def _evaluator_types(evaluator: Any) -> str:

@@ -345,13 +345,15 @@ def _set_dataset(ctx: Context, name: str) -> Mapping[str, Any]:
             else task.id_test)
 
 
-def set_score(model: Any, ctx: Context, name: str) -> Tuple[float, Optional[Dict[str, Any]],
-                                                            Dict[str, float]]:
+def set_score(model: Any, ctx: Context, name: str, evaluator: Any = None
+              ) -> Tuple[float, Optional[Dict[str, Any]], Dict[str, float]]:
     """``model``'s score on one evaluation set with the task's metric
-    (:func:`daft_mm.benchmark.scoring.score`)."""
+    (:func:`daft_mm.benchmark.scoring.score`); ``evaluator``: a detection metric config other
+    than the task's (the box floor scores boxes only)."""
     batches = ctx.id_val_batches if name == 'id_val' else ctx.eval_sets[name]
     return score(model, batches, ctx.dataset_meta, kind=ctx.task.kind,
-                 evaluator_cfg=ctx.evaluator, dataset=_set_dataset(ctx, name))
+                 evaluator_cfg=ctx.evaluator if evaluator is None else evaluator,
+                 dataset=_set_dataset(ctx, name))
 
 
 def id_val_score(model: Any, ctx: Context) -> float:

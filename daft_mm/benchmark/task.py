@@ -62,7 +62,8 @@ class TaskSpec:
     #: the OOD set the verdict is about (a real shift, reported per class with a bootstrap over
     #: its images); None: the mean over the OOD sets
     headline: Optional[str] = None
-    #: add the image-blind floor (each pixel's most frequent training class) as a table row
+    #: add the image-blind floor as a table row (:mod:`daft_mm.benchmark.prior`: each pixel's most
+    #: frequent training class; a detector's, the training set's typical boxes on every image)
     floor: bool = False
     #: only these rows (``tools/compare.py --rows``): e.g. FT and DAFT at recorded choices on a
     #: second backbone
@@ -91,11 +92,6 @@ class TaskSpec:
                              f'{self.spaces!r}')
         if self.kind not in ('seg', 'det'):
             raise ValueError(f'{self.name}: kind must be "seg" or "det", got {self.kind!r}')
-        if self.kind == 'det' and self.floor:
-            raise ValueError(
-                f'{self.name}: floor=True is a segmentation option (the image-blind prior '
-                'predicts each pixel\'s most frequent training class; a detector has no such '
-                'floor). Fix: remove floor from the compare dict of a detection config')
         if not self.lr_scale > 0:
             raise ValueError(f'{self.name}: lr_scale must be > 0, got {self.lr_scale!r}')
         if self.max_images is not None and self.max_images < 1:
