@@ -53,9 +53,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         record = dict(floor, task_name=task.name, task_max_images=task.max_images,
                       kind=task.kind, config=args.config, ood_sets=task.ood_names,
                       provenance=provenance(task), seconds=time.time() - start)
+        record = portable(record, Path(work))  # no path of this machine in a published file
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(portable(record, Path(tempfile.gettempdir())), indent=1) + '\n')
+    out.write_text(json.dumps(record, indent=1) + '\n')
     print(f'{floor["method"]} on {task.name}: ID-val {floor["id_val"]:.2f}, ID '
           f'{floor["id"]:.2f}, ' + ', '.join(f'{k} {v:.2f}' for k, v in floor['ood'].items())
           + f' (OOD mean {floor["ood_mean"]:.2f}); {out}')
