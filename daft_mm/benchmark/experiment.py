@@ -831,6 +831,15 @@ def _floor_args(summary: Mapping[str, Any], floor: Optional[Mapping[str, Any]],
                 scores={m: mean(m) for m in ('FT', 'DAFT') if m in summary})
 
 
+def _verdict(paired: Mapping[str, Any], headline: Optional[str], boot: Optional[Mapping[str, Any]],
+             summary: Mapping[str, Any], floor: Optional[Mapping[str, Any]],
+             ood_names: Sequence[str]) -> str:
+    """DAFT's verdict line on the headline set (else the OOD mean, or the one OOD set), with the
+    floor's distance where the table has one."""
+    on = headline or ('OOD mean' if len(ood_names) > 1 else ood_names[0])
+    return verdict_line(paired, 'DAFT', headline, boot, **_floor_args(summary, floor, on))
+
+
 #: what says two records were made on the same data (a set's folder differs between machines)
 _SAME_DATA = ('type', 'ann_file', 'img_path', 'images', 'boxes', 'parts', 'source_repository',
               'source_commit')
@@ -864,11 +873,9 @@ def attach_floor(report: Dict[str, Any], floor: Mapping[str, Any]) -> Dict[str, 
     out = dict(report, floor=row)
     out['methods'] = dict(report['methods'], **summarize({row['method']: [row]},
                                                          report['ood_sets']))
-    on = report.get('headline') or ('OOD mean' if len(report['ood_sets']) > 1
-                                    else report['ood_sets'][0])
-    out['verdict'] = verdict_line(report['paired_to_ft'], 'DAFT', report.get('headline'),
-                                  report.get('bootstrap_to_ft'),
-                                  **_floor_args(out['methods'], row, on))
+    out['verdict'] = _verdict(report['paired_to_ft'], report.get('headline'),
+                              report.get('bootstrap_to_ft'), out['methods'], row,
+                              report['ood_sets'])
     return out
 
 
@@ -937,8 +944,7 @@ def _report(opts: Options, task: TaskSpec, chosen: Dict[str, Point], source: str
         'headline': headline,
         'bootstrap_to_ft': boot,
         'per_class': per_class,
-        'verdict': verdict_line(paired, 'DAFT', headline, boot, **_floor_args(
-            summary, floor, headline or ('OOD mean' if len(ood_names) > 1 else ood_names[0]))),
+        'verdict': _verdict(paired, headline, boot, summary, floor, ood_names),
         'task': dict(asdict(task), key=ctx.task_key, classes=list(classes)),
         'backbone_checkpoint': task.backbone,
         'provenance': provenance(task),

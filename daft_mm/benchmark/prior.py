@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 import numpy as np
 import torch
+from scipy.cluster.vq import kmeans2
 
 from .runs import Context, set_score
 
@@ -116,28 +117,6 @@ def _training_boxes(dataset_cfg: Mapping[str, Any]) -> Tuple[np.ndarray, np.ndar
     return np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(labels, np.int64), len(dataset)
 
 
-def _kmeans(points: np.ndarray, k: int, iters: int = 100) -> np.ndarray:
-    """Cluster index of every point (k-means, k-means++ start from a fixed seed: the floor is
-    the same on every machine)."""
-    rng = np.random.default_rng(0)
-    centres = [points[rng.integers(len(points))]]
-    for _ in range(1, k):
-        d2 = np.min(((points[:, None] - np.asarray(centres)[None]) ** 2).sum(-1), 1)
-        centres.append(points[rng.choice(len(points), p=d2 / d2.sum())] if d2.sum() > 0
-                       else points[rng.integers(len(points))])
-    centres = np.asarray(centres)
-    assign = np.full(len(points), -1)
-    for _ in range(iters):
-        new = ((points[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
-        if np.array_equal(new, assign):
-            break
-        assign = new
-        for c in range(k):
-            if (assign == c).any():
-                centres[c] = points[assign == c].mean(0)
-    return assign
-
-
 def box_prior(boxes: np.ndarray, labels: np.ndarray, images: int,
               total: int = PRIOR_BOXES) -> BoxPrior:
     """The detection floor from the training boxes (image fractions): each class gets its share
@@ -154,7 +133,8 @@ def box_prior(boxes: np.ndarray, labels: np.ndarray, images: int,
     for c, kc in zip(classes, k):
         mine = boxes[labels == c]
         kc = min(int(kc), len(np.unique(mine, axis=0)))
-        assign = _kmeans(mine, kc)
+        # k-means++ from a fixed seed: the floor is the same on every machine
+        _, assign = kmeans2(mine, kc, iter=50, minit='++', seed=0)
         for j in range(kc):
             members = mine[assign == j]
             if len(members):
